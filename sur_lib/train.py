@@ -1,0 +1,429 @@
+"""Algorithm 1 of the paper: train the SUR-adapter with everything else frozen.
+
+    for each step:
+        x   = fEn(simple prompt)            frozen text encoder
+        out = adapter(x)                    Eq. 4-7  -> c, Q (or h0), ...
+        L_LLM = KL(W0 fLLM(simple), Q)      Eq. 5    fLLM precomputed (knowledge vectors)
+        L_CP  = KL(c, fEn(complex prompt))  Eq. 9
+        L_simple = ||eps - eps_theta(z_t, t, c)||^2   Eq. 8, frozen UNet (and VAE)
+        L = L_simple + l1 L_LLM + l2 L_CP   Eq. 10; only the adapter's parameters are updated
+
+Two gradient paths (``gradient_path``):
+  * ``paper``: L_simple back-propagates through the frozen UNet into the adapter (what the
+    paper's Eq. 10 implies);
+  * ``official``: the authors' code re-wraps c with ``torch.tensor(...)`` before the UNet,
+    which detaches it: L_simple then sends no gradient to the adapter and only the two KL
+    terms (scaled by 1e-5) train it. We reproduce that with ``c.detach()``.
+
+Runs on `accelerate` (CPU, one GPU, or ``accelerate launch`` on many), with mixed precision,
+gradient accumulation, gradient clipping, checkpoints every N steps written atomically,
+resume from the latest checkpoint, a tqdm bar and a CSV log of every loss term.
+
+Determinism and exact resume: every micro-step seeds torch from (seed, step, micro-step) and
+draws its batch from a seeded per-epoch permutation, so a run that is killed and resumed from
+a checkpoint follows the same path as a run that never stopped.
+
+    python -m sur_lib.train sur_lib/configs/tiny.yaml --max_steps 200 --output_dir runs/x
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from .adapter import SURAdapter
+from .data import SURDDataset, collate
+from .losses import llm_distillation_loss, prompt_alignment_loss, simple_loss, total_loss
+
+GRADIENT_PATHS = ("paper", "official")
+LOG_FIELDS = ["step", "loss", "l_simple", "l_llm", "l_cp", "grad_norm", "lr", "seconds"]
+
+
+@dataclass
+class TrainConfig:
+    # what to train on
+    profile: str = "tiny"  # "tiny", "paper", "tiny-random" (tests), or a backbone folder
+    pretrained: str | None = None  # paper profile: SD 1.x repo id or folder
+    data_dir: str = "data/surd-mini"
+    max_samples: int | None = None
+    resolution: int | None = None  # None: the UNet's sample size x the VAE factor
+    center_crop: bool = True
+    random_flip: bool = True
+    # LLM knowledge (Sec. 3.3): a safetensors cache {simple prompt -> vector}
+    knowledge_file: str | None = None  # None: <output_dir>/knowledge.safetensors
+    llm: str = "smollm2"  # "smollm2" or a causal-LM repo id / folder (paper: a LLaMA)
+    llm_layer: int = -1
+    llm_include_bos: bool = True
+    # adapter (Eq. 4-7)
+    eta: float = 0.1
+    num_layers: int = 2
+    num_heads: int = 8
+    ffn_dim: int = 2048
+    dropout: float = 0.1
+    g_init: str = "zeros"
+    official_adapter: bool = False
+    w0_seed: int = 0
+    # losses (Eq. 5, 8, 9, 10)
+    gradient_path: str = "paper"
+    lambda_llm: float = 1e-5
+    lambda_cp: float = 1e-5
+    temperature: float = 1.0
+    kl_direction: str = "authors"
+    # optimisation (appendix B.1 and the authors' script)
+    max_steps: int = 5000
+    batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-5
+    lr_warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # "no", "fp16", "bf16"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    # bookkeeping
+    output_dir: str = "runs/sur-adapter"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: bool = True
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.gradient_path not in GRADIENT_PATHS:
+            raise ValueError(f"gradient_path must be one of {GRADIENT_PATHS}, got {self.gradient_path!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be no/fp16/bf16, got {self.mixed_precision!r}")
+        if self.gradient_path == "official" and not (self.lambda_llm or self.lambda_cp):
+            raise ValueError("gradient_path='official' detaches L_simple, so lambda_llm or lambda_cp "
+                             "must be > 0 or nothing trains the adapter")
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides) -> "TrainConfig":
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        values.update(overrides)
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ValueError(f"unknown config keys: {unknown}; valid keys: {sorted(names)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def build_adapter(cfg: TrainConfig, text_dim: int, llm_dim: int | None) -> SURAdapter:
+    return SURAdapter(
+        text_dim=text_dim, num_layers=cfg.num_layers, num_heads=cfg.num_heads, ffn_dim=cfg.ffn_dim,
+        dropout=cfg.dropout, eta=cfg.eta, g_init=cfg.g_init, official=cfg.official_adapter,
+        llm_dim=llm_dim, w0_seed=cfg.w0_seed,
+    )
+
+
+def load_backbone_for(cfg: TrainConfig):
+    from . import models
+
+    if cfg.profile == "tiny-random":
+        return models.tiny_random_backbone(seed=cfg.seed)
+    if cfg.profile == "paper":
+        return models.paper_backbone(cfg.pretrained or "runwayml/stable-diffusion-v1-5")
+    return models.load_backbone(cfg.profile)
+
+
+def knowledge_for(cfg: TrainConfig, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Knowledge vectors of every simple prompt, from the cache (computing only missing ones)."""
+    from . import knowledge
+
+    path = cfg.knowledge_file or str(Path(cfg.output_dir) / "knowledge.safetensors")
+
+    def loader():
+        if cfg.llm == "smollm2":
+            return knowledge.load_smollm2()
+        return knowledge.load_causal_lm(cfg.llm)
+
+    return knowledge.cached_knowledge_vectors(
+        path, loader, sorted(set(prompts)), layer=cfg.llm_layer, include_bos=cfg.llm_include_bos,
+        meta={"llm": cfg.llm}
+    )
+
+
+def batch_indices(n: int, batch_size: int, micro_step: int, seed: int) -> list[int]:
+    """Indices of micro-batch number ``micro_step``: consecutive slices of seeded per-epoch
+    permutations (every sample once per epoch), a pure function of its arguments."""
+    out = []
+    start = micro_step * batch_size
+    for pos in range(start, start + batch_size):
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perm[offset]))
+    return out
+
+
+def micro_step_seed(seed: int, micro_step: int) -> int:
+    return (seed * 1_000_003 + micro_step * 7_919 + 12_345) % (2**63 - 1)
+
+
+def compute_losses(cfg: TrainConfig, backbone, adapter, batch: dict, weight_dtype,
+                   knowledge: dict | None = None) -> dict:
+    """One forward pass of Algorithm 1; returns every loss term (tensors).
+
+    ``adapter`` may be wrapped by accelerate (DDP); W0 is read from the unwrapped module.
+    Knowledge vectors come from ``batch["knowledge"]`` or else from the ``knowledge`` dict.
+    """
+    device = next(adapter.parameters()).device
+    core = getattr(adapter, "module", adapter)
+    pixels = batch["pixel_values"].to(device, dtype=weight_dtype)
+    with torch.no_grad():
+        latents = backbone.encode_images(pixels)
+        x = backbone.encode_prompts(batch["simple"]).to(device)
+        x_complex = backbone.encode_prompts(batch["complex"]).to(device)
+    scheduler = backbone.scheduler
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, t)
+    else:
+        raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
+
+    out = adapter(x.float())
+    if cfg.lambda_llm:
+        k = batch.get("knowledge")
+        if k is None:
+            k = torch.stack([knowledge[p] for p in batch["simple"]])
+        l_llm = llm_distillation_loss(k.float().to(device), out.student, core.project_knowledge,
+                                      cfg.temperature, direction=cfg.kl_direction)
+    else:
+        l_llm = torch.zeros((), device=device)
+    l_cp = prompt_alignment_loss(out.c, x_complex.float(), cfg.temperature, direction=cfg.kl_direction)
+    paper_path = cfg.gradient_path == "paper"
+    cond = out.c if paper_path else out.c.detach()  # the authors' torch.tensor(c) detaches
+    with torch.set_grad_enabled(paper_path and torch.is_grad_enabled()):  # official: no graph
+        pred = backbone.unet(noisy, t, cond.to(weight_dtype)).sample
+    l_simple = simple_loss(pred, target)
+    loss = total_loss(l_simple, l_llm, l_cp, cfg.lambda_llm, cfg.lambda_cp)
+    return {"loss": loss, "l_simple": l_simple, "l_llm": l_llm, "l_cp": l_cp}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith("step-") and (p / "state.json").exists():
+            found.append((int(p.name[5:]), p))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> tuple[int, Path] | None:
+    found = _checkpoints(Path(output_dir))
+    return found[-1] if found else None
+
+
+def _save_checkpoint(accelerator, adapter, step: int, cfg: TrainConfig) -> Path:
+    """Write checkpoints/step-N atomically: everything goes to a temp folder renamed at the end,
+    so a kill at any moment leaves either the old set or a complete new checkpoint."""
+    root = Path(cfg.output_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.save_state(str(tmp / "accelerate"))
+    accelerator.unwrap_model(adapter).save_pretrained(tmp / "adapter")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "config": cfg.to_dict()}, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for _, old in _checkpoints(Path(cfg.output_dir))[: -cfg.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _open_log(path: Path, resume_step: int):
+    """CSV log; on resume, rows after the checkpoint (written before a kill) are dropped."""
+    rows = []
+    if path.exists() and resume_step > 0:
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+    f = open(path, "w", newline="")
+    writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    f.flush()
+    return f, writer
+
+
+def read_log(output_dir: str | os.PathLike) -> list[dict]:
+    """The CSV log of a run as a list of dicts of floats."""
+    with open(Path(output_dir) / "log.csv", newline="") as f:
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainResult:
+    adapter: SURAdapter
+    output_dir: Path
+    steps: int
+    resumed_from: int
+    seconds: float
+
+
+def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = None,
+          knowledge: dict | None = None) -> TrainResult:
+    """Train a SUR-adapter (Algorithm 1). ``backbone``/``dataset``/``knowledge`` may be passed in
+    (notebooks, tests); otherwise they are built from the config."""
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
+    if isinstance(cfg, dict):
+        cfg = TrainConfig.from_dict(cfg)
+    t0 = time.time()
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+    )
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+
+    if backbone is None:
+        backbone = load_backbone_for(cfg)
+    backbone.freeze()
+    backbone.to(accelerator.device, dtype=None if weight_dtype == torch.float32 else weight_dtype)
+    if cfg.gradient_checkpointing:
+        backbone.unet.enable_gradient_checkpointing()
+
+    if dataset is None:
+        kw = dict(resolution=cfg.resolution or backbone.image_size, center_crop=cfg.center_crop,
+                  random_flip=cfg.random_flip, max_samples=cfg.max_samples)
+        if cfg.lambda_llm and knowledge is None:  # a quick pass (no image decoding) for the prompts
+            knowledge = knowledge_for(cfg, SURDDataset(cfg.data_dir, check_images=False, **kw).prompts())
+        # validation names the row of every problem, missing knowledge vectors included
+        dataset = SURDDataset(cfg.data_dir, knowledge=knowledge if cfg.lambda_llm else None, **kw)
+    if cfg.lambda_llm and knowledge is None:
+        knowledge = dataset.knowledge or knowledge_for(cfg, dataset.prompts())
+    llm_dim = next(iter(knowledge.values())).shape[-1] if cfg.lambda_llm else None
+
+    torch.manual_seed(cfg.seed)  # adapter init
+    adapter = build_adapter(cfg, backbone.text_dim, llm_dim).to(accelerator.device)
+    adapter.train()
+    optimizer = torch.optim.AdamW(
+        adapter.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
+                                 num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes)
+    adapter, optimizer, lr_scheduler = accelerator.prepare(adapter, optimizer, lr_scheduler)
+
+    start = 0
+    if cfg.resume and (ckpt := latest_checkpoint(out_dir)) is not None:
+        start, path = ckpt
+        accelerator.load_state(str(path / "accelerate"))
+        accelerator.print(f"resuming from {path} (step {start})")
+    for stale in (out_dir / "checkpoints").glob(".tmp-*") if (out_dir / "checkpoints").exists() else []:
+        shutil.rmtree(stale, ignore_errors=True)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    log_file, log = _open_log(out_dir / "log.csv", start)
+
+    accum = cfg.gradient_accumulation_steps
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="SUR-adapter",
+               disable=not (cfg.progress and accelerator.is_local_main_process))
+    try:
+        for step in bar:
+            terms = {k: 0.0 for k in ("loss", "l_simple", "l_llm", "l_cp")}
+            for micro in range(accum):
+                micro_step = step * accum + micro
+                torch.manual_seed(micro_step_seed(cfg.seed, micro_step))  # noise, t, flips, dropout
+                idx = batch_indices(len(dataset), cfg.batch_size, micro_step, cfg.seed)
+                batch = collate([dataset[i] for i in idx])
+                with accelerator.accumulate(adapter), accelerator.autocast():
+                    losses = compute_losses(cfg, backbone, adapter, batch, weight_dtype, knowledge)
+                    accelerator.backward(losses["loss"])
+                    grad_norm = None
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(adapter.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for k in terms:
+                    terms[k] += losses[k].item() / accum
+            row = {"step": step + 1, **terms, "grad_norm": float(grad_norm) if grad_norm is not None
+                   else math.nan, "lr": lr_scheduler.get_last_lr()[0], "seconds": time.time() - t0}
+            log.writerow(row)
+            log_file.flush()
+            bar.set_postfix(loss=f"{terms['loss']:.4f}")
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    path = _save_checkpoint(accelerator, adapter, step + 1, cfg)
+                    accelerator.print(f"checkpoint saved: {path.name}", flush=True)
+    finally:
+        log_file.close()
+
+    final = accelerator.unwrap_model(adapter)
+    if accelerator.is_main_process:
+        final.save_pretrained(out_dir / "adapter")
+    return TrainResult(final, out_dir, cfg.max_steps, start, time.time() - t0)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _parse_overrides(argv: list[str]) -> dict:
+    """``--key value`` pairs; values are parsed as YAML (numbers, booleans, null, lists)."""
+    out = {}
+    i = 0
+    while i < len(argv):
+        key = argv[i]
+        if not key.startswith("--") or i + 1 >= len(argv):
+            raise SystemExit(f"expected --key value pairs after the config file, got {argv[i:]}")
+        out[key[2:].replace("-", "_")] = yaml.safe_load(argv[i + 1])
+        i += 2
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("keys:", ", ".join(f.name for f in dataclasses.fields(TrainConfig)))
+        return
+    cfg = TrainConfig.from_yaml(argv[0], **_parse_overrides(argv[1:]))
+    result = train(cfg)
+    print(f"done: {result.steps} steps in {result.seconds:.1f} s -> {result.output_dir / 'adapter'}")
+
+
+if __name__ == "__main__":
+    main()
