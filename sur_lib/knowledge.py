@@ -164,6 +164,8 @@ def load_smollm2(cache_dir: str | os.PathLike | None = None) -> tuple[nn.Module,
     marker = cache / "sur_lib_source.json"
     if marker.is_file() and json.loads(marker.read_text()) == source:
         return load_causal_lm(cache)
+    if cache.exists() and not marker.is_file():
+        raise FileExistsError(f"{cache} exists but is not a sur_lib SmolLM2 cache; choose another cache_dir")
 
     model, tokenizer = load_causal_lm(folder, gguf_file=gguf)
     _forget_gguf_origin(model)
@@ -173,7 +175,7 @@ def load_smollm2(cache_dir: str | os.PathLike | None = None) -> tuple[nn.Module,
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "sur_lib_source.json").write_text(json.dumps(source))
-        if cache.exists():  # a stale copy (other GGUF file): replace it
+        if marker.is_file():  # a stale copy (made from another GGUF file): replace it
             shutil.rmtree(cache)
         os.replace(tmp, cache)
     except OSError:
