@@ -150,7 +150,7 @@ def load_backbone_for(cfg: TrainConfig):
     if cfg.profile == "tiny-random":
         return models.tiny_random_backbone(seed=cfg.seed)
     if cfg.profile == "paper":
-        return models.paper_backbone(cfg.pretrained or "runwayml/stable-diffusion-v1-5")
+        return models.paper_backbone(cfg.pretrained or models.SD15_REPO)
     return models.load_backbone(cfg.profile)
 
 
