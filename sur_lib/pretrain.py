@@ -15,7 +15,8 @@ are computed once; every step renders fresh images of the pool's scenes (new pla
 degradation noise), so the model never sees the same picture twice.
 
 Resumable: a checkpoint (UNet, EMA, optimizer, step) is written atomically every
-``--checkpoint-every`` steps to ``--work`` and the EMA weights are exported to ``--out``
+``--checkpoint-every`` steps to ``--work`` (small enough to commit, so a later session can
+resume a run that an earlier one started) and the EMA weights are exported to ``--out``
 (data/models/tiny-sur-world) with the command, seed, versions, wall time and loss log.
 
     python -m sur_lib.pretrain --steps 3000 --batch 128 --seed 0
@@ -78,10 +79,46 @@ def prompt_pool(n: int, seed: int):
     return batch.scenes, batch.prompts
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def save_state(folder: Path, unet, ema, opt, lr_sched, step: int, seconds: float) -> None:
+    """The resumable training state, in files small enough to commit (each < 20 MiB):
+    model.safetensors (UNet and EMA weights), optimizer.pt (AdamW + LR schedule), state.json.
+    Written to a temp folder, then swapped in (a kill leaves the old or the new state whole)."""
+    from safetensors.torch import save_file
+
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {f"unet.{k}": v.contiguous() for k, v in unet.state_dict().items()}
+    tensors.update({f"ema.{i}": p.detach().contiguous() for i, p in enumerate(ema.shadow_params)})
+    save_file(tensors, tmp / "model.safetensors")
+    torch.save({"opt": opt.state_dict(), "lr_sched": lr_sched.state_dict()}, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "seconds": seconds,
+                                                "ema_optimization_step": ema.optimization_step}))
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(folder: Path, unet, ema, opt, lr_sched) -> tuple[int, float]:
+    """Restore what ``save_state`` wrote; returns (step, seconds). (0, 0) if there is none."""
+    from safetensors.torch import load_file
+
+    if not (folder / "state.json").exists() and (folder.with_name(folder.name + ".old") / "state.json").exists():
+        folder = folder.with_name(folder.name + ".old")  # killed between the two renames
+    if not (folder / "state.json").exists():
+        return 0, 0.0
+    tensors = load_file(folder / "model.safetensors")
+    unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
+    with torch.no_grad():
+        for i, p in enumerate(ema.shadow_params):
+            p.copy_(tensors[f"ema.{i}"])
+    extra = torch.load(folder / "optimizer.pt", weights_only=False)
+    opt.load_state_dict(extra["opt"])
+    lr_sched.load_state_dict(extra["lr_sched"])
+    info = json.loads((folder / "state.json").read_text())
+    ema.optimization_step = info["ema_optimization_step"]
+    return int(info["step"]), float(info["seconds"])
 
 
 def export(unet_ema, scheduler, out: Path, info: dict) -> None:
@@ -114,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--checkpoint-every", type=int, default=100)
-    ap.add_argument("--work", default="outputs/pretrain", help="checkpoints (resume from here)")
+    ap.add_argument("--work", default="data/models/tiny-sur-world-state",
+                    help="resumable state + loss log (committed, so a later session resumes)")
     ap.add_argument("--out", default=str(TINY_MODEL_DIR), help="exported model folder")
     ap.add_argument("--max-minutes", type=float, default=0, help="stop (with a checkpoint) after this")
     args = ap.parse_args(argv)
@@ -141,15 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=1e-2)
     lr_sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=args.warmup)
     step, seconds_before = 0, 0.0
-    ckpt = work / "checkpoint.pt"
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        unet.load_state_dict(state["unet"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        lr_sched.load_state_dict(state["lr_sched"])
-        step, seconds_before = state["step"], state["seconds"]
-        print(f"resuming from step {step}", flush=True)
+    step, seconds_before = load_state(work / "state", unet, ema, opt, lr_sched)
+    if step:
+        print(f"resuming from step {step} ({work / 'state'})", flush=True)
 
     log_path = work / "loss_log.csv"
     if step == 0 or not log_path.exists():
@@ -163,8 +195,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def save(step):
         elapsed = seconds_before + time.time() - t_start
-        _atomic_save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                      "lr_sched": lr_sched.state_dict(), "step": step, "seconds": elapsed}, ckpt)
+        save_state(work / "state", unet, ema, opt, lr_sched, step, elapsed)
         ema_unet = build_unet(encoder.config.hidden_size)
         ema.copy_to(ema_unet.parameters())
         info = {

@@ -1,0 +1,46 @@
+"""Sphinx extension for the book's HTML: Colab links to .ipynb, and no CDN on any page.
+
+1. The Colab launch button: sphinx-book-theme builds it from ``repository.branch`` and the
+   source suffix (``.md`` here; Colab opens only ``.ipynb``). It is rewritten to
+   ``.../blob/<colab_branch>/book/<chapter>.ipynb``: the notebooks that ``make notebooks``
+   writes with jupytext and that are published on the branch ``colab_branch`` (README,
+   "The book"). The other buttons (repository, issues, download) are left alone.
+2. sphinx-thebe puts a CDN address (``THEBE_JS_URL``) and its loader script on every page,
+   even with thebe switched off (``launch_buttons.thebe: false``), when nothing can use
+   them. They are dropped from such pages, so the built site names no CDN at all (widget JS
+   and MathJax are vendored in book/_extra, see _config.yml).
+"""
+import re
+
+_COLAB = re.compile(r"^(https://colab\.research\.google\.com/github/[^/]+/[^/]+/blob/)"
+                    r"[^/]+/(.+?)(\.md|\.ipynb)$")
+
+
+def _colab_to_ipynb(app, pagename, templatename, context, doctree):
+    branch = app.config.colab_branch
+    for group in context.get("header_buttons", []):
+        for button in group.get("buttons", []) if isinstance(group, dict) else []:
+            if button.get("text") == "Colab":
+                m = _COLAB.match(button.get("url", ""))
+                if m:
+                    button["url"] = f"{m.group(1)}{branch}/{m.group(2)}.ipynb"
+
+
+def _drop_unused_thebe(app, pagename, templatename, context, doctree):
+    if context.get("use_thebe") or "script_files" not in context:
+        return
+
+    def thebe(js):
+        name = getattr(js, "filename", None) or ""
+        body = (getattr(js, "attributes", None) or {}).get("body", "")
+        return name.endswith("sphinx-thebe.js") or "THEBE_JS_URL" in body
+
+    context["script_files"] = [js for js in context["script_files"] if not thebe(js)]
+
+
+def setup(app):
+    app.add_config_value("colab_branch", "notebooks", "html")
+    # after sphinx-book-theme's add_launch_buttons (priority 501), which sets use_thebe
+    app.connect("html-page-context", _colab_to_ipynb, priority=600)
+    app.connect("html-page-context", _drop_unused_thebe, priority=600)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
