@@ -88,7 +88,7 @@ import torch.nn.functional as F
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from .train import TrainConfig, build_adapter, compute_losses
+from .train import TrainConfig, build_adapter, compute_losses, diffusion_inputs
 
 # ---------------------------------------------------------------------------------- constants
 
@@ -652,14 +652,7 @@ def _full_finetune_loss(sb, batch: dict, weight_dtype, device) -> torch.Tensor:
     pixels = batch["pixel_values"].to(device, dtype=weight_dtype)
     latents = sb.encode_images(pixels)
     hidden = sb.encode_prompts(batch["simple"]).to(device)
-    scheduler = sb.scheduler
-    noise = torch.randn_like(latents)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
-    noisy = scheduler.add_noise(latents, noise, t)
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, t)
-    else:
-        target = noise
+    noisy, t, target = diffusion_inputs(sb.scheduler, latents)
     pred = sb.unet(noisy, t, hidden).sample
     return F.mse_loss(pred.float(), target.float(), reduction="mean")
 

@@ -187,6 +187,19 @@ def micro_step_seed(seed: int, micro_step: int) -> int:
     return (seed * 1_000_003 + micro_step * 7_919 + 12_345) % (2**63 - 1)
 
 
+def diffusion_inputs(scheduler, latents: torch.Tensor):
+    """The inputs of Eq. 8: noise eps ~ N(0, I), timesteps t, z_t = alpha_t z + sigma_t eps, and
+    the regression target (eps, or the velocity for v-prediction schedulers)."""
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    if scheduler.config.prediction_type == "epsilon":
+        return noisy, t, noise
+    if scheduler.config.prediction_type == "v_prediction":
+        return noisy, t, scheduler.get_velocity(latents, noise, t)
+    raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
+
+
 def compute_losses(cfg: TrainConfig, backbone, adapter, batch: dict, weight_dtype,
                    knowledge: dict | None = None) -> dict:
     """One forward pass of Algorithm 1; returns every loss term (tensors).
@@ -201,16 +214,7 @@ def compute_losses(cfg: TrainConfig, backbone, adapter, batch: dict, weight_dtyp
         latents = backbone.encode_images(pixels)
         x = backbone.encode_prompts(batch["simple"]).to(device)
         x_complex = backbone.encode_prompts(batch["complex"]).to(device)
-    scheduler = backbone.scheduler
-    noise = torch.randn_like(latents)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
-    noisy = scheduler.add_noise(latents, noise, t)
-    if scheduler.config.prediction_type == "epsilon":
-        target = noise
-    elif scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, t)
-    else:
-        raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
+    noisy, t, target = diffusion_inputs(backbone.scheduler, latents)
 
     out = adapter(x.float())
     if cfg.lambda_llm:
