@@ -118,6 +118,8 @@ def load_causal_lm(
     ``name_or_path`` is a Hugging Face repo id (e.g. a LLaMA-7B/13B checkpoint, needs the Hub)
     or a local folder (then nothing is downloaded: ``local_files_only=True``). ``gguf_file``
     names a GGUF file inside the folder; transformers dequantizes it to ``dtype``.
+    ``device="auto"`` lets accelerate spread a model that does not fit one GPU (LLaMA-13B in
+    bf16 is 26 GB) over the GPU(s) and CPU memory.
     The model is returned in eval mode with every parameter frozen.
     """
     local = Path(name_or_path).expanduser().is_dir()
@@ -126,9 +128,12 @@ def load_causal_lm(
         kwargs["gguf_file"] = gguf_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if str(device) == "auto":  # accelerate places the layers over GPU(s) and CPU RAM
+        kwargs["device_map"] = "auto"
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
     model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype, **kwargs)
-    model.to(device)
+    if str(device) != "auto":
+        model.to(device)
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer

@@ -19,9 +19,10 @@ Runs on `accelerate` (CPU, one GPU, or ``accelerate launch`` on many), with mixe
 gradient accumulation, gradient clipping, checkpoints every N steps written atomically,
 resume from the latest checkpoint, a tqdm bar and a CSV log of every loss term.
 
-Determinism and exact resume: every micro-step seeds torch from (seed, step, micro-step) and
-draws its batch from a seeded per-epoch permutation, so a run that is killed and resumed from
-a checkpoint follows the same path as a run that never stopped.
+Determinism and exact resume: every micro-step seeds torch from (seed, step, micro-step,
+process) and draws its batch from a seeded per-epoch permutation (processes take interleaved
+slices), so a run that is killed and resumed from a checkpoint follows the same path as a run
+that never stopped.
 
     python -m sur_lib.train sur_lib/configs/tiny.yaml --max_steps 200 --output_dir runs/x
 """
@@ -65,6 +66,8 @@ class TrainConfig:
     llm: str = "smollm2"  # "smollm2" or a causal-LM repo id / folder (paper: a LLaMA)
     llm_layer: int = -1
     llm_include_bos: bool = True
+    llm_dtype: str = "float32"  # paper: "bfloat16" (LLaMA-13B in fp32 needs 52 GB)
+    llm_device: str = "cpu"  # "cuda", or "auto" to spread a large LLM over GPU and CPU memory
     # adapter (Eq. 4-7)
     eta: float = 0.1
     num_layers: int = 2
@@ -163,7 +166,7 @@ def knowledge_for(cfg: TrainConfig, prompts: list[str]) -> dict[str, torch.Tenso
     def loader():
         if cfg.llm == "smollm2":
             return knowledge.load_smollm2()
-        return knowledge.load_causal_lm(cfg.llm)
+        return knowledge.load_causal_lm(cfg.llm, dtype=getattr(torch, cfg.llm_dtype), device=cfg.llm_device)
 
     return knowledge.cached_knowledge_vectors(
         path, loader, sorted(set(prompts)), layer=cfg.llm_layer, include_bos=cfg.llm_include_bos,
@@ -368,7 +371,8 @@ def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = 
         for step in bar:
             terms = {k: 0.0 for k in ("loss", "l_simple", "l_llm", "l_cp")}
             for micro in range(accum):
-                micro_step = step * accum + micro
+                # each process (accelerate launch) gets its own slice of the data and its own noise
+                micro_step = (step * accum + micro) * accelerator.num_processes + accelerator.process_index
                 torch.manual_seed(micro_step_seed(cfg.seed, micro_step))  # noise, t, flips, dropout
                 idx = batch_indices(len(dataset), cfg.batch_size, micro_step, cfg.seed)
                 batch = collate([dataset[i] for i in idx])

@@ -185,3 +185,15 @@ def test_sigkill_and_resume_equals_straight_run(surd, tmp_path):
     for k in ref:
         assert torch.equal(got[k], ref[k]), k
     assert [r["step"] for r in read_log(tmp_path / "killed")] == list(range(1, steps + 1))
+
+
+def test_processes_get_different_batches_and_noise():
+    """With accelerate launch, process p of P takes micro-step m*P + p: no two processes (and no
+    two micro-steps) share a batch slice or a seed; one process keeps the plain numbering."""
+    from sur_lib.train import micro_step_seed
+
+    n_proc = 2
+    slices = {(m, p): batch_indices(16, 4, m * n_proc + p, seed=0) for m in range(2) for p in range(n_proc)}
+    assert sorted(i for s in slices.values() for i in s) == list(range(16))  # one epoch, no overlap
+    seeds = {micro_step_seed(0, m * n_proc + p) for m in range(2) for p in range(n_proc)}
+    assert len(seeds) == 4
