@@ -58,8 +58,9 @@ def build_unet(text_dim: int = 384, size: int = toyworld.SIZE):
 def build_scheduler():
     from diffusers import DDPMScheduler
 
+    # steps_offset=1 as SD's configs (diffusers warns on 0); training only uses add_noise
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
-                         beta_end=0.02, prediction_type="epsilon", clip_sample=False)
+                         beta_end=0.02, prediction_type="epsilon", clip_sample=False, steps_offset=1)
 
 
 @torch.no_grad()

@@ -197,3 +197,25 @@ def test_processes_get_different_batches_and_noise():
     assert sorted(i for s in slices.values() for i in s) == list(range(16))  # one epoch, no overlap
     seeds = {micro_step_seed(0, m * n_proc + p) for m in range(2) for p in range(n_proc)}
     assert len(seeds) == 4
+
+
+def test_gradient_checkpointing_gives_the_same_adapter_gradients(surd, tmp_path):
+    cfg = cfg_for(surd, tmp_path, gradient_path="paper", lambda_llm=0.0, lambda_cp=0.0)
+    grads = []
+    for ckpt in (False, True):
+        backbone = tiny_random_backbone(seed=0)
+        calls = []
+        if ckpt:  # count the checkpointed block calls, so the test fails if nothing is checkpointed
+            def counting(fn, *args, **kw):
+                calls.append(fn)
+                return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, **kw)
+            backbone.unet.enable_gradient_checkpointing(counting)
+        torch.manual_seed(0)
+        adapter = build_adapter(cfg, backbone.text_dim, LLM_DIM)
+        batch = _one_batch(surd, cfg)
+        torch.manual_seed(1)
+        compute_losses(cfg, backbone, adapter, batch, torch.float32)["loss"].backward()
+        grads.append(adapter.fc.weight.grad.clone())
+        assert bool(calls) == ckpt
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
