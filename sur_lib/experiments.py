@@ -511,9 +511,6 @@ def run_failure(args, backbone=None) -> dict:
 # =============================================================================== training
 
 
-LLM_LOADERS = {"smollm2": "load_smollm2", "gemma3-270m": "load_gemma3_270m"}
-
-
 def surd_mini(rows: int, seed: int, progress: bool = True) -> Path:
     """SURD-mini with ``rows`` examples for ``seed`` under outputs/experiments (built once;
     ``toyworld.build_dataset`` is byte-identical for the same arguments)."""
@@ -528,18 +525,13 @@ def surd_mini(rows: int, seed: int, progress: bool = True) -> Path:
 
 
 def knowledge_for_config(cfg, prompts: Sequence[str], progress: bool = True) -> dict:
-    """Knowledge vectors of ``prompts`` for the config's LLM and layer, cached in
+    """``train.knowledge_for`` with one shared cache per LLM, layer and BOS setting:
     outputs/experiments/knowledge/<llm>-layer<L>-bos<0|1>.safetensors."""
-    from . import knowledge
+    from .train import knowledge_for
 
-    if cfg.llm not in LLM_LOADERS:
-        raise ValueError(f"llm must be one of {sorted(LLM_LOADERS)} here, got {cfg.llm!r}")
     name = f"{cfg.llm}-layer{cfg.llm_layer}-bos{int(cfg.llm_include_bos)}.safetensors"
-    path = WORK_DIR / "knowledge" / name
-    loader = getattr(knowledge, LLM_LOADERS[cfg.llm])
-    return knowledge.cached_knowledge_vectors(
-        path, loader, sorted(set(prompts)), layer=cfg.llm_layer, include_bos=cfg.llm_include_bos,
-        progress=progress, meta={"llm": cfg.llm})
+    cfg = dataclasses.replace(cfg, knowledge_file=str(WORK_DIR / "knowledge" / name))
+    return knowledge_for(cfg, list(prompts), progress)
 
 
 def knowledge_stats(vectors: dict) -> dict:

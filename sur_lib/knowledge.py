@@ -463,3 +463,14 @@ def load_gemma3_270m(cache_dir: str | os.PathLike | None = None) -> tuple[nn.Mod
     """
     path = gemma3_270m_gguf(cache_dir)
     return load_causal_lm(path.parent, gguf_file=path.name)
+
+
+def load_llm(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """The LLM of a config's ``llm`` key: "smollm2" and "gemma3-270m" are the tiny profile's
+    models from PyPI packages (fp32, CPU); anything else is a Hub repo id or local folder for
+    :func:`load_causal_lm` (the paper profile's LLaMA)."""
+    if name == "smollm2":
+        return load_smollm2()
+    if name == "gemma3-270m":
+        return load_gemma3_270m()
+    return load_causal_lm(name, dtype=dtype, device=device)

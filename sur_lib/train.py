@@ -157,20 +157,15 @@ def load_backbone_for(cfg: TrainConfig):
     return models.load_backbone(cfg.profile)
 
 
-def knowledge_for(cfg: TrainConfig, prompts: list[str]) -> dict[str, torch.Tensor]:
+def knowledge_for(cfg: TrainConfig, prompts: list[str], progress: bool = True) -> dict[str, torch.Tensor]:
     """Knowledge vectors of every simple prompt, from the cache (computing only missing ones)."""
     from . import knowledge
 
     path = cfg.knowledge_file or str(Path(cfg.output_dir) / "knowledge.safetensors")
-
-    def loader():
-        if cfg.llm == "smollm2":
-            return knowledge.load_smollm2()
-        return knowledge.load_causal_lm(cfg.llm, dtype=getattr(torch, cfg.llm_dtype), device=cfg.llm_device)
-
     return knowledge.cached_knowledge_vectors(
-        path, loader, sorted(set(prompts)), layer=cfg.llm_layer, include_bos=cfg.llm_include_bos,
-        meta={"llm": cfg.llm}
+        path, lambda: knowledge.load_llm(cfg.llm, getattr(torch, cfg.llm_dtype), cfg.llm_device),
+        sorted(set(prompts)), layer=cfg.llm_layer, include_bos=cfg.llm_include_bos,
+        progress=progress, meta={"llm": cfg.llm},
     )
 
 
