@@ -58,9 +58,14 @@ def build_unet(text_dim: int = 384, size: int = toyworld.SIZE):
 def build_scheduler():
     from diffusers import DDPMScheduler
 
-    # steps_offset=1 as SD's configs (diffusers warns on 0); training only uses add_noise
+    # Training only uses add_noise; these settings matter when the pipeline builds its sampler
+    # from this config. clip_sample=True: in pixel space the predicted x0 is clipped to [-1, 1];
+    # without it DDIM's first steps multiply eps errors by 1/sqrt(alpha_bar_T) (about 158 here)
+    # and samples saturate (measured on the step-600 model: pixel values in [-57, 68], judged
+    # counts of 20-40 "objects"). steps_offset=1 as SD's configs (diffusers warns on 0).
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
-                         beta_end=0.02, prediction_type="epsilon", clip_sample=False, steps_offset=1)
+                         beta_end=0.02, prediction_type="epsilon", clip_sample=True,
+                         clip_sample_range=1.0, steps_offset=1)
 
 
 @torch.no_grad()
