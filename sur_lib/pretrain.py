@@ -58,14 +58,17 @@ def build_unet(text_dim: int = 384, size: int = toyworld.SIZE):
 def build_scheduler():
     from diffusers import DDPMScheduler
 
-    # Training only uses add_noise; these settings matter when the pipeline builds its sampler
-    # from this config. clip_sample=True: in pixel space the predicted x0 is clipped to [-1, 1];
-    # without it DDIM's first steps multiply eps errors by 1/sqrt(alpha_bar_T) (about 158 here)
-    # and samples saturate (measured on the step-600 model: pixel values in [-57, 68], judged
-    # counts of 20-40 "objects"). steps_offset=1 as SD's configs (diffusers warns on 0).
+    # Training only uses add_noise; the rest matters when the pipeline builds its sampler from
+    # this config. In pixel space the predicted x0 must be clipped to [-1, 1]: without it DDIM's
+    # first steps multiply eps errors by 1/sqrt(alpha_bar_T) (about 158 here) and samples
+    # saturate (measured on the step-600 model: pixels in [-57, 68], 20-40 judged "objects").
+    # StableDiffusionPipeline forces clip_sample=False (a fix for SD's latents), so we clip with
+    # dynamic thresholding and sample_max_value=1, which is exactly a clip to [-1, 1] and
+    # survives the pipeline. steps_offset=1 as SD's configs (diffusers warns on 0).
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
-                         beta_end=0.02, prediction_type="epsilon", clip_sample=True,
-                         clip_sample_range=1.0, steps_offset=1)
+                         beta_end=0.02, prediction_type="epsilon", clip_sample=False,
+                         thresholding=True, dynamic_thresholding_ratio=0.995, sample_max_value=1.0,
+                         steps_offset=1)
 
 
 @torch.no_grad()

@@ -147,3 +147,21 @@ def test_pixel_space_generates_images_of_unet_size(pixel_backbone, spy):
 def test_no_guidance_runs(pixel_backbone):
     out = gen(pixel_backbone, guidance_scale=1.0)
     assert out.shape == (2, 3, 8, 8) and not torch.allclose(out, gen(pixel_backbone), atol=1e-3)
+
+
+def test_tiny_world_sampler_clips_x0_inside_the_stock_pipeline():
+    """The pretrain scheduler's x0 clipping must survive StableDiffusionPipeline, which resets
+    clip_sample to False: a wild noise prediction still gives pred_original_sample in [-1, 1]."""
+    from sur_lib.models import tiny_random_backbone
+    from sur_lib.pipeline import make_pipeline
+    from sur_lib.pretrain import build_scheduler
+
+    bb = tiny_random_backbone(with_vae=False, seed=0)
+    bb.scheduler = build_scheduler()
+    for name in ("ddim", "ddpm"):
+        sched = make_pipeline(bb, name).scheduler
+        sched.set_timesteps(25)
+        t = sched.timesteps[0]
+        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        x0 = sched.step(50 * torch.randn_like(x), t, x).pred_original_sample
+        assert x0.abs().max() <= 1.0 + 1e-6, name
