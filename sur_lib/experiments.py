@@ -989,7 +989,7 @@ def agreement(live_k: int, live_n: int, stored_k: int, stored_n: int, z: float =
             "live_k": live_k, "live_n": live_n, "stored_k": stored_k, "stored_n": stored_n}
 
 
-def _verify_images(doc: dict, backbone, current_digest: str, per_type: int, n_images: int,
+def verify_images(doc: dict, backbone, current_digest: str, per_type: int, n_images: int,
                    progress: bool) -> list[dict]:
     """Re-generate a subset of every condition of a stored result and compare."""
     if doc["model"]["unet_digest"] != current_digest:
@@ -1034,7 +1034,7 @@ def _verify_images(doc: dict, backbone, current_digest: str, per_type: int, n_im
     return checks
 
 
-def _verify_ablations(doc: dict, backbone, current_digest: str, progress: bool) -> list[dict]:
+def verify_ablations(doc: dict, backbone, current_digest: str, progress: bool) -> list[dict]:
     """Replay the first training steps of one variant and compare the per-step loss log."""
     if doc["model"]["unet_digest"] != current_digest:
         return [{"check": "base model", "ok": False, "message": (
@@ -1078,9 +1078,9 @@ def run_verify(args, backbone=None) -> dict:
         digest = state_digest(backbone.unet)
         te = time.time()
         if name == "ablations":
-            checks = _verify_ablations(doc, backbone, digest, _progress(args))
+            checks = verify_ablations(doc, backbone, digest, _progress(args))
         else:
-            checks = _verify_images(doc, backbone, digest, per_type, n_images, _progress(args))
+            checks = verify_images(doc, backbone, digest, per_type, n_images, _progress(args))
         ok = all(c["ok"] for c in checks)
         report[name] = {"status": "ok" if ok else "FAILED", "checks": checks,
                         "seconds": round(time.time() - te, 1)}

@@ -88,9 +88,11 @@ def prompt_pool(n: int, seed: int):
     return batch.scenes, batch.prompts
 
 
-def save_state(folder: Path, unet, ema, opt, lr_sched, step: int, seconds: float) -> None:
+def save_state(folder: Path, unet, ema, opt, lr_sched, step: int, seconds: float,
+               sessions: list | None = None) -> None:
     """The resumable training state, in files small enough to commit (each < 20 MiB):
-    model.safetensors (UNet and EMA weights), optimizer.pt (AdamW + LR schedule), state.json.
+    model.safetensors (UNet and EMA weights), optimizer.pt (AdamW + LR schedule), state.json
+    (step, seconds and ``sessions``: one entry per resumed run, with its command).
     Written to a temp folder, then swapped in (a kill leaves the old or the new state whole)."""
     from safetensors.torch import save_file
 
@@ -102,21 +104,23 @@ def save_state(folder: Path, unet, ema, opt, lr_sched, step: int, seconds: float
     save_file(tensors, tmp / "model.safetensors")
     torch.save({"opt": opt.state_dict(), "lr_sched": lr_sched.state_dict()}, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "seconds": seconds,
-                                                "ema_optimization_step": ema.optimization_step}))
+                                                "ema_optimization_step": ema.optimization_step,
+                                                "sessions": sessions or []}, indent=1))
     if folder.exists():
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_state(folder: Path, unet, ema, opt, lr_sched) -> tuple[int, float]:
-    """Restore what ``save_state`` wrote; returns (step, seconds). (0, 0) if there is none."""
+def load_state(folder: Path, unet, ema, opt, lr_sched) -> tuple[int, float, list]:
+    """Restore what ``save_state`` wrote; returns (step, seconds, sessions); (0, 0, []) if
+    there is none."""
     from safetensors.torch import load_file
 
     if not (folder / "state.json").exists() and (folder.with_name(folder.name + ".old") / "state.json").exists():
         folder = folder.with_name(folder.name + ".old")  # killed between the two renames
     if not (folder / "state.json").exists():
-        return 0, 0.0
+        return 0, 0.0, []
     tensors = load_file(folder / "model.safetensors")
     unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
     with torch.no_grad():
@@ -127,7 +131,7 @@ def load_state(folder: Path, unet, ema, opt, lr_sched) -> tuple[int, float]:
     lr_sched.load_state_dict(extra["lr_sched"])
     info = json.loads((folder / "state.json").read_text())
     ema.optimization_step = info["ema_optimization_step"]
-    return int(info["step"]), float(info["seconds"])
+    return int(info["step"]), float(info["seconds"]), list(info.get("sessions", []))
 
 
 def export(unet_ema, scheduler, out: Path, info: dict) -> None:
@@ -187,8 +191,10 @@ def main(argv: list[str] | None = None) -> None:
     ema = EMAModel(unet.parameters(), decay=args.ema, model_cls=type(unet), model_config=unet.config)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=1e-2)
     lr_sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=args.warmup)
-    step, seconds_before = 0, 0.0
-    step, seconds_before = load_state(work / "state", unet, ema, opt, lr_sched)
+    step, seconds_before, sessions = load_state(work / "state", unet, ema, opt, lr_sched)
+    command = "python -m sur_lib.pretrain " + " ".join(argv if argv is not None else sys.argv[1:])
+    sessions.append({"command": command, "from_step": step, "to_step": step, "seconds": 0.0,
+                     "threads": torch.get_num_threads()})
     if step:
         print(f"resuming from step {step} ({work / 'state'})", flush=True)
 
@@ -204,12 +210,13 @@ def main(argv: list[str] | None = None) -> None:
 
     def save(step):
         elapsed = seconds_before + time.time() - t_start
-        save_state(work / "state", unet, ema, opt, lr_sched, step, elapsed)
+        sessions[-1].update(to_step=step, seconds=round(time.time() - t_start, 1))
+        save_state(work / "state", unet, ema, opt, lr_sched, step, elapsed, sessions)
         ema_unet = build_unet(encoder.config.hidden_size)
         ema.copy_to(ema_unet.parameters())
         info = {
-            "command": "python -m sur_lib.pretrain " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "args": vars(args), "step": step, "wall_seconds": round(elapsed, 1),
+            "command": command, "args": vars(args), "step": step, "wall_seconds": round(elapsed, 1),
+            "sessions": sessions,
             "unet_parameters": n_params, "threads": torch.get_num_threads(),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "sur_lib": __version__, "diffusers": __import__("diffusers").__version__},
