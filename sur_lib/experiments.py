@@ -1146,6 +1146,11 @@ def main(argv: Sequence[str] | None = None, backbone=None) -> int:
                 return 1
             print(f"verify passed ({res['wall_time_s']:.0f} s)")
             return 0
+        if (args.name == "ablations" and args.only
+                and Path(args.out).resolve() == RESULTS_DIR.resolve() and not args.quick):
+            print("ablations --only writes a partial result: pass --out DIR so that it does not "
+                  f"replace {_rel(RESULTS_DIR / 'ablations.json')}", file=sys.stderr)
+            return 2
         doc = RUNNERS[args.name](args, backbone=backbone)
         path = write_json(doc, result_path(args.out, args.name, args.quick))
         print(f"wrote {_rel(path)} ({doc['wall_time_s']:.0f} s)")

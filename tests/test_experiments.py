@@ -245,3 +245,8 @@ def test_ablations_resume_per_variant(model, tmp_path, monkeypatch):
     assert doc["variants"]["no_llm"]["vs_reference"]["overall"]["diff"] == 0.0
     assert [r["step"] for r in doc["variants"]["no_cp"]["log"]] == [1, 2, 3]
     assert doc["verify"]["variant"] == "no_llm"
+
+
+def test_ablations_only_refuses_to_overwrite_the_committed_result(capsys):
+    assert ex.main(["ablations", "--only", "no_llm", "--no-progress"]) == 2  # before any work
+    assert "--out" in capsys.readouterr().err
