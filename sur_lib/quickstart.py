@@ -93,8 +93,10 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "command": "python -m sur_lib.quickstart " + " ".join(argv or []),
         "sur_lib": __version__, "torch": torch.__version__, "python": platform.python_version(),
-        "backbone": backbone_name, "rows": len(SURDDataset(data_dir, check_images=False)), "steps": args.steps, "seed": args.seed,
-        "train_seconds": round(t_train, 1),  # knowledge vectors included "total_seconds": round(time.time() - t0, 1),
+        "backbone": backbone_name, "rows": len(SURDDataset(data_dir, check_images=False)),
+        "steps": args.steps, "seed": args.seed,
+        "train_seconds": round(t_train, 1),  # includes computing the knowledge vectors
+        "total_seconds": round(time.time() - t0, 1),
         "final_losses": {k: v for k, v in _last_log_row(out / "run").items() if k.startswith("l")},
         "grid": str(out / "grid.png"),
     }
