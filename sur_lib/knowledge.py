@@ -236,6 +236,7 @@ def knowledge_vectors(
     include_bos: bool = True,
     batch_size: int = 16,
     progress: bool = True,
+    drop_first: bool = False,
 ) -> torch.Tensor:
     """Knowledge vectors f_LLM(p_s) of Sec. 3.3: per prompt, the mean over its tokens of the hidden
     states output by decoder block ``layer``. Returns a float32 CPU tensor [N, hidden].
@@ -245,20 +246,23 @@ def knowledge_vectors(
     i.e. BEFORE the model's final norm (``output_hidden_states[-1]`` would be after it).
     Prompts are padded on the right and pad tokens are left out of the mean, so a prompt gets
     the same vector alone or in a batch. ``include_bos``: keep the BOS token (if the tokenizer
-    adds one) in the mean, as the authors did.
+    adds one) in the mean, as the authors did. ``drop_first`` (not in the paper): also leave the
+    prompt's first real token out of the mean; in SmolLM2, which adds no BOS, that token is the
+    attention sink whose state is about ten times larger than the others' and dominates the mean.
     """
     prompts = _check_prompts(prompts)
     layers = decoder_layers(model)
     n = len(layers)
     if not -n <= layer < n:
         raise ValueError(f"layer {layer} is out of range: this model has {n} blocks, use {-n}..{n - 1}")
-    drop_bos = (not include_bos) and tokenizer_adds_bos(tokenizer)
+    adds_bos = tokenizer_adds_bos(tokenizer)
+    # positions left out of the mean: BOS (if added and not wanted), the first real token if asked
+    dropped = ([0] if adds_bos and not include_bos else []) + ([int(adds_bos)] if drop_first else [])
     device = next(model.parameters()).device
 
     ids = [tokenizer(p)["input_ids"] for p in prompts]
-    first = 1 if drop_bos else 0  # index of the first token that enters the mean
     for p, t in zip(prompts, ids):
-        if len(t) <= first:
+        if len(t) <= len(dropped):
             raise ValueError(f"prompt {p!r} has no token to average")
 
     captured: list[torch.Tensor] = []
@@ -285,7 +289,7 @@ def knowledge_vectors(
             base(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
             hidden = captured[0].float().cpu()  # [B, T, hidden]
             keep = mask.clone()
-            keep[:, :first] = 0  # leave BOS out of the mean if asked
+            keep[:, dropped] = 0  # leave BOS and/or the first token out of the mean if asked
             keep = keep.unsqueeze(-1).float()
             out[batch] = (hidden * keep).sum(1) / keep.sum(1)
     finally:
@@ -361,6 +365,7 @@ def cached_knowledge_vectors(
     batch_size: int = 16,
     progress: bool = True,
     meta: dict[str, Any] | None = None,
+    drop_first: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Knowledge vectors for ``prompts``, computed once and kept in the safetensors file ``path``.
 
@@ -368,10 +373,12 @@ def cached_knowledge_vectors(
     ``(model, tokenizer)``, e.g. :func:`load_smollm2`) is called only if some are missing.
     The file records ``layer``, ``include_bos`` and ``meta`` (put the model name there); asking
     for vectors of another layer/model from the same file is an error (use another file).
-    ``layer`` is compared as written: -1 and 29 are different keys. Returns {prompt: vector}.
+    ``layer`` is compared as written: -1 and 29 are different keys. ``drop_first`` is recorded
+    only when set, so files made before the option existed stay valid. Returns {prompt: vector}.
     """
     prompts = list(dict.fromkeys(_check_prompts(prompts)))  # drop repeats, keep the order
-    wanted_meta = {**(meta or {}), "layer": int(layer), "include_bos": bool(include_bos)}
+    wanted_meta = {**(meta or {}), "layer": int(layer), "include_bos": bool(include_bos),
+                   **({"drop_first": True} if drop_first else {})}
     known: dict[str, torch.Tensor] = {}
     if Path(path).exists():
         old_prompts, old_vectors, old_meta = _read_knowledge(path)
@@ -386,7 +393,8 @@ def cached_knowledge_vectors(
     missing = [p for p in prompts if p not in known]
     if missing:
         model, tokenizer = model_loader()
-        new = knowledge_vectors(model, tokenizer, missing, layer, include_bos, batch_size, progress)
+        new = knowledge_vectors(model, tokenizer, missing, layer, include_bos, batch_size, progress,
+                                drop_first=drop_first)
         if known:
             old = next(iter(known.values()))
             if new.shape[1] != old.shape[0]:

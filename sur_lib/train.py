@@ -66,6 +66,7 @@ class TrainConfig:
     llm: str = "smollm2"  # "smollm2" or a causal-LM repo id / folder (paper: a LLaMA)
     llm_layer: int = -1
     llm_include_bos: bool = True
+    llm_drop_first: bool = False  # not in the paper: leave the first token (an attention sink) out
     llm_dtype: str = "float32"  # paper: "bfloat16" (LLaMA-13B in fp32 needs 52 GB)
     llm_device: str = "cpu"  # "cuda", or "auto" to spread a large LLM over GPU and CPU memory
     # adapter (Eq. 4-7)
@@ -165,7 +166,7 @@ def knowledge_for(cfg: TrainConfig, prompts: list[str], progress: bool = True) -
     return knowledge.cached_knowledge_vectors(
         path, lambda: knowledge.load_llm(cfg.llm, getattr(torch, cfg.llm_dtype), cfg.llm_device),
         sorted(set(prompts)), layer=cfg.llm_layer, include_bos=cfg.llm_include_bos,
-        progress=progress, meta={"llm": cfg.llm},
+        progress=progress, meta={"llm": cfg.llm}, drop_first=cfg.llm_drop_first,
     )
 
 

@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,6 +105,40 @@ def test_failure_json_schema(failure_quick):
     gap = doc["summary"]["complex_minus_simple"]["overall"]
     assert gap["paired"]["n"] == 3
     assert doc["claim"]["gap"] == pytest.approx(doc["claim"]["complex"] - doc["claim"]["simple"])
+
+
+def test_draw_and_judge_gives_the_stored_records_images(failure_quick, model):
+    """The chapters' live grids call draw_and_judge; its verdicts are the experiment's own."""
+    folder, backbone = model
+    doc = json.loads(failure_quick.read_text())
+    gen = ex.GenSettings(**doc["generation"])
+    rec = doc["conditions"]["simple"]["records"][0]
+    images, scores = ex.draw_and_judge(backbone, rec, rec["text"], 2, doc["seed"], gen)
+    assert images.shape[0] == 2 and images.dtype.name == "uint8"
+    assert [int(s["correct"]) for s in scores] == rec["correct"][:2]  # the first 2 of its images
+    assert all(set(s["judgement"]) >= {"count", "color", "shape", "arrangement"} for s in scores)
+
+
+def test_hit_rate_pools_images_and_skips_unscored_arrangements():
+    recs = [{"type": "counting", "arrangement": None, "n": 4,
+             "hits": {"count_ok": 1, "color_ok": 4, "shape_ok": 2, "arrangement_ok": 0}},
+            {"type": "action", "arrangement": "row", "n": 2,
+             "hits": {"count_ok": 2, "color_ok": 0, "shape_ok": 2, "arrangement_ok": 1}}]
+    assert ex.hit_rate(recs, "count_ok") == pytest.approx(3 / 6)
+    assert ex.hit_rate(recs, "color_ok", "counting") == 1.0
+    assert ex.hit_rate(recs, "arrangement_ok") == 0.5  # the counting prompt asks for none
+    assert ex.hit_rate(recs, "arrangement_ok", "counting") is None
+    assert ex.hit_rate(recs, "count_ok", "color") is None
+
+
+def test_same_numbers_compares_stored_with_recomputed():
+    stored = {"acc": 0.1, "ci": [0.05, 0.2], "n": 3, "p": None}
+    assert ex.same_numbers(stored, {"acc": 0.1 + 1e-15, "ci": (0.05, 0.2), "n": 3, "p": float("nan")})
+    assert not ex.same_numbers(stored, {**stored, "acc": 0.1001})
+    assert not ex.same_numbers(stored, {**stored, "n": 4})
+    assert not ex.same_numbers(stored, {k: v for k, v in stored.items() if k != "p"})
+    assert not ex.same_numbers([1.0, 2.0], [1.0])
+    assert ex.same_numbers(1, 1.0) and not ex.same_numbers("1", 1.0)
 
 
 # ------------------------------------------------------------------------------- verify
@@ -245,6 +280,27 @@ def test_ablations_resume_per_variant(model, tmp_path, monkeypatch):
     assert doc["variants"]["no_llm"]["vs_reference"]["overall"]["diff"] == 0.0
     assert [r["step"] for r in doc["variants"]["no_cp"]["log"]] == [1, 2, 3]
     assert doc["verify"]["variant"] == "no_llm"
+
+
+def test_run_folders_keep_their_names_when_options_are_added(tmp_path):
+    """A run folder is named by a hash of its config; an option added later (LATER_KEYS) enters
+    the hash only when set, so the stored ablation runs keep their names (and twins)."""
+    stored = ex.RESULTS_DIR / "ablations.json"
+    if not stored.is_file():
+        stored = ex.RESULTS_DIR / "ablations.partial.json"
+    doc = json.loads(stored.read_text())
+    data = tmp_path / f"surd-mini-n{doc['surd_mini']['rows']}-s{doc['seed']}"
+
+    def run_name(overrides):
+        over = {**doc["settings"]["budget"]["overrides"], **overrides}
+        cfg = ex.train_config(over, data, doc["seed"], tmp_path, doc["model"]["unet_digest"], False)
+        return Path(cfg.output_dir).name
+
+    for name in ("reference", "no_llm", "eta_0.5"):
+        var = doc["variants"][name]
+        assert run_name(var["overrides"]) == var["run"], name
+    assert run_name({"llm_drop_first": False}) == doc["variants"]["reference"]["run"]
+    assert run_name({"llm_drop_first": True}) != doc["variants"]["reference"]["run"]
 
 
 def test_ablations_only_refuses_to_overwrite_the_committed_result(capsys):

@@ -110,6 +110,23 @@ def test_bos_changes_the_mean(tiny):
     assert (with_bos - without).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("include_bos", [True, False])
+def test_drop_first_leaves_the_first_word_out(tiny, include_bos):
+    """drop_first removes the first token after BOS; BOS itself follows include_bos."""
+    model, tok = tiny
+    prompts = [p for p in PROMPTS if " " in p]  # one word alone has nothing left without BOS
+    got = knowledge_vectors(model, tok, prompts, 1, include_bos=include_bos, progress=False,
+                            drop_first=True)
+    for i, p in enumerate(prompts):
+        ids = tok(p, return_tensors="pt")["input_ids"]  # [BOS, first word, ...]
+        with torch.no_grad():
+            hidden = model(ids, output_hidden_states=True).hidden_states[2][0]  # block 1
+        kept = torch.cat([hidden[:1], hidden[2:]]) if include_bos else hidden[2:]
+        torch.testing.assert_close(got[i], kept.mean(0), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="no token"):  # "a" is BOS + one word: nothing left
+        knowledge_vectors(model, tok, ["a"], 1, include_bos=False, drop_first=True, progress=False)
+
+
 def test_last_block_is_before_the_final_norm(tiny):
     model, tok = tiny
     got = knowledge_vectors(model, tok, ["a red car"], -1, progress=False)[0]
@@ -382,3 +399,16 @@ def test_smollm2_refuses_foreign_cache_dir(tmp_path):
     with pytest.raises(FileExistsError, match="not a sur_lib SmolLM2 cache"):
         kn.load_smollm2(cache_dir=tmp_path)
     assert (tmp_path / "precious.txt").read_text() == "not a model"
+
+
+def test_cache_records_drop_first_only_when_set(tiny, tmp_path):
+    model, tok = tiny
+    path = tmp_path / "k.safetensors"
+    got = cached_knowledge_vectors(path, lambda: (model, tok), PROMPTS[:2], 1, meta={"model": "a"},
+                                   drop_first=True, progress=False)
+    assert knowledge_meta(path) == {"model": "a", "layer": 1, "include_bos": True, "drop_first": True}
+    direct = knowledge_vectors(model, tok, PROMPTS[:2], 1, drop_first=True, progress=False)
+    torch.testing.assert_close(torch.stack(list(got.values())), direct)
+    with pytest.raises(ValueError, match="separate cache file"):  # all tokens from a no-first file
+        cached_knowledge_vectors(path, lambda: (model, tok), PROMPTS[:2], 1, meta={"model": "a"},
+                                 progress=False)
