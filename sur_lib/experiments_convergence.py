@@ -1,0 +1,379 @@
+"""Dose-response: the SUR-adapter trained to the paper's 5,000 steps, evaluated along the way.
+
+    python -m sur_lib.experiments convergence [--steps 5000] [--images 8] [--phase all]
+
+The paper trains the adapter for 5,000 steps (appendix B.1); ``sur`` trains 500. This
+experiment trains ``tiny.yaml`` exactly as it is (lambdas 1e-5, eta 0.1, lr 1e-4 constant
+after a 25-step warm-up, batch 32) to ``--steps``, keeps the adapter at log-spaced steps
+(``EVAL_STEPS``) and evaluates each one with the same seeds on
+
+* the tuning set: fresh training-distribution prompts (train nouns and phrasings,
+  ``train_distribution_prompts(VAL_PER_TYPE, seed + 1)``, whose first five per type are the
+  tuning set of ``sur``): what any choice of a setting may look at;
+* the 45 fixed held-out test prompts;
+* at the last step, also the extended held-out set (150 prompts, ``extended_prompts``);
+
+next to the base model with the simple prompts and with their complex counterparts (the
+ceiling), on the same prompts and seeds. ``--images`` (8) images per prompt.
+
+Training uses ``step_cache`` (text-encoder states and decoded images computed once; the
+results file says ``"step_cache": true``), runs in ``data/runs/convergence/`` and resumes
+from its latest checkpoint (every 250 steps), so the run can be spread over several sessions:
+``--phase train`` only trains, ``--phase eval`` only evaluates the adapters that exist,
+``--max-minutes`` stops either phase cleanly between units of work. Finished evaluations
+are kept in ``convergence.partial.json`` and skipped on the next run; the final
+``convergence.json`` is written when every step has been evaluated.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import experiments as ex
+from . import toyworld as tw
+
+EVAL_STEPS = (0, 250, 500, 1000, 2000, 3500, 5000)
+STEPS = 5000
+CHECKPOINT_EVERY = 250
+VAL_PER_TYPE = 10
+IMAGES = 8
+RUN_DIR = ex.ROOT / "data" / "runs" / "convergence"
+QUICK = dict(steps=6, eval_steps=(0, 3, 6), images=2, val_per_type=1, prompts_per_type=1,
+             rows=64, batch_size=8, checkpoint_every=3)
+
+
+@dataclass
+class ConvergenceConfig:
+    """Everything that decides the experiment (``from_args`` builds it from the CLI)."""
+
+    steps: int = STEPS
+    eval_steps: tuple[int, ...] = EVAL_STEPS
+    images: int = IMAGES
+    val_per_type: int = VAL_PER_TYPE
+    prompts_per_type: int | None = None  # None: all 15 test prompts per type
+    extended: bool = True  # the extended held-out set at the last step
+    rows: int = ex.SURD_MINI_ROWS
+    seed: int = 0
+    batch_size: int | None = None  # None: tiny.yaml's
+    checkpoint_every: int = CHECKPOINT_EVERY
+    phase: str = "all"  # "train", "eval" or "all"
+    max_minutes: float | None = None
+    run_dir: str = str(RUN_DIR)
+    out: str = str(ex.RESULTS_DIR)
+    quick: bool = False
+    progress: bool = True
+    cache: bool = True
+    argv: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.phase not in ("train", "eval", "all"):
+            raise ValueError(f"phase must be train, eval or all, got {self.phase!r}")
+        steps = sorted(set(int(s) for s in self.eval_steps))
+        if not steps or steps[0] < 0 or steps[-1] != self.steps:
+            raise ValueError(f"eval_steps must be >= 0 and end at steps={self.steps}, got {steps}")
+        self.eval_steps = tuple(steps)
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None) -> "ConvergenceConfig":
+        ap = argparse.ArgumentParser(prog="python -m sur_lib.experiments convergence",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+        ap.add_argument("--steps", type=int, default=None)
+        ap.add_argument("--eval-steps", default=None, help="comma-separated, ending at --steps")
+        ap.add_argument("--images", type=int, default=None)
+        ap.add_argument("--phase", default="all", choices=("train", "eval", "all"))
+        ap.add_argument("--max-minutes", type=float, default=None)
+        ap.add_argument("--seed", type=int, default=0)
+        ap.add_argument("--run-dir", default=None)
+        ap.add_argument("--out", default=str(ex.RESULTS_DIR))
+        ap.add_argument("--quick", action="store_true")
+        ap.add_argument("--no-extended", action="store_true")
+        ap.add_argument("--threads", type=int, default=1)
+        ap.add_argument("--no-cache", action="store_true")
+        ap.add_argument("--no-progress", action="store_true")
+        a = ap.parse_args(argv)
+        q = QUICK if a.quick else {}
+        steps = a.steps or q.get("steps", STEPS)
+        eval_steps = (tuple(int(s) for s in a.eval_steps.split(",")) if a.eval_steps
+                      else q.get("eval_steps", EVAL_STEPS))
+        run_dir = a.run_dir or str(ex.WORK_DIR / "convergence-quick" if a.quick else RUN_DIR)
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        return cls(steps=steps, eval_steps=eval_steps, images=a.images or q.get("images", IMAGES),
+                   val_per_type=q.get("val_per_type", VAL_PER_TYPE),
+                   prompts_per_type=q.get("prompts_per_type"), extended=not a.no_extended,
+                   rows=q.get("rows", ex.SURD_MINI_ROWS), seed=a.seed,
+                   batch_size=q.get("batch_size"),
+                   checkpoint_every=q.get("checkpoint_every", CHECKPOINT_EVERY), phase=a.phase,
+                   max_minutes=a.max_minutes, run_dir=run_dir, out=a.out, quick=a.quick,
+                   progress=not a.no_progress, cache=not a.no_cache,
+                   argv=tuple(sys.argv[2:] if argv is None else argv))
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def minimum_detectable_effect(diffs: Sequence[float], power: float = 0.8,
+                              alpha: float = 0.05) -> float | None:
+    """The smallest mean paired difference a two-sided paired t-test over these prompts
+    detects with probability ``power`` at level ``alpha``, given the observed spread of the
+    per-prompt differences: (t_{1-alpha/2, n-1} + t_{power, n-1}) * sd / sqrt(n)."""
+    from scipy import stats
+
+    d = np.asarray(diffs, dtype=np.float64)
+    if len(d) < 2:
+        return None
+    sd = float(d.std(ddof=1))
+    n = len(d)
+    return float((stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n))
+
+
+def gap_closed(base: float, adapter: float, ceiling: float) -> float | None:
+    """Share of the simple-to-complex gap an adapter closes: (adapter - base) / (ceiling - base)."""
+    return None if ceiling == base else (adapter - base) / (ceiling - base)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class _Deadline:
+    def __init__(self, minutes: float | None):
+        self.end = None if minutes is None else time.time() + 60 * minutes
+
+    def passed(self) -> bool:
+        return self.end is not None and time.time() > self.end
+
+
+def _train_cfg(cc: ConvergenceConfig, data_dir: Path, digest: str, max_steps: int):
+    over = {"max_steps": max_steps, "checkpoint_every": cc.checkpoint_every, "keep_checkpoints": 1}
+    if cc.batch_size:
+        over["batch_size"] = cc.batch_size
+    cfg = ex.train_config(over, data_dir, cc.seed, Path(cc.run_dir), digest, cc.progress)
+    cfg.output_dir = str(Path(cc.run_dir) / "train")  # one folder for every max_steps
+    return cfg
+
+
+def _run_key(cfg) -> dict:
+    """What must not change between sessions of the same run (the run length may)."""
+    skip = set(ex.PATH_KEYS) | {"max_steps"}
+    return {k: v for k, v in cfg.to_dict().items() if k not in skip
+            and not (k in ex.LATER_KEYS and v == ex.LATER_KEYS[k])}
+
+
+def adapter_dir(cc: ConvergenceConfig, step: int) -> Path:
+    return Path(cc.run_dir) / "adapters" / f"step-{step:05d}"
+
+
+def run_training(cc: ConvergenceConfig, backbone, minfo: dict, deadline: _Deadline) -> list[int]:
+    """Train to every step of ``eval_steps`` in turn (each call of ``train`` resumes from the
+    last checkpoint) and store the adapter of each as fp16 in ``adapters/step-N``. Returns the
+    steps whose adapters exist."""
+    from .data import SURDDataset
+    from .step_cache import cached_inputs
+    from .train import build_adapter, train
+
+    data_dir = ex.surd_mini(cc.rows, cc.seed, cc.progress)
+    run = Path(cc.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    cfg0 = _train_cfg(cc, data_dir, minfo["unet_digest"], cc.steps)
+    key = {"train": _run_key(cfg0), "data": data_dir.name, "model": minfo["unet_digest"]}
+    key_file = run / "run.json"
+    if key_file.is_file():
+        stored = json.loads(key_file.read_text())
+        if stored != key:
+            raise ValueError(f"{key_file} was made with other settings; use another --run-dir "
+                             f"(differs in {sorted(k for k in key if stored.get(k) != key[k])})")
+    else:
+        ex.write_json(key, key_file)
+
+    done = [s for s in cc.eval_steps if (adapter_dir(cc, s) / "sur_adapter.json").is_file()]
+    todo = [s for s in cc.eval_steps if s not in done]
+    if not todo:
+        return done
+    knowledge = None
+    if cfg0.lambda_llm:
+        prompts = SURDDataset(data_dir, check_images=False).prompts()
+        knowledge = ex.knowledge_for_config(cfg0, prompts, cc.progress)
+    ds = SURDDataset(data_dir, resolution=backbone.image_size, knowledge=knowledge)
+    # ~300 MB for SURD-mini's ~4,100 distinct prompts: kept under outputs/, never committed
+    states = ex.WORK_DIR / "prompt_states" / f"{data_dir.name}.safetensors"
+    cached_bb, cached_ds = cached_inputs(backbone, ds, states, progress=cc.progress)
+    info = {"made_by": "python -m sur_lib.experiments convergence", "seed": cc.seed,
+            "base_model": minfo, "surd_mini": {"rows": cc.rows, "seed": cc.seed},
+            "step_cache": True}
+    for step in todo:
+        if deadline.passed():
+            break
+        if step == 0:  # the adapter as train() initialises it, before any update
+            torch.manual_seed(cfg0.seed)
+            llm_dim = next(iter(knowledge.values())).shape[-1] if knowledge else None
+            adapter = build_adapter(cfg0, backbone.text_dim, llm_dim)
+        else:
+            cfg = _train_cfg(cc, data_dir, minfo["unet_digest"], step)
+            adapter = train(cfg, backbone=cached_bb, dataset=cached_ds, knowledge=knowledge).adapter
+        ex.save_adapter(adapter, adapter_dir(cc, step),
+                        dict(info, step=step, train_config={
+                            k: v for k, v in cfg0.to_dict().items() if k not in ex.PATH_KEYS
+                            and k != "max_steps"}))
+        done.append(step)
+    return sorted(done)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def prompt_sets(cc: ConvergenceConfig) -> dict[str, list[dict]]:
+    from .extended_prompts import extended_prompts
+
+    sets = {"tuning": ex.train_distribution_prompts(cc.val_per_type, cc.seed + 1),
+            "test": ex.select_prompts(tw.test_prompts(), cc.prompts_per_type)}
+    if cc.extended:
+        ext = extended_prompts()
+        sets["extended"] = ex.select_prompts(ext, cc.prompts_per_type) if cc.quick else ext
+    return sets
+
+
+def _partial_path(cc: ConvergenceConfig) -> Path:
+    return Path(cc.out) / ("convergence-quick.partial.json" if cc.quick else "convergence.partial.json")
+
+
+def _units(cc: ConvergenceConfig) -> list[tuple[str, str, int | None, str]]:
+    """(unit name, prompt set, adapter step or None, text field) in the order they run."""
+    sets = ["tuning", "test"] + (["extended"] if cc.extended else [])
+    units = [(f"base-simple/{s}", s, None, "text") for s in sets]
+    units += [(f"base-complex/{s}", s, None, "prompt") for s in sets]
+    for step in cc.eval_steps:
+        for s in ("tuning", "test"):
+            units.append((f"step-{step}/{s}", s, step, "text"))
+        if cc.extended and step == cc.eval_steps[-1]:
+            units.append((f"step-{step}/extended", "extended", step, "text"))
+    return units
+
+
+def run_evaluation(cc: ConvergenceConfig, backbone, deadline: _Deadline, done_steps: list[int],
+                   partial: dict) -> dict:
+    gen = ex.GenSettings()
+    pipe = ex.make_pipe(backbone, gen)
+    sets = prompt_sets(cc)
+    cache = ex.WORK_DIR / "cache" if cc.cache else None
+    records = partial.setdefault("records", {})
+    for name, set_name, step, field in _units(cc):
+        if name in records or deadline.passed():
+            continue
+        if step is not None and step not in done_steps:
+            continue
+        adapter = ex.load_adapter(adapter_dir(cc, step)) if step is not None else None
+        specs = sets[set_name]
+        t0 = time.time()
+        records[name] = ex.evaluate_condition(
+            backbone, specs, [s[field] for s in specs], cc.images, cc.seed, gen, adapter=adapter,
+            pipe=pipe, progress=cc.progress, desc=f"convergence/{name}", cache=cache)
+        partial.setdefault("seconds", {})[name] = round(time.time() - t0, 1)
+        if step is not None:
+            partial.setdefault("adapters", {})[str(step)] = {
+                "dir": ex._rel(adapter_dir(cc, step)),
+                "digest": json.loads((adapter_dir(cc, step) / "sur_adapter.json").read_text())["digest"]}
+        ex.write_json(partial, _partial_path(cc))
+    return partial
+
+
+def summarize_curve(cc: ConvergenceConfig, records: dict) -> dict:
+    """Per prompt set: the base and ceiling summaries, and per step the summary, the paired
+    change against the base model, the share of the gap closed and the minimum detectable
+    effect (80% power) of that paired comparison."""
+    out = {}
+    for set_name in ["tuning", "test"] + (["extended"] if cc.extended else []):
+        base = records.get(f"base-simple/{set_name}")
+        ceil = records.get(f"base-complex/{set_name}")
+        block = {"base": ex.summarize(base) if base else None,
+                 "ceiling": ex.summarize(ceil) if ceil else None, "steps": {}}
+        for step in cc.eval_steps:
+            recs = records.get(f"step-{step}/{set_name}")
+            if not recs:
+                continue
+            s = {"summary": ex.summarize(recs)}
+            if base:
+                s["change"] = ex.compare(base, recs)
+                by = {r["id"]: r["acc"] for r in base}
+                s["mde_80"] = {}
+                for t in list(tw.TEST_TYPES) + ["overall"]:
+                    d = [r["acc"] - by[r["id"]] for r in recs if t == "overall" or r["type"] == t]
+                    s["mde_80"][t] = minimum_detectable_effect(d)
+                if ceil:
+                    s["gap_closed"] = {
+                        t: gap_closed(block["base"][t]["acc"], s["summary"][t]["acc"],
+                                      block["ceiling"][t]["acc"])
+                        for t in s["summary"] if t in block["base"] and t in block["ceiling"]}
+            block["steps"][str(step)] = s
+        out[set_name] = block
+    return out
+
+
+def run(cc: ConvergenceConfig, backbone=None) -> tuple[dict, bool]:
+    """Train and/or evaluate as far as the deadline allows. Returns (document, complete)."""
+    t0 = time.time()
+    deadline = _Deadline(cc.max_minutes)
+    backbone = backbone if backbone is not None else ex.load_base()
+    minfo = ex.model_info(backbone)
+    ppath = _partial_path(cc)
+    partial = json.loads(ppath.read_text()) if ppath.is_file() else {}
+    if partial and partial.get("model", {}).get("unet_digest") != minfo["unet_digest"]:
+        raise ValueError(f"{ppath} was made with another base model; move it away first")
+    partial.setdefault("model", minfo)
+    done = sorted(s for s in cc.eval_steps if (adapter_dir(cc, s) / "sur_adapter.json").is_file())
+    if cc.phase in ("train", "all"):
+        done = run_training(cc, backbone, minfo, deadline)
+    if cc.phase in ("eval", "all"):
+        partial = run_evaluation(cc, backbone, deadline, done, partial)
+    partial.setdefault("wall_time_s", 0.0)
+    partial["wall_time_s"] = round(partial["wall_time_s"] + time.time() - t0, 1)
+    records = partial.get("records", {})
+    complete = all(u[0] in records for u in _units(cc))
+    doc = {"experiment": "convergence",
+           "command": "python -m sur_lib.experiments convergence " + " ".join(cc.argv),
+           "seed": cc.seed, "quick": cc.quick, "versions": ex.versions(),
+           "settings": {k: v for k, v in dataclasses.asdict(cc).items()
+                        if k not in ("argv", "out", "run_dir", "progress", "cache", "phase",
+                                     "max_minutes")},
+           "where": "CPU (2-core project machine, 1 torch thread per job)",
+           "step_cache": True, "model": minfo, "judge": ex.judge_info(),
+           "generation": ex.GenSettings().to_dict(), "images_per_prompt": cc.images,
+           "adapters": partial.get("adapters", {}), "adapter_steps_trained": done,
+           "train_log": ex._rel(Path(cc.run_dir) / "train" / "log.csv"),
+           "prompt_sets": {k: [p["id"] for p in v] for k, v in prompt_sets(cc).items()},
+           "curve": summarize_curve(cc, records), "records": records,
+           "seconds": partial.get("seconds", {}), "complete": complete,
+           "wall_time_s": partial["wall_time_s"]}
+    if cc.phase != "train":  # only the evaluation writes the partial file (a training job
+        partial.update({k: doc[k] for k in ("command", "versions", "wall_time_s")})
+        ex.write_json(partial, ppath)  # may run beside an evaluation job)
+    return doc, complete
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cc = ConvergenceConfig.from_args(argv)
+    doc, complete = run(cc)
+    n = f"{len(doc['records'])} of {len(_units(cc))} evaluations"
+    if not complete:
+        print(f"not complete yet ({n}; adapters at steps {doc['adapter_steps_trained']}): "
+              f"progress is in {ex._rel(_partial_path(cc))}; run the same command again to go on")
+        return 0
+    path = ex.write_json(doc, Path(cc.out) / ("convergence-quick.json" if cc.quick else "convergence.json"))
+    print(f"wrote {ex._rel(path)} ({n}, {doc['wall_time_s']:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    from .cli import run as run_cli
+    run_cli(main)
