@@ -1,0 +1,129 @@
+"""The dose-response experiment: resumable training to log-spaced steps, resumable evaluation."""
+import json
+
+import pytest
+import torch
+
+from sur_lib import experiments as ex
+from sur_lib import experiments_convergence as conv
+from sur_lib.adapter import SURAdapter
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory):
+    from sur_lib.models import load_tiny_backbone
+    from tests.test_experiments import _write_standin
+
+    folder = tmp_path_factory.mktemp("standin")
+    _write_standin(folder)
+    return load_tiny_backbone(folder)
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(steps=4, eval_steps=(0, 2, 4), images=2, val_per_type=1, prompts_per_type=1,
+                rows=16, batch_size=4, checkpoint_every=2, run_dir=str(tmp_path / "run"),
+                out=str(tmp_path / "out"), quick=True, progress=False, cache=False)
+    base.update(kw)
+    return conv.ConvergenceConfig(**base)
+
+
+@pytest.fixture
+def cheap(monkeypatch, tmp_path):
+    """Random knowledge vectors and a fake judge (the real ones are tested elsewhere)."""
+    return _cheap(monkeypatch, tmp_path)
+
+
+def _cheap(monkeypatch, tmp_path):
+    monkeypatch.setattr(ex, "WORK_DIR", tmp_path / "work")
+
+    def knowledge(cfg, prompts, progress=True):
+        g = torch.Generator().manual_seed(0)
+        return {p: torch.randn(24, generator=g) for p in sorted(set(prompts))}
+
+    calls = []
+
+    def evaluate(backbone, specs, texts, n, seed, gen, adapter=None, pipe=None, progress=True,
+                 desc="", cache=None, quality=False):
+        calls.append(desc)
+        acc = 0.0 if adapter is None else 0.5
+        return [{**{k: s.get(k) for k in ex.SPEC_KEYS}, "text": t, "acc": acc, "k": int(acc * n),
+                 "n": n, "correct": [1] * int(acc * n) + [0] * (n - int(acc * n))}
+                for s, t in zip(specs, texts)]
+
+    monkeypatch.setattr(ex, "knowledge_for_config", knowledge)
+    monkeypatch.setattr(ex, "evaluate_condition", evaluate)
+    monkeypatch.setattr(ex, "make_pipe", lambda backbone, gen: None)
+    return calls
+
+
+def test_config_checks_the_eval_steps():
+    with pytest.raises(ValueError, match="end at steps"):
+        conv.ConvergenceConfig(steps=10, eval_steps=(0, 5))
+    with pytest.raises(ValueError, match="phase"):
+        conv.ConvergenceConfig(phase="both")
+
+
+def test_mde_and_gap_closed():
+    assert conv.gap_closed(0.1, 0.3, 0.9) == pytest.approx(0.25)
+    assert conv.gap_closed(0.5, 0.6, 0.5) is None
+    # sd 0.1 over 16 prompts: (t_.975,15 + t_.8,15) * 0.1 / 4 = (2.131 + 0.866) * 0.025
+    d = [0.1 * (-1) ** i for i in range(16)]
+    sd = float(torch.tensor(d).std())
+    assert conv.minimum_detectable_effect(d) == pytest.approx((2.1314 + 0.8662) * sd / 4, rel=1e-3)
+    assert conv.minimum_detectable_effect([0.2]) is None
+
+
+@pytest.fixture(scope="module")
+def trained(standin, tmp_path_factory):
+    """One uninterrupted training run (adapters at steps 0, 2, 4), shared by the tests."""
+    tmp = tmp_path_factory.mktemp("straight")
+    mp = pytest.MonkeyPatch()
+    try:
+        _cheap(mp, tmp)
+        cc = _cfg(tmp, phase="train")
+        conv.run(cc, backbone=standin)
+    finally:
+        mp.undo()
+    return cc
+
+
+def test_interrupted_training_resumes_to_the_same_adapters(standin, trained, cheap, tmp_path,
+                                                           monkeypatch):
+    ref = {s: SURAdapter.from_pretrained(conv.adapter_dir(trained, s)) for s in (0, 2, 4)}
+    stopped = _cfg(tmp_path, phase="train")
+    ticks = iter([False, False, True])  # stop after the step-0 and step-2 adapters
+    monkeypatch.setattr(conv._Deadline, "passed", lambda self: next(ticks, True))
+    conv.run(stopped, backbone=standin)
+    assert sorted(p.name for p in (tmp_path / "run" / "adapters").iterdir()) == \
+        ["step-00000", "step-00002"]
+    monkeypatch.setattr(conv._Deadline, "passed", lambda self: False)
+    conv.run(stopped, backbone=standin)
+    for s in (0, 2, 4):
+        got = SURAdapter.from_pretrained(conv.adapter_dir(stopped, s))
+        assert ex.state_digest(got) == ex.state_digest(ref[s]), s
+    assert not (tmp_path / "out").exists()  # training alone writes no result
+
+
+def test_evaluation_resumes_and_the_result_appears_when_complete(standin, trained, cheap,
+                                                                 tmp_path, monkeypatch):
+    cc = _cfg(tmp_path, phase="eval", run_dir=trained.run_dir)
+    ticks = iter([False] * 3)  # stop within the evaluation
+    monkeypatch.setattr(conv._Deadline, "passed", lambda self: next(ticks, True))
+    doc, complete = conv.run(cc, backbone=standin)
+    assert not complete and len(doc["records"]) == 3 == len(cheap)
+    monkeypatch.setattr(conv._Deadline, "passed", lambda self: False)
+    doc, complete = conv.run(cc, backbone=standin)
+    assert complete and len(cheap) == len(conv._units(cc))  # nothing evaluated twice
+    curve = doc["curve"]["test"]
+    assert curve["steps"]["4"]["summary"]["overall"]["acc"] == 0.5
+    assert curve["steps"]["4"]["change"]["overall"]["diff"] == 0.5
+    assert set(doc["curve"]) == {"tuning", "test", "extended"}
+    assert "4" in doc["curve"]["extended"]["steps"] and "2" not in doc["curve"]["extended"]["steps"]
+    partial = json.loads((tmp_path / "out" / "convergence-quick.partial.json").read_text())
+    assert set(partial["records"]) == set(doc["records"])
+
+
+def test_a_run_folder_refuses_other_settings(standin, trained, cheap, tmp_path):
+    other = _cfg(tmp_path, phase="train", batch_size=2, run_dir=trained.run_dir)
+    with pytest.raises(ValueError, match="other settings"):
+        conv.run(other, backbone=standin)
