@@ -1,4 +1,4 @@
-"""The book: table of contents, chapter rules, Colab notebooks, sur_lib.stats, and the built
+"""The book: table of contents, chapter rules, Colab notebooks, sur_lib.surd_stats, and the built
 site (offline assets; the widget rendered by headless Chromium).
 
 The checks of the built site need `jupyter-book build book/` first (they read _build/html,
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import yaml
 
-from sur_lib import stats
+from sur_lib import surd_stats as stats
 from sur_lib import toyworld as tw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +134,7 @@ def test_colab_button_points_at_published_ipynb():
     assert buttons[1]["url"] == "https://x/y.md"
 
 
-# --------------------------------------------------------------------------- sur_lib.stats
+# --------------------------------------------------------------------------- sur_lib.surd_stats
 def test_word_count_and_clip():
     assert stats.word_count("4 red circles, 8k, best quality") == 6
     assert stats.word_count("") == 0
