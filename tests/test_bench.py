@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from sur_lib import bench
+from sur_lib.bench import step as bench_step
 from sur_lib.bench import (
     BenchConfig,
     StepSpec,
@@ -209,7 +210,7 @@ def test_bench_reports_oom_and_the_accumulation_that_restores_the_batch(monkeypa
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (fake, batch {batch_size})")
         return real(state, spec, batch_size, cfg)
 
-    monkeypatch.setattr(bench, "_measure", measure)
+    monkeypatch.setattr(bench_step, "_measure", measure)
     result = bench.run_bench(BenchConfig(profile="tiny", batch=16, levers=("none",), llm=False, cap_gib=24,
                                          out=str(tmp_path / "oom.json")), log=lambda msg: None)
     assert set(result["configs"]) == set(BASE)
