@@ -144,3 +144,74 @@ def smooth(y, k: int = 8) -> np.ndarray:
     i = np.arange(1, len(c))
     lo = np.maximum(0, i - k)
     return (c[i] - c[lo]) / (i - lo)
+
+
+# =============================================================================== equations
+
+#: Every equation of the paper that the book implements, and Algorithm 1: (label of its target
+#: in the book, name, what it computes, chapter, the functions that implement it).
+EQUATIONS = (
+    ("eq-4", "Eq. 4", "queries, keys, values: $Q = W_q h_0$, $K = W_k x$, $V = x$", "04_adapter",
+     ("sur_lib.adapter:SURAdapter.forward", "sur_lib.adapter:_Attention.forward")),
+    ("eq-5", "Eq. 5", "$L_{LLM}$: KL from the projected knowledge vector to $Q$", "05_losses_knowledge",
+     ("sur_lib.losses:llm_distillation_loss", "sur_lib.losses:kl_distillation",
+      "sur_lib.adapter:SURAdapter.project_knowledge")),
+    ("eq-6", "Eq. 6", "attention over the tokens: $V' = \\mathrm{softmax}(QK^\\top/\\sqrt{D})\\,V$",
+     "04_adapter", ("sur_lib.adapter:_Attention.forward",)),
+    ("eq-7", "Eq. 7", "the mixed conditioning $c = \\eta\\,\\mathrm{out} + (1-\\eta)\\,x$", "04_adapter",
+     ("sur_lib.adapter:SURAdapter.forward",)),
+    ("eq-8", "Eq. 8", "$L_{simple}$: the diffusion loss through the frozen UNet", "05_losses_knowledge",
+     ("sur_lib.losses:simple_loss", "sur_lib.train:diffusion_inputs")),
+    ("eq-9", "Eq. 9", "$L_{CP}$: KL from $c$ to the complex prompt's token states", "05_losses_knowledge",
+     ("sur_lib.losses:prompt_alignment_loss", "sur_lib.losses:kl_distillation")),
+    ("eq-10", "Eq. 10", "the total loss $L_{simple} + \\lambda_1 L_{LLM} + \\lambda_2 L_{CP}$",
+     "05_losses_knowledge", ("sur_lib.losses:total_loss",)),
+    ("algorithm-1", "Algorithm 1", "one training step, and the loop", "06_training",
+     ("sur_lib.train:compute_losses", "sur_lib.train:train")),
+)
+
+
+def _resolve(target: str):
+    import importlib
+
+    module, qualname = target.split(":")
+    obj, owner = importlib.import_module(module), None
+    for part in qualname.split("."):
+        owner, obj = obj, getattr(obj, part)
+    return obj, owner
+
+
+def names_equation(doc: str | None, name: str) -> bool:
+    """Does a docstring name ``name`` ("Eq. 5", "Algorithm 1"), also inside a range ("Eq. 4-7")
+    or a list ("Eq. 5, 8, 9, 10", "Eq. 5 and Eq. 9")?"""
+    doc = doc or ""
+    if not name.startswith("Eq. "):
+        return name in doc
+    n = int(name.split()[1])
+    for m in re.finditer(r"Eq\. ?(\d+)((?:\s*(?:-|,|and)\s*(?:Eq\. ?)?\d+)*)", doc):
+        nums = [int(m.group(1))] + [int(x) for x in re.findall(r"\d+", m.group(2))]
+        if n in nums or (re.search(r"\d\s*-\s*(?:Eq\. ?)?\d", m.group(0)) and nums[0] <= n <= nums[-1]):
+            return True
+    return False
+
+
+def equation_table() -> str:
+    """The Markdown table of ``EQUATIONS``: each equation (a link to where the book states it),
+    what it computes, and its functions with their source lines. Fails if a function is missing
+    or its docstring (or its class's) does not name the equation."""
+    import inspect
+
+    rows = []
+    for label, name, what, chapter, targets in EQUATIONS:
+        cells = []
+        for target in targets:
+            obj, owner = _resolve(target)
+            docs = [inspect.getdoc(obj)] + ([inspect.getdoc(owner)] if inspect.isclass(owner) else [])
+            if not any(names_equation(d, name) for d in docs):
+                raise ValueError(f"{target}: its docstring does not name {name}")
+            lines, start = inspect.getsourcelines(obj)
+            path = Path(inspect.getsourcefile(obj)).relative_to(ROOT)
+            cells.append(f"`{target.replace(':', '.')}` ({path}, lines {start}-{start + len(lines) - 1})")
+        rows.append({"equation": f"{{ref}}`{name} <{label}>`", "what": what,
+                     "chapter": f"{{doc}}`{chapter}`", "implemented by": "<br>".join(cells)})
+    return md_table(rows, ["equation", "what", "chapter", "implemented by"])

@@ -53,3 +53,30 @@ def test_smooth_is_a_trailing_mean():
     for k in (1, 3, 8):
         loop = [np.mean(y[max(0, i + 1 - k): i + 1]) for i in range(len(y))]
         assert book.smooth(y, k) == pytest.approx(loop, rel=1e-12)
+
+
+def test_names_equation_reads_ranges_and_lists():
+    assert book.names_equation("SUR-adapter, Eq. 4-7.", "Eq. 6")
+    assert book.names_equation("(used by Eq. 5 and Eq. 9)", "Eq. 9")
+    assert book.names_equation("losses (Eq. 5, 8, 9, 10)", "Eq. 8")
+    assert not book.names_equation("L_LLM of Eq. 5", "Eq. 9")
+    assert not book.names_equation("Eq. 4-7", "Eq. 10")
+    assert book.names_equation("One forward pass of Algorithm 1", "Algorithm 1")
+    assert not book.names_equation(None, "Eq. 4")
+
+
+def test_equation_table_links_every_equation_to_its_functions(monkeypatch):
+    table = book.equation_table()
+    for label, name, *_ in book.EQUATIONS:
+        assert f"{{ref}}`{name} <{label}>`" in table
+    assert "`sur_lib.losses.total_loss` (sur_lib/losses.py, lines " in table
+    broken = (("eq-8", "Eq. 8", "x", "05_losses_knowledge", ("sur_lib.losses:total_loss",)),)
+    monkeypatch.setattr(book, "EQUATIONS", broken)  # total_loss's docstring names Eq. 10 only
+    with pytest.raises(ValueError, match="does not name Eq. 8"):
+        book.equation_table()
+
+
+def test_every_equation_label_is_a_target_in_the_book():
+    text = "".join(p.read_text() for p in (book.ROOT / "book").glob("*.md"))
+    for label, *_ in book.EQUATIONS:
+        assert f"({label})=" in text, label
