@@ -172,9 +172,9 @@ def quality_tests(a: Sequence[dict], b: Sequence[dict]) -> dict:
 
 
 def hit_rate(records: Sequence[dict], attr: str, type_: str | None = None) -> float | None:
-    """Share of images whose ``attr`` (one of ``sur_lib.experiments.HIT_KEYS``) the judge found right, pooled over
-    ``records`` (of one test type when ``type_`` is given). ``arrangement_ok`` counts only
-    prompts that ask for an arrangement; None when no image is scored."""
+    """Share of images whose ``attr`` (one of ``sur_lib.experiments.HIT_KEYS``) the judge found
+    right, pooled over ``records`` (of one test type when ``type_`` is given). ``arrangement_ok``
+    counts only prompts that ask for an arrangement; None when no image is scored."""
     recs = [r for r in records if (type_ is None or r["type"] == type_)
             and (attr != "arrangement_ok" or r.get("arrangement") is not None)]
     n = sum(r["n"] for r in recs)

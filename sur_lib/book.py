@@ -3,7 +3,7 @@
 Every chapter starts with the Colab install lines and::
 
     from sur_lib.book import glue, setup
-    ch = setup(seed=0, threads=1)
+    env = setup(seed=0, threads=1)
 
 ``setup`` seeds Python, numpy and torch, fixes the torch thread count (the experiments ran with
 one thread: same numbers, image for image), silences the progress bars and info logs of

@@ -92,9 +92,10 @@ class ExperimentConfig:
         """From the argparse namespace: the fields this class has (``--no-cache`` and
         ``--no-progress`` become ``cache`` and ``progress``)."""
         given = vars(args)
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in given.items() if k in names and k not in ("cache", "progress", "argv")}
-        kw.update(cache=not given.get("no_cache", False), progress=not given.get("no_progress", False),
+        names = {f.name for f in dataclasses.fields(cls)} - {"cache", "progress", "argv"}
+        kw = {k: v for k, v in given.items() if k in names}
+        kw.update(cache=not given.get("no_cache", False),
+                  progress=not given.get("no_progress", False),
                   argv=tuple(given.get("argv") or ()))
         return cls(**kw)
 

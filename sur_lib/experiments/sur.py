@@ -27,7 +27,7 @@ from .runs import PATH_KEYS, save_adapter, surd_mini, train_adapter, train_confi
 class SurConfig(TrainingExperimentConfig):
     """``python -m sur_lib.experiments sur``: plus where the adapter is stored."""
 
-    adapter_dir: str | None = None  # default data/models/sur-adapter-tiny (quick: OUT/sur-adapter-quick)
+    adapter_dir: str | None = None  # data/models/sur-adapter-tiny (quick: OUT/sur-adapter-quick)
 
 
 def _budget(exp: SurConfig) -> dict:
