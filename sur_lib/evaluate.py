@@ -1,4 +1,4 @@
-"""Evaluation: the SUR world's judge, image quality, and statistics with intervals.
+"""Evaluation: the SUR world's judge and image quality scores.
 
 The judge
 ---------
@@ -40,26 +40,27 @@ number the experiments report, is defined per prompt type:
 ``judge_accuracy`` measures the judge on fresh ground-truth renders, clean and degraded;
 ``python -m sur_lib.evaluate judge-accuracy --out data/results/judge.json`` stores it.
 
-Statistics: ``wilson_interval``, ``accuracy_with_ci``, ``paired_test`` (paired t-test and
-Wilcoxon signed-rank, with t and bootstrap intervals), ``ttest_ind`` (Table 3 style).
 Quality: ``brisque_scores`` (the PyPI ``brisque`` package) and ``clean_render_distance``.
+The statistics of the numbers (intervals, paired tests, summaries) are in ``sur_lib.analysis``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from collections import Counter
-from importlib import metadata
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
-from scipy import ndimage, stats
+from scipy import ndimage
 
 from sur_lib import toyworld as tw
+from sur_lib.analysis import accuracy_with_ci
+from sur_lib import cli
+from sur_lib.fileio import atomic_write_text
+from sur_lib.provenance import versions
 
 FG_COVERAGE = 0.6  # a pixel is foreground when more than half covered
 MIN_AREA_PX32 = 3.0  # an object covers at least this many pixels (at 32 x 32)
@@ -300,90 +301,6 @@ def judge_accuracy(n: int = 1000, seed: int = 2024, size: int = tw.SIZE,
     return out
 
 
-# --------------------------------------------------------------------------- statistics
-def wilson_interval(k: int, n: int, conf: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion k / n (e.g. k=8, n=10 ->
-    (0.4902, 0.9433) at 95%). Returns (nan, nan) for n = 0."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    if not 0 <= k <= n:
-        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
-    z = float(stats.norm.ppf(0.5 + conf / 2))
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    lo = 0.0 if k == 0 else max(0.0, centre - half)
-    hi = 1.0 if k == n else min(1.0, centre + half)
-    return (lo, hi)
-
-
-def accuracy_with_ci(bools: Iterable, conf: float = 0.95) -> dict:
-    """{"acc", "lo", "hi", "k", "n"}: the share of true values with its Wilson interval."""
-    vals = [bool(b) for b in bools]
-    k, n = sum(vals), len(vals)
-    lo, hi = wilson_interval(k, n, conf)
-    return {"acc": k / n if n else float("nan"), "lo": lo, "hi": hi, "k": k, "n": n}
-
-
-def paired_test(a: Sequence[float], b: Sequence[float], conf: float = 0.95,
-                n_boot: int = 10000, seed: int = 0) -> dict:
-    """Paired comparison of per-prompt scores (e.g. per-prompt accuracies): b versus a.
-
-    Returns ``mean_diff`` (mean of b - a), ``t_ci`` (t interval of the mean difference),
-    ``boot_ci`` (percentile bootstrap over prompts, ``n_boot`` resamples from
-    ``default_rng(seed)``), ``t``/``p_t`` (paired t-test, two-sided) and
-    ``w``/``p_wilcoxon`` (Wilcoxon signed-rank, two-sided, zero differences dropped; p = 1
-    when all differences are zero), and ``n``.
-    """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"need two 1-D sequences of equal length, got {a.shape} and {b.shape}")
-    n = len(a)
-    if n < 2:
-        raise ValueError("need at least 2 pairs")
-    d = b - a
-    mean = float(d.mean())
-    sd = float(d.std(ddof=1))
-    if sd == 0:
-        t, p_t = (float("nan"), 1.0) if mean == 0 else (math.copysign(float("inf"), mean), 0.0)
-        t_ci = (mean, mean)
-    else:
-        res = stats.ttest_rel(b, a)
-        t, p_t = float(res.statistic), float(res.pvalue)
-        half = float(stats.t.ppf(0.5 + conf / 2, n - 1)) * sd / math.sqrt(n)
-        t_ci = (mean - half, mean + half)
-    if np.all(d == 0):
-        w, p_w = float("nan"), 1.0
-    else:
-        res = stats.wilcoxon(b, a)
-        w, p_w = float(res.statistic), float(res.pvalue)
-    rng = np.random.default_rng(seed)
-    boots = d[rng.integers(0, n, size=(n_boot, n))].mean(axis=1)
-    q = (1 - conf) / 2
-    boot_ci = (float(np.quantile(boots, q)), float(np.quantile(boots, 1 - q)))
-    return {"mean_diff": mean, "t_ci": t_ci, "boot_ci": boot_ci, "t": t, "p_t": p_t,
-            "w": w, "p_wilcoxon": p_w, "n": n}
-
-
-def ttest_ind(a: Sequence[float], b: Sequence[float], equal_var: bool = True,
-              alpha: float = 0.05) -> dict:
-    """Two-sample t-test of quality scores, as in the paper's Table 3 (b versus a).
-
-    Student's t-test by default (``equal_var=False``: Welch). ``changed`` is p < alpha;
-    p > 0.05 is read, as the paper does, as "no evidence of a change in quality" (absence
-    of evidence, not proof of equality).
-    """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    res = stats.ttest_ind(b, a, equal_var=equal_var)
-    return {"mean_a": float(a.mean()), "mean_b": float(b.mean()),
-            "diff": float(b.mean() - a.mean()), "t": float(res.statistic),
-            "p": float(res.pvalue), "changed": bool(res.pvalue < alpha),
-            "n_a": len(a), "n_b": len(b)}
-
-
 # --------------------------------------------------------------------------- quality
 def brisque_scores(images) -> np.ndarray:
     """BRISQUE (lower = better) of each image, with the PyPI ``brisque`` package offline.
@@ -456,20 +373,6 @@ def clean_render_distance(images) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- CLI
-def versions() -> dict:
-    """Versions of the things that change numbers (torch read from metadata, not imported)."""
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("numpy", "scipy", "pillow", "torch", "sur_lib"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    if out["sur_lib"] is None:
-        import sur_lib
-        out["sur_lib"] = sur_lib.__version__
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sur_lib.evaluate")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -497,12 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(q, "  ".join(f"{a} {res[q][a]['acc']:.3f}" for a in ATTRIBUTES))
         text = json.dumps(doc, indent=2)
         if args.out:
-            from pathlib import Path
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text + "\n")
+            atomic_write_text(args.out, text + "\n")
             print(f"wrote {args.out} ({wall:.1f} s)")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

@@ -7,7 +7,7 @@ is what makes the SUR failure possible, as for SD 1.5 trained on LAION captions 
 prompts. Why pixel space: no pretrained VAE ships in a PyPI package, and at 32 x 32 a VAE buys
 nothing on a CPU.
 
-Recipe (after the scouting runs in REFERENCE.md): DDPM, 1000 linear steps, epsilon prediction;
+Recipe (from scouting runs on an H100 and a CPU): DDPM, 1000 linear steps, epsilon prediction;
 AdamW lr 1e-3 with 500 warm-up steps; EMA 0.999 (the EMA weights are what we ship); 10% of
 prompts replaced by the empty prompt (encoded by MiniLM, as the pipeline's unconditional
 branch is) for classifier-free guidance. Prompts come from a seeded pool whose MiniLM states

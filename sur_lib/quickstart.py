@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
-from . import __version__, models, toyworld
+from . import models, toyworld
 from .data import SURDDataset
+from .fileio import write_json
 from .pipeline import generate
+from .provenance import versions
 from .train import TrainConfig, train
 
 
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     summary = {
         "command": "python -m sur_lib.quickstart " + " ".join(argv or []),
-        "sur_lib": __version__, "torch": torch.__version__, "python": platform.python_version(),
+        "versions": versions(("torch", "diffusers", "transformers", "sur_lib")),
         "backbone": backbone_name, "rows": len(SURDDataset(data_dir, check_images=False)),
         "steps": args.steps, "seed": args.seed,
         "train_seconds": round(t_train, 1),  # includes computing the knowledge vectors
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         "final_losses": {k: v for k, v in _last_log_row(out / "run").items() if k.startswith("l")},
         "grid": str(out / "grid.png"),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(summary, out / "summary.json")
     print(json.dumps(summary, indent=1))
     return summary
 

@@ -1,4 +1,4 @@
-"""The SUR world: a tiny, offline stand-in for Lexica/SURD (DESIGN.md section 4).
+"""The SUR world: a tiny, offline stand-in for Lexica/SURD.
 
 What stands for what
 --------------------

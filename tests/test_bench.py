@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from sur_lib import bench
+from sur_lib.bench import step as bench_step
 from sur_lib.bench import (
     BenchConfig,
     StepSpec,
@@ -83,7 +84,7 @@ def test_flops_are_consistent(tiny):
     fwd = c["official"]["unet_forward_flops"]
     assert fwd == result["flops"]["unet_forward_at_batch"] > 0
     assert unet["official"] == fwd  # forward only, under no_grad
-    assert c["official"]["model_flops_per_step"] == 2 * fwd  # the MFU numerator of issue 5
+    assert c["official"]["model_flops_per_step"] == 2 * fwd  # the MFU numerator (bench.MFU_DEFINITION)
     assert 1.5 < unet["paper"] / fwd < 2.4  # forward + input gradients
     assert unet["paper"] < unet["paper+ckpt"] <= unet["paper"] + fwd  # + recomputation
     assert 2.7 < unet["full"] / fwd < 3.3  # + weight gradients
@@ -101,7 +102,7 @@ def test_flops_are_consistent(tiny):
     # the paper's shape (SD 1.5, batch 16, 512 px), counted on meta tensors
     paper = result["flops"]["paper_shape"]["per_step"]
     sd_fwd = result["flops"]["paper_shape"]["unet_forward"]
-    assert sd_fwd == pytest.approx(12.85e12, rel=0.01)  # REFERENCE.md: 12.85 TFLOP
+    assert sd_fwd == pytest.approx(12.85e12, rel=0.01)  # FlopCounterMode, H100 run: 12.85 TFLOP
     assert 1.9 < paper["paper"]["unet"] / sd_fwd < 2.3
     assert 2.9 < paper["full"]["unet"] / sd_fwd < 3.1
     assert paper["paper"]["unet"] < paper["paper+ckpt"]["unet"] <= paper["paper"]["unet"] + sd_fwd
@@ -209,7 +210,7 @@ def test_bench_reports_oom_and_the_accumulation_that_restores_the_batch(monkeypa
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (fake, batch {batch_size})")
         return real(state, spec, batch_size, cfg)
 
-    monkeypatch.setattr(bench, "_measure", measure)
+    monkeypatch.setattr(bench_step, "_measure", measure)
     result = bench.run_bench(BenchConfig(profile="tiny", batch=16, levers=("none",), llm=False, cap_gib=24,
                                          out=str(tmp_path / "oom.json")), log=lambda msg: None)
     assert set(result["configs"]) == set(BASE)
@@ -234,7 +235,7 @@ def test_sd15_unet_forward_flops_on_meta_tensors():
 
     unet = sd15_configs()["unet"]
     per_sample = unet_forward_flops(unet, 1, 64, 77, 768)
-    assert 0.75e12 < per_sample < 0.85e12  # REFERENCE.md: 12.85 TFLOP at batch 16
+    assert 0.75e12 < per_sample < 0.85e12  # 12.85 TFLOP at batch 16 (H100 run)
     assert unet_forward_flops(unet, 16, 64, 77, 768) == pytest.approx(16 * per_sample, rel=1e-3)
 
 

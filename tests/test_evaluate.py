@@ -1,6 +1,5 @@
-"""The judge, the quality measures and the statistics helpers."""
+"""The judge and the quality measures (the statistics are tested in test_analysis.py)."""
 import json
-import math
 
 import numpy as np
 import pytest
@@ -162,44 +161,3 @@ def test_brisque_scores_offline():
     s = ev.brisque_scores(imgs)
     assert s.shape == (2,) and np.all(np.isfinite(s))
     assert np.allclose(s, ev.brisque_scores(imgs), rtol=1e-9)  # same up to ~1e-11
-
-
-# ------------------------------------------------------------------ statistics
-def test_wilson_interval_hand_values():
-    assert ev.wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
-    assert ev.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
-    assert ev.wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
-    assert ev.wilson_interval(8, 10, conf=0.90) == pytest.approx((0.5408, 0.9314), abs=1e-4)
-    assert all(math.isnan(x) for x in ev.wilson_interval(0, 0))
-    with pytest.raises(ValueError):
-        ev.wilson_interval(11, 10)
-
-
-def test_accuracy_with_ci():
-    r = ev.accuracy_with_ci([True] * 8 + [False] * 2)
-    assert (r["k"], r["n"], r["acc"]) == (8, 10, 0.8)
-    assert (r["lo"], r["hi"]) == pytest.approx((0.4902, 0.9433), abs=1e-4)
-
-
-def test_paired_test_hand_example():
-    a = [0.2, 0.4, 0.5, 0.1, 0.3]
-    b = [0.5, 0.6, 0.6, 0.4, 0.5]  # differences 0.3 0.2 0.1 0.3 0.2: mean 0.22, sd 0.0837
-    r = ev.paired_test(a, b)
-    assert r["mean_diff"] == pytest.approx(0.22)
-    assert r["t"] == pytest.approx(5.8797, abs=1e-4)  # 0.22 / (0.0837 / sqrt 5)
-    assert r["p_t"] == pytest.approx(0.00418, abs=1e-5)
-    assert r["p_wilcoxon"] == pytest.approx(2 / 32)  # all 5 signs positive, exact
-    assert r["t_ci"] == pytest.approx((0.1161, 0.3239), abs=1e-4)  # 0.22 -+ 2.776 * 0.0374
-    assert r["boot_ci"][0] <= 0.22 <= r["boot_ci"][1]
-    assert r == ev.paired_test(a, b)  # seeded bootstrap
-    same = ev.paired_test([0.5, 0.2], [0.5, 0.2])
-    assert same["p_t"] == 1.0 and same["p_wilcoxon"] == 1.0 and same["mean_diff"] == 0.0
-    with pytest.raises(ValueError):
-        ev.paired_test([1, 2], [1])
-
-
-def test_ttest_ind_hand_example():
-    r = ev.ttest_ind([1, 2, 3], [4, 5, 6])  # pooled sd 1, se sqrt(2/3), t = 3 / 0.8165
-    assert r["t"] == pytest.approx(3.6742, abs=1e-4)
-    assert r["p"] == pytest.approx(0.02131, abs=1e-5) and r["changed"]
-    assert not ev.ttest_ind([1, 2, 3], [1.5, 2, 2.5])["changed"]

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from sur_lib import experiments as ex
+from sur_lib.experiments import ablations, common
 from sur_lib import toyworld as tw
 
 COMMON = ["--quick", "--no-progress", "--no-cache"]
@@ -67,7 +68,7 @@ def failure_quick(model, tmp_path_factory):
 
 def test_quick_failure_is_deterministic_and_the_cache_changes_nothing(failure_quick, model, tmp_path,
                                                                      monkeypatch):
-    monkeypatch.setattr(ex, "WORK_DIR", tmp_path / "work")
+    monkeypatch.setattr(common, "WORK_DIR", tmp_path / "work")
     argv = ["failure", "--quick", "--no-progress", "--images", "4", "--out", str(tmp_path)]
     a = json.loads(failure_quick.read_text())
     for _ in range(2):  # a fresh run that fills the record cache, then one that reads it
@@ -119,42 +120,7 @@ def test_draw_and_judge_gives_the_stored_records_images(failure_quick, model):
     assert all(set(s["judgement"]) >= {"count", "color", "shape", "arrangement"} for s in scores)
 
 
-def test_hit_rate_pools_images_and_skips_unscored_arrangements():
-    recs = [{"type": "counting", "arrangement": None, "n": 4,
-             "hits": {"count_ok": 1, "color_ok": 4, "shape_ok": 2, "arrangement_ok": 0}},
-            {"type": "action", "arrangement": "row", "n": 2,
-             "hits": {"count_ok": 2, "color_ok": 0, "shape_ok": 2, "arrangement_ok": 1}}]
-    assert ex.hit_rate(recs, "count_ok") == pytest.approx(3 / 6)
-    assert ex.hit_rate(recs, "color_ok", "counting") == 1.0
-    assert ex.hit_rate(recs, "arrangement_ok") == 0.5  # the counting prompt asks for none
-    assert ex.hit_rate(recs, "arrangement_ok", "counting") is None
-    assert ex.hit_rate(recs, "count_ok", "color") is None
-
-
-def test_same_numbers_compares_stored_with_recomputed():
-    stored = {"acc": 0.1, "ci": [0.05, 0.2], "n": 3, "p": None}
-    assert ex.same_numbers(stored, {"acc": 0.1 + 1e-15, "ci": (0.05, 0.2), "n": 3, "p": float("nan")})
-    assert not ex.same_numbers(stored, {**stored, "acc": 0.1001})
-    assert not ex.same_numbers(stored, {**stored, "n": 4})
-    assert not ex.same_numbers(stored, {k: v for k, v in stored.items() if k != "p"})
-    assert not ex.same_numbers([1.0, 2.0], [1.0])
-    assert ex.same_numbers(1, 1.0) and not ex.same_numbers("1", 1.0)
-
-
 # ------------------------------------------------------------------------------- verify
-
-
-def test_agreement_tolerance():
-    # identical numbers always agree, including 0% and 100%
-    assert ex.agreement(0, 12, 0, 48)["ok"] and ex.agreement(12, 12, 48, 48)["ok"]
-    # the stated formula: pooled p, z = 3, plus one image of slack
-    res = ex.agreement(6, 12, 24, 48)
-    assert res["tol"] == pytest.approx(3 * (0.25 * (1 / 12 + 1 / 48)) ** 0.5 + 1 / 12)
-    # binomial noise passes, a different accuracy fails
-    assert ex.agreement(9, 12, 40, 48)["ok"]
-    assert not ex.agreement(0, 12, 48, 48)["ok"]
-    assert not ex.agreement(12, 12, 0, 48)["ok"]
-    assert not ex.agreement(2, 12, 40, 48)["ok"]
 
 
 def _verify(out, model, capsys):
@@ -243,7 +209,7 @@ def test_train_distribution_prompts_avoid_the_test_set():
 def test_ablations_resume_per_variant(model, tmp_path, monkeypatch):
     from sur_lib.adapter import SURAdapter
 
-    monkeypatch.setattr(ex, "WORK_DIR", tmp_path / "work")
+    monkeypatch.setattr(common, "WORK_DIR", tmp_path / "work")
     calls, crash_on = [], {"n": 2}
 
     def fake_train(cfg, backbone, progress=True):
@@ -260,8 +226,8 @@ def test_ablations_resume_per_variant(model, tmp_path, monkeypatch):
         return [{**{k: s.get(k) for k in ex.SPEC_KEYS}, "text": s["text"], "acc": 0.5, "lo": 0.1,
                  "hi": 0.9, "k": 1, "n": 2, "correct": [1, 0]} for s in specs]
 
-    monkeypatch.setattr(ex, "train_adapter", fake_train)
-    monkeypatch.setattr(ex, "_evaluate_variant", fake_eval)
+    monkeypatch.setattr(ablations, "train_adapter", fake_train)
+    monkeypatch.setattr(ablations, "_evaluate_variant", fake_eval)
     argv = ["ablations", *COMMON, "--out", str(tmp_path), "--only", "no_llm,no_cp,eta_0.1"]
     with pytest.raises(RuntimeError, match="killed"):
         _run(argv, model)

@@ -8,7 +8,7 @@ from PIL import Image
 
 from sur_lib import toyworld as tw
 
-# Pinned: the test prompts are fixed once written (issue 3). Changing them, or anything
+# Pinned: the test prompts are fixed once written. Changing them, or anything
 # their canonical complex prompts are made of, must be a deliberate edit of this line.
 TEST_PROMPTS_SHA256 = "1fc80aa3ea4c61d2dc0ebb467672782605ba7074a21629cb3eb3078552d0b84e"
 

@@ -1,0 +1,138 @@
+"""``verify``: re-runs a small subset of every stored result live and compares.
+
+3 prompts x 4 images per condition (the stored adapter is loaded, not retrained; for
+``ablations`` the first training steps of one variant are replayed); it fails if a number
+disagrees beyond the stated noise (``analysis.agreement``). Experiments without a JSON are
+skipped, with a message.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..analysis import agreement
+from ..provenance import rel_path, state_digest
+from .ablations import VERIFY_TRAIN_STEPS
+from .common import EXPERIMENTS, ExperimentConfig, GenSettings, load_base, result_path
+from .images import evaluate_condition
+from .prompts import select_prompts
+from .runs import load_adapter, surd_mini, train_adapter, train_config
+
+VERIFY_PROMPTS_PER_TYPE = 1  # -> 3 prompts, one per type
+VERIFY_IMAGES = 4
+VERIFY_LOSS_RTOL = 1e-3
+
+
+@dataclass
+class VerifyConfig(ExperimentConfig):
+    """``python -m sur_lib.experiments verify``: plus ``only`` (experiments to verify)."""
+
+    only: str | None = None
+
+
+def verify_images(doc: dict, backbone, current_digest: str, per_type: int, n_images: int,
+                   progress: bool) -> list[dict]:
+    """Re-generate a subset of every condition of a stored result and compare."""
+    if doc["model"]["unet_digest"] != current_digest:
+        return [{"check": "base model", "ok": False, "message": (
+            f"the result was made with base model step {doc['model'].get('pretrain_step')} "
+            f"(UNet digest {doc['model']['unet_digest'][:12]}), but the model now loaded has "
+            f"digest {current_digest[:12]}: re-run the experiment")}]
+    seed = doc["seed"]
+    checks = []
+    for cond, block in doc["conditions"].items():
+        if block.get("generation") not in (None, doc["generation"]):
+            continue  # `guidance`: only the conditions sampled with the main settings
+        gen = GenSettings(**doc["generation"])
+        adapter = None
+        if block.get("adapter"):
+            ref = block["adapter"]
+            try:
+                adapter = load_adapter(ref["dir"])
+            except (OSError, ValueError) as e:
+                checks.append({"check": f"{cond}: adapter", "ok": False,
+                               "message": f"cannot load the stored adapter {ref['dir']}: {e}"})
+                continue
+            if state_digest(adapter) != ref["digest"]:
+                checks.append({"check": f"{cond}: adapter", "ok": False, "message": (
+                    f"{ref['dir']} is not the adapter the result was made with (digest differs)")})
+                continue
+        stored = select_prompts(block["records"], per_type)
+        m = min(n_images, min(r["n"] for r in stored))
+        live = evaluate_condition(backbone, stored, [r["text"] for r in stored], m, seed, gen,
+                                  adapter=adapter, progress=progress, desc=f"verify/{cond}")
+        res = agreement(sum(r["k"] for r in live), sum(r["n"] for r in live),
+                        sum(r["k"] for r in stored), sum(r["n"] for r in stored))
+        same = sum(int(x == y) for lr, sr in zip(live, stored)
+                   for x, y in zip(lr["correct"], sr["correct"][:m]))
+        res.update(check=f"{cond}: {len(stored)} prompts x {m} images", same_images=same,
+                   compared_images=len(stored) * m)
+        res["message"] = (f"live {res['live']:.3f} vs stored {res['stored']:.3f} (same prompts, all "
+                          f"stored images), |diff| {abs(res['diff']):.3f} <= tol {res['tol']:.3f}? "
+                          f"{'yes' if res['ok'] else 'NO'}; image-for-image agreement "
+                          f"{same}/{len(stored) * m}")
+        checks.append(res)
+    return checks
+
+
+def verify_ablations(doc: dict, backbone, current_digest: str, progress: bool) -> list[dict]:
+    """Replay the first training steps of one variant and compare the per-step loss log."""
+    if doc["model"]["unet_digest"] != current_digest:
+        return [{"check": "base model", "ok": False, "message": (
+            "the ablations were made with another base model: re-run them")}]
+    spec = doc.get("verify") or {"variant": "reference", "steps": VERIFY_TRAIN_STEPS}
+    var = doc["variants"][spec["variant"]]
+    steps = int(min(spec["steps"], len(var["log"])))
+    rows, seed = doc["surd_mini"]["rows"], doc["seed"]
+    data_dir = surd_mini(rows, seed, progress)
+    over = {**doc["settings"]["budget"]["overrides"], **var["overrides"],
+            "max_steps": steps, "checkpoint_every": 10**6}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = train_config(over, data_dir, seed, Path(tmp), current_digest, progress)
+        _, log, _ = train_adapter(cfg, backbone, progress)
+    checks = []
+    for live, stored in zip(log[:steps], var["log"][:steps]):
+        a, b = float(live["loss"]), float(stored["loss"])
+        tol = VERIFY_LOSS_RTOL * abs(b) + 1e-6
+        checks.append({"check": f"{spec['variant']}: loss at step {int(stored['step'])}",
+                       "ok": abs(a - b) <= tol, "live": a, "stored": b, "tol": tol,
+                       "message": f"live {a:.6f} vs stored {b:.6f} (tol {tol:.2e})"})
+    return checks
+
+
+def run_verify(exp: VerifyConfig, backbone=None) -> dict:
+    """Verify every stored result in ``--out`` (missing ones are skipped, with a message)."""
+    t0 = time.time()
+    per_type = 1 if exp.quick else VERIFY_PROMPTS_PER_TYPE
+    n_images = 2 if exp.quick else VERIFY_IMAGES
+    names = [n for n in (exp.only or "").split(",") if n] or list(EXPERIMENTS)
+    report, failed = {}, []
+    for name in names:
+        path = result_path(exp.out, name, False)
+        if not path.is_file():
+            print(f"SKIP {name}: {rel_path(path)} does not exist yet", flush=True)
+            report[name] = {"status": "skipped"}
+            continue
+        doc = json.loads(path.read_text())
+        if backbone is None:
+            backbone = load_base(exp.model_dir)
+        digest = state_digest(backbone.unet)
+        te = time.time()
+        if name == "ablations":
+            checks = verify_ablations(doc, backbone, digest, exp.progress)
+        else:
+            checks = verify_images(doc, backbone, digest, per_type, n_images, exp.progress)
+        ok = all(c["ok"] for c in checks)
+        report[name] = {"status": "ok" if ok else "FAILED", "checks": checks,
+                        "seconds": round(time.time() - te, 1)}
+        print(f"{'OK  ' if ok else 'FAIL'} {name} ({time.time() - te:.0f} s)", flush=True)
+        for c in checks:
+            print(f"     {'ok  ' if c['ok'] else 'FAIL'} {c['check']}: {c['message']}", flush=True)
+        if not ok:
+            failed.append(name)
+    return {"experiment": "verify", "failed": failed, "report": report,
+            "tolerance": agreement.__doc__.split("\n\n")[1].strip(),
+            "wall_time_s": round(time.time() - t0, 1)}
