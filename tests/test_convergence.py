@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from sur_lib import experiments as ex
-from sur_lib import experiments_convergence as conv
+from sur_lib.experiments import common, images, runs
+from sur_lib.experiments import convergence as conv
 from sur_lib.adapter import SURAdapter
 
 
@@ -34,7 +35,7 @@ def cheap(monkeypatch, tmp_path):
 
 
 def _cheap(monkeypatch, tmp_path):
-    monkeypatch.setattr(ex, "WORK_DIR", tmp_path / "work")
+    monkeypatch.setattr(common, "WORK_DIR", tmp_path / "work")
 
     def knowledge(cfg, prompts, progress=True):
         g = torch.Generator().manual_seed(0)
@@ -46,13 +47,13 @@ def _cheap(monkeypatch, tmp_path):
                  desc="", cache=None, quality=False):
         calls.append(desc)
         acc = 0.0 if adapter is None else 0.5
-        return [{**{k: s.get(k) for k in ex.SPEC_KEYS}, "text": t, "acc": acc, "k": int(acc * n),
+        return [{**{k: s.get(k) for k in images.SPEC_KEYS}, "text": t, "acc": acc, "k": int(acc * n),
                  "n": n, "correct": [1] * int(acc * n) + [0] * (n - int(acc * n))}
                 for s, t in zip(specs, texts)]
 
-    monkeypatch.setattr(ex, "knowledge_for_config", knowledge)
-    monkeypatch.setattr(ex, "evaluate_condition", evaluate)
-    monkeypatch.setattr(ex, "make_pipe", lambda backbone, gen: None)
+    monkeypatch.setattr(runs, "knowledge_for_config", knowledge)
+    monkeypatch.setattr(images, "evaluate_condition", evaluate)
+    monkeypatch.setattr(images, "make_pipe", lambda backbone, gen: None)
     return calls
 
 

@@ -1,7 +1,7 @@
 """The leave-one-noun-out probe of what a representation knows about colour and shape."""
 import numpy as np
 
-from sur_lib import experiments_probe as probe
+from sur_lib.experiments import probe
 from sur_lib import toyworld as tw
 
 

@@ -21,6 +21,10 @@ from .rewrite import RewriteConfig, run_rewrite
 from .sur import SurConfig, run_sur
 from .verify import VerifyConfig, run_verify
 
+# experiments with command lines of their own: ``python -m sur_lib.experiments NAME --help``
+OWN_COMMAND_LINE = {"convergence": "sur_lib.experiments.convergence",
+                    "probe": "sur_lib.experiments.probe"}
+
 RUNNERS = {"failure": run_failure, "sur": run_sur, "ablations": run_ablations,
            "rewrite": run_rewrite, "guidance": run_guidance}
 CONFIGS = {"failure": FailureConfig, "sur": SurConfig, "ablations": AblationsConfig,
@@ -35,7 +39,7 @@ def parse_args(argv: Sequence[str] | None = None):
     ap = argparse.ArgumentParser(prog="python -m sur_lib.experiments",
                                  description=package.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("name", choices=list(RUNNERS) + ["verify"])
+    ap.add_argument("name", choices=list(RUNNERS) + ["verify"] + list(OWN_COMMAND_LINE))
     ap.add_argument("--quick", action="store_true", help="tiny run for tests (writes NAME-quick.json)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS_DIR), help="results folder (data/results)")
@@ -67,6 +71,11 @@ def config_from_args(args):
 
 
 def main(argv: Sequence[str] | None = None, backbone=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in OWN_COMMAND_LINE:
+        import importlib
+
+        return importlib.import_module(OWN_COMMAND_LINE[argv[0]]).main(argv[1:])
     args = parse_args(argv)
     exp = config_from_args(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -40,15 +40,18 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import experiments as ex
-from . import toyworld as tw
+from .. import toyworld as tw
+from ..analysis import compare, summarize
+from ..fileio import write_json
+from ..provenance import ROOT, rel_path
+from . import common, images, prompts, runs
 
 EVAL_STEPS = (0, 250, 500, 1000, 2000, 3500, 5000)
 STEPS = 5000
 CHECKPOINT_EVERY = 250
 VAL_PER_TYPE = 10
 IMAGES = 8
-RUN_DIR = ex.ROOT / "data" / "runs" / "convergence"
+RUN_DIR = ROOT / "data" / "runs" / "convergence"
 QUICK = dict(steps=6, eval_steps=(0, 3, 6), images=2, val_per_type=1, prompts_per_type=1,
              rows=64, batch_size=8, checkpoint_every=3)
 
@@ -63,14 +66,14 @@ class ConvergenceConfig:
     val_per_type: int = VAL_PER_TYPE
     prompts_per_type: int | None = None  # None: all 15 test prompts per type
     extended: bool = True  # the extended held-out set at the last step
-    rows: int = ex.SURD_MINI_ROWS
+    rows: int = common.SURD_MINI_ROWS
     seed: int = 0
     batch_size: int | None = None  # None: tiny.yaml's
     checkpoint_every: int = CHECKPOINT_EVERY
     phase: str = "all"  # "train", "eval" or "all"
     max_minutes: float | None = None
     run_dir: str = str(RUN_DIR)
-    out: str = str(ex.RESULTS_DIR)
+    out: str = str(common.RESULTS_DIR)
     quick: bool = False
     progress: bool = True
     cache: bool = True
@@ -96,7 +99,7 @@ class ConvergenceConfig:
         ap.add_argument("--max-minutes", type=float, default=None)
         ap.add_argument("--seed", type=int, default=0)
         ap.add_argument("--run-dir", default=None)
-        ap.add_argument("--out", default=str(ex.RESULTS_DIR))
+        ap.add_argument("--out", default=str(common.RESULTS_DIR))
         ap.add_argument("--quick", action="store_true")
         ap.add_argument("--no-extended", action="store_true")
         ap.add_argument("--threads", type=int, default=1)
@@ -107,13 +110,13 @@ class ConvergenceConfig:
         steps = a.steps or q.get("steps", STEPS)
         eval_steps = (tuple(int(s) for s in a.eval_steps.split(",")) if a.eval_steps
                       else q.get("eval_steps", EVAL_STEPS))
-        run_dir = a.run_dir or str(ex.WORK_DIR / "convergence-quick" if a.quick else RUN_DIR)
+        run_dir = a.run_dir or str(common.WORK_DIR / "convergence-quick" if a.quick else RUN_DIR)
         if a.threads:
             torch.set_num_threads(a.threads)
         return cls(steps=steps, eval_steps=eval_steps, images=a.images or q.get("images", IMAGES),
                    val_per_type=q.get("val_per_type", VAL_PER_TYPE),
                    prompts_per_type=q.get("prompts_per_type"), extended=not a.no_extended,
-                   rows=q.get("rows", ex.SURD_MINI_ROWS), seed=a.seed,
+                   rows=q.get("rows", common.SURD_MINI_ROWS), seed=a.seed,
                    batch_size=q.get("batch_size"),
                    checkpoint_every=q.get("checkpoint_every", CHECKPOINT_EVERY), phase=a.phase,
                    max_minutes=a.max_minutes, run_dir=run_dir, out=a.out, quick=a.quick,
@@ -159,16 +162,16 @@ def _train_cfg(cc: ConvergenceConfig, data_dir: Path, digest: str, max_steps: in
     over = {"max_steps": max_steps, "checkpoint_every": cc.checkpoint_every, "keep_checkpoints": 1}
     if cc.batch_size:
         over["batch_size"] = cc.batch_size
-    cfg = ex.train_config(over, data_dir, cc.seed, Path(cc.run_dir), digest, cc.progress)
+    cfg = runs.train_config(over, data_dir, cc.seed, Path(cc.run_dir), digest, cc.progress)
     cfg.output_dir = str(Path(cc.run_dir) / "train")  # one folder for every max_steps
     return cfg
 
 
 def _run_key(cfg) -> dict:
     """What must not change between sessions of the same run (the run length may)."""
-    skip = set(ex.PATH_KEYS) | {"max_steps"}
+    skip = set(runs.PATH_KEYS) | {"max_steps"}
     return {k: v for k, v in cfg.to_dict().items() if k not in skip
-            and not (k in ex.LATER_KEYS and v == ex.LATER_KEYS[k])}
+            and not (k in runs.LATER_KEYS and v == runs.LATER_KEYS[k])}
 
 
 def adapter_dir(cc: ConvergenceConfig, step: int) -> Path:
@@ -179,11 +182,11 @@ def run_training(cc: ConvergenceConfig, backbone, minfo: dict, deadline: _Deadli
     """Train to every step of ``eval_steps`` in turn (each call of ``train`` resumes from the
     last checkpoint) and store the adapter of each as fp16 in ``adapters/step-N``. Returns the
     steps whose adapters exist."""
-    from .data import SURDDataset
-    from .step_cache import cached_inputs
-    from .train import build_adapter, train
+    from ..data import SURDDataset
+    from ..step_cache import cached_inputs
+    from ..train import build_adapter, train
 
-    data_dir = ex.surd_mini(cc.rows, cc.seed, cc.progress)
+    data_dir = runs.surd_mini(cc.rows, cc.seed, cc.progress)
     run = Path(cc.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     cfg0 = _train_cfg(cc, data_dir, minfo["unet_digest"], cc.steps)
@@ -195,7 +198,7 @@ def run_training(cc: ConvergenceConfig, backbone, minfo: dict, deadline: _Deadli
             raise ValueError(f"{key_file} was made with other settings; use another --run-dir "
                              f"(differs in {sorted(k for k in key if stored.get(k) != key[k])})")
     else:
-        ex.write_json(key, key_file)
+        write_json(key, key_file)
 
     done = [s for s in cc.eval_steps if (adapter_dir(cc, s) / "sur_adapter.json").is_file()]
     todo = [s for s in cc.eval_steps if s not in done]
@@ -204,10 +207,10 @@ def run_training(cc: ConvergenceConfig, backbone, minfo: dict, deadline: _Deadli
     knowledge = None
     if cfg0.lambda_llm:
         prompts = SURDDataset(data_dir, check_images=False).prompts()
-        knowledge = ex.knowledge_for_config(cfg0, prompts, cc.progress)
+        knowledge = runs.knowledge_for_config(cfg0, prompts, cc.progress)
     ds = SURDDataset(data_dir, resolution=backbone.image_size, knowledge=knowledge)
     # ~300 MB for SURD-mini's ~4,100 distinct prompts: kept under outputs/, never committed
-    states = ex.WORK_DIR / "prompt_states" / f"{data_dir.name}.safetensors"
+    states = common.WORK_DIR / "prompt_states" / f"{data_dir.name}.safetensors"
     cached_bb, cached_ds = cached_inputs(backbone, ds, states, progress=cc.progress)
     info = {"made_by": "python -m sur_lib.experiments convergence", "seed": cc.seed,
             "base_model": minfo, "surd_mini": {"rows": cc.rows, "seed": cc.seed},
@@ -222,9 +225,9 @@ def run_training(cc: ConvergenceConfig, backbone, minfo: dict, deadline: _Deadli
         else:
             cfg = _train_cfg(cc, data_dir, minfo["unet_digest"], step)
             adapter = train(cfg, backbone=cached_bb, dataset=cached_ds, knowledge=knowledge).adapter
-        ex.save_adapter(adapter, adapter_dir(cc, step),
+        runs.save_adapter(adapter, adapter_dir(cc, step),
                         dict(info, step=step, train_config={
-                            k: v for k, v in cfg0.to_dict().items() if k not in ex.PATH_KEYS
+                            k: v for k, v in cfg0.to_dict().items() if k not in runs.PATH_KEYS
                             and k != "max_steps"}))
         done.append(step)
     return sorted(done)
@@ -234,13 +237,13 @@ def run_training(cc: ConvergenceConfig, backbone, minfo: dict, deadline: _Deadli
 
 
 def prompt_sets(cc: ConvergenceConfig) -> dict[str, list[dict]]:
-    from .extended_prompts import extended_prompts
+    from ..extended_prompts import extended_prompts
 
-    sets = {"tuning": ex.train_distribution_prompts(cc.val_per_type, cc.seed + 1),
-            "test": ex.select_prompts(tw.test_prompts(), cc.prompts_per_type)}
+    sets = {"tuning": prompts.train_distribution_prompts(cc.val_per_type, cc.seed + 1),
+            "test": prompts.select_prompts(tw.test_prompts(), cc.prompts_per_type)}
     if cc.extended:
         ext = extended_prompts()
-        sets["extended"] = ex.select_prompts(ext, cc.prompts_per_type) if cc.quick else ext
+        sets["extended"] = prompts.select_prompts(ext, cc.prompts_per_type) if cc.quick else ext
     return sets
 
 
@@ -263,28 +266,28 @@ def _units(cc: ConvergenceConfig) -> list[tuple[str, str, int | None, str]]:
 
 def run_evaluation(cc: ConvergenceConfig, backbone, deadline: _Deadline, done_steps: list[int],
                    partial: dict) -> dict:
-    gen = ex.GenSettings()
-    pipe = ex.make_pipe(backbone, gen)
+    gen = common.GenSettings()
+    pipe = images.make_pipe(backbone, gen)
     sets = prompt_sets(cc)
-    cache = ex.WORK_DIR / "cache" if cc.cache else None
+    cache = common.WORK_DIR / "cache" if cc.cache else None
     records = partial.setdefault("records", {})
     for name, set_name, step, field in _units(cc):
         if name in records or deadline.passed():
             continue
         if step is not None and step not in done_steps:
             continue
-        adapter = ex.load_adapter(adapter_dir(cc, step)) if step is not None else None
+        adapter = runs.load_adapter(adapter_dir(cc, step)) if step is not None else None
         specs = sets[set_name]
         t0 = time.time()
-        records[name] = ex.evaluate_condition(
+        records[name] = images.evaluate_condition(
             backbone, specs, [s[field] for s in specs], cc.images, cc.seed, gen, adapter=adapter,
             pipe=pipe, progress=cc.progress, desc=f"convergence/{name}", cache=cache)
         partial.setdefault("seconds", {})[name] = round(time.time() - t0, 1)
         if step is not None:
             partial.setdefault("adapters", {})[str(step)] = {
-                "dir": ex._rel(adapter_dir(cc, step)),
+                "dir": rel_path(adapter_dir(cc, step)),
                 "digest": json.loads((adapter_dir(cc, step) / "sur_adapter.json").read_text())["digest"]}
-        ex.write_json(partial, _partial_path(cc))
+        write_json(partial, _partial_path(cc))
     return partial
 
 
@@ -296,15 +299,15 @@ def summarize_curve(cc: ConvergenceConfig, records: dict) -> dict:
     for set_name in ["tuning", "test"] + (["extended"] if cc.extended else []):
         base = records.get(f"base-simple/{set_name}")
         ceil = records.get(f"base-complex/{set_name}")
-        block = {"base": ex.summarize(base) if base else None,
-                 "ceiling": ex.summarize(ceil) if ceil else None, "steps": {}}
+        block = {"base": summarize(base) if base else None,
+                 "ceiling": summarize(ceil) if ceil else None, "steps": {}}
         for step in cc.eval_steps:
             recs = records.get(f"step-{step}/{set_name}")
             if not recs:
                 continue
-            s = {"summary": ex.summarize(recs)}
+            s = {"summary": summarize(recs)}
             if base:
-                s["change"] = ex.compare(base, recs)
+                s["change"] = compare(base, recs)
                 by = {r["id"]: r["acc"] for r in base}
                 s["mde_80"] = {}
                 for t in list(tw.TEST_TYPES) + ["overall"]:
@@ -324,8 +327,8 @@ def run(cc: ConvergenceConfig, backbone=None) -> tuple[dict, bool]:
     """Train and/or evaluate as far as the deadline allows. Returns (document, complete)."""
     t0 = time.time()
     deadline = _Deadline(cc.max_minutes)
-    backbone = backbone if backbone is not None else ex.load_base()
-    minfo = ex.model_info(backbone)
+    backbone = backbone if backbone is not None else common.load_base()
+    minfo = common.model_info(backbone)
     ppath = _partial_path(cc)
     partial = json.loads(ppath.read_text()) if ppath.is_file() else {}
     if partial and partial.get("model", {}).get("unet_digest") != minfo["unet_digest"]:
@@ -342,22 +345,22 @@ def run(cc: ConvergenceConfig, backbone=None) -> tuple[dict, bool]:
     complete = all(u[0] in records for u in _units(cc))
     doc = {"experiment": "convergence",
            "command": "python -m sur_lib.experiments convergence " + " ".join(cc.argv),
-           "seed": cc.seed, "quick": cc.quick, "versions": ex.versions(),
+           "seed": cc.seed, "quick": cc.quick, "versions": common.versions(),
            "settings": {k: v for k, v in dataclasses.asdict(cc).items()
                         if k not in ("argv", "out", "run_dir", "progress", "cache", "phase",
                                      "max_minutes")},
            "where": "CPU (2-core project machine, 1 torch thread per job)",
-           "step_cache": True, "model": minfo, "judge": ex.judge_info(),
-           "generation": ex.GenSettings().to_dict(), "images_per_prompt": cc.images,
+           "step_cache": True, "model": minfo, "judge": common.judge_info(),
+           "generation": common.GenSettings().to_dict(), "images_per_prompt": cc.images,
            "adapters": partial.get("adapters", {}), "adapter_steps_trained": done,
-           "train_log": ex._rel(Path(cc.run_dir) / "train" / "log.csv"),
+           "train_log": rel_path(Path(cc.run_dir) / "train" / "log.csv"),
            "prompt_sets": {k: [p["id"] for p in v] for k, v in prompt_sets(cc).items()},
            "curve": summarize_curve(cc, records), "records": records,
            "seconds": partial.get("seconds", {}), "complete": complete,
            "wall_time_s": partial["wall_time_s"]}
     if cc.phase != "train":  # only the evaluation writes the partial file (a training job
         partial.update({k: doc[k] for k in ("command", "versions", "wall_time_s")})
-        ex.write_json(partial, ppath)  # may run beside an evaluation job)
+        write_json(partial, ppath)  # may run beside an evaluation job)
     return doc, complete
 
 
@@ -367,13 +370,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     n = f"{len(doc['records'])} of {len(_units(cc))} evaluations"
     if not complete:
         print(f"not complete yet ({n}; adapters at steps {doc['adapter_steps_trained']}): "
-              f"progress is in {ex._rel(_partial_path(cc))}; run the same command again to go on")
+              f"progress is in {rel_path(_partial_path(cc))}; run the same command again to go on")
         return 0
-    path = ex.write_json(doc, Path(cc.out) / ("convergence-quick.json" if cc.quick else "convergence.json"))
-    print(f"wrote {ex._rel(path)} ({n}, {doc['wall_time_s']:.0f} s in all)")
+    path = write_json(doc, Path(cc.out) / ("convergence-quick.json" if cc.quick else "convergence.json"))
+    print(f"wrote {rel_path(path)} ({n}, {doc['wall_time_s']:.0f} s in all)")
     return 0
 
 
 if __name__ == "__main__":
-    from .cli import run as run_cli
+    from ..cli import run as run_cli
     run_cli(main)

@@ -39,8 +39,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import experiments as ex
-from . import toyworld as tw
+from .. import toyworld as tw
+from ..fileio import write_json
+from ..provenance import rel_path
+from . import common
 
 PER_NOUN = 24
 TARGETS = ("color", "shape")
@@ -86,7 +88,7 @@ def text_encoder_features(backbone, texts: Sequence[str], batch: int = 64) -> np
 def llm_features(name: str, texts: Sequence[str], drop_first: bool = False,
                  progress: bool = True) -> np.ndarray:
     """Knowledge vectors as the tiny recipe computes them (last block, mean over tokens)."""
-    from .knowledge import knowledge_vectors, load_llm
+    from ..knowledge import knowledge_vectors, load_llm
 
     model, tok = load_llm(name)
     return knowledge_vectors(model, tok, list(texts), layer=-1, include_bos=True,
@@ -122,7 +124,7 @@ def leave_one_noun_out(X: np.ndarray, prompts: Sequence[dict], target: str) -> d
 def _summary(per_noun: dict, which: str) -> dict:
     from scipy import stats
 
-    from .evaluate import wilson_interval
+    from ..analysis import wilson_interval
 
     rows = [r for r in per_noun.values() if which == "all" or r["split"] == which]
     accs = np.array([r["acc"] for r in rows])
@@ -144,7 +146,7 @@ def run(per_noun: int = PER_NOUN, llms: Sequence[str] = ("smollm2", "gemma3-270m
     t0 = time.time()
     prompts = probe_prompts(per_noun, seed)
     texts = [p["text"] for p in prompts]
-    backbone = backbone if backbone is not None else ex.load_base()
+    backbone = backbone if backbone is not None else common.load_base()
     features: dict[str, np.ndarray] = {}
     sources: dict[str, str] = {}
     skipped: dict[str, str] = {}
@@ -169,7 +171,7 @@ def run(per_noun: int = PER_NOUN, llms: Sequence[str] = ("smollm2", "gemma3-270m
                                     "per_noun": per}
     return {"experiment": "probe",
             "command": "python -m sur_lib.experiments probe " + " ".join(argv),
-            "seed": seed, "versions": ex.versions(), "per_noun": per_noun,
+            "seed": seed, "versions": common.versions(), "per_noun": per_noun,
             "n_prompts": len(prompts), "classifier": "sklearn LogisticRegression(C=1.0) on "
             "StandardScaler features, leave one noun out, not tuned",
             "features": results, "skipped": skipped, "prompts": prompts,
@@ -182,26 +184,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--per-noun", type=int, default=PER_NOUN)
     ap.add_argument("--llms", default="smollm2,gemma3-270m")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(ex.RESULTS_DIR))
+    ap.add_argument("--out", default=str(common.RESULTS_DIR))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-progress", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
     a = ap.parse_args(argv)
     if a.per_noun < 2:
-        from .cli import UsageError
+        from ..cli import UsageError
         raise UsageError(f"--per-noun must be >= 2, got {a.per_noun}")
     if a.threads:
         torch.set_num_threads(a.threads)
     doc = run(a.per_noun, [x for x in a.llms.split(",") if x], a.seed, not a.no_progress, argv=argv)
-    path = ex.write_json(doc, Path(a.out) / "probe.json")
+    path = write_json(doc, Path(a.out) / "probe.json")
     for key, r in doc["features"].items():
         print(f"{key:16s} " + "  ".join(
             f"{t}: {r[t]['all']['prompt_acc']:.0%} (held-out nouns {r[t]['heldout']['prompt_acc']:.0%},"
             f" chance {r[t]['all']['chance']:.0%})" for t in TARGETS))
-    print(f"wrote {ex._rel(path)} ({doc['wall_time_s']:.0f} s)")
+    print(f"wrote {rel_path(path)} ({doc['wall_time_s']:.0f} s)")
     return 0
 
 
 if __name__ == "__main__":
-    from .cli import run as run_cli
+    from ..cli import run as run_cli
     run_cli(main)
