@@ -13,7 +13,7 @@ zip CRC check, without unpickling anything.
 
 ``save_state_dict`` / ``load_state_dict`` store a nested state dict (an optimizer's, an LR
 scheduler's) as ``NAME.safetensors`` (every tensor) + ``NAME.json`` (everything else), so
-loading a state never runs code, unlike ``torch.load`` with ``weights_only=False``.
+loading a state never runs code (a pickle can: unpickling may call any function).
 """
 from __future__ import annotations
 

@@ -480,6 +480,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ja.add_argument("--size", type=int, default=tw.SIZE)
     args = ap.parse_args(argv)
     if args.cmd == "judge-accuracy":
+        from .cli import UsageError
+
+        if args.n < 1:
+            raise UsageError(f"--n must be >= 1, got {args.n}")
+        if args.size < 8:
+            raise UsageError(f"--size must be >= 8 pixels, got {args.size}")
         t0 = time.perf_counter()
         res = judge_accuracy(args.n, args.seed, args.size, progress=True)
         wall = time.perf_counter() - t0
@@ -497,12 +503,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(q, "  ".join(f"{a} {res[q][a]['acc']:.3f}" for a in ATTRIBUTES))
         text = json.dumps(doc, indent=2)
         if args.out:
-            from pathlib import Path
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text + "\n")
+            from .fileio import atomic_write_text
+
+            atomic_write_text(args.out, text + "\n")
             print(f"wrote {args.out} ({wall:.1f} s)")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from sur_lib.cli import run
+
+    run(main)
