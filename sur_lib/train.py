@@ -359,7 +359,7 @@ def _resume(cfg: TrainConfig, out_dir: Path, accelerator, optimizer, lr_schedule
                          "continue, or resume false (or another output_dir) to train from scratch")
     diff = _config_differences(cfg, checkpoints.read_state(path).get("config") or {})
     if diff and not allow_config_change:
-        listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
+        listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
         raise UsageError(f"{path.name} was trained with another config ({listed}); resume with the "
                          "same values, set resume false (or another output_dir) to start over, or "
                          "pass allow_config_change (--allow_config_change true) to continue with "
@@ -370,10 +370,11 @@ def _resume(cfg: TrainConfig, out_dir: Path, accelerator, optimizer, lr_schedule
         raise RuntimeError(f"could not load the checkpoint {path}: {type(e).__name__}: {e}") from e
     if diff:
         _apply_optimizer_config(cfg, optimizer, lr_scheduler)
-        record = json.loads(changes_file.read_text()) if changes_file.exists() else []
-        record.append({"at_step": start, "from_checkpoint": path.name,
-                       "changed": {k: {"checkpoint": a, "now": b} for k, (a, b) in diff.items()}})
-        write_json(record, changes_file)
+        if accelerator.is_main_process:
+            record = json.loads(changes_file.read_text()) if changes_file.exists() else []
+            record.append({"at_step": start, "from_checkpoint": path.name,
+                           "changed": {k: {"checkpoint": a, "now": b} for k, (a, b) in diff.items()}})
+            write_json(record, changes_file)
         accelerator.print("config changed on resume (allow_config_change): "
                           + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items()), flush=True)
     accelerator.print(f"resuming from {path} (step {start})")
