@@ -159,15 +159,21 @@ def newest_intact(root: str | os.PathLike, required: tuple[str, ...] = ()):
     return None, notes
 
 
-def prune(root: str | os.PathLike, keep: int, required: tuple[str, ...] = ()) -> list[Path]:
+def prune(root: str | os.PathLike, keep: int, required: tuple[str, ...] = (),
+          trusted: str | os.PathLike | None = None) -> list[Path]:
     """Delete all but the ``keep`` newest checkpoints, never the newest intact one (if the
-    newest ones are damaged or hold NaN weights, the last good one stays). Returns what was
-    deleted."""
+    newest ones are damaged or hold NaN weights, the last good one stays). ``trusted``: a
+    checkpoint known to be good (just written with finite weights), not re-hashed. Returns
+    what was deleted."""
     found, _ = scan(root)
     doomed = [p for _, p in found[:-keep]] if keep > 0 else [p for _, p in found]
-    good, _ = newest_intact(root, required)
-    if good is not None and good[1] in doomed:
-        doomed.remove(good[1])
+    good = None
+    for _, path in reversed(found):
+        if (trusted is not None and path == Path(trusted)) or verify(path, required) is None:
+            good = path
+            break
+    if good is not None and good in doomed:
+        doomed.remove(good)
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed

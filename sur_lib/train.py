@@ -17,7 +17,7 @@ Two gradient paths (``gradient_path``):
 
 Runs on `accelerate` (CPU, one GPU, or ``accelerate launch`` on many), with mixed precision,
 gradient accumulation, gradient clipping, checkpoints every N steps written atomically,
-resume from the latest checkpoint, a tqdm bar and a CSV log of every loss term.
+resume from the newest intact checkpoint, a tqdm bar and a CSV log of every loss term.
 
 Determinism and exact resume: every micro-step seeds torch from (seed, step, micro-step,
 process) and draws its batch from a seeded per-epoch permutation (processes take interleaved
@@ -303,7 +303,8 @@ def _save_checkpoint(accelerator, adapter, step: int, cfg: TrainConfig) -> Path:
         if changes.exists():
             state["config_changes"] = json.loads(changes.read_text())
         write_json(state, tmp / "state.json")
-    checkpoints.prune(root, cfg.keep_checkpoints, CHECKPOINT_FILES)
+    checkpoints.prune(root, cfg.keep_checkpoints, CHECKPOINT_FILES,
+                      trusted=final if state["finite"] else None)
     return final
 
 
