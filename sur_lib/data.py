@@ -21,7 +21,6 @@ torch (as the training loop does per step) makes them reproducible.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,6 +30,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 from PIL import Image
+
+from .fileio import atomic_write_text
 
 METADATA_NAME = "metadata.jsonl"
 REQUIRED_KEYS = ("file_name", "text", "prompt")
@@ -43,6 +44,7 @@ class Reason:
     NOT_OBJECT = "row is not a JSON object"
     MISSING_KEY = "missing key"
     BAD_FILE_NAME = "file_name is not a non-empty string"
+    OUTSIDE = "file_name points outside the dataset folder"
     BAD_TEXT = "simple prompt (text) empty or not a string"
     BAD_PROMPT = "complex prompt (prompt) empty or not a string"
     MISSING_FILE = "image file not found"
@@ -82,7 +84,10 @@ class SURDError(ValueError):
 class SURDReport:
     """What validation found. ``n_lines`` counts non-blank lines of metadata.jsonl that were
     examined (with ``max_samples``, reading stops early); ``skipped`` holds
-    (line, file_name or "", reason) for each dropped row, ``messages`` the full error text."""
+    (line, file_name or "", reason) for each dropped row, ``messages`` the full error text.
+    ``duplicates`` holds (line, first line, file_name) for each kept row that repeats an
+    earlier row exactly (same file_name, text and prompt): such rows are kept, as the data
+    says, but counted, since they weigh that example twice."""
 
     path: str = ""
     n_lines: int = 0
@@ -90,6 +95,7 @@ class SURDReport:
     skipped: list[tuple[int, str, str]] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
+    duplicates: list[tuple[int, int, str]] = field(default_factory=list)
 
     def add(self, err: SURDError) -> None:
         self.skipped.append((err.line or 0, err.file_name or "", err.reason))
@@ -101,6 +107,10 @@ class SURDReport:
         if self.skipped:
             parts = ", ".join(f"{n} {r}" for r, n in Counter(self.counts).most_common())
             s += f", {len(self.skipped)} skipped ({parts})"
+        if self.duplicates:
+            s += (f", {len(self.duplicates)} duplicate rows kept (same file_name, text and prompt "
+                  f"as an earlier row; first at line {self.duplicates[0][0]}, "
+                  f"a copy of line {self.duplicates[0][1]})")
         return s
 
 
@@ -190,8 +200,15 @@ class SURDDataset(torch.utils.data.Dataset):
                 self.rows.append(row)
                 self.lines.append(lineno)
         self.report.n_ok = len(self.rows)
+        first: dict[tuple, int] = {}
+        for row, lineno in zip(self.rows, self.lines):
+            key = (row["file_name"], row["text"], row["prompt"])
+            if key in first:
+                self.report.duplicates.append((lineno, first[key], row["file_name"]))
+            else:
+                first[key] = lineno
 
-        if self.report.skipped:
+        if self.report.skipped or self.report.duplicates:
             warnings.warn(f"SURD: {self.report} (see the dataset's .report)", stacklevel=3)
         if not self.rows:
             detail = "no usable rows"
@@ -228,6 +245,11 @@ class SURDDataset(torch.utils.data.Dataset):
             if not v.strip():
                 raise fail(reason, fn, f"got {v!r}")
 
+        parts = Path(fn.replace("\\", "/")).parts
+        if fn.startswith(("/", "\\")) or Path(fn).is_absolute() or ".." in parts or (
+                len(fn) > 1 and fn[1] == ":" and fn[0].isalpha()):
+            raise fail(Reason.OUTSIDE, fn, "file names must be relative to the dataset folder, "
+                                           "without '..' or a drive")
         path = self.root / fn
         if not path.is_file():
             detail = f"no file {str(path)!r}"
@@ -347,10 +369,7 @@ def write_metadata(root, rows: Iterable[Mapping[str, Any]]) -> Path:
         ordered = {k: row[k] for k in REQUIRED_KEYS}
         ordered.update({k: v for k, v in row.items() if k not in ordered})
         lines.append(json.dumps(ordered, ensure_ascii=False))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def _find_metadata_folder(base: Path, split: str) -> Path:

@@ -383,6 +383,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ja.add_argument("--size", type=int, default=tw.SIZE)
     args = ap.parse_args(argv)
     if args.cmd == "judge-accuracy":
+        from .cli import UsageError
+
+        if args.n < 1:
+            raise UsageError(f"--n must be >= 1, got {args.n}")
+        if args.size < 8:
+            raise UsageError(f"--size must be >= 8 pixels, got {args.size}")
         t0 = time.perf_counter()
         res = judge_accuracy(args.n, args.seed, args.size, progress=True)
         wall = time.perf_counter() - t0

@@ -258,6 +258,12 @@ class Backbone:
         out = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)
         return out.last_hidden_state
 
+    def truncated_prompts(self, prompts: list[str]) -> list[tuple[str, int]]:
+        """[(prompt, its token count)] for the prompts longer than ``max_length`` tokens, the
+        ones ``encode_prompts`` cuts (the text encoder sees only the first max_length)."""
+        ids = self.tokenizer(list(prompts), truncation=False, padding=False).input_ids
+        return [(p, len(t)) for p, t in zip(prompts, ids) if len(t) > self.max_length]
+
     @torch.no_grad()
     def encode_images(
         self, pixel_values: torch.Tensor, generator: torch.Generator | None = None

@@ -25,6 +25,10 @@ tensor images with the pipeline's own ``image_processor.postprocess``.
 """
 from __future__ import annotations
 
+import math
+import numbers
+import warnings
+
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -106,6 +110,55 @@ def prompt_embeddings(
     return cond.to(device, dtype), uncond.to(device, dtype)
 
 
+def _whole(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+
+
+def _prompt_list(name: str, prompts) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"{name} must be a string or a list of strings, got {type(prompts).__name__}")
+    bad = [(i, p) for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        i, p = bad[0]
+        raise ValueError(f"{name}[{i}] must be a string, got {type(p).__name__} {p!r}")
+    return list(prompts)
+
+
+def check_generate_args(backbone: Backbone, prompts, negative_prompt="", num_inference_steps=25,
+                        guidance_scale=7.5, num_images_per_prompt=1, height=None, width=None,
+                        seed=0) -> None:
+    """Check ``generate``'s arguments before any work, with errors that name the argument
+    (ValueError), and warn (``UserWarning``, once per call, naming them) about prompts longer
+    than the text encoder's window, which are cut to its first ``max_length`` tokens.
+
+    guidance_scale must be a finite number >= 0: diffusers switches guidance off for any value
+    <= 1, so a negative or NaN scale would silently give unguided images."""
+    plist = _prompt_list("prompts", prompts)
+    if not plist:
+        raise ValueError("prompts is empty: give at least one prompt")
+    negs = _prompt_list("negative_prompt", negative_prompt)
+    if not isinstance(negative_prompt, str) and len(negs) != len(plist):
+        raise ValueError(f"{len(negs)} negative prompts for {len(plist)} prompts")
+    _whole("num_inference_steps", num_inference_steps, 1)
+    _whole("num_images_per_prompt", num_images_per_prompt, 1)
+    _whole("seed", seed, 0)
+    if (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real)
+            or not math.isfinite(guidance_scale) or guidance_scale < 0):
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (<= 1: no guidance), "
+                         f"got {guidance_scale!r}")
+    for name, value in (("height", height), ("width", width)):
+        if value is not None:
+            _whole(name, value, 1)
+    long = backbone.truncated_prompts(list(dict.fromkeys(plist + (negs if negs != [""] else []))))
+    if long:
+        listed = "; ".join(f"{p[:60]!r}{'...' if len(p) > 60 else ''} ({n} tokens)" for p, n in long)
+        warnings.warn(f"{len(long)} prompt(s) longer than the text encoder's {backbone.max_length} "
+                      f"tokens are cut to the first {backbone.max_length}: {listed}", stacklevel=3)
+
+
 @torch.no_grad()
 def generate(
     backbone: Backbone,
@@ -138,6 +191,8 @@ def generate(
     [B, H, W, 3] in [0, 1] ("np"), or the final latents ("latent"); B = len(prompts) times
     num_images_per_prompt, grouped by prompt.
     """
+    check_generate_args(backbone, prompts, negative_prompt, num_inference_steps, guidance_scale,
+                        num_images_per_prompt, height, width, seed)
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     if isinstance(prompts, str):

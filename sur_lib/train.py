@@ -17,7 +17,7 @@ Two gradient paths (``gradient_path``):
 
 Runs on `accelerate` (CPU, one GPU, or ``accelerate launch`` on many), with mixed precision,
 gradient accumulation, gradient clipping, checkpoints every N steps written atomically,
-resume from the latest checkpoint, a tqdm bar and a CSV log of every loss term.
+resume from the newest intact checkpoint, a tqdm bar and a CSV log of every loss term.
 
 Determinism and exact resume: every micro-step seeds torch from (seed, step, micro-step,
 process) and draws its batch from a seeded per-epoch permutation (processes take interleaved
@@ -43,12 +43,21 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .adapter import SURAdapter
+from . import checkpoints, config
+from .adapter import G_INITS, SURAdapter
+from .cli import UsageError
 from .data import SURDDataset, collate
-from .losses import llm_distillation_loss, prompt_alignment_loss, simple_loss, total_loss
+from .fileio import atomic_write_text, write_json
+from .losses import DIRECTIONS, llm_distillation_loss, prompt_alignment_loss, simple_loss, total_loss
 
 GRADIENT_PATHS = ("paper", "official")
 LOG_FIELDS = ["step", "loss", "l_simple", "l_llm", "l_cp", "grad_norm", "lr", "seconds"]
+LLM_DTYPES = ("float32", "float16", "bfloat16")
+# a resume may change only these (the run's length, its bookkeeping and where things are);
+# any other difference from the checkpoint's config is refused unless allow_config_change
+RESUME_FREE_KEYS = ("max_steps", "checkpoint_every", "keep_checkpoints", "progress", "resume",
+                    "output_dir", "data_dir", "knowledge_file")
+CHECKPOINT_FILES = ("accelerate/model.safetensors", "accelerate/optimizer.bin")
 
 
 @dataclass
@@ -107,30 +116,51 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.gradient_path not in GRADIENT_PATHS:
-            raise ValueError(f"gradient_path must be one of {GRADIENT_PATHS}, got {self.gradient_path!r}")
+        """Convert every field to its declared type (``sur_lib.config``) and check its range;
+        errors name the key and the value."""
+        config.coerce_fields(self)
+        check = config.check_range
+        check("gradient_path", self.gradient_path, choices=GRADIENT_PATHS)
         if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be no/fp16/bf16, got {self.mixed_precision!r}")
+            raise UsageError(f"mixed_precision must be no/fp16/bf16, got {self.mixed_precision!r}")
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every",
+                     "keep_checkpoints", "num_layers", "num_heads", "ffn_dim", "max_samples",
+                     "resolution"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(f"{name} must be >= 1, got {value}")
+        for name in ("profile", "data_dir", "llm", "output_dir", "llm_device"):
+            if not getattr(self, name).strip():
+                raise UsageError(f"{name} must not be empty")
+        check("llm_dtype", self.llm_dtype, choices=LLM_DTYPES)
+        check("g_init", self.g_init, choices=G_INITS)
+        check("kl_direction", self.kl_direction, choices=DIRECTIONS)
+        check("temperature", self.temperature, gt=0)  # the KL terms divide by it (Eq. 5, 9)
+        check("eta", self.eta, ge=0, le=1)
+        check("dropout", self.dropout, ge=0, lt=1)
+        for name in ("lambda_llm", "lambda_cp", "weight_decay", "lr_warmup_steps", "seed", "w0_seed"):
+            check(name, getattr(self, name), ge=0)
+        for name in ("learning_rate", "adam_epsilon", "max_grad_norm"):
+            check(name, getattr(self, name), gt=0)
+        for name in ("adam_beta1", "adam_beta2"):
+            check(name, getattr(self, name), ge=0, lt=1)
         if self.gradient_path == "official" and not (self.lambda_llm or self.lambda_cp):
-            raise ValueError("gradient_path='official' detaches L_simple, so lambda_llm or lambda_cp "
+            raise UsageError("gradient_path='official' detaches L_simple, so lambda_llm or lambda_cp "
                              "must be > 0 or nothing trains the adapter")
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides) -> "TrainConfig":
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
+        """A YAML file (a mapping; YAML 1.2 numbers and booleans, so ``1e-5`` is a float and
+        ``no`` is text) plus ``overrides``."""
+        values = config.load_yaml_mapping(path)
         values.update(overrides)
         return cls.from_dict(values)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(names))
-        if unknown:
-            raise ValueError(f"unknown config keys: {unknown}; valid keys: {sorted(names)}")
+        if not isinstance(values, dict):
+            raise UsageError(f"a config must be a mapping of key: value, got {type(values).__name__}")
+        config.check_known(cls, values, "config")
         return cls(**values)
 
     def to_dict(self) -> dict:
@@ -238,51 +268,152 @@ def compute_losses(cfg: TrainConfig, backbone, adapter, batch: dict, weight_dtyp
 
 
 def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    root = output_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        if p.is_dir() and p.name.startswith("step-") and (p / "state.json").exists():
-            found.append((int(p.name[5:]), p))
-    return sorted(found)
+    """[(step, folder)] of every checkpoint under output_dir/checkpoints (not verified)."""
+    return checkpoints.scan(Path(output_dir) / "checkpoints")[0]
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> tuple[int, Path] | None:
+    """The newest checkpoint (step, folder), or None; ``resume_checkpoint`` also verifies."""
     found = _checkpoints(Path(output_dir))
     return found[-1] if found else None
 
 
+def resume_checkpoint(output_dir: str | os.PathLike) -> tuple[tuple[int, Path] | None, list[str]]:
+    """The newest *intact* checkpoint (``checkpoints.verify``: every file as it was saved)
+    and notes saying which entries were skipped or damaged, and why."""
+    return checkpoints.newest_intact(Path(output_dir) / "checkpoints", CHECKPOINT_FILES)
+
+
 def _save_checkpoint(accelerator, adapter, step: int, cfg: TrainConfig) -> Path:
-    """Write checkpoints/step-N atomically: everything goes to a temp folder renamed at the end,
-    so a kill at any moment leaves either the old set or a complete new checkpoint."""
+    """Write checkpoints/step-N atomically (``fileio.atomic_folder``: a kill at any moment
+    leaves either the old set or a complete new checkpoint), with a manifest (size and SHA-256
+    of every file) and ``finite`` in state.json, then prune to ``keep_checkpoints``, never
+    deleting the newest intact checkpoint with finite weights."""
+    from .fileio import atomic_folder
+
     root = Path(cfg.output_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.save_state(str(tmp / "accelerate"))
-    accelerator.unwrap_model(adapter).save_pretrained(tmp / "adapter")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "config": cfg.to_dict()}, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for _, old in _checkpoints(Path(cfg.output_dir))[: -cfg.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
+    core = accelerator.unwrap_model(adapter)
+    with atomic_folder(final) as tmp:
+        accelerator.save_state(str(tmp / "accelerate"))
+        core.save_pretrained(tmp / "adapter")
+        state = {"step": step, "config": cfg.to_dict(), "finite": checkpoints.all_finite(core),
+                 "files": checkpoints.manifest(tmp)}
+        changes = Path(cfg.output_dir) / "config_changes.json"
+        if changes.exists():
+            state["config_changes"] = json.loads(changes.read_text())
+        write_json(state, tmp / "state.json")
+    checkpoints.prune(root, cfg.keep_checkpoints, CHECKPOINT_FILES,
+                      trusted=final if state["finite"] else None)
     return final
 
 
+def _config_differences(cfg: TrainConfig, saved: dict) -> dict[str, tuple]:
+    """{key: (checkpoint's value, this config's value)} for every key outside
+    ``RESUME_FREE_KEYS`` that differs (a key the checkpoint lacks counts at its default)."""
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(TrainConfig)}
+    now = cfg.to_dict()
+    return {k: (saved.get(k, defaults[k]), v) for k, v in now.items()
+            if k not in RESUME_FREE_KEYS and saved.get(k, defaults[k]) != v}
+
+
+def _apply_optimizer_config(cfg: TrainConfig, optimizer, lr_scheduler) -> None:
+    """After loading a checkpoint under ``allow_config_change``: put this config's AdamW
+    settings and learning rate into the restored optimizer and LR schedule (load_state
+    restores the old ones)."""
+    opt = getattr(optimizer, "optimizer", optimizer)
+    sched = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    for g in opt.param_groups:
+        g.update(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+                 eps=cfg.adam_epsilon, initial_lr=cfg.learning_rate)
+    sched.base_lrs = [cfg.learning_rate for _ in opt.param_groups]
+    lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+    for g, lr in zip(opt.param_groups, lrs):
+        g["lr"] = lr
+    sched._last_lr = lrs
+
+
+def _resume(cfg: TrainConfig, out_dir: Path, accelerator, optimizer, lr_scheduler,
+            allow_config_change: bool) -> int:
+    """Load the newest intact checkpoint (saying which were skipped and why) and return its
+    step; 0 if there is none. Refuses (UsageError) a checkpoint beyond ``max_steps`` and one
+    whose config differs outside ``RESUME_FREE_KEYS`` unless ``allow_config_change`` (then the
+    change is recorded in config_changes.json and in every later checkpoint's state.json)."""
+    changes_file = out_dir / "config_changes.json"
+    if not cfg.resume:
+        changes_file.unlink(missing_ok=True)
+        return 0
+    found, notes = resume_checkpoint(out_dir)
+    for note in notes:
+        accelerator.print(note, flush=True)
+    if found is None:
+        if _checkpoints(out_dir):
+            raise UsageError(f"no intact checkpoint in {out_dir / 'checkpoints'} ({'; '.join(notes)}): "
+                             "remove the damaged ones, or set resume false to start over")
+        changes_file.unlink(missing_ok=True)
+        return 0
+    start, path = found
+    if start > cfg.max_steps:
+        raise UsageError(f"{path} is at step {start}, beyond max_steps={cfg.max_steps}: the adapter "
+                         f"cannot be brought back to step {cfg.max_steps}. Set max_steps >= {start} to "
+                         "continue, or resume false (or another output_dir) to train from scratch")
+    diff = _config_differences(cfg, checkpoints.read_state(path).get("config") or {})
+    if diff and not allow_config_change:
+        listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise UsageError(f"{path.name} was trained with another config ({listed}); resume with the "
+                         "same values, set resume false (or another output_dir) to start over, or "
+                         "pass allow_config_change (--allow_config_change true) to continue with "
+                         "the new values (recorded in the checkpoint)")
+    try:
+        accelerator.load_state(str(path / "accelerate"))
+    except Exception as e:
+        raise RuntimeError(f"could not load the checkpoint {path}: {type(e).__name__}: {e}") from e
+    if diff:
+        _apply_optimizer_config(cfg, optimizer, lr_scheduler)
+        if accelerator.is_main_process:
+            record = json.loads(changes_file.read_text()) if changes_file.exists() else []
+            record.append({"at_step": start, "from_checkpoint": path.name,
+                           "changed": {k: {"checkpoint": a, "now": b} for k, (a, b) in diff.items()}})
+            write_json(record, changes_file)
+        accelerator.print("config changed on resume (allow_config_change): "
+                          + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items()), flush=True)
+    accelerator.print(f"resuming from {path} (step {start})")
+    return start
+
+
+def _read_log_rows(path: Path, upto: int) -> list[list[str]]:
+    """The complete rows of a CSV log with step <= ``upto`` (a half-written last line from a
+    kill is dropped), as lists of the strings written."""
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header != LOG_FIELDS:
+            return []
+        rows = []
+        for r in reader:
+            try:
+                if len(r) == len(LOG_FIELDS) and int(r[0]) <= upto:
+                    rows.append(r)
+            except ValueError:
+                continue
+        return rows
+
+
 def _open_log(path: Path, resume_step: int):
-    """CSV log; on resume, rows after the checkpoint (written before a kill) are dropped."""
-    rows = []
-    if path.exists() and resume_step > 0:
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-    f = open(path, "w", newline="")
-    writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-    writer.writeheader()
+    """CSV log; on resume, rows after the checkpoint (written before a kill) are dropped.
+    The kept rows are written to a new file that replaces the log atomically (a kill at that
+    moment leaves the old log whole); new rows are then appended."""
+    import io
+
+    rows = _read_log_rows(path, resume_step) if path.exists() and resume_step > 0 else []
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(LOG_FIELDS)
     writer.writerows(rows)
-    f.flush()
-    return f, writer
+    atomic_write_text(path, buf.getvalue())
+    f = open(path, "a", newline="")
+    return f, csv.DictWriter(f, fieldnames=LOG_FIELDS)
 
 
 def read_log(output_dir: str | os.PathLike) -> list[dict]:
@@ -304,9 +435,11 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = None,
-          knowledge: dict | None = None) -> TrainResult:
+          knowledge: dict | None = None, allow_config_change: bool = False) -> TrainResult:
     """Train a SUR-adapter (Algorithm 1). ``backbone``/``dataset``/``knowledge`` may be passed in
-    (notebooks, tests); otherwise they are built from the config."""
+    (notebooks, tests); otherwise they are built from the config. Resuming from a checkpoint
+    whose config differs in more than the run length is refused unless
+    ``allow_config_change`` (see ``_resume``)."""
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
 
@@ -350,14 +483,11 @@ def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = 
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes)
     adapter, optimizer, lr_scheduler = accelerator.prepare(adapter, optimizer, lr_scheduler)
 
-    start = 0
-    if cfg.resume and (ckpt := latest_checkpoint(out_dir)) is not None:
-        start, path = ckpt
-        accelerator.load_state(str(path / "accelerate"))
-        accelerator.print(f"resuming from {path} (step {start})")
-    for stale in (out_dir / "checkpoints").glob(".tmp-*") if (out_dir / "checkpoints").exists() else []:
+    start = _resume(cfg, out_dir, accelerator, optimizer, lr_scheduler, allow_config_change)
+    ckpt_root = out_dir / "checkpoints"
+    for stale in [*ckpt_root.glob(".tmp-*"), *ckpt_root.glob(".*.tmp"), *ckpt_root.glob(".*.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     log_file, log = _open_log(out_dir / "log.csv", start)
 
     accum = cfg.gradient_accumulation_steps
@@ -405,29 +535,35 @@ def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = 
 # ----------------------------------------------------------------------------- CLI
 
 
+ALLOW_CONFIG_CHANGE = "allow_config_change"  # a command-line option of main, not a config key
+
+
 def _parse_overrides(argv: list[str]) -> dict:
-    """``--key value`` pairs; values are parsed as YAML (numbers, booleans, null, lists)."""
-    out = {}
-    i = 0
-    while i < len(argv):
-        key = argv[i]
-        if not key.startswith("--") or i + 1 >= len(argv):
-            raise SystemExit(f"expected --key value pairs after the config file, got {argv[i:]}")
-        out[key[2:].replace("-", "_")] = yaml.safe_load(argv[i + 1])
-        i += 2
-    return out
+    """``--key value`` pairs, each value converted to the field's declared type
+    (``sur_lib.config``: ``1e-5`` is a float, ``no`` stays text, ints only from whole
+    numbers); errors name the key and the value."""
+    return config.parse_overrides(TrainConfig, argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         print("keys:", ", ".join(f.name for f in dataclasses.fields(TrainConfig)))
-        return
-    cfg = TrainConfig.from_yaml(argv[0], **_parse_overrides(argv[1:]))
-    result = train(cfg)
+        print(f"--{ALLOW_CONFIG_CHANGE} true: resume even if the checkpoint's config differs "
+              "(the change is recorded)")
+        return 0
+    pairs = config.split_pairs(argv[1:])
+    allow = [v for k, v in pairs if k == ALLOW_CONFIG_CHANGE]
+    allow_change = bool(allow) and config.coerce(f"--{ALLOW_CONFIG_CHANGE}", allow[-1], bool, text=True)
+    rest = [x for k, v in pairs if k != ALLOW_CONFIG_CHANGE for x in (f"--{k}", v)]
+    cfg = TrainConfig.from_yaml(argv[0], **_parse_overrides(rest))
+    result = train(cfg, allow_config_change=allow_change)
     print(f"done: {result.steps} steps in {result.seconds:.1f} s -> {result.output_dir / 'adapter'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run
+
+    run(main)

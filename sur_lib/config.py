@@ -1,0 +1,247 @@
+"""Typed configuration dataclasses: every value, from a YAML file, the command line or Python,
+is converted to its field's declared type, and every error names the key and the value.
+
+Conversion rules (``coerce``), by the field's annotation (``X | None`` also accepts null):
+
+* ``float``: a number, or text that Python's ``float`` reads (``1e-5``, ``3``, ``0.5``); NaN
+  and infinities are refused (no field of a training config means them);
+* ``int``: a whole number only (``7``, ``7.0``, ``1e3``); ``2.5`` or ``abc`` is an error;
+* ``bool``: true/false, yes/no, on/off, 1/0 (any case); nothing else;
+* ``str``: text is kept as it is (``--mixed_precision no`` stays ``"no"``); a number or a
+  boolean where text is expected is an error (quote it in YAML), paths become text;
+* ``dict``: a mapping (on the command line, a YAML mapping such as ``{a: 1}``).
+
+YAML files are read with the YAML 1.2 core rules for booleans and numbers (``yaml_load``):
+PyYAML follows YAML 1.1, where ``1e-5`` is a *string* (a float needs a dot) and ``no``/``off``
+are booleans, the two traps of the paper's values (``lambda_llm: 1e-5``) and of
+``mixed_precision: no``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from .cli import UsageError
+
+TRUE = ("true", "yes", "on", "1")
+FALSE = ("false", "no", "off", "0")
+NULL = ("null", "none", "~")
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 core-schema booleans (true/false only) and floats (1e-5)."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+# an integer literal must stay an int: the int resolver (kept above) is tried first for digits
+for _ch in "-+0123456789":
+    _Yaml12Loader.yaml_implicit_resolvers[_ch].sort(key=lambda tr: tr[0] != "tag:yaml.org,2002:int")
+
+
+def yaml_load(text: str, source: str = "<text>"):
+    """Parse YAML text with the YAML 1.2 booleans and floats (see the module docstring)."""
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"{source}{where}: not valid YAML ({problem})") from None
+
+
+def load_yaml_mapping(path: str | os.PathLike) -> dict:
+    """A YAML file that must hold a mapping (``key: value`` lines); an empty file gives {}."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read the config file {path}: {e}") from None
+    values = yaml_load(text, str(path))
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UsageError(f"{path}: a config file must be a mapping of `key: value` lines, "
+                         f"got a {_kind(values)}")
+    bad = [k for k in values if not isinstance(k, str)]
+    if bad:
+        raise UsageError(f"{path}: config keys must be names, got {bad!r}")
+    return values
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {value}"
+    if isinstance(value, (int, float)):
+        return f"number {value!r}"
+    if isinstance(value, str):
+        return f"string {value!r}"
+    return type(value).__name__ if not isinstance(value, (list, tuple)) else f"list {list(value)!r}"
+
+
+def _split_optional(tp) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
+    return tp, False
+
+
+def coerce(key: str, value, tp, text: bool = False):
+    """``value`` as type ``tp`` (see the module docstring). ``text``: the value is command-line
+    text (so ``null``/``none`` mean None for optional fields and dicts are parsed as YAML)."""
+    base, optional = _split_optional(tp)
+    if isinstance(value, str) and text and optional and value.strip().lower() in NULL:
+        return None
+    if value is None:
+        if optional:
+            return None
+        raise UsageError(f"{key}: a value is required (got null)")
+    base = typing.get_origin(base) or base
+
+    def fail(expected: str, hint: str = ""):
+        return UsageError(f"{key}: expected {expected}, got the {_kind(value)}{hint}")
+
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in TRUE + FALSE:
+            return value.strip().lower() in TRUE
+        raise fail("true or false")
+    if base is int:
+        if isinstance(value, bool):
+            raise fail("a whole number")
+        if isinstance(value, int):
+            return value
+        number = value
+        if isinstance(value, str):
+            s = value.strip().replace("_", "")
+            try:
+                return int(s)
+            except ValueError:
+                try:
+                    number = float(s)
+                except ValueError:
+                    raise fail("a whole number") from None
+        if isinstance(number, float) and math.isfinite(number) and number.is_integer():
+            return int(number)
+        raise fail("a whole number")
+    if base is float:
+        if isinstance(value, bool):
+            raise fail("a number")
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                raise fail("a number") from None
+        if not isinstance(number, (int, float)):
+            raise fail("a number")
+        if not math.isfinite(number):
+            raise fail("a finite number")
+        return float(number)
+    if base is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        hint = " (quote it in YAML to make it text)" if isinstance(value, (bool, int, float)) else ""
+        raise fail("text", hint)
+    if base is dict:
+        if isinstance(value, str) and text:
+            value = yaml_load(value, key)
+            if value is None:
+                return {}
+        if isinstance(value, dict):
+            return dict(value)
+        raise fail("a mapping")
+    return value  # an annotation this loader does not know: left as given
+
+
+def field_types(cls) -> dict[str, Any]:
+    """{field name: resolved annotation} of a dataclass (string annotations evaluated)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def coerce_fields(obj) -> None:
+    """Convert every field of a dataclass instance in place (call it in ``__post_init__``)."""
+    for name, tp in field_types(type(obj)).items():
+        object.__setattr__(obj, name, coerce(name, getattr(obj, name), tp))
+
+
+def check_known(cls, keys, source: str = "config") -> None:
+    """Raise a UsageError naming unknown keys (with the closest valid one)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in keys if k not in names]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise UsageError(f"unknown {source} keys: {', '.join(hints)}; valid keys: {sorted(names)}")
+
+
+def parse_overrides(cls, argv: Sequence[str]) -> dict:
+    """``--key value`` (or ``--key=value``) pairs, each converted to the field's type; dashes in
+    keys become underscores. Errors name the argument."""
+    pairs = split_pairs(argv)
+    check_known(cls, [k for k, _ in pairs], "command-line")
+    types_ = field_types(cls)
+    return {k: coerce(f"--{k}", v, types_[k], text=True) for k, v in pairs}
+
+
+def split_pairs(argv: Sequence[str]) -> list[tuple[str, str]]:
+    """[(key, text)] from ``--key value`` / ``--key=value`` arguments."""
+    out, i, argv = [], 0, list(argv)
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) < 3:
+            raise UsageError(f"expected --key value pairs after the config file, got {arg!r}")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise UsageError(f"{arg} needs a value (--key value)")
+            key, value = arg[2:], argv[i + 1]
+            i += 2
+        out.append((key.replace("-", "_"), value))
+    return out
+
+
+def check_range(key: str, value, *, gt=None, ge=None, lt=None, le=None, choices=None) -> None:
+    """Raise a UsageError naming ``key`` unless ``value`` is in range / one of ``choices``
+    (None passes: optional fields are checked only when set)."""
+    if value is None:
+        return
+    if choices is not None and value not in choices:
+        raise UsageError(f"{key} must be one of {tuple(choices)}, got {value!r}")
+    for bound, ok, word in ((gt, lambda b: value > b, ">"), (ge, lambda b: value >= b, ">="),
+                            (lt, lambda b: value < b, "<"), (le, lambda b: value <= b, "<=")):
+        if bound is not None and not ok(bound):
+            raise UsageError(f"{key} must be {word} {bound}, got {value!r}")
