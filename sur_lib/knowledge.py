@@ -729,6 +729,36 @@ def extract_knowledge(
     return {p: known[p] for p in prompts}
 
 
+def save_tiny_random_llm(folder: str | os.PathLike, words: Iterable[str], seed: int = 0,
+                         hidden_size: int = 32, num_layers: int = 3) -> Path:
+    """A tiny random ``LlamaForCausalLM`` with a word-level tokenizer that adds BOS (as LLaMA's
+    does), saved with ``save_pretrained`` to ``folder``: a stand-in for LLaMA in tests and
+    offline demos of the extraction command (its vectors mean nothing)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    for text in words:
+        for w in text.lower().split():
+            vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<pad>")
+    config = LlamaConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=len(vocab), max_position_embeddings=128,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
