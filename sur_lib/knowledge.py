@@ -550,7 +550,8 @@ def load_authors_prompt2vec(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     str -> 1-D tensors that all have the same width. Values are returned unchanged (fp16).
     """
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch.load judges a path by its suffix
+            data = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
         raise KnowledgeError(f"{path}: cannot be read as a prompt2vec file ({type(err).__name__}: {err})") from err
     if not isinstance(data, dict) or not data:
@@ -686,7 +687,9 @@ def extract_knowledge(
     padding) and cut into batches of ``batch_size``; the cache is rewritten at most every
     ``save_every_s`` seconds (0: after every batch) and at the end, and a rerun skips the
     batches already in it. An interrupted run started again therefore computes the same
-    batches and writes the same file as one that never stopped. Vectors already in the cache
+    batches and writes the same file as one that never stopped (the same prompts in the same
+    order, the same vectors bit for bit; only the order of the metadata keys in the safetensors
+    header, which safetensors does not fix, may differ). Vectors already in the cache
     for other prompts are kept (the file is appended to); its ``meta``/layer must match.
     """
     prompts = list(dict.fromkeys(_check_prompts(prompts)))
