@@ -393,16 +393,6 @@ class TrainResult:
     is_main_process: bool = True
 
 
-def ddp_find_unused_parameters(cfg: TrainConfig) -> bool:
-    """Whether a step can leave trainable adapter parameters without a gradient, so that
-    DistributedDataParallel must look for them (``find_unused_parameters=True``, an extra pass
-    over the graph every step). The paper path sends L_simple through c, which depends on every
-    trainable parameter, and so does L_CP; the official path detaches L_simple, so with
-    lambda_cp = 0 only L_LLM is left, which reaches the encoder (and Wq) only. The official
-    adapter's never-used modules are frozen (``SURAdapter``), so they need no search."""
-    return cfg.gradient_path == "official" and not cfg.lambda_cp
-
-
 def _log_with(cfg: TrainConfig):
     """accelerate's ``log_with`` for ``cfg.report_to`` (None: only log.csv), checked up front."""
     from accelerate.utils import is_tensorboard_available, is_wandb_available
@@ -427,10 +417,16 @@ def _accelerator(cfg: TrainConfig, out_dir: Path):
       (``accelerate launch --cpu --num_processes N`` starts one process unless MPI is used);
     * its state is process-wide and refuses a second Accelerator with another mixed precision;
       in a single process (a notebook, tests) the old state is dropped so each run gets its own.
+
+    DistributedDataParallel runs without ``find_unused_parameters``: it waits for a gradient of
+    every trainable parameter, and each gets one in every step (tests/test_train.py checks it
+    for both adapters and gradient paths): L_CP is built even when lambda_cp = 0 (its zero
+    gradient still reaches every parameter behind c), and the official adapter's never-used
+    modules are frozen (``SURAdapter``).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+    from accelerate.utils import ProjectConfiguration
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not distributed and AcceleratorState._shared_state.get("_mixed_precision", cfg.mixed_precision) \
@@ -440,7 +436,6 @@ def _accelerator(cfg: TrainConfig, out_dir: Path):
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         cpu=distributed and not torch.cuda.is_available(),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=ddp_find_unused_parameters(cfg))],
         log_with=_log_with(cfg),
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
     )
