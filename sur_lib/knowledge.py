@@ -367,15 +367,16 @@ def knowledge_file_format(path: str | os.PathLike) -> str:
         head = f.read(9)
     if size == 0:
         raise KnowledgeError(f"knowledge file {path} is empty (0 bytes)")
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return AUTHORS_PT
-    if len(head) == 9 and head[8:9] == b"{":
-        header = int.from_bytes(head[:8], "little")
+    # safetensors first: its header length may well start with the byte 0x80 of a pickle
+    header = int.from_bytes(head[:8], "little")
+    if len(head) == 9 and head[8:9] == b"{" and header < 2**32:
         if header > size - 8:
             raise KnowledgeError(
                 f"knowledge file {path} is truncated: its safetensors header says {header} bytes, "
                 f"but the file has only {size} (an interrupted copy or download?)")
         return SAFETENSORS
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return AUTHORS_PT
     raise KnowledgeError(
         f"{path} is not a knowledge file: neither a safetensors cache (sur_lib.knowledge) nor a "
         f"torch.save'd {{prompt: vector}} dict like the authors' prompt2vec .pt (first bytes {head[:8]!r})")

@@ -474,6 +474,23 @@ def test_both_formats_are_read_by_content(tmp_path):
     assert set(kn.read_knowledge_file(cache)) == {"a red car", "car"}
 
 
+def test_a_cache_whose_header_length_starts_like_a_pickle_is_a_cache(tmp_path):
+    """A safetensors file starts with its header length; a first byte 0x80 is also how a pickle
+    starts. Found in a two-process run: the cache was taken for the authors' .pt."""
+    path = tmp_path / "k.safetensors"
+    for k in range(300):
+        _cache(path, prompts=("a red car", "car" + "s" * k))
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert kn.knowledge_file_format(path) == kn.SAFETENSORS
+    assert set(kn.read_knowledge_file(path)) == {"a red car", "car" + "s" * k}
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"car": torch.zeros(4)}, legacy, _use_new_zipfile_serialization=False)
+    assert legacy.read_bytes()[:1] == b"\x80" and kn.knowledge_file_format(legacy) == kn.AUTHORS_PT
+    assert set(kn.read_knowledge_file(legacy)) == {"car"}
+
+
 def test_missing_prompt_names_the_prompt():
     vectors = {"a red car": torch.zeros(4), "car": torch.ones(4)}
     with pytest.raises(ValueError, match="'two cats on the mat'") as err:
