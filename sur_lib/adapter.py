@@ -18,7 +18,8 @@ Two variants share this code:
   ``batch_first=False`` on [B, N, D] inputs (so it attends across the *batch*, not the tokens),
   g with a zero weight but nn.Linear's random bias (an untrained adapter is
   ``(1 - eta) x + eta * bias``), the unused template encoder layer and value projection are kept
-  (~20.1M stored, ~14.0M used at SD 1.5 width), and L_LLM is applied to h0. Module names follow
+  (~20.1M stored, ~14.0M used at SD 1.5 width; the unused ones are frozen, so training on
+  several GPUs with DistributedDataParallel needs no ``find_unused_parameters``), and L_LLM is applied to h0. Module names follow
   the authors' code, so their ``adapter.pt`` state dict loads with ``load_authors_state_dict``.
 """
 from __future__ import annotations
@@ -45,12 +46,17 @@ class SURAdapterOutput(BaseOutput):
     h0:      the transformer encoder's output, [B, N, D]
     q:       the attention queries Q = Wq h0 (Eq. 4), [B, N, D]
     student: the tensor L_LLM distils knowledge into: q (paper) or h0 (authors' code)
+
+    Built like diffusers' own output classes (``BaseOutput``: a dataclass that is also a dict,
+    every field optional), because code that walks model outputs rebuilds them from a dict:
+    accelerate's mixed precision wraps ``forward`` so that it returns
+    ``type(out)({name: tensor.float(), ...})``. ``forward`` always sets all four fields.
     """
 
-    c: torch.Tensor
-    h0: torch.Tensor
-    q: torch.Tensor
-    student: torch.Tensor
+    c: torch.Tensor | None = None
+    h0: torch.Tensor | None = None
+    q: torch.Tensor | None = None
+    student: torch.Tensor | None = None
 
 
 class _Attention(nn.Module):
@@ -123,6 +129,13 @@ class SURAdapter(ModelMixin, ConfigMixin):
         self.fc = nn.Linear(text_dim, text_dim)  # g
         self._init_g(g_init, zero_bias=not official)
         self.llm_projection = KnowledgeProjection(llm_dim, text_dim, w0_seed) if llm_dim else None
+        if official:
+            # The template layer and the value projection never take part in forward. They stay
+            # in the state dict (the authors' weights load by these names) but are frozen, so
+            # no optimizer or DistributedDataParallel waits for a gradient they never get.
+            # Training is unchanged: AdamW and gradient clipping skip parameters without grad.
+            self.encoder_layer.requires_grad_(False)
+            self.attention.value_layer.requires_grad_(False)
 
     def _init_g(self, how: str, zero_bias: bool) -> None:
         w = self.fc.weight

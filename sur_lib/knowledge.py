@@ -1,22 +1,37 @@
 """LLM knowledge vectors (paper Sec. 3.3) and the fixed projection W0 of Eq. 5.
 
 A knowledge vector of a simple prompt is the mean over tokens of one layer's hidden states of
-a causal LM (the authors: LLaMA-13B, layer 39 = the last block, before the final norm).
+a causal LM (the authors: LLaMA (v1) 13B, layer 39 = the last block, before the final norm,
+mean over all tokens including BOS; Llama-2-13B gives other vectors).
+
+Knowledge files come in two formats, told apart by content (:func:`knowledge_file_format`):
+this project's safetensors cache (:func:`save_knowledge`, appendable, records model and layer)
+and the authors' ``prompt2vec/<LLM>/<layer>.pt`` (a ``torch.save``d {prompt: fp16 vector}).
+The authors publish no extraction script; this module's command is one:
+
+    python -m sur_lib.knowledge extract data/SURD --llm huggyllama/llama-13b --layer 39 \
+        --dtype bfloat16 --device auto --out runs/sd15/knowledge.safetensors
 """
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import math
 import os
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from .cli import UsageError
+from .fileio import atomic_write_bytes
 
 
 class KnowledgeProjection(nn.Module):
@@ -300,6 +315,10 @@ def knowledge_vectors(
 # --- caching knowledge vectors in a safetensors file ----------------------------------------------
 
 
+class KnowledgeError(UsageError):
+    """A knowledge file or mapping that is not what it should be (names the file or prompt)."""
+
+
 def save_knowledge(
     path: str | os.PathLike,
     prompts: list[str],
@@ -310,39 +329,81 @@ def save_knowledge(
     ``prompts[i]``), the prompts and ``meta`` (model, layer, include_bos, ...) as JSON metadata.
     The file is written next to its destination and renamed into place (atomic).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     prompts = _check_prompts(prompts)
     if len(set(prompts)) != len(prompts):
         raise ValueError("prompts contain duplicates: each prompt may have one vector only")
     if vectors.ndim != 2 or vectors.shape[0] != len(prompts):
         raise ValueError(f"vectors must be [{len(prompts)}, D] (one row per prompt), got {list(vectors.shape)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "format": _CACHE_FORMAT,
         "prompts": json.dumps(prompts, ensure_ascii=False),
         "meta": json.dumps(meta or {}, ensure_ascii=False, sort_keys=True),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"vectors": vectors.detach().cpu().contiguous()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write_bytes(path, save({"vectors": vectors.detach().cpu().contiguous()}, metadata=metadata))
+
+
+#: What :func:`knowledge_file_format` returns for the two formats a knowledge file may have.
+SAFETENSORS, AUTHORS_PT = "safetensors", "authors-pt"
+
+
+def knowledge_file_format(path: str | os.PathLike) -> str:
+    """Tell the two knowledge-file formats apart by their first bytes, not by the file name:
+
+    * ``"safetensors"``: this project's cache (:func:`save_knowledge`); a safetensors file
+      starts with the 8-byte little-endian length of its JSON header, then ``{``;
+    * ``"authors-pt"``: the authors' ``prompt2vec/<LLM>/<layer>.pt``, a ``torch.save``d dict;
+      torch writes a zip archive (``PK\\x03\\x04``) or, in the legacy format, a pickle (``\\x80``).
+
+    Anything else (an empty, truncated or foreign file) raises :class:`KnowledgeError` naming
+    the path and what was found.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise KnowledgeError(f"knowledge file {path} not found")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if size == 0:
+        raise KnowledgeError(f"knowledge file {path} is empty (0 bytes)")
+    # safetensors first: its header length may well start with the byte 0x80 of a pickle
+    header = int.from_bytes(head[:8], "little")
+    if len(head) == 9 and head[8:9] == b"{" and header < 2**32:
+        if header > size - 8:
+            raise KnowledgeError(
+                f"knowledge file {path} is truncated: its safetensors header says {header} bytes, "
+                f"but the file has only {size} (an interrupted copy or download?)")
+        return SAFETENSORS
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return AUTHORS_PT
+    raise KnowledgeError(
+        f"{path} is not a knowledge file: neither a safetensors cache (sur_lib.knowledge) nor a "
+        f"torch.save'd {{prompt: vector}} dict like the authors' prompt2vec .pt (first bytes {head[:8]!r})")
 
 
 def _read_knowledge(path: str | os.PathLike) -> tuple[list[str], torch.Tensor, dict[str, Any]]:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != _CACHE_FORMAT:
-            raise ValueError(f"{path} is not a sur_lib knowledge cache (format {metadata.get('format')!r})")
-        vectors = f.get_tensor("vectors")
-    return json.loads(metadata["prompts"]), vectors, json.loads(metadata["meta"])
+    if knowledge_file_format(path) != SAFETENSORS:
+        raise KnowledgeError(f"{path} is the authors' .pt format, not a sur_lib safetensors cache; "
+                             "read it with read_knowledge_file or load_authors_prompt2vec")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != _CACHE_FORMAT:
+                raise KnowledgeError(f"{path} is a safetensors file but not a sur_lib knowledge cache "
+                                     f"(format {metadata.get('format')!r}, tensors {sorted(f.keys())})")
+            vectors = f.get_tensor("vectors")
+        prompts, meta = json.loads(metadata["prompts"]), json.loads(metadata["meta"])
+    except KnowledgeError:
+        raise
+    except Exception as err:  # safetensors' and json's errors name no file
+        raise KnowledgeError(f"knowledge file {path} is damaged ({type(err).__name__}: {err})") from err
+    if vectors.ndim != 2 or vectors.shape[0] != len(prompts):
+        raise KnowledgeError(f"knowledge file {path} is damaged: {len(prompts)} prompts but vectors "
+                             f"of shape {list(vectors.shape)}")
+    return prompts, vectors, meta
 
 
 def load_knowledge(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -354,6 +415,97 @@ def load_knowledge(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def knowledge_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The ``meta`` dict stored with a knowledge cache (model name, layer, include_bos, ...)."""
     return _read_knowledge(path)[2]
+
+
+def read_knowledge_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """{prompt: vector} from either format (see :func:`knowledge_file_format`): this project's
+    safetensors cache or the authors' ``.pt`` (its fp16 vectors are returned as stored)."""
+    if knowledge_file_format(path) == AUTHORS_PT:
+        return load_authors_prompt2vec(path)
+    return load_knowledge(path)
+
+
+def select_knowledge(
+    knowledge: Mapping[str, torch.Tensor], prompts: Iterable[str], source: str = "the knowledge mapping",
+    width: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """{prompt: knowledge[prompt]} for ``prompts`` (repeats dropped), checked: every prompt has a
+    1-D vector, all of one width (``width`` if given). Errors name the prompts and ``source``."""
+    prompts = list(dict.fromkeys(prompts))
+    missing = [p for p in prompts if p not in knowledge]
+    if missing:
+        shown = ", ".join(repr(p) for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise KnowledgeError(
+            f"{len(missing)} of {len(prompts)} simple prompts have no knowledge vector in {source}: "
+            f"{shown} (keys must match the prompts exactly; make the vectors with "
+            "`python -m sur_lib.knowledge extract`)")
+    out, first = {}, None
+    for p in prompts:
+        v = knowledge[p]
+        if not isinstance(v, torch.Tensor) or v.ndim != 1:
+            shape = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise KnowledgeError(f"the knowledge vector of {p!r} in {source} must be 1-D, got {shape}")
+        if width is None:
+            width, first = int(v.shape[0]), p
+        if v.shape[0] != width:
+            origin = f"that of {first!r}" if first is not None else "the adapter's llm_dim"
+            raise KnowledgeError(f"the knowledge vector of {p!r} in {source} has width {v.shape[0]}, "
+                                 f"expected {width} ({origin})")
+        out[p] = v
+    return out
+
+
+def stack_knowledge(knowledge: Mapping[str, torch.Tensor], prompts: list[str], width: int | None = None,
+                    source: str = "the knowledge mapping") -> torch.Tensor:
+    """The vectors of ``prompts`` (repeats kept, in order) as one [len(prompts), D] tensor."""
+    checked = select_knowledge(knowledge, prompts, source, width)
+    return torch.stack([checked[p] for p in prompts])
+
+
+def _meta_for(meta: dict[str, Any] | None, layer: int, include_bos: bool, drop_first: bool) -> dict[str, Any]:
+    return {**(meta or {}), "layer": int(layer), "include_bos": bool(include_bos),
+            **({"drop_first": True} if drop_first else {})}
+
+
+def _read_cache(path: Path, wanted_meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The vectors already in the cache ``path`` ({} if there is none); its meta must match."""
+    if not path.exists():
+        return {}
+    old_prompts, old_vectors, old_meta = _read_knowledge(path)
+    differ = {k: (old_meta.get(k), v) for k, v in wanted_meta.items() if old_meta.get(k) != v}
+    if differ or set(old_meta) != set(wanted_meta):
+        raise ValueError(
+            f"{path} was made with {old_meta}, but {wanted_meta} was asked for; "
+            "use a separate cache file per model/layer"
+        )
+    return dict(zip(old_prompts, old_vectors))
+
+
+def _load_for(model_loader, path, missing: list[str]):
+    """``model_loader()``, its failure turned into an error that says why a model was needed."""
+    try:
+        return model_loader()
+    except Exception as err:
+        shown = ", ".join(repr(p) for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise KnowledgeError(
+            f"{path} has no knowledge vector for {len(missing)} prompt(s) ({shown}); computing them "
+            f"needs the LLM, which could not be loaded ({type(err).__name__}: {str(err).strip()[:300]})"
+        ) from err
+
+
+def _add_vectors(known: dict[str, torch.Tensor], prompts: list[str], new: torch.Tensor, path) -> None:
+    if known:
+        old = next(iter(known.values()))
+        if new.shape[1] != old.shape[0]:
+            raise ValueError(f"{path} holds vectors of width {old.shape[0]}, "
+                             f"the model gives {new.shape[1]}: is it the same model?")
+        new = new.to(old.dtype)
+    known.update(zip(prompts, new))
+
+
+def _save_cache(path, known: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    prompts = list(known)
+    save_knowledge(path, prompts, torch.stack([known[p] for p in prompts]), meta)
 
 
 def cached_knowledge_vectors(
@@ -377,33 +529,15 @@ def cached_knowledge_vectors(
     only when set, so files made before the option existed stay valid. Returns {prompt: vector}.
     """
     prompts = list(dict.fromkeys(_check_prompts(prompts)))  # drop repeats, keep the order
-    wanted_meta = {**(meta or {}), "layer": int(layer), "include_bos": bool(include_bos),
-                   **({"drop_first": True} if drop_first else {})}
-    known: dict[str, torch.Tensor] = {}
-    if Path(path).exists():
-        old_prompts, old_vectors, old_meta = _read_knowledge(path)
-        differ = {k: (old_meta.get(k), v) for k, v in wanted_meta.items() if old_meta.get(k) != v}
-        if differ or set(old_meta) != set(wanted_meta):
-            raise ValueError(
-                f"{path} was made with {old_meta}, but {wanted_meta} was asked for; "
-                "use a separate cache file per model/layer"
-            )
-        known = dict(zip(old_prompts, old_vectors))
-
+    wanted_meta = _meta_for(meta, layer, include_bos, drop_first)
+    known = _read_cache(Path(path), wanted_meta)
     missing = [p for p in prompts if p not in known]
     if missing:
-        model, tokenizer = model_loader()
+        model, tokenizer = _load_for(model_loader, path, missing)
         new = knowledge_vectors(model, tokenizer, missing, layer, include_bos, batch_size, progress,
                                 drop_first=drop_first)
-        if known:
-            old = next(iter(known.values()))
-            if new.shape[1] != old.shape[0]:
-                raise ValueError(f"{path} holds vectors of width {old.shape[0]}, "
-                                 f"the model gives {new.shape[1]}: is it the same model?")
-            new = new.to(old.dtype)
-        known.update(zip(missing, new))
-        all_prompts = list(known)
-        save_knowledge(path, all_prompts, torch.stack([known[p] for p in all_prompts]), wanted_meta)
+        _add_vectors(known, missing, new, path)
+        _save_cache(path, known, wanted_meta)
     return {p: known[p] for p in prompts}
 
 
@@ -417,21 +551,24 @@ def load_authors_prompt2vec(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     str -> 1-D tensors that all have the same width. Values are returned unchanged (fp16).
     """
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch.load judges a path by its suffix
+            data = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        raise ValueError(f"{path}: cannot be read as a prompt2vec file ({type(err).__name__}: {err})") from err
+        raise KnowledgeError(f"{path}: cannot be read as a prompt2vec file ({type(err).__name__}: {err})") from err
     if not isinstance(data, dict) or not data:
-        raise ValueError(f"{path}: expected a non-empty dict {{prompt: tensor}}, got {type(data).__name__}")
-    widths = set()
+        raise KnowledgeError(f"{path}: expected a non-empty dict {{prompt: tensor}}, got {type(data).__name__}")
+    first = None
     for key, value in data.items():
         if not isinstance(key, str):
-            raise ValueError(f"{path}: keys must be prompts (str), found {type(key).__name__} {key!r}")
+            raise KnowledgeError(f"{path}: keys must be prompts (str), found {type(key).__name__} {key!r}")
         if not isinstance(value, torch.Tensor) or value.ndim != 1:
             shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"{path}: value for {key!r} must be a 1-D tensor, got {shape}")
-        widths.add(value.shape[0])
-    if len(widths) != 1:
-        raise ValueError(f"{path}: vectors have different widths {sorted(widths)}")
+            raise KnowledgeError(f"{path}: value for {key!r} must be a 1-D tensor, got {shape}")
+        if first is None:
+            first = key
+        elif value.shape[0] != data[first].shape[0]:
+            raise KnowledgeError(f"{path}: vectors have different widths: {key!r} has {value.shape[0]}, "
+                                 f"{first!r} has {data[first].shape[0]}")
     return dict(data)
 
 
@@ -482,3 +619,211 @@ def load_llm(name: str, dtype: torch.dtype = torch.float32, device: str | torch.
     if name == "gemma3-270m":
         return load_gemma3_270m()
     return load_causal_lm(name, dtype=dtype, device=device)
+
+
+# --- extracting knowledge vectors for a whole data set (python -m sur_lib.knowledge extract) ------
+
+
+def read_prompts(source: str | os.PathLike) -> list[str]:
+    """The simple prompts of ``source``, repeats dropped, in order of first appearance:
+
+    * a SURD folder (``metadata.jsonl`` + images): the ``text`` of every row;
+    * a ``.jsonl`` file: the ``text`` field of every line (a SURD metadata file);
+    * any other file: one prompt per non-empty line (UTF-8).
+    """
+    path = Path(source)
+    if path.is_dir():
+        from .data import SURDDataset
+
+        prompts = SURDDataset(path, check_images=False).prompts()
+    elif path.is_file() and path.suffix == ".jsonl":
+        prompts = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise KnowledgeError(f"{path}:{lineno}: not a JSON object ({err})") from None
+                if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"]:
+                    raise KnowledgeError(f"{path}:{lineno}: expected an object with a non-empty "
+                                         '"text" (the simple prompt)')
+                prompts.append(row["text"])
+    elif path.is_file():
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        raise KnowledgeError(f"{path} not found: give a SURD folder, a metadata.jsonl or a text file "
+                             "with one prompt per line")
+    if not prompts:
+        raise KnowledgeError(f"{path} holds no prompts")
+    return list(dict.fromkeys(prompts))
+
+
+def save_authors_prompt2vec(path: str | os.PathLike, vectors: Mapping[str, torch.Tensor]) -> Path:
+    """Write the authors' format: ``torch.save`` of {simple prompt: fp16 tensor [llm_dim]}
+    (readable by their training script and by :func:`load_authors_prompt2vec`); atomic."""
+    data = {p: v.detach().to(torch.float16).cpu().clone() for p, v in vectors.items()}  # own storage
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def extract_knowledge(
+    prompts: Iterable[str],
+    path: str | os.PathLike,
+    model_loader: Callable[[], tuple[nn.Module, Any]],
+    layer: int = -1,
+    include_bos: bool = True,
+    drop_first: bool = False,
+    batch_size: int = 16,
+    meta: dict[str, Any] | None = None,
+    save_every_s: float = 300.0,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Knowledge vectors (Sec. 3.3) of many prompts, written to the safetensors cache ``path``
+    (:func:`save_knowledge`; the same file :func:`cached_knowledge_vectors` and training read).
+
+    Resumable: the prompts are put in a fixed order (by token count, so a batch has little
+    padding) and cut into batches of ``batch_size``; the cache is rewritten at most every
+    ``save_every_s`` seconds (0: after every batch) and at the end, and a rerun skips the
+    batches already in it. An interrupted run started again therefore computes the same
+    batches and writes the same file as one that never stopped (the same prompts in the same
+    order, the same vectors bit for bit; only the order of the metadata keys in the safetensors
+    header, which safetensors does not fix, may differ). Vectors already in the cache
+    for other prompts are kept (the file is appended to); its ``meta``/layer must match.
+    """
+    prompts = list(dict.fromkeys(_check_prompts(prompts)))
+    if int(batch_size) < 1:
+        raise KnowledgeError(f"batch_size must be >= 1, got {batch_size}")
+    path = Path(path)
+    wanted_meta = _meta_for(meta, layer, include_bos, drop_first)
+    known = _read_cache(path, wanted_meta)
+    missing = [p for p in prompts if p not in known]
+    if not missing:
+        return {p: known[p] for p in prompts}
+
+    model, tokenizer = _load_for(model_loader, path, missing)
+    n = len(decoder_layers(model))
+    if not -n <= layer < n:
+        raise KnowledgeError(f"layer {layer} is out of range: this model has {n} blocks, use {-n}..{n - 1}")
+    lengths = {p: len(tokenizer(p)["input_ids"]) for p in prompts}
+    order = sorted(prompts, key=lambda p: lengths[p])  # stable: ties keep the source order
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    bar = tqdm(total=len(prompts), initial=len(prompts) - len(missing), unit="prompt",
+               desc=f"knowledge vectors (layer {layer})", disable=not progress)
+    last_save, unsaved = time.monotonic(), False
+    try:
+        for batch in batches:
+            need = [p for p in batch if p not in known]
+            if not need:
+                continue
+            new = knowledge_vectors(model, tokenizer, need, layer, include_bos, batch_size=len(need),
+                                    progress=False, drop_first=drop_first)
+            _add_vectors(known, need, new, path)
+            unsaved = True
+            bar.update(len(need))
+            if time.monotonic() - last_save >= save_every_s:
+                _save_cache(path, known, wanted_meta)
+                last_save, unsaved = time.monotonic(), False
+    finally:
+        bar.close()
+        if unsaved:  # also on Ctrl-C: what was computed is kept (complete batches only)
+            _save_cache(path, known, wanted_meta)
+    return {p: known[p] for p in prompts}
+
+
+def save_tiny_random_llm(folder: str | os.PathLike, words: Iterable[str], seed: int = 0,
+                         hidden_size: int = 32, num_layers: int = 3) -> Path:
+    """A tiny random ``LlamaForCausalLM`` with a word-level tokenizer that adds BOS (as LLaMA's
+    does), saved with ``save_pretrained`` to ``folder``: a stand-in for LLaMA in tests and
+    offline demos of the extraction command (its vectors mean nothing)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    for text in words:
+        for w in text.lower().split():
+            vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<pad>")
+    config = LlamaConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=len(vocab), max_position_embeddings=128,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _parse_args(argv: list[str]):
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m sur_lib.knowledge",
+        description="Knowledge vectors of the SUR-adapter (paper Sec. 3.3): per simple prompt, the "
+                    "mean over its tokens of one decoder block's output of a causal LM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser(
+        "extract", help="compute the knowledge vectors of a data set (resumable)",
+        description="Compute the knowledge vectors of every simple prompt of SOURCE with a Hugging "
+                    "Face causal LM and write them to a safetensors cache (appended to; a rerun "
+                    "continues where an interrupted one stopped). The paper: LLaMA (v1) 13B, layer "
+                    "39 (its last block), mean over all tokens including BOS.")
+    ex.add_argument("source", help="a SURD folder, a metadata.jsonl, or a text file with one prompt per line")
+    ex.add_argument("--llm", required=True,
+                    help="Hub repo id or local folder of a causal LM (e.g. huggyllama/llama-13b), "
+                         "or smollm2 / gemma3-270m (the tiny profile's models)")
+    ex.add_argument("--layer", type=int, default=-1,
+                    help="0-based decoder block; negative counts from the end (default -1, the last)")
+    ex.add_argument("--out", required=True, help="the safetensors cache to write (training's knowledge_file)")
+    ex.add_argument("--authors-pt", default=None,
+                    help="also write the authors' format: a torch.save'd {prompt: fp16 vector} dict")
+    ex.add_argument("--batch-size", type=int, default=16)
+    ex.add_argument("--dtype", default="float32", choices=DTYPES,
+                    help="LLM weights (LLaMA-13B: bfloat16, 26 GB; float32 needs 52 GB)")
+    ex.add_argument("--device", default="cpu",
+                    help="cpu, cuda, or auto (device_map='auto': spread over the GPUs and CPU memory)")
+    ex.add_argument("--no-bos", action="store_true", help="leave BOS out of the mean (the authors keep it)")
+    ex.add_argument("--drop-first", action="store_true",
+                    help="not in the paper: also leave the first real token (an attention sink) out")
+    ex.add_argument("--save-every-s", type=float, default=300.0,
+                    help="rewrite the cache at most this often while computing (0: after every batch)")
+    ex.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(sys.argv[1:] if argv is None else list(argv))
+    prompts = read_prompts(args.source)
+    out = Path(args.out)
+    before = len(_read_cache(out, _meta_for({"llm": args.llm}, args.layer, not args.no_bos,
+                                            args.drop_first))) if out.exists() else 0
+    vectors = extract_knowledge(
+        prompts, out, lambda: load_llm(args.llm, getattr(torch, args.dtype), args.device),
+        layer=args.layer, include_bos=not args.no_bos, drop_first=args.drop_first,
+        batch_size=args.batch_size, meta={"llm": args.llm}, save_every_s=args.save_every_s,
+        progress=not args.no_progress)
+    width = next(iter(vectors.values())).shape[0]
+    print(f"{len(vectors)} knowledge vectors (width {width}, {args.llm} layer {args.layer}) in {out}"
+          f" ({len(load_knowledge(out)) - before} computed now)")
+    if args.authors_pt:
+        save_authors_prompt2vec(args.authors_pt, vectors)
+        print(f"authors' format: {args.authors_pt}")
+    return 0
+
+
+if __name__ == "__main__":
+    from .cli import run
+
+    run(main)

@@ -15,16 +15,21 @@ Two gradient paths (``gradient_path``):
     which detaches it: L_simple then sends no gradient to the adapter and only the two KL
     terms (scaled by 1e-5) train it. We reproduce that with ``c.detach()``.
 
-Runs on `accelerate` (CPU, one GPU, or ``accelerate launch`` on many), with mixed precision,
+Runs on `accelerate` (CPU, one GPU, or several processes), with mixed precision (fp16/bf16),
 gradient accumulation, gradient clipping, checkpoints every N steps written atomically,
-resume from the newest intact checkpoint, a tqdm bar and a CSV log of every loss term.
+resume from the newest intact checkpoint, a tqdm bar, a CSV log of every loss term (averaged
+over the processes) and, optionally, TensorBoard or Weights & Biases through accelerate's
+trackers. A NaN or inf loss stops the run before it reaches the weights.
 
 Determinism and exact resume: every micro-step seeds torch from (seed, step, micro-step,
 process) and draws its batch from a seeded per-epoch permutation (processes take interleaved
 slices), so a run that is killed and resumed from a checkpoint follows the same path as a run
-that never stopped.
+that never stopped. Images are decoded by a DataLoader (``dataloader_num_workers`` worker
+processes) that hands each micro-batch over with the generator state after its random flips,
+so the batches, the noise and the losses do not depend on the number of workers.
 
     python -m sur_lib.train sur_lib/configs/tiny.yaml --max_steps 200 --output_dir runs/x
+    torchrun --nproc_per_node 2 -m sur_lib.train sur_lib/configs/rtx3090.yaml ...   # 2 GPUs (or CPU, gloo)
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ from .adapter import G_INITS, SURAdapter
 from .cli import UsageError
 from .data import SURDDataset, collate
 from .fileio import atomic_write_text, write_json
+from .knowledge import stack_knowledge
 from .losses import DIRECTIONS, llm_distillation_loss, prompt_alignment_loss, simple_loss, total_loss
 
 GRADIENT_PATHS = ("paper", "official")
@@ -114,6 +120,9 @@ class TrainConfig:
     resume: bool = True
     progress: bool = True
     extra: dict = field(default_factory=dict)
+    # added later (each is in experiments.LATER_KEYS with its default, so run hashes stay)
+    dataloader_num_workers: int = 0  # processes that decode images (0: the training process)
+    report_to: str = "none"  # "none" (log.csv only), "tensorboard" or "wandb" (accelerate's trackers)
 
     def __post_init__(self):
         """Convert every field to its declared type (``sur_lib.config``) and check its range;
@@ -189,13 +198,28 @@ def load_backbone_for(cfg: TrainConfig):
 
 
 def knowledge_for(cfg: TrainConfig, prompts: list[str], progress: bool = True) -> dict[str, torch.Tensor]:
-    """Knowledge vectors of every simple prompt, from the cache (computing only missing ones)."""
+    """Knowledge vectors of every simple prompt from ``cfg.knowledge_file`` (default
+    ``<output_dir>/knowledge.safetensors``), in either format, told apart by content:
+
+    * this project's safetensors cache: prompts missing from it are computed with ``cfg.llm``
+      (layer ``cfg.llm_layer``) and appended; the file must have been made with the same LLM,
+      layer and BOS setting;
+    * the authors' ``prompt2vec/<LLM>/<layer>.pt``: read as it is; it must hold every prompt
+      (it cannot be extended: make a cache with ``python -m sur_lib.knowledge extract``).
+    """
     from . import knowledge
 
     path = cfg.knowledge_file or str(Path(cfg.output_dir) / "knowledge.safetensors")
+    if Path(path).exists() and knowledge.knowledge_file_format(path) == knowledge.AUTHORS_PT:
+        return knowledge.select_knowledge(knowledge.load_authors_prompt2vec(path), prompts,
+                                          source=f"{path} (the authors' format, read only)")
+
+    def load():  # called only when some vectors are missing (a cold cache loads the LLM)
+        print(f"knowledge: loading {cfg.llm} to compute missing vectors for {path}", flush=True)
+        return knowledge.load_llm(cfg.llm, getattr(torch, cfg.llm_dtype), cfg.llm_device)
+
     return knowledge.cached_knowledge_vectors(
-        path, lambda: knowledge.load_llm(cfg.llm, getattr(torch, cfg.llm_dtype), cfg.llm_device),
-        sorted(set(prompts)), layer=cfg.llm_layer, include_bos=cfg.llm_include_bos,
+        path, load, sorted(set(prompts)), layer=cfg.llm_layer, include_bos=cfg.llm_include_bos,
         progress=progress, meta={"llm": cfg.llm}, drop_first=cfg.llm_drop_first,
     )
 
@@ -214,6 +238,63 @@ def batch_indices(n: int, batch_size: int, micro_step: int, seed: int) -> list[i
 
 def micro_step_seed(seed: int, micro_step: int) -> int:
     return (seed * 1_000_003 + micro_step * 7_919 + 12_345) % (2**63 - 1)
+
+
+class MicroStepSampler(torch.utils.data.Sampler):
+    """Batch sampler of the training DataLoader: for each micro-step ``m`` (in the order given),
+    the list ``[(m, position, row index), ...]`` of its micro-batch (:func:`batch_indices`)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, micro_steps: list[int]):
+        self.n, self.batch_size, self.seed, self.micro_steps = n, batch_size, seed, list(micro_steps)
+
+    def __iter__(self):
+        for m in self.micro_steps:
+            yield [(m, pos, i) for pos, i in enumerate(batch_indices(self.n, self.batch_size, m, self.seed))]
+
+    def __len__(self) -> int:
+        return len(self.micro_steps)
+
+
+class SeededRows(torch.utils.data.Dataset):
+    """Rows of a SURD dataset, keyed ``(micro_step, position, index)``: the first row of a
+    micro-batch seeds torch's global generator with :func:`micro_step_seed`, so its random
+    crops and flips (drawn from that generator) are the same in whichever process decodes it."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        micro_step, position, index = key
+        if position == 0:
+            torch.manual_seed(micro_step_seed(self.seed, micro_step))
+        return micro_step, self.dataset[index]
+
+
+def collate_micro_batch(rows: list) -> dict:
+    """``data.collate`` of one micro-batch, plus its micro-step and the state of torch's CPU
+    generator after its rows were decoded: the training process continues from that state, so
+    its noise, timesteps and dropout are those of a run that decoded the rows itself."""
+    batch = collate([row for _, row in rows])
+    batch["micro_step"] = rows[0][0]
+    batch["rng_state"] = torch.get_rng_state()
+    return batch
+
+
+def micro_batch_loader(dataset, cfg: TrainConfig, micro_steps: list[int], pin_memory: bool = False):
+    """The training DataLoader: micro-batches ``micro_steps`` (this process's, in order),
+    decoded by ``cfg.dataloader_num_workers`` worker processes (0: in this process) and
+    collated by :func:`collate_micro_batch`. The batches do not depend on the number of workers,
+    and a resumed run asks for the micro-steps after its checkpoint: it sees the same data."""
+    workers = int(cfg.dataloader_num_workers)
+    return torch.utils.data.DataLoader(
+        SeededRows(dataset, cfg.seed),
+        batch_sampler=MicroStepSampler(len(dataset), cfg.batch_size, cfg.seed, micro_steps),
+        collate_fn=collate_micro_batch, num_workers=workers, pin_memory=pin_memory,
+        prefetch_factor=2 if workers else None,
+    )
 
 
 def diffusion_inputs(scheduler, latents: torch.Tensor):
@@ -249,7 +330,7 @@ def compute_losses(cfg: TrainConfig, backbone, adapter, batch: dict, weight_dtyp
     if cfg.lambda_llm:
         k = batch.get("knowledge")
         if k is None:
-            k = torch.stack([knowledge[p] for p in batch["simple"]])
+            k = stack_knowledge(knowledge, batch["simple"], width=core.llm_projection.weight.shape[1])
         l_llm = llm_distillation_loss(k.float().to(device), out.student, core.project_knowledge,
                                       cfg.temperature, direction=cfg.kl_direction)
     else:
@@ -424,6 +505,13 @@ def read_log(output_dir: str | os.PathLike) -> list[dict]:
 
 # ----------------------------------------------------------------------------- the loop
 
+LOSS_TERMS = ("loss", "l_simple", "l_llm", "l_cp")
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term (or, without fp16 loss scaling, the gradient norm) became NaN or inf."""
+
 
 @dataclass
 class TrainResult:
@@ -432,6 +520,95 @@ class TrainResult:
     steps: int
     resumed_from: int
     seconds: float
+    num_processes: int = 1
+    is_main_process: bool = True
+
+
+def _log_with(cfg: TrainConfig):
+    """accelerate's ``log_with`` for ``cfg.report_to`` (None: only log.csv), checked up front."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    if cfg.report_to not in REPORT_TO:
+        raise ValueError(f"report_to must be one of {REPORT_TO}, got {cfg.report_to!r}")
+    if cfg.report_to == "none":
+        return None
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[cfg.report_to]
+    if not available():
+        raise ImportError(f"report_to={cfg.report_to!r} needs the {cfg.report_to} package, which is "
+                          f"not installed: pip install {cfg.report_to} (or report_to: none; the "
+                          "CSV log needs nothing)")
+    return cfg.report_to
+
+
+def _accelerator(cfg: TrainConfig, out_dir: Path):
+    """The Accelerator of a run. Two things accelerate does not do by itself:
+
+    * under ``torchrun`` on a machine without CUDA, accelerate runs every process as its own
+      single-process job unless it is told ``cpu=True``; it then joins them with gloo
+      (``accelerate launch --cpu --num_processes N`` starts one process unless MPI is used);
+    * its state is process-wide and refuses a second Accelerator with another mixed precision;
+      in a single process (a notebook, tests) the old state is dropped so each run gets its own.
+
+    DistributedDataParallel runs without ``find_unused_parameters``: it waits for a gradient of
+    every trainable parameter, and each gets one in every step (tests/test_train.py checks it
+    for both adapters and gradient paths): L_CP is built even when lambda_cp = 0 (its zero
+    gradient still reaches every parameter behind c), and the official adapter's never-used
+    modules are frozen (``SURAdapter``).
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not distributed and AcceleratorState._shared_state.get("_mixed_precision", cfg.mixed_precision) \
+            != cfg.mixed_precision:
+        AcceleratorState._reset_state()  # accelerate's own reset (used by its tests); PartialState stays
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        cpu=distributed and not torch.cuda.is_available(),
+        log_with=_log_with(cfg),
+        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
+    )
+
+
+def _tracker_config(cfg: TrainConfig) -> dict:
+    """The config as trackers accept it (numbers, strings, booleans)."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.to_dict().items()}
+
+
+def _digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's state dict (names, dtypes, shapes and bytes): equal iff identical."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _stop_on_non_finite(values: torch.Tensor, step: int, micro: int, accum: int, cfg: TrainConfig,
+                        grad_norm: float | None = None) -> None:
+    """Raise :class:`NonFiniteLossError` if a loss term of any process (``values``: gathered,
+    [processes, terms]) or the gradient norm is NaN or inf. Every process sees the same gathered
+    values (and the same all-reduced gradients), so all of them stop together. The message names
+    the step, the process and every loss term; the last checkpoint stays as it was."""
+    bad_rows = (~torch.isfinite(values)).any(1).nonzero().flatten().tolist()
+    if not bad_rows and (grad_norm is None or math.isfinite(grad_norm)):
+        return
+    proc = bad_rows[0] if bad_rows else 0
+    terms = ", ".join(f"{k}={v:.6g}" for k, v in zip(LOSS_TERMS, values[proc].tolist()))
+    what = (f"loss at step {step + 1} (micro-step {micro + 1} of {accum}, process {proc}): {terms}"
+            if bad_rows else f"gradient norm ({grad_norm}) at step {step + 1}: {terms}")
+    ckpt = latest_checkpoint(cfg.output_dir)
+    where = (f"the last checkpoint, {ckpt[1]} (step {ckpt[0]}), is intact and the same command "
+             "resumes from it" if ckpt else "no checkpoint was written yet")
+    hint = " An fp16 overflow? bf16 has the range of fp32." if cfg.mixed_precision == "fp16" else ""
+    raise NonFiniteLossError(
+        f"non-finite {what}. Training stopped before this step's update; {where} (after lowering "
+        f"learning_rate or removing a bad row, for example).{hint}")
 
 
 def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = None,
@@ -439,8 +616,14 @@ def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = 
     """Train a SUR-adapter (Algorithm 1). ``backbone``/``dataset``/``knowledge`` may be passed in
     (notebooks, tests); otherwise they are built from the config. Resuming from a checkpoint
     whose config differs in more than the run length is refused unless
-    ``allow_config_change`` (see ``_resume``)."""
-    from accelerate import Accelerator
+    ``allow_config_change`` (see ``_resume``).
+
+    With several processes (``torchrun --nproc_per_node N -m sur_lib.train ...`` or
+    ``accelerate launch``) the knowledge vectors are computed by the main process while the
+    others wait (then read its cache), losses are averaged over the processes before they are
+    logged, and only the main process writes log.csv, checkpoints and the adapter. A NaN or inf
+    loss stops every process with :class:`NonFiniteLossError` before the step's update.
+    """
     from diffusers.optimization import get_scheduler
 
     if isinstance(cfg, dict):
@@ -448,10 +631,10 @@ def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = 
     t0 = time.time()
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-    )
+    if int(cfg.dataloader_num_workers) < 0:
+        raise ValueError(f"dataloader_num_workers must be >= 0, got {cfg.dataloader_num_workers}")
+    accelerator = _accelerator(cfg, out_dir)
+    main_process = accelerator.is_main_process
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
 
     if backbone is None:
@@ -461,15 +644,25 @@ def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = 
     if cfg.gradient_checkpointing:
         backbone.unet.enable_gradient_checkpointing()
 
+    progress = cfg.progress and accelerator.is_local_main_process
     if dataset is None:
         kw = dict(resolution=cfg.resolution or backbone.image_size, center_crop=cfg.center_crop,
                   random_flip=cfg.random_flip, max_samples=cfg.max_samples)
         if cfg.lambda_llm and knowledge is None:  # a quick pass (no image decoding) for the prompts
-            knowledge = knowledge_for(cfg, SURDDataset(cfg.data_dir, check_images=False, **kw).prompts())
+            prompts = SURDDataset(cfg.data_dir, check_images=False, **kw).prompts()
+            with accelerator.main_process_first():  # one process computes, the others read its cache
+                knowledge = knowledge_for(cfg, prompts, progress)
         # validation names the row of every problem, missing knowledge vectors included
         dataset = SURDDataset(cfg.data_dir, knowledge=knowledge if cfg.lambda_llm else None, **kw)
     if cfg.lambda_llm and knowledge is None:
-        knowledge = dataset.knowledge or knowledge_for(cfg, dataset.prompts())
+        knowledge = dataset.knowledge
+        if knowledge is None:
+            with accelerator.main_process_first():
+                knowledge = knowledge_for(cfg, dataset.prompts(), progress)
+    if cfg.lambda_llm:  # every prompt of the data has a vector, all of one width (errors name them)
+        from .knowledge import select_knowledge
+
+        select_knowledge(knowledge, dataset.prompts(), source="the knowledge vectors")
     llm_dim = next(iter(knowledge.values())).shape[-1] if cfg.lambda_llm else None
 
     torch.manual_seed(cfg.seed)  # adapter init
@@ -487,49 +680,92 @@ def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = 
     ckpt_root = out_dir / "checkpoints"
     for stale in [*ckpt_root.glob(".tmp-*"), *ckpt_root.glob(".*.tmp"), *ckpt_root.glob(".*.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)
-    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    log_file, log = _open_log(out_dir / "log.csv", start)
+    if main_process:
+        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    log_file, log = _open_log(out_dir / "log.csv", start) if main_process else (None, None)
 
-    accum = cfg.gradient_accumulation_steps
+    if accelerator.log_with:
+        accelerator.init_trackers("sur-adapter", config=_tracker_config(cfg))
+    accum, n_proc = cfg.gradient_accumulation_steps, accelerator.num_processes
+    # micro-step m of this process: its batch (batch_indices) and its seed (micro_step_seed);
+    # process p of P takes m = (step * accum + micro) * P + p, so no two share a batch or a seed
+    micro_steps = [(step * accum + micro) * n_proc + accelerator.process_index
+                   for step in range(start, cfg.max_steps) for micro in range(accum)]
+    loader = micro_batch_loader(dataset, cfg, micro_steps, pin_memory=accelerator.device.type == "cuda")
+    batches = iter(loader)
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="SUR-adapter",
-               disable=not (cfg.progress and accelerator.is_local_main_process))
+               disable=not progress)
     try:
         for step in bar:
-            terms = {k: 0.0 for k in ("loss", "l_simple", "l_llm", "l_cp")}
+            terms = [0.0] * len(LOSS_TERMS)
             for micro in range(accum):
-                # each process (accelerate launch) gets its own slice of the data and its own noise
-                micro_step = (step * accum + micro) * accelerator.num_processes + accelerator.process_index
-                torch.manual_seed(micro_step_seed(cfg.seed, micro_step))  # noise, t, flips, dropout
-                idx = batch_indices(len(dataset), cfg.batch_size, micro_step, cfg.seed)
-                batch = collate([dataset[i] for i in idx])
+                batch = next(batches)
+                micro_step = (step * accum + micro) * n_proc + accelerator.process_index
+                assert batch["micro_step"] == micro_step, (batch["micro_step"], micro_step)
+                torch.manual_seed(micro_step_seed(cfg.seed, micro_step))  # every device's generator
+                torch.set_rng_state(batch["rng_state"])  # CPU: continue after the rows' crops/flips
                 with accelerator.accumulate(adapter), accelerator.autocast():
                     losses = compute_losses(cfg, backbone, adapter, batch, weight_dtype, knowledge)
+                    values = torch.stack([losses[k].detach().float() for k in LOSS_TERMS])
+                    values = accelerator.gather(values).reshape(n_proc, len(LOSS_TERMS)).cpu().double()
+                    _stop_on_non_finite(values, step, micro, accum, cfg)  # before backward and update
                     accelerator.backward(losses["loss"])
                     grad_norm = None
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(adapter.parameters(), cfg.max_grad_norm)
+                        # fp16's loss scaler skips a step with inf gradients by design; otherwise
+                        # a non-finite norm would write NaN into the weights
+                        if cfg.mixed_precision != "fp16":
+                            _stop_on_non_finite(values, step, micro, accum, cfg, float(grad_norm))
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                for k in terms:
-                    terms[k] += losses[k].item() / accum
-            row = {"step": step + 1, **terms, "grad_norm": float(grad_norm) if grad_norm is not None
-                   else math.nan, "lr": lr_scheduler.get_last_lr()[0], "seconds": time.time() - t0}
-            log.writerow(row)
-            log_file.flush()
-            bar.set_postfix(loss=f"{terms['loss']:.4f}")
+                for j, v in enumerate(values.mean(0).tolist()):  # the mean over the processes
+                    terms[j] += v / accum
+            row = {"step": step + 1, **dict(zip(LOSS_TERMS, terms)),
+                   "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                   "lr": lr_scheduler.get_last_lr()[0], "seconds": time.time() - t0}
+            if main_process:
+                log.writerow(row)
+                log_file.flush()
+            accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)
+            bar.set_postfix(loss=f"{terms[0]:.4f}")
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps:
                 accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
+                if main_process:
                     path = _save_checkpoint(accelerator, adapter, step + 1, cfg)
                     accelerator.print(f"checkpoint saved: {path.name}", flush=True)
     finally:
-        log_file.close()
+        del batches  # stops the loader's workers
+        if log_file is not None:
+            log_file.close()
+        for tracker in accelerator.trackers:
+            tracker.finish()
 
-    final = accelerator.unwrap_model(adapter)
-    if accelerator.is_main_process:
+    final = accelerator.unwrap_model(adapter, keep_fp32_wrapper=False)  # no autocast left in forward
+    _record_processes(accelerator, final, out_dir)
+    if main_process:
         final.save_pretrained(out_dir / "adapter")
-    return TrainResult(final, out_dir, cfg.max_steps, start, time.time() - t0)
+    accelerator.wait_for_everyone()
+    return TrainResult(final, out_dir, cfg.max_steps, start, time.time() - t0,
+                       num_processes=n_proc, is_main_process=main_process)
+
+
+def _record_processes(accelerator, adapter, out_dir: Path) -> None:
+    """``processes.json``: how many processes trained, and the digest of each one's final
+    adapter (data-parallel processes must end with identical weights)."""
+    import socket
+
+    from accelerate.utils import gather_object
+
+    from .fileio import write_json
+
+    mine = {"process_index": accelerator.process_index, "pid": os.getpid(),
+            "host": socket.gethostname(), "adapter_sha256": _digest(adapter)}
+    everyone = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
+    if accelerator.is_main_process:
+        write_json({"num_processes": accelerator.num_processes, "processes": everyone},
+                   out_dir / "processes.json")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -559,7 +795,8 @@ def main(argv: list[str] | None = None) -> int:
     rest = [x for k, v in pairs if k != ALLOW_CONFIG_CHANGE for x in (f"--{k}", v)]
     cfg = TrainConfig.from_yaml(argv[0], **_parse_overrides(rest))
     result = train(cfg, allow_config_change=allow_change)
-    print(f"done: {result.steps} steps in {result.seconds:.1f} s -> {result.output_dir / 'adapter'}")
+    if result.is_main_process:
+        print(f"done: {result.steps} steps in {result.seconds:.1f} s -> {result.output_dir / 'adapter'}")
     return 0
 
 

@@ -158,3 +158,36 @@ def test_load_authors_state_dict():
         small().load_authors_state_dict(sd)
     with pytest.raises(ValueError, match="missing"):
         small(official=True).load_authors_state_dict({})
+
+
+# --- mixed precision and several processes (issue: the RTX 3090 path) ------------------------------
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_output_survives_accelerates_fp32_conversion(official):
+    """accelerate's native mixed precision wraps forward with convert_outputs_to_fp32, which
+    rebuilds the output as type(out)({name: tensor.float()}): that must give a full output."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    adapter = small(official=official).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = convert_outputs_to_fp32(adapter.forward)(x)
+    for name in ("c", "h0", "q", "student"):
+        assert getattr(out, name).dtype == torch.float32 and getattr(out, name).shape == (2, 5, 16)
+    rebuilt = type(out)({k: v for k, v in out.items()})
+    assert torch.equal(rebuilt.c, out.c) and torch.equal(rebuilt.student, out.student)
+
+
+def test_official_unused_modules_are_frozen_but_stored():
+    """DDP waits for a gradient of every trainable parameter; the authors' template layer and
+    value projection never get one, so they are frozen, with their state-dict names kept."""
+    adapter = small(official=True)
+    frozen = {n for n, p in adapter.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith(("encoder_layer.", "attention.value_layer.")) for n in frozen)
+    assert {n for n in adapter.state_dict() if n.startswith(("encoder_layer.", "attention.value_layer."))} == frozen
+    assert all(p.requires_grad for p in small().parameters())  # the paper adapter has none
+    out = adapter.train()(torch.randn(2, 5, 16))
+    (out.c.square().mean() + out.student.square().mean()).backward()
+    unused = {n for n, p in adapter.named_parameters() if p.requires_grad and p.grad is None}
+    assert unused == set()

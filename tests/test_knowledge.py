@@ -412,3 +412,216 @@ def test_cache_records_drop_first_only_when_set(tiny, tmp_path):
     with pytest.raises(ValueError, match="separate cache file"):  # all tokens from a no-first file
         cached_knowledge_vectors(path, lambda: (model, tok), PROMPTS[:2], 1, meta={"model": "a"},
                                  progress=False)
+
+
+# ---- bad inputs (issue: clear errors) ----------------------------------------------------------
+
+
+def _cache(path, prompts=("a red car", "car"), width=4):
+    save_knowledge(path, list(prompts), torch.randn(len(prompts), width), {"llm": "x", "layer": -1,
+                                                                           "include_bos": True})
+    return path
+
+
+def _bad_files(tmp_path):
+    good = _cache(tmp_path / "good.safetensors").read_bytes()
+    files = {
+        "empty": b"",
+        "truncated": good[: len(good) // 2],
+        "cut_in_header": good[:20],
+        "text": b"a red car\ttwo cats\n",
+        "png": b"\x89PNG\r\n\x1a\n" + bytes(32),
+        "truncated_pt": AUTHORS_FILE.read_bytes()[:300],
+    }
+    for name, data in files.items():
+        (tmp_path / f"{name}.kn").write_bytes(data)
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(2, 2)}, tmp_path / "foreign.kn")  # a safetensors file, not ours
+    return sorted(tmp_path.glob("*.kn"))
+
+
+@pytest.mark.parametrize("reader", [load_knowledge, kn.read_knowledge_file, knowledge_meta])
+def test_bad_knowledge_files_name_the_path(tmp_path, reader):
+    for path in _bad_files(tmp_path):
+        with pytest.raises(ValueError) as err:
+            reader(path)
+        assert str(path) in str(err.value), (path.name, str(err.value))
+        assert "knowledge" in str(err.value) or "prompt2vec" in str(err.value)
+
+
+def test_truncated_and_empty_say_so(tmp_path):
+    files = {p.stem: p for p in _bad_files(tmp_path)}
+    with pytest.raises(ValueError, match="empty"):
+        load_knowledge(files["empty"])
+    with pytest.raises(ValueError, match="truncated"):
+        load_knowledge(files["truncated"])
+    with pytest.raises(ValueError, match="not a sur_lib knowledge cache"):
+        load_knowledge(files["foreign"])
+    with pytest.raises(ValueError, match="neither"):
+        kn.read_knowledge_file(files["text"])
+
+
+def test_both_formats_are_read_by_content(tmp_path):
+    """The authors' .pt and the project's cache, whatever their names say."""
+    pt_named_st = tmp_path / "vectors.safetensors"
+    pt_named_st.write_bytes(AUTHORS_FILE.read_bytes())
+    assert kn.knowledge_file_format(pt_named_st) == kn.AUTHORS_PT
+    authors = kn.read_knowledge_file(pt_named_st)
+    assert list(authors) == list(load_authors_prompt2vec(AUTHORS_FILE))
+    cache = _cache(tmp_path / "cache.pt")
+    assert kn.knowledge_file_format(cache) == kn.SAFETENSORS
+    assert set(kn.read_knowledge_file(cache)) == {"a red car", "car"}
+
+
+def test_a_cache_whose_header_length_starts_like_a_pickle_is_a_cache(tmp_path):
+    """A safetensors file starts with its header length; a first byte 0x80 is also how a pickle
+    starts. Found in a two-process run: the cache was taken for the authors' .pt."""
+    path = tmp_path / "k.safetensors"
+    for k in range(300):
+        _cache(path, prompts=("a red car", "car" + "s" * k))
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert kn.knowledge_file_format(path) == kn.SAFETENSORS
+    assert set(kn.read_knowledge_file(path)) == {"a red car", "car" + "s" * k}
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"car": torch.zeros(4)}, legacy, _use_new_zipfile_serialization=False)
+    assert legacy.read_bytes()[:1] == b"\x80" and kn.knowledge_file_format(legacy) == kn.AUTHORS_PT
+    assert set(kn.read_knowledge_file(legacy)) == {"car"}
+
+
+def test_missing_prompt_names_the_prompt():
+    vectors = {"a red car": torch.zeros(4), "car": torch.ones(4)}
+    with pytest.raises(ValueError, match="'two cats on the mat'") as err:
+        kn.select_knowledge(vectors, ["car", "two cats on the mat"], source="k.safetensors")
+    assert "k.safetensors" in str(err.value) and "1 of 2" in str(err.value)
+
+
+def test_wrong_width_names_the_prompt_and_widths(tmp_path):
+    vectors = {"a red car": torch.zeros(4), "car": torch.ones(5)}
+    with pytest.raises(ValueError, match=r"'car'.*width 5, expected 4.*'a red car'"):
+        kn.stack_knowledge(vectors, ["a red car", "car"])
+    with pytest.raises(ValueError, match=r"'car'.*width 5, expected 4"):
+        kn.stack_knowledge({"car": torch.ones(5)}, ["car"], width=4)
+    path = tmp_path / "mixed_39.pt"
+    torch.save(vectors, path)
+    with pytest.raises(ValueError, match=r"'car' has 5, 'a red car' has 4") as err:
+        load_authors_prompt2vec(path)
+    assert "mixed_39.pt" in str(err.value)
+
+
+def test_missing_prompt_in_training_names_it_instead_of_a_keyerror(tmp_path):
+    """compute_losses with a knowledge dict that lacks a prompt of the batch."""
+    from sur_lib.models import tiny_random_backbone
+    from sur_lib.train import TrainConfig, build_adapter, compute_losses
+
+    cfg = TrainConfig(profile="tiny-random", num_layers=1, num_heads=4, ffn_dim=32, lambda_llm=1.0)
+    backbone = tiny_random_backbone(seed=0)
+    adapter = build_adapter(cfg, backbone.text_dim, 4)
+    batch = {"pixel_values": torch.zeros(2, 3, 32, 32), "simple": ["car", "a red car"],
+             "complex": ["1 car", "1 red car"]}
+    with pytest.raises(ValueError, match="'a red car'"):
+        compute_losses(cfg, backbone, adapter, batch, torch.float32, {"car": torch.zeros(4)})
+    with pytest.raises(ValueError, match=r"'a red car'.*width 5, expected 4"):
+        compute_losses(cfg, backbone, adapter, batch, torch.float32,
+                       {"car": torch.zeros(4), "a red car": torch.zeros(5)})
+
+
+def test_missing_vectors_and_no_llm_name_the_prompts(tmp_path):
+    """A cache that lacks prompts, with an LLM that cannot be loaded (offline): the error says
+    which prompts are missing and why a model was needed, not a download traceback."""
+    path = _cache(tmp_path / "k.safetensors")
+
+    def offline():
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    with pytest.raises(ValueError, match=r"no knowledge vector for 1 prompt\(s\) \('two cats'\)") as err:
+        cached_knowledge_vectors(path, offline, ["car", "two cats"], -1, meta={"llm": "x"}, progress=False)
+    assert str(path) in str(err.value) and "could not be loaded" in str(err.value)
+
+
+# ---- the extraction command (python -m sur_lib.knowledge extract) --------------------------------
+
+
+EXTRACT_PROMPTS = ["a red car", "two cats on the mat", "a blue glass with red juice", "car",
+                   "a chef tossing pizza dough in the kitchen", "two red cars", "a cat", "juice"]
+
+
+@pytest.fixture(scope="module")
+def llm_folder(tmp_path_factory):
+    return kn.save_tiny_random_llm(tmp_path_factory.mktemp("llm") / "tiny-llama", EXTRACT_PROMPTS)
+
+
+def _extract_args(source, llm, out, *extra):
+    return ["extract", str(source), "--llm", str(llm), "--out", str(out), "--batch-size", "2",
+            "--save-every-s", "0", "--no-progress", *extra]
+
+
+def test_extract_cli_matches_knowledge_vectors_and_writes_the_authors_format(llm_folder, tmp_path):
+    import subprocess
+
+    from sur_lib.data import write_metadata
+
+    surd = tmp_path / "surd"
+    surd.mkdir()
+    from PIL import Image
+
+    rows = EXTRACT_PROMPTS + EXTRACT_PROMPTS[:2]  # a prompt may have several rows
+    for i in range(len(rows)):
+        Image.new("RGB", (8, 8)).save(surd / f"{i}.png")
+    write_metadata(surd, [{"file_name": f"{i}.png", "text": p, "prompt": f"complex {i}"}
+                          for i, p in enumerate(rows)])
+    out, pt = tmp_path / "k.safetensors", tmp_path / "k_39.pt"
+    cmd = [sys.executable, "-m", "sur_lib.knowledge", *_extract_args(surd, llm_folder, out, "--layer", "1",
+                                                                       "--authors-pt", str(pt))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{len(EXTRACT_PROMPTS)} knowledge vectors (width 32" in proc.stdout
+    got = load_knowledge(out)
+    assert list(got) != EXTRACT_PROMPTS and set(got) == set(EXTRACT_PROMPTS)  # stored in batch order
+    assert knowledge_meta(out) == {"llm": str(llm_folder), "layer": 1, "include_bos": True}
+    model, tok = kn.load_causal_lm(llm_folder)
+    direct = knowledge_vectors(model, tok, EXTRACT_PROMPTS, 1, progress=False)
+    for i, p in enumerate(EXTRACT_PROMPTS):
+        torch.testing.assert_close(got[p], direct[i], atol=1e-5, rtol=1e-5)
+    authors = load_authors_prompt2vec(pt)
+    assert set(authors) == set(EXTRACT_PROMPTS) and all(v.dtype == torch.float16 for v in authors.values())
+    assert all(torch.equal(authors[p], got[p].half()) for p in EXTRACT_PROMPTS)
+
+    bad = subprocess.run([sys.executable, "-m", "sur_lib.knowledge",
+                          *_extract_args(tmp_path / "nowhere", llm_folder, out)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "nowhere not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_extract_interrupted_and_resumed_gives_the_same_file(llm_folder, tmp_path, monkeypatch, capsys):
+    source = tmp_path / "prompts.txt"
+    source.write_text("\n".join(EXTRACT_PROMPTS) + "\n")
+    straight, resumed = tmp_path / "straight.safetensors", tmp_path / "resumed.safetensors"
+    assert kn.main(_extract_args(source, llm_folder, straight)) == 0
+
+    real, calls = kn.knowledge_vectors, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kn, "knowledge_vectors", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        kn.main(_extract_args(source, llm_folder, resumed))
+    assert len(load_knowledge(resumed)) == 4  # two complete batches of 2 were kept
+    monkeypatch.setattr(kn, "knowledge_vectors", real)
+    assert kn.main(_extract_args(source, llm_folder, resumed)) == 0
+    assert "(4 computed now)" in capsys.readouterr().out
+    # the same file: prompts in the same order, vectors bit for bit, the same meta (the bytes may
+    # differ only in the order of the header's metadata keys, which safetensors does not fix)
+    a, b = kn._read_knowledge(resumed), kn._read_knowledge(straight)
+    assert a[0] == b[0] and torch.equal(a[1], b[1]) and a[2] == b[2]
+    assert resumed.stat().st_size == straight.stat().st_size
+
+    again = kn.extract_knowledge(EXTRACT_PROMPTS, resumed, lambda: pytest.fail("nothing to compute"),
+                                 meta={"llm": str(llm_folder)}, progress=False)
+    assert set(again) == set(EXTRACT_PROMPTS)

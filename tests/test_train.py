@@ -219,3 +219,204 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(surd, tmp_path)
         assert bool(calls) == ckpt
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+# --- the RTX 3090 path (issue: mixed precision, several processes, NaN, the authors' files) -------
+
+# log.csv of the tiny-random runs below as written by train() BEFORE it read batches through a
+# DataLoader (commit 460ef7c; loss, l_simple, l_llm, l_cp, grad_norm per step): the DataLoader
+# must give the same batches, flips and noise, hence the same numbers
+OLD_LOG = {
+    "paper": [[31.20511245727539, 1.1277475357055664, 23.368873596191406, 6.708491325378418, 48.710174560546875],
+              [30.396507263183594, 1.106995940208435, 22.094223022460938, 7.19528865814209, 40.354591369628906],
+              [29.07473373413086, 1.1095271110534668, 21.506837844848633, 6.45836877822876, 37.039398193359375]],
+    "official_crop": [
+        [50.75592231750488, 1.1164001822471619, 42.64991760253906, 6.989604949951172, 80.23949432373047],
+        [48.23971748352051, 1.0860011577606201, 40.22823524475098, 6.925480842590332, 67.42212677001953],
+        [46.268571853637695, 1.0891487002372742, 38.31970405578613, 6.859720468521118, 56.94624328613281]],
+}
+OLD_LOG_CONFIGS = {"paper": {}, "official_crop": dict(official_adapter=True, center_crop=False,
+                                                      gradient_accumulation_steps=2)}
+TERMS = ("loss", "l_simple", "l_llm", "l_cp", "grad_norm")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("name", sorted(OLD_LOG))
+def test_dataloader_reproduces_the_old_loss_log(surd, tmp_path, name, workers):
+    cfg = cfg_for(surd, tmp_path, lambda_llm=1.0, lambda_cp=1.0, resume=False,
+                  dataloader_num_workers=workers, **OLD_LOG_CONFIGS[name])
+    train(cfg)
+    got = [[r[k] for k in TERMS] for r in read_log(tmp_path)]
+    np.testing.assert_allclose(got, OLD_LOG[name], rtol=2e-5)
+
+
+def test_dataloader_batches_equal_the_old_indexing(surd, tmp_path):
+    """The old loop: seed torch with micro_step_seed, decode batch_indices in this process, then
+    draw the noise. The DataLoader (in worker processes) must give the same pixels (crops,
+    flips) and leave the generator where the old loop had it."""
+    from sur_lib.train import micro_batch_loader, micro_step_seed
+
+    ds = SURDDataset(surd, resolution=32, center_crop=False)
+    cfg = cfg_for(surd, tmp_path, dataloader_num_workers=2, batch_size=3)
+    steps = [0, 1, 5, 2]
+    new = []
+    for batch in micro_batch_loader(ds, cfg, steps):
+        torch.set_rng_state(batch["rng_state"])
+        new.append((batch["micro_step"], batch["pixel_values"], batch["simple"], torch.randn(8)))
+    for m, (got_m, pixels, simple, noise) in zip(steps, new):
+        torch.manual_seed(micro_step_seed(cfg.seed, m))
+        old = collate([ds[i] for i in batch_indices(len(ds), 3, m, cfg.seed)])
+        assert got_m == m and simple == old["simple"]
+        assert torch.equal(pixels, old["pixel_values"])
+        assert torch.equal(noise, torch.randn(8))
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_bf16_trains_generates_and_resumes(surd, tmp_path, official):
+    from sur_lib.adapter import SURAdapter
+    from sur_lib.pipeline import generate
+
+    kw = dict(mixed_precision="bf16", official_adapter=official, lambda_llm=1.0, lambda_cp=1.0,
+              checkpoint_every=2)
+    res = train(cfg_for(surd, tmp_path / "straight", max_steps=3, **kw))
+    log = read_log(tmp_path / "straight")
+    assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
+    # the returned adapter is a plain module: no autocast wrapper in its forward
+    plain = SURAdapter.from_pretrained(tmp_path / "straight" / "adapter").eval()
+    res.adapter.eval()
+    x = torch.randn(2, 8, 32)
+    with torch.no_grad():
+        assert torch.equal(res.adapter(x).c, plain(x).c)
+    images = generate(tiny_random_backbone(seed=0), ["one lemon"], adapter=res.adapter,
+                      num_inference_steps=2, output_type="pt")
+    assert images.shape[0] == 1 and torch.isfinite(images).all()
+
+    train(cfg_for(surd, tmp_path / "resumed", max_steps=2, **kw))  # stops after checkpoint 2
+    again = train(cfg_for(surd, tmp_path / "resumed", max_steps=3, **kw))
+    assert again.resumed_from == 2
+    a, b = res.adapter.state_dict(), again.adapter.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_nan_loss_stops_the_run_and_the_checkpoint_resumes(surd, tmp_path, monkeypatch):
+    import sur_lib.train as tr
+    from sur_lib.adapter import SURAdapter
+
+    kw = dict(max_steps=4, checkpoint_every=2, lambda_llm=1.0, lambda_cp=1.0)
+    ref = train(cfg_for(surd, tmp_path / "straight", **kw)).adapter.state_dict()
+
+    real, calls = tr.compute_losses, []
+
+    def poisoned(*args, **kwargs):  # step 3's L_LLM overflows
+        losses = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            losses["l_llm"] = losses["l_llm"] * float("nan")
+            losses["loss"] = losses["loss"] + losses["l_llm"]
+        return losses
+
+    monkeypatch.setattr(tr, "compute_losses", poisoned)
+    with pytest.raises(tr.NonFiniteLossError) as err:
+        train(cfg_for(surd, tmp_path / "nan", **kw))
+    msg = str(err.value)
+    assert "step 3" in msg and "l_llm=nan" in msg and "l_simple=" in msg and "l_cp=" in msg
+    assert "step-000002" in msg and "resumes" in msg
+    step, path = latest_checkpoint(tmp_path / "nan")
+    assert step == 2
+    saved = SURAdapter.from_pretrained(path / "adapter").state_dict()
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    assert [r["step"] for r in read_log(tmp_path / "nan")] == [1, 2]
+
+    monkeypatch.setattr(tr, "compute_losses", real)
+    resumed = train(cfg_for(surd, tmp_path / "nan", **kw))
+    assert resumed.resumed_from == 2
+    got = resumed.adapter.state_dict()
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    assert [r["step"] for r in read_log(tmp_path / "nan")] == [1, 2, 3, 4]
+
+
+def test_the_authors_pt_works_as_knowledge_file(tmp_path):
+    from sur_lib.knowledge import load_authors_prompt2vec
+
+    authors = Path(__file__).parent / "data" / "authors_prompt2vec_13B_39.pt"
+    prompt = next(iter(load_authors_prompt2vec(authors)))
+    root = tmp_path / "surd"
+    root.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (60 * i, 20, 200)).save(root / f"{i}.png")
+    rows = [{"file_name": f"{i}.png", "text": prompt, "prompt": f"{prompt}, {i}, best quality"} for i in range(4)]
+    write_metadata(root, rows)
+    cfg = cfg_for(root, tmp_path / "run", knowledge_file=str(authors), llm="huggyllama/llama-13b",
+                  max_steps=2, lambda_llm=1.0, lambda_cp=1.0)
+    res = train(cfg)
+    assert res.adapter.llm_projection.weight.shape == (32, 5120)
+    assert all(r["l_llm"] > 0 for r in read_log(tmp_path / "run"))
+
+    write_metadata(root, rows[:3] + [{**rows[3], "text": "a prompt the authors never embedded"}])
+    with pytest.raises(ValueError, match="'a prompt the authors never embedded'") as err:
+        train(cfg_for(root, tmp_path / "run2", knowledge_file=str(authors), max_steps=1))
+    assert "authors' format" in str(err.value)
+    foreign = tmp_path / "notes.pt"
+    foreign.write_text("not a knowledge file")
+    with pytest.raises(ValueError, match="is not a knowledge file") as err:
+        train(cfg_for(root, tmp_path / "run3", knowledge_file=str(foreign), max_steps=1))
+    assert str(foreign) in str(err.value)
+
+
+@pytest.mark.parametrize("official", [False, True])
+@pytest.mark.parametrize("path, lambdas", [("paper", (1.0, 1.0)), ("paper", (0.0, 0.0)),
+                                           ("official", (1.0, 1.0)), ("official", (0.0, 1.0)),
+                                           ("official", (1.0, 0.0))])
+def test_every_trainable_parameter_gets_a_gradient(surd, tmp_path, official, path, lambdas):
+    """DistributedDataParallel without find_unused_parameters waits for a gradient of every
+    trainable parameter, or fails at the next step ("Expected to have finished reduction")."""
+    cfg = cfg_for(surd, tmp_path, official_adapter=official, gradient_path=path)
+    adapter, losses = _grads(cfg, surd, lambdas)
+    losses["loss"].backward()
+    unused = [n for n, p in adapter.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []
+
+
+def test_trackers_get_every_logged_row(surd, tmp_path, monkeypatch):
+    import sur_lib.train as tr
+    from accelerate.tracking import GeneralTracker
+
+    class Recording(GeneralTracker):  # keeps what it is given: an offline stand-in for TensorBoard
+        name, requires_logging_directory, main_process_only = "recording", False, True
+
+        def __init__(self):
+            super().__init__()
+            self.config, self.rows, self.finished = None, [], False
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            self.config = values
+
+        def log(self, values, step=None, **kwargs):
+            self.rows.append((step, dict(values)))
+
+        def finish(self):
+            self.finished = True
+
+    rec = Recording()
+    monkeypatch.setattr(tr, "_log_with", lambda cfg: [rec])
+    train(cfg_for(surd, tmp_path, max_steps=3))
+    assert [s for s, _ in rec.rows] == [1, 2, 3] and rec.finished
+    assert rec.config["max_steps"] == 3 and rec.config["profile"] == "tiny-random"
+    csv_rows = read_log(tmp_path)
+    for (_, row), ref in zip(rec.rows, csv_rows):
+        assert row["loss"] == ref["loss"] and set(row) == set(ref) - {"step"}
+
+
+def test_report_to_without_the_package_says_what_to_install(surd, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed")
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        train(cfg_for(surd, tmp_path, report_to="tensorboard", max_steps=1))
+    with pytest.raises(ValueError, match="report_to"):
+        train(cfg_for(surd, tmp_path, report_to="mlflow-ish", max_steps=1))
