@@ -120,7 +120,7 @@ class TrainConfig:
     resume: bool = True
     progress: bool = True
     extra: dict = field(default_factory=dict)
-    # added later (each is in experiments.LATER_KEYS with its default, so run hashes stay)
+    # added later (each is in experiments.runs.LATER_KEYS with its default, so run hashes stay)
     dataloader_num_workers: int = 0  # processes that decode images (0: the training process)
     report_to: str = "none"  # "none" (log.csv only), "tensorboard" or "wandb" (accelerate's trackers)
 
