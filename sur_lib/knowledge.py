@@ -551,7 +551,7 @@ def load_authors_prompt2vec(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     str -> 1-D tensors that all have the same width. Values are returned unchanged (fp16).
     """
     try:
-        with open(path, "rb") as f:  # a file object: torch.load judges a path by its suffix
+        with open(path, "rb") as f:  # a file object: torch judges a path by its suffix
             data = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
         raise KnowledgeError(f"{path}: cannot be read as a prompt2vec file ({type(err).__name__}: {err})") from err
