@@ -28,6 +28,7 @@ NAME is one of
   prompt into a keyword prompt, which the base model gets unchanged; same metrics as ``sur``.
 * ``guidance`` -- picks the classifier-free guidance scale on training-distribution prompts
   (pretraining-style complex prompts and SURD-mini-style simple prompts), never on test prompts.
+* ``compose``  -- the adapter with S-CFG and delayed conditioning (``experiments_compose``).
 * ``verify``   -- re-runs a small subset of every stored result live (3 prompts x 4 images per
   condition; the stored adapter is loaded, not retrained; for ``ablations`` the first training
   steps of one variant are replayed) and exits non-zero if a number disagrees beyond the
@@ -106,7 +107,7 @@ VERIFY_LOSS_RTOL = 1e-3
 VERIFY_TRAIN_STEPS = 2
 
 VOLATILE_KEYS = frozenset({"command", "versions", "wall_time_s", "seconds", "timings"})
-EXPERIMENTS = ("failure", "sur", "ablations", "rewrite", "guidance")
+EXPERIMENTS = ("failure", "sur", "ablations", "rewrite", "guidance", "compose")
 
 
 # =============================================================================== small helpers
@@ -1123,6 +1124,9 @@ def run_verify(args, backbone=None) -> dict:
         te = time.time()
         if name == "ablations":
             checks = verify_ablations(doc, backbone, digest, _progress(args))
+        elif name == "compose":  # S-CFG / delayed conditioning (sur_lib/experiments_compose.py)
+            from .experiments_compose import verify_compose
+            checks = verify_compose(doc, backbone, digest, per_type, n_images, _progress(args))
         else:
             checks = verify_images(doc, backbone, digest, per_type, n_images, _progress(args))
         ok = all(c["ok"] for c in checks)
@@ -1140,8 +1144,15 @@ def run_verify(args, backbone=None) -> dict:
 
 # =============================================================================== CLI
 
+def run_compose(args, backbone=None) -> dict:
+    """S-CFG and delayed conditioning with the adapter: ``experiments_compose.run_compose``."""
+    from .experiments_compose import run_compose as run
+
+    return run(args, backbone=backbone)
+
+
 RUNNERS = {"failure": run_failure, "sur": run_sur, "ablations": run_ablations,
-           "rewrite": run_rewrite, "guidance": run_guidance}
+           "rewrite": run_rewrite, "guidance": run_guidance, "compose": run_compose}
 
 
 def parse_args(argv: Sequence[str] | None = None):
@@ -1169,6 +1180,10 @@ def parse_args(argv: Sequence[str] | None = None):
     ap.add_argument("--no-cache", action="store_true",
                     help="do not reuse finished (prompt, condition) records from outputs/experiments/cache")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--scales", default=None, help="compose: CFG scales, e.g. 2,3,4.5")
+    ap.add_argument("--alphas", default=None, help="compose: delayed-conditioning alphas, e.g. 0.3,0.5,0.7")
+    ap.add_argument("--complex-scales", default=None, help="compose: scales for the complex prompts")
+    ap.add_argument("--no-overhead", action="store_true", help="compose: skip the S-CFG timing")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[2:] if argv is None else list(argv)[1:])
     return args
