@@ -177,7 +177,9 @@ def measure_overhead(backbone, gen: ex.GenSettings, n_images: int = 4, repeats: 
                      text: str = "three red circles in a row") -> dict:
     """Seconds per image of plain CFG, S-CFG, and S-CFG's recording alone (gamma fixed to 1),
     timed interleaved (``repeats`` rounds of the three) with ``n_images`` images per call;
-    the median per variant, and S-CFG / CFG."""
+    the median per variant, and S-CFG / CFG. Both wall-clock seconds and this process's CPU
+    seconds (``time.process_time``) are kept: on a shared machine the wall clock also counts
+    the other jobs, the CPU time much less so (with one torch thread it is the work done)."""
     from .pipeline import generate
 
     pipe = ex.make_pipe(backbone, gen)
@@ -187,14 +189,20 @@ def measure_overhead(backbone, gen: ex.GenSettings, n_images: int = 4, repeats: 
               num_images_per_prompt=n_images, output_type="np", pipe=pipe)
     generate(backbone, [text], **{**kw, "num_inference_steps": 1})  # warm-up
     times = {k: [] for k in variants}
+    cpu = {k: [] for k in variants}
     for _ in range(repeats):
         for k, extra in variants.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             generate(backbone, [text], **kw, **extra)
             times[k].append((time.perf_counter() - t) / n_images)
+            cpu[k].append((time.process_time() - c) / n_images)
     med = {k: float(np.median(v)) for k, v in times.items()}
+    med_cpu = {k: float(np.median(v)) for k, v in cpu.items()}
     return {"seconds_per_image": med, "all": times, "scfg_over_cfg": med["scfg"] / med["cfg"],
             "recording_over_cfg": med["recording_only"] / med["cfg"],
+            "cpu_seconds_per_image": med_cpu, "all_cpu": cpu,
+            "cpu_scfg_over_cfg": med_cpu["scfg"] / med_cpu["cfg"],
+            "cpu_recording_over_cfg": med_cpu["recording_only"] / med_cpu["cfg"],
             "torch_threads": torch.get_num_threads(), "images_per_call": n_images,
             "repeats": repeats, "steps": gen.steps,
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
@@ -356,3 +364,38 @@ def verify_compose(doc: dict, backbone, current_digest: str, per_type: int, n_im
                           f"image-for-image agreement {same}/{len(stored) * m}")
         checks.append(res)
     return checks
+
+
+# =============================================================================== benchmark CLI
+
+
+def bench_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sur_lib.experiments_compose [--repeats R] [--threads T] [--out FILE]``:
+    ``measure_overhead`` on the shipped base model (25 DDIM steps, CFG 2, 4 images per call),
+    written to data/results/compose_bench.json (a benchmark: its seconds are this machine's)."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m sur_lib.experiments_compose", description=bench_main.__doc__)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--out", default=str(ex.RESULTS_DIR / "compose_bench.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    backbone = ex.load_base()
+    gen = ex.GenSettings()
+    res = measure_overhead(backbone, gen, n_images=args.images, repeats=args.repeats)
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    doc = {"experiment": "compose_bench",
+           "command": "python -m sur_lib.experiments_compose " + " ".join(argv_list),
+           "versions": ex.versions(), "model": ex.model_info(backbone), "generation": gen.to_dict(),
+           "overhead": res, "wall_time_s": round(time.time() - t0, 1)}
+    path = ex.write_json(doc, Path(args.out))
+    print(f"wrote {ex._rel(path)}: wall {res['seconds_per_image']}, cpu {res['cpu_seconds_per_image']} s/image")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(bench_main())
