@@ -50,7 +50,7 @@ REVERSED_ALPHA = 0.5  # one adapted_first condition
 COMPLEX_SCALES = (2.0, 3.0)
 IMAGES = 4
 QUICK = dict(scales=(2.0,), alphas=(0.5,), complex_scales=(2.0,), images=2, prompts_per_type=1,
-             sampler_steps=5)
+             sampler_steps=3)  # --quick: no adapted_first condition
 OVERHEAD_REPEATS = 2  # interleaved repeats of each timed variant
 VERIFY_CONDITIONS = 4
 
@@ -128,9 +128,10 @@ def draw_and_judge_composed(backbone, spec: dict, text: str, n_images: int, seed
 def evaluate_composed(backbone, specs: Sequence[dict], texts: Sequence[str], n_images: int, seed: int,
                       gen: ex.GenSettings, adapter=None, guidance: dict | None = None,
                       quality: bool = True, pipe=None, progress: bool = True, desc: str = "",
-                      cache: Path | None = None) -> list[dict]:
+                      cache: Path | None = None, hits: list | None = None) -> list[dict]:
     """One record per prompt, as ``experiments.evaluate_condition`` makes them (same keys), with
-    the guidance options; the cache key adds the options and the code of guidance.py."""
+    the guidance options; the cache key adds the options and the code of guidance.py.
+    ``hits``: a list that receives the ids of the records read from the cache."""
     from tqdm.auto import tqdm
 
     pipe = pipe if pipe is not None else ex.make_pipe(backbone, gen)
@@ -151,6 +152,8 @@ def evaluate_composed(backbone, specs: Sequence[dict], texts: Sequence[str], n_i
             path = Path(cache) / "compose" / digest[:2] / f"{digest}.json"
             if path.is_file():
                 records.append(json.loads(path.read_text()))
+                if hits is not None:
+                    hits.append(spec["id"])
                 continue
         images, scores = draw_and_judge_composed(backbone, spec, text, n_images, seed, gen, adapter,
                                                  pipe, guidance)
@@ -274,18 +277,20 @@ def run_compose(args, backbone=None, adapter=None) -> dict:
 
     conds = {}
     pipes = {}
-    for c in plan(scales, alphas, cscales):
+    reversed_alpha = None if quick else REVERSED_ALPHA
+    for c in plan(scales, alphas, cscales, reversed_alpha):
         tc = time.time()
         gen = dataclasses.replace(base_gen, guidance=c["scale"])
         pipe = pipes.setdefault(c["scale"], ex.make_pipe(backbone, gen))
         use = adapter if c["model"] == "adapter" else None
         texts = [s[c["text"]] for s in specs]
+        hits: list = []
         recs = evaluate_composed(backbone, specs, texts, n_img, seed, gen, adapter=use,
                                  guidance=guidance_kwargs(c, scfg), pipe=pipe, progress=progress,
-                                 desc=f"compose/{c['name']}", cache=cache)
+                                 desc=f"compose/{c['name']}", cache=cache, hits=hits)
         block = {**c, "generation": gen.to_dict(), "adapter": adapter_ref if use is not None else None,
                  "records": recs, "summary": ex.summarize(recs),
-                 "timings": {"seconds": round(time.time() - tc, 1)}}
+                 "timings": {"seconds": round(time.time() - tc, 1), "records_from_cache": len(hits)}}
         if c["reference"]:
             ref = conds[c["reference"]]["records"]
             block["vs_reference"] = ex.compare(ref, recs)
@@ -299,7 +304,7 @@ def run_compose(args, backbone=None, adapter=None) -> dict:
         "generation": base_gen.to_dict(), "images_per_prompt": n_img,
         "prompts": [{k: s[k] for k in ("id", "type", "text", "prompt")} for s in specs],
         "adapter": adapter_ref, "scfg": scfg.to_dict(),
-        "grid": {"scales": list(scales), "alphas": list(alphas), "reversed_alpha": REVERSED_ALPHA,
+        "grid": {"scales": list(scales), "alphas": list(alphas), "reversed_alpha": reversed_alpha,
                  "complex_scales": list(cscales)},
         "note": ("alpha = fraction of the denoising steps that get the plain simple-prompt "
                  "embedding first (plain_first; adapted_first: the adapted one first); S-CFG and "

@@ -384,10 +384,10 @@ def test_compose_quick_run_and_verify(tmp_path, capsys):
     assert {r["condition"] for r in doc["table"]} == set(doc["conditions"])
     shutil.copy(tmp_path / "compose-quick.json", tmp_path / "compose.json")
     assert ex.main(["verify", *argv, "--only", "compose", "--out", str(tmp_path)]) == 0
-    assert "OK   compose" in capsys.readouterr().out
-    from sur_lib.experiments_compose import verify_compose
-
-    backbone = ex.load_base(model)
-    checks = verify_compose(doc, backbone, ex.state_digest(backbone.unet), 1, 2, False)
-    assert len(checks) == len(doc["verify"]["conditions"]) >= 3
-    assert all(c["ok"] and c["same_images"] == c["compared_images"] for c in checks)  # same machine
+    out = capsys.readouterr().out
+    assert "OK   compose" in out
+    lines = [ln for ln in out.splitlines() if "image-for-image agreement" in ln]
+    assert len(lines) == len(doc["verify"]["conditions"]) >= 3
+    for ln in lines:  # same machine, same seeds: the very same verdicts
+        k, n = ln.rsplit(" ", 1)[1].split("/")
+        assert k == n, ln
