@@ -25,6 +25,7 @@ tensor images with the pipeline's own ``image_processor.postprocess``.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -175,6 +176,10 @@ def generate(
     output_type: str = "pil",
     pipe: StableDiffusionPipeline | None = None,
     scheduler: str | SchedulerMixin = "ddim",
+    scfg=None,
+    scfg_trace: list | None = None,
+    delay_alpha: float | None = None,
+    delay_order: str = "plain_first",
 ):
     """Generate images for ``prompts``, optionally through a SUR-adapter.
 
@@ -190,6 +195,15 @@ def generate(
     Returns a list of PIL images ("pil"), a float tensor [B, 3, H, W] in [0, 1] ("pt"), an array
     [B, H, W, 3] in [0, 1] ("np"), or the final latents ("latent"); B = len(prompts) times
     num_images_per_prompt, grouped by prompt.
+
+    Guidance options (``sur_lib.guidance``; all off by default, and off the images are exactly
+    those of the plain call):
+    scfg: S-CFG instead of plain CFG (True for the defaults, or an ``SCFGConfig`` / dict); the
+    pipeline's own CFG is switched off and a UNet wrapper runs both branches and does the
+    per-region guidance. scfg_trace: a list that receives every step's maps, regions and gamma.
+    delay_alpha: delayed conditioning (needs ``adapter``): the fraction of steps that get the
+    first embedding of ``delay_order`` ("plain_first": plain text, then adapted, as FastComposer;
+    "adapted_first": the reverse); the unconditional branch is never changed.
     """
     check_generate_args(backbone, prompts, negative_prompt, num_inference_steps, guidance_scale,
                         num_images_per_prompt, height, width, seed)
@@ -210,15 +224,41 @@ def generate(
         size = {k: (v or side) * pipe.vae_scale_factor for k, v in size.items()}
         pipe_output_type = "latent"
 
-    images = pipe(
+    pipe_guidance, extra, call = guidance_scale, {}, pipe
+    if delay_alpha is not None:
+        from .guidance import ConditioningSwap, conditioning_schedule
+
+        if adapter is None:
+            raise ValueError("delay_alpha needs an adapter (it schedules plain vs adapted embeddings)")
+        plain, _ = prompt_embeddings(backbone, prompts, None, False, negative_prompt)
+        swap = ConditioningSwap(plain, cond, conditioning_schedule(num_inference_steps, delay_alpha, delay_order),
+                                num_images_per_prompt)
+        cond = cond if swap.initial() else plain
+        extra = dict(callback_on_step_end=swap, callback_on_step_end_tensor_inputs=swap.tensor_inputs)
+    scfg_cfg = None
+    if scfg is not None and scfg is not False:
+        from .guidance import SCFGUNet, as_scfg_config
+
+        scfg_cfg = as_scfg_config(scfg)
+        if guidance_scale <= 1:
+            raise ValueError(f"S-CFG needs guidance_scale > 1, got {guidance_scale}")
+        wrapper = SCFGUNet(pipe.unet, uncond.repeat_interleave(num_images_per_prompt, dim=0),
+                           guidance_scale, scfg_cfg, trace=scfg_trace)
+        scfg_pipe = StableDiffusionPipeline(**{**pipe.components, "unet": wrapper}, requires_safety_checker=False)
+        scfg_pipe.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+        call = functools.partial(wrapper.run, scfg_pipe)
+        pipe_guidance = 1.0  # the wrapper guides; the pipeline's CFG is off
+
+    images = call(
         prompt_embeds=cond,
         negative_prompt_embeds=uncond,
         num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
+        guidance_scale=pipe_guidance,
         num_images_per_prompt=num_images_per_prompt,
         generator=generator,
         output_type=pipe_output_type,
         **size,
+        **extra,
     ).images
 
     if backbone.vae is None and output_type != "latent":

@@ -28,6 +28,13 @@ NAME is one of
   prompt into a keyword prompt, which the base model gets unchanged; same metrics as ``sur``.
 * ``guidance`` -- picks the classifier-free guidance scale on training-distribution prompts
   (pretraining-style complex prompts and SURD-mini-style simple prompts), never on test prompts.
+* ``compose``  -- the adapter composed with S-CFG and delayed conditioning, against plain CFG at
+  the same scale (``compose``).
+* ``convergence`` -- ``tiny.yaml`` trained to the paper's 5,000 steps, evaluated at log-spaced
+  steps on the tuning set, the test prompts and the extended held-out set; resumable across
+  sessions (``convergence``; its own options, ``--help``).
+* ``probe``    -- what the teacher knows: leave-one-noun-out linear probes of colour and shape
+  from the knowledge vectors and the text encoder's states (``probe``; its own options).
 * ``verify``   -- re-runs a small subset of every stored result live (3 prompts x 4 images per
   condition; the stored adapter is loaded, not retrained; for ``ablations`` the first training
   steps of one variant are replayed) and exits non-zero if a number disagrees beyond the
@@ -48,7 +55,7 @@ and ``rewrite``. ``--quick`` runs tiny versions (a few prompts, images, sampler 
 tests, written to ``NAME-quick.json`` so they never overwrite a real result.
 
 Layout: one module per experiment (``failure``, ``sur``, ``rewrite``, ``guidance``,
-``ablations``, ``verify``), each with its config dataclass and its runner; ``common`` (paths,
+``ablations``, ``compose``, ``convergence``, ``probe``, ``verify``), each with its config dataclass and its runner; ``common`` (paths,
 sampling defaults, the shared options, result headers), ``prompts`` (which prompts),
 ``images`` (drawing and judging, the record cache), ``runs`` (adapter training runs, the run
 hash and ``LATER_KEYS``) and ``command`` (the command line). The statistics are in

@@ -15,6 +15,7 @@ from ..fileio import write_json
 from ..provenance import rel_path
 from .ablations import AblationsConfig, run_ablations
 from .common import GUIDANCE, RESULTS_DIR, SAMPLER_STEPS, SURD_MINI_ROWS, result_path
+from .compose import ComposeConfig, run_compose
 from .failure import FailureConfig, run_failure
 from .guidance import GuidanceConfig, run_guidance
 from .rewrite import RewriteConfig, run_rewrite
@@ -26,9 +27,10 @@ OWN_COMMAND_LINE = {"convergence": "sur_lib.experiments.convergence",
                     "probe": "sur_lib.experiments.probe"}
 
 RUNNERS = {"failure": run_failure, "sur": run_sur, "ablations": run_ablations,
-           "rewrite": run_rewrite, "guidance": run_guidance}
+           "rewrite": run_rewrite, "guidance": run_guidance, "compose": run_compose}
 CONFIGS = {"failure": FailureConfig, "sur": SurConfig, "ablations": AblationsConfig,
-           "rewrite": RewriteConfig, "guidance": GuidanceConfig, "verify": VerifyConfig}
+           "rewrite": RewriteConfig, "guidance": GuidanceConfig, "compose": ComposeConfig,
+           "verify": VerifyConfig}
 
 
 def parse_args(argv: Sequence[str] | None = None):
@@ -60,6 +62,10 @@ def parse_args(argv: Sequence[str] | None = None):
     ap.add_argument("--no-cache", action="store_true",
                     help="do not reuse finished (prompt, condition) records from outputs/experiments/cache")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--scales", default=None, help="compose: CFG scales, e.g. 2,3,4.5")
+    ap.add_argument("--alphas", default=None, help="compose: delayed-conditioning alphas, e.g. 0.3,0.5,0.7")
+    ap.add_argument("--complex-scales", default=None, help="compose: scales for the complex prompts")
+    ap.add_argument("--no-overhead", action="store_true", help="compose: skip the S-CFG timing")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[2:] if argv is None else list(argv)[1:])
     return args

@@ -123,6 +123,10 @@ def run_verify(exp: VerifyConfig, backbone=None) -> dict:
         te = time.time()
         if name == "ablations":
             checks = verify_ablations(doc, backbone, digest, exp.progress)
+        elif name == "compose":  # S-CFG and delayed conditioning (experiments/compose.py)
+            from .compose import verify_compose
+
+            checks = verify_compose(doc, backbone, digest, per_type, n_images, exp.progress)
         else:
             checks = verify_images(doc, backbone, digest, per_type, n_images, exp.progress)
         ok = all(c["ok"] for c in checks)
