@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .. import evaluate
-from ..analysis import agreement, compare, quality_tests, summarize
+from ..analysis import accuracy_with_ci, agreement, compare, quality_tests, summarize
 from ..fileio import clean_json, write_json
 from ..guidance import SCFGConfig
 from ..provenance import rel_path, state_digest
@@ -169,7 +169,7 @@ def evaluate_composed(backbone, specs: Sequence[dict], texts: Sequence[str], n_i
         correct = [int(s["correct"]) for s in scores]
         rec = {k: spec.get(k) for k in SPEC_KEYS}
         rec["text"] = text
-        rec.update(evaluate.accuracy_with_ci(correct))
+        rec.update(accuracy_with_ci(correct))
         rec["correct"] = correct
         rec["hits"] = {a: sum(bool(s[a]) for s in scores) for a in HIT_KEYS}
         if quality:
