@@ -391,3 +391,25 @@ def test_compose_quick_run_and_verify(tmp_path, capsys):
     for ln in lines:  # same machine, same seeds: the very same verdicts
         k, n = ln.rsplit(" ", 1)[1].split("/")
         assert k == n, ln
+
+
+def test_composed_records_are_cached_by_their_guidance_options(pixel_backbone, tmp_path):
+    """images.evaluate_condition with guidance options: a second call reads every record back,
+    other options miss the cache, and the records without options keep their own keys."""
+    from sur_lib.experiments.common import GenSettings
+    from sur_lib.experiments.images import evaluate_condition
+
+    spec = {"id": "counting-00", "type": "counting", "count": 2, "color": "red",
+            "shape": "circle", "arrangement": None, "noun": "cherry"}
+    g = GenSettings(steps=2)
+    run = lambda guidance, hits: evaluate_condition(  # noqa: E731
+        pixel_backbone, [spec], ["two cherries"], 1, 0, g, cache=tmp_path, progress=False,
+        guidance=guidance, hits=hits)
+    first, again, other, plain = [], [], [], []
+    a = run({"scfg": True}, first)
+    b = run({"scfg": True}, again)
+    run({"scfg": G.SCFGConfig(gamma_max=2.0)}, other)
+    run(None, plain)
+    assert first == [] and again == ["counting-00"] and other == [] and plain == []
+    assert a == b
+    assert len(list((tmp_path / "compose").rglob("*.json"))) == 2

@@ -23,7 +23,7 @@ CPU with the run's thread count; those seconds are volatile (``timings``).
 
 Records are cached like the other experiments' (outputs/experiments/cache, keyed also by the
 guidance options and the code of ``guidance.py``), so an interrupted run resumes where it
-stopped. ``evaluate_composed`` mirrors ``experiments.evaluate_condition`` with the guidance
+stopped. ``evaluate_composed`` is ``images.evaluate_condition`` with the guidance
 options passed to ``pipeline.generate`` (the record format is the same, so ``summarize`` and
 ``compare`` read it unchanged).
 """
@@ -43,13 +43,13 @@ import numpy as np
 import torch
 
 from .. import evaluate
-from ..analysis import accuracy_with_ci, agreement, compare, quality_tests, summarize
-from ..fileio import clean_json, write_json
+from ..analysis import agreement, compare, quality_tests, summarize
+from ..fileio import write_json
 from ..guidance import SCFGConfig
 from ..provenance import rel_path, state_digest
 from .common import (ADAPTER_DIR, RESULTS_DIR, SAMPLER_STEPS, ExperimentConfig, GenSettings,
                      header, judge_info, load_base, model_info, prompt_seed, versions)
-from .images import HIT_KEYS, SPEC_KEYS, code_digest, make_pipe
+from .images import evaluate_condition, make_pipe
 from .prompts import select_prompts
 from .runs import load_adapter
 
@@ -112,74 +112,15 @@ def guidance_kwargs(cond: dict, scfg: SCFGConfig) -> dict:
     return kw
 
 
-def _guidance_digest() -> str:
-    return hashlib.sha256((Path(__file__).resolve().parent / "guidance.py").read_bytes()).hexdigest()
-
-
-# =============================================================================== generate + judge
-
-
-def draw_and_judge_composed(backbone, spec: dict, text: str, n_images: int, seed: int,
-                            gen: GenSettings, adapter=None, pipe=None, guidance: dict | None = None):
-    """``experiments.draw_and_judge`` with guidance options for ``pipeline.generate``."""
-    from ..pipeline import generate
-
-    pipe = pipe if pipe is not None else make_pipe(backbone, gen)
-    images = generate(backbone, [text], adapter=adapter, num_inference_steps=gen.steps,
-                      guidance_scale=gen.guidance, seed=prompt_seed(seed, spec["id"]),
-                      num_images_per_prompt=n_images, output_type="np", pipe=pipe, **(guidance or {}))
-    images = np.clip(np.rint(np.asarray(images) * 255.0), 0, 255).astype(np.uint8)
-    judged = [evaluate.judge(img) for img in images]
-    return images, [{**evaluate.score(img, spec, judgement=j), "judgement": j}
-                    for img, j in zip(images, judged)]
-
-
 def evaluate_composed(backbone, specs: Sequence[dict], texts: Sequence[str], n_images: int, seed: int,
                       gen: GenSettings, adapter=None, guidance: dict | None = None,
                       quality: bool = True, pipe=None, progress: bool = True, desc: str = "",
                       cache: Path | None = None, hits: list | None = None) -> list[dict]:
-    """One record per prompt, as ``experiments.evaluate_condition`` makes them (same keys), with
-    the guidance options; the cache key adds the options and the code of guidance.py.
-    ``hits``: a list that receives the ids of the records read from the cache."""
-    from tqdm.auto import tqdm
-
-    pipe = pipe if pipe is not None else make_pipe(backbone, gen)
-    opts = {k: (v.to_dict() if isinstance(v, SCFGConfig) else v) for k, v in (guidance or {}).items()}
-    key_base = None
-    if cache is not None:
-        key_base = {"unet": state_digest(backbone.unet), "code": code_digest(),
-                    "guidance_code": _guidance_digest(), "guidance": opts,
-                    "adapter": state_digest(adapter) if adapter is not None else None,
-                    "n": n_images, "seed": seed, "gen": gen.to_dict(), "quality": quality}
-    records = []
-    for spec, text in tqdm(list(zip(specs, texts)), desc=desc or "generate", disable=not progress,
-                           leave=False):
-        path = None
-        if key_base is not None:
-            key = {**key_base, "text": text, "spec": {k: spec.get(k) for k in SPEC_KEYS}}
-            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-            path = Path(cache) / "compose" / digest[:2] / f"{digest}.json"
-            if path.is_file():
-                records.append(json.loads(path.read_text()))
-                if hits is not None:
-                    hits.append(spec["id"])
-                continue
-        images, scores = draw_and_judge_composed(backbone, spec, text, n_images, seed, gen, adapter,
-                                                 pipe, guidance)
-        correct = [int(s["correct"]) for s in scores]
-        rec = {k: spec.get(k) for k in SPEC_KEYS}
-        rec["text"] = text
-        rec.update(accuracy_with_ci(correct))
-        rec["correct"] = correct
-        rec["hits"] = {a: sum(bool(s[a]) for s in scores) for a in HIT_KEYS}
-        if quality:
-            rec["brisque"] = [float(x) for x in evaluate.brisque_scores(images)]
-            rec["clean_render_distance"] = [float(x) for x in evaluate.clean_render_distance(images)]
-        rec = clean_json(rec)
-        if path is not None:
-            write_json(rec, path)
-        records.append(rec)
-    return records
+    """``images.evaluate_condition`` with the guidance options passed to ``pipeline.generate``
+    (same record format; quality scores on by default)."""
+    return evaluate_condition(backbone, specs, texts, n_images, seed, gen, adapter=adapter,
+                              quality=quality, pipe=pipe, progress=progress, desc=desc,
+                              cache=cache, guidance=guidance, hits=hits)
 
 
 # =============================================================================== overhead

@@ -47,18 +47,25 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
+def _file_digest(name: str) -> str:
+    """SHA-256 of one module of sur_lib (``guidance.py``: part of the key of composed records)."""
+    return hashlib.sha256((Path(__file__).resolve().parents[1] / name).read_bytes()).hexdigest()
+
+
 def draw_and_judge(backbone, spec: dict, text: str, n_images: int, seed: int, gen: GenSettings,
-                   adapter=None, pipe=None) -> tuple[np.ndarray, list[dict]]:
+                   adapter=None, pipe=None, guidance: dict | None = None) -> tuple[np.ndarray, list[dict]]:
     """The first ``n_images`` images of one prompt exactly as the experiments draw them
     (``pipeline.generate`` seeded by ``prompt_seed(seed, spec["id"])``, rounded to uint8) and
     the judge's score of each against ``spec`` (``evaluate.score``: the verdict ``correct``,
-    the per-attribute hits and the judge's reading under ``judgement``)."""
+    the per-attribute hits and the judge's reading under ``judgement``). ``guidance``: extra
+    options of ``pipeline.generate`` (S-CFG, delayed conditioning; the ``compose`` experiment)."""
     from ..pipeline import generate
 
     pipe = pipe if pipe is not None else make_pipe(backbone, gen)
     images = generate(backbone, [text], adapter=adapter, num_inference_steps=gen.steps,
                       guidance_scale=gen.guidance, seed=prompt_seed(seed, spec["id"]),
-                      num_images_per_prompt=n_images, output_type="np", pipe=pipe)
+                      num_images_per_prompt=n_images, output_type="np", pipe=pipe,
+                      **(guidance or {}))
     images = np.clip(np.rint(np.asarray(images) * 255.0), 0, 255).astype(np.uint8)
     judged = [evaluate.judge(img) for img in images]
     return images, [{**evaluate.score(img, spec, judgement=j), "judgement": j}
@@ -68,7 +75,8 @@ def draw_and_judge(backbone, spec: dict, text: str, n_images: int, seed: int, ge
 def evaluate_condition(backbone, specs: Sequence[dict], texts: Sequence[str], n_images: int,
                        seed: int, gen: GenSettings, adapter=None, quality: bool = False,
                        pipe=None, progress: bool = True, desc: str = "",
-                       cache: Path | None = None) -> list[dict]:
+                       cache: Path | None = None, guidance: dict | None = None,
+                       hits: list | None = None) -> list[dict]:
     """Generate ``n_images`` per prompt (one ``pipeline.generate`` call per prompt, seeded by
     ``prompt_seed``), judge each image against its spec and return one record per prompt:
     the spec, the text, per-image ``correct`` (0/1), accuracy with its Wilson interval, the
@@ -78,7 +86,9 @@ def evaluate_condition(backbone, specs: Sequence[dict], texts: Sequence[str], n_
     adapter weights, text, spec, seed, images, sampler, quality flag, the code of the judge,
     renderer and pipeline, package versions, thread count), so that the base model's images of
     the simple test prompts are made once for ``failure``, ``sur`` and ``rewrite``. ``verify``
-    never uses it.
+    never uses it. ``guidance``: extra options of ``pipeline.generate`` (``compose``); they and
+    the code of ``guidance.py`` then enter the key, and the records go to ``cache/compose/``.
+    ``hits``: a list that receives the ids of the records read from the cache.
     """
     from tqdm.auto import tqdm
 
@@ -88,6 +98,9 @@ def evaluate_condition(backbone, specs: Sequence[dict], texts: Sequence[str], n_
         key_base = {"unet": state_digest(backbone.unet), "code": code_digest(),
                     "adapter": state_digest(adapter) if adapter is not None else None,
                     "n": n_images, "seed": seed, "gen": gen.to_dict(), "quality": quality}
+        if guidance:
+            key_base.update(guidance_code=_file_digest("guidance.py"), guidance={
+                k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in guidance.items()})
     records = []
     for spec, text in tqdm(list(zip(specs, texts)), desc=desc or "generate", disable=not progress,
                            leave=False):
@@ -95,11 +108,14 @@ def evaluate_condition(backbone, specs: Sequence[dict], texts: Sequence[str], n_
         if key_base is not None:
             key = {**key_base, "text": text, "spec": {k: spec.get(k) for k in SPEC_KEYS}}
             digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-            path = Path(cache) / digest[:2] / f"{digest}.json"
+            path = Path(cache) / ("compose" if guidance else "") / digest[:2] / f"{digest}.json"
             if path.is_file():
                 records.append(json.loads(path.read_text()))
+                if hits is not None:
+                    hits.append(spec["id"])
                 continue
-        images, scores = draw_and_judge(backbone, spec, text, n_images, seed, gen, adapter, pipe)
+        images, scores = draw_and_judge(backbone, spec, text, n_images, seed, gen, adapter, pipe,
+                                        guidance)
         correct = [int(s["correct"]) for s in scores]
         rec = {k: spec.get(k) for k in SPEC_KEYS}
         rec["text"] = text
