@@ -1,41 +1,22 @@
 """step_cache: prompt states and decoded images computed once give the same training."""
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from sur_lib.data import SURDDataset, write_metadata
-from sur_lib.knowledge import load_knowledge, save_knowledge
+from sur_lib.data import SURDDataset
+from sur_lib.knowledge import load_knowledge
 from sur_lib.models import tiny_random_backbone
 from sur_lib.step_cache import (CachedTextBackbone, DecodedImages, PromptStates, cached_inputs,
                                 encoder_digest)
 from sur_lib.train import TrainConfig, read_log, train
 
-PROMPTS = ["four tomatoes in a row", "a stack of three dice", "five limes in a circle",
-           "two tents on a field", "one lemon", "six cherries scattered"]
-
-
-@pytest.fixture(scope="module")
-def surd(tmp_path_factory):
-    root = tmp_path_factory.mktemp("surd")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(10):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": PROMPTS[i % len(PROMPTS)],
-                     "prompt": f"{i % 6 + 1} red circles, best quality"})
-    write_metadata(root, rows)
-    save_knowledge(root / "k.safetensors", PROMPTS,
-                   torch.randn(len(PROMPTS), 24, generator=torch.Generator().manual_seed(0)),
-                   meta={"llm": "random"})
-    return root
+from tests.test_train import PROMPTS, surd  # noqa: F401 - the 8-row SURD folder fixture
 
 
 def _cfg(surd, out, **kw):
     return TrainConfig(**{**dict(profile="tiny-random", data_dir=str(surd),
-                                 knowledge_file=str(surd / "k.safetensors"), llm="random",
+                                 knowledge_file=str(surd / "knowledge.safetensors"), llm="random",
                                  output_dir=str(out), num_layers=1, num_heads=4, ffn_dim=32,
                                  batch_size=4, max_steps=4, checkpoint_every=2,
                                  learning_rate=1e-3, progress=False), **kw})
@@ -99,7 +80,7 @@ def test_cached_backbone_falls_back_for_unknown_prompts():
 
 
 def test_cached_training_gives_the_uncached_losses(surd, tmp_path):
-    knowledge = load_knowledge(surd / "k.safetensors")
+    knowledge = load_knowledge(surd / "knowledge.safetensors")
     plain = _cfg(surd, tmp_path / "plain")
     train(plain, knowledge=knowledge)
     bb = tiny_random_backbone(seed=plain.seed)
