@@ -35,6 +35,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -261,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--batch", type=int, default=32)
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--out", default=None, help="also write the result as JSON here")
-    a = p.parse_args(argv)
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    a = p.parse_args(argv_list)
     res = bench(steps=a.steps, batch=a.batch, threads=a.threads, warmup=a.warmup)
     for name in ("uncached", "cached"):
         r = res[name]
@@ -269,8 +271,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"speedup {res['speedup']:.2f}x; max |loss difference| "
           f"{max(abs(a - b) for a, b in zip(res['uncached']['losses'], res['cached']['losses'])):.2e}")
     if a.out:
+        from .experiments.common import versions
         from .fileio import write_json
-        write_json(res, a.out)
+
+        write_json({"command": "python -m sur_lib.step_cache " + " ".join(argv_list),
+                    "versions": versions(), "cpu_count": os.cpu_count(),
+                    "load_average_after": os.getloadavg(), **res}, a.out)
     return 0
 
 
