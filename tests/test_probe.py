@@ -42,3 +42,20 @@ def test_noise_features_stay_near_chance():
     per = probe.leave_one_noun_out(X, prompts, "shape")
     s = probe._summary(per, "all")
     assert s["prompt_acc"] < 0.75  # 3 shapes, circles are the majority (~0.6 by always guessing it)
+
+
+def test_verify_probe_passes_on_the_stored_result_and_fails_on_a_changed_one():
+    import copy
+    import json
+
+    from sur_lib.experiments.common import RESULTS_DIR, load_base
+
+    doc = json.loads((RESULTS_DIR / "probe.json").read_text())
+    backbone = load_base()
+    assert all(c["ok"] for c in probe.verify_probe(doc, backbone, targets=("shape",)))
+    bad = copy.deepcopy(doc)
+    bad["features"]["minilm"]["shape"]["all"]["prompt_acc"] += 0.1
+    assert not probe.verify_probe(bad, backbone, targets=("shape",))[0]["ok"]
+    bad = copy.deepcopy(doc)
+    bad["prompts"][0]["text"] = "seven cherries"
+    assert probe.verify_probe(bad, backbone)[0]["check"] == "probe prompts"

@@ -178,6 +178,30 @@ def run(per_noun: int = PER_NOUN, llms: Sequence[str] = ("smollm2", "gemma3-270m
             "wall_time_s": round(time.time() - t0, 1)}
 
 
+def verify_probe(doc: dict, backbone, targets: Sequence[str] = TARGETS) -> list[dict]:
+    """``verify``: recompute the text encoder's features of the stored prompts and its
+    leave-one-noun-out probes (seconds; the LLM parts take minutes and are not repeated), and
+    compare each noun's majority answer and the mean accuracy with the stored ones."""
+    prompts = probe_prompts(doc["per_noun"], doc["seed"])
+    if [p["text"] for p in prompts] != [p["text"] for p in doc["prompts"]]:
+        return [{"check": "probe prompts", "ok": False,
+                 "message": "the probe's prompts changed since probe.json was made: re-run it"}]
+    X = text_encoder_features(backbone, [p["text"] for p in prompts])
+    checks = []
+    for target in targets:
+        stored = doc["features"]["minilm"][target]
+        live = leave_one_noun_out(X, prompts, target)
+        same = sum(live[n]["majority_prediction"] == stored["per_noun"][n]["majority_prediction"]
+                   for n in live)
+        acc = float(np.mean([r["acc"] for r in live.values()]))
+        ok = same >= len(live) - 1 and abs(acc - stored["all"]["prompt_acc"]) <= 0.02
+        checks.append({"check": f"minilm {target}: {len(live)} nouns", "ok": ok, "live": acc,
+                       "stored": stored["all"]["prompt_acc"], "same_nouns": same,
+                       "message": f"live {acc:.3f} vs stored {stored['all']['prompt_acc']:.3f}, "
+                                  f"same majority answer for {same}/{len(live)} nouns"})
+    return checks
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sur_lib.experiments probe", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
