@@ -334,8 +334,13 @@ class SURDDataset(torch.utils.data.Dataset):
         except Exception as e:
             raise SURDError(self.metadata_path, Reason.BAD_IMAGE, self.lines[i], fn,
                             f"{type(e).__name__}: {e}") from e
+        return self.item(i, pixels)
+
+    def item(self, i: int, pixels: torch.Tensor) -> dict[str, Any]:
+        """Row ``i`` as a training example around already transformed ``pixels``."""
+        row = self.rows[i]
         item = {"pixel_values": pixels, "simple": row["text"], "complex": row["prompt"],
-                "file_name": fn}
+                "file_name": row["file_name"]}
         if self.knowledge is not None:
             item["knowledge"] = torch.as_tensor(self.knowledge[row["text"]]).to(torch.float32)
         return item

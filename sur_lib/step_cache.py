@@ -174,7 +174,7 @@ class DecodedImages(torch.utils.data.Dataset):
                            tqdm(range(len(dataset)), desc="decode images", disable=not progress)]
         finally:
             dataset.random_flip = flip
-        self.knowledge = dataset.knowledge
+        self.knowledge = dataset.knowledge  # train() reads it from the dataset it is given
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -183,15 +183,10 @@ class DecodedImages(torch.utils.data.Dataset):
         return self.dataset.prompts()
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        row = self.dataset.rows[i]
         pixels = self.pixels[i]
         if self.dataset.random_flip and bool(torch.rand(1) < 0.5):
             pixels = pixels.flip(-1)
-        item = {"pixel_values": pixels.clone(), "simple": row["text"], "complex": row["prompt"],
-                "file_name": row["file_name"]}
-        if self.knowledge is not None:
-            item["knowledge"] = torch.as_tensor(self.knowledge[row["text"]]).to(torch.float32)
-        return item
+        return self.dataset.item(i, pixels.clone())
 
     def __getattr__(self, name):  # rows, root, resolution, report ... of the wrapped dataset
         if name == "dataset":
