@@ -128,3 +128,37 @@ def test_a_run_folder_refuses_other_settings(standin, trained, cheap, tmp_path):
     other = _cfg(tmp_path, phase="train", batch_size=2, run_dir=trained.run_dir)
     with pytest.raises(ValueError, match="other settings"):
         conv.run(other, backbone=standin)
+
+
+def test_two_evaluation_jobs_share_the_work(standin, trained, cheap, tmp_path, monkeypatch):
+    """A unit claimed by another job is left to it, and what another job writes to the
+    partial file meanwhile is merged, not overwritten."""
+    cc = _cfg(tmp_path, phase="eval", run_dir=trained.run_dir)
+    monkeypatch.setattr(conv._Deadline, "passed", lambda self: False)
+    units = [u[0] for u in conv._units(cc)]
+    ppath = conv._partial_path(cc)
+    held = conv._claim(ppath, units[1])  # "the other job" is drawing units[1]
+    assert held is not None and conv._claim(ppath, units[1]) is None
+    real = images.evaluate_condition
+
+    def evaluate_and_meanwhile(*a, **kw):
+        out = real(*a, **kw)
+        if len(cheap) == 1:  # the other job finishes units[-1] while we draw our first unit
+            with conv._locked(ppath):
+                disk = json.loads(ppath.read_text()) if ppath.is_file() else {}
+                specs = conv.prompt_sets(cc)["extended"]
+                other = [dict(r, by="other job") for r in real(
+                    standin, specs, [s["text"] for s in specs], 2, 0, None, adapter=True)]
+                cheap.pop()  # that call stood for the other job's work
+                disk.setdefault("records", {})[units[-1]] = other
+                ppath.write_text(json.dumps(disk))
+        return out
+
+    monkeypatch.setattr(images, "evaluate_condition", evaluate_and_meanwhile)
+    doc, complete = conv.run(cc, backbone=standin)
+    assert not complete and units[1] not in doc["records"]
+    assert {r["by"] for r in doc["records"][units[-1]]} == {"other job"}
+    assert f"convergence/{units[-1]}" not in cheap and len(cheap) == len(units) - 2
+    held.close()  # the other job is gone: its unit is free again
+    doc, complete = conv.run(cc, backbone=standin)
+    assert units[1] in doc["records"] and len(cheap) == len(units) - 1

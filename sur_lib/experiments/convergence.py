@@ -21,13 +21,16 @@ results file says ``"step_cache": true``), runs in ``data/runs/convergence/`` an
 from its latest checkpoint (every 250 steps), so the run can be spread over several sessions:
 ``--phase train`` only trains, ``--phase eval`` only evaluates the adapters that exist,
 ``--max-minutes`` stops either phase cleanly between units of work. Finished evaluations
-are kept in ``convergence.partial.json`` and skipped on the next run; the final
-``convergence.json`` is written when every step has been evaluated.
+are kept in ``convergence.partial.json`` and skipped on the next run; several ``--phase eval``
+jobs may run side by side (each unit is claimed with a file lock, results are merged under a
+lock). The final ``convergence.json`` is written when every step has been evaluated.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import shutil
@@ -264,30 +267,90 @@ def _units(cc: ConvergenceConfig) -> list[tuple[str, str, int | None, str]]:
     return units
 
 
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive lock on ``path``.lock (POSIX ``flock``; released if the process dies)."""
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _claim(path: Path, name: str):
+    """An open file holding a non-blocking lock for unit ``name``, or None if another
+    evaluation job is working on it now. The lock goes with the process, so a killed job
+    leaves no stale claim."""
+    claim = path.parent / (path.name + ".claims") / (name.replace("/", "__") + ".lock")
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    f = open(claim, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
+def _merge_into(partial: dict, path: Path) -> dict:
+    """Add what other evaluation jobs have written to ``path`` since we read it."""
+    if path.is_file():
+        disk = json.loads(path.read_text())
+        for key in ("records", "seconds", "adapters"):
+            for k, v in disk.get(key, {}).items():
+                partial.setdefault(key, {}).setdefault(k, v)
+    return partial
+
+
 def run_evaluation(cc: ConvergenceConfig, backbone, deadline: _Deadline, done_steps: list[int],
                    partial: dict) -> dict:
+    """Evaluate every unit of ``_units`` whose adapter exists and that is not done yet.
+
+    Several evaluation jobs may run side by side (one torch thread each): each unit is
+    claimed with a lock before it starts, and each finished unit is merged into the partial
+    file under a lock, so no job overwrites another's results. A job also picks up adapters
+    that a training job stores while it runs."""
     gen = common.GenSettings()
     pipe = images.make_pipe(backbone, gen)
     sets = prompt_sets(cc)
     cache = common.WORK_DIR / "cache" if cc.cache else None
-    records = partial.setdefault("records", {})
+    ppath = _partial_path(cc)
+    partial.setdefault("records", {})
     for name, set_name, step, field in _units(cc):
-        if name in records or deadline.passed():
+        if deadline.passed():
+            break
+        with _locked(ppath):
+            _merge_into(partial, ppath)
+        if name in partial["records"]:
             continue
-        if step is not None and step not in done_steps:
+        if step is not None and not (adapter_dir(cc, step) / "sur_adapter.json").is_file():
             continue
-        adapter = runs.load_adapter(adapter_dir(cc, step)) if step is not None else None
-        specs = sets[set_name]
-        t0 = time.time()
-        records[name] = images.evaluate_condition(
-            backbone, specs, [s[field] for s in specs], cc.images, cc.seed, gen, adapter=adapter,
-            pipe=pipe, progress=cc.progress, desc=f"convergence/{name}", cache=cache)
-        partial.setdefault("seconds", {})[name] = round(time.time() - t0, 1)
-        if step is not None:
-            partial.setdefault("adapters", {})[str(step)] = {
-                "dir": rel_path(adapter_dir(cc, step)),
-                "digest": json.loads((adapter_dir(cc, step) / "sur_adapter.json").read_text())["digest"]}
-        write_json(partial, _partial_path(cc))
+        claim = _claim(ppath, name)
+        if claim is None:
+            continue
+        try:
+            adapter = runs.load_adapter(adapter_dir(cc, step)) if step is not None else None
+            specs = sets[set_name]
+            t0 = time.time()
+            recs = images.evaluate_condition(
+                backbone, specs, [s[field] for s in specs], cc.images, cc.seed, gen,
+                adapter=adapter, pipe=pipe, progress=cc.progress, desc=f"convergence/{name}",
+                cache=cache)
+            with _locked(ppath):
+                _merge_into(partial, ppath)
+                partial["records"][name] = recs
+                partial.setdefault("seconds", {})[name] = round(time.time() - t0, 1)
+                if step is not None:
+                    partial.setdefault("adapters", {})[str(step)] = {
+                        "dir": rel_path(adapter_dir(cc, step)),
+                        "digest": json.loads((adapter_dir(cc, step) / "sur_adapter.json")
+                                             .read_text())["digest"]}
+                write_json(partial, ppath)
+        finally:
+            claim.close()
     return partial
 
 
@@ -339,8 +402,13 @@ def run(cc: ConvergenceConfig, backbone=None) -> tuple[dict, bool]:
         done = run_training(cc, backbone, minfo, deadline)
     if cc.phase in ("eval", "all"):
         partial = run_evaluation(cc, backbone, deadline, done, partial)
-    partial.setdefault("wall_time_s", 0.0)
-    partial["wall_time_s"] = round(partial["wall_time_s"] + time.time() - t0, 1)
+    done = sorted(s for s in cc.eval_steps if (adapter_dir(cc, s) / "sur_adapter.json").is_file())
+    on_disk = partial.get("wall_time_s", 0.0)
+    if cc.phase != "train":  # job seconds, summed over every job that ran (some side by side)
+        with _locked(ppath):
+            _merge_into(partial, ppath)
+            on_disk = json.loads(ppath.read_text()).get("wall_time_s", 0.0) if ppath.is_file() else 0.0
+    partial["wall_time_s"] = round(on_disk + time.time() - t0, 1)
     records = partial.get("records", {})
     complete = all(u[0] in records for u in _units(cc))
     doc = {"experiment": "convergence",
@@ -358,9 +426,11 @@ def run(cc: ConvergenceConfig, backbone=None) -> tuple[dict, bool]:
            "curve": summarize_curve(cc, records), "records": records,
            "seconds": partial.get("seconds", {}), "complete": complete,
            "wall_time_s": partial["wall_time_s"]}
-    if cc.phase != "train":  # only the evaluation writes the partial file (a training job
-        partial.update({k: doc[k] for k in ("command", "versions", "wall_time_s")})
-        write_json(partial, ppath)  # may run beside an evaluation job)
+    if cc.phase != "train":  # only evaluation jobs write the partial file (a training job
+        with _locked(ppath):  # may run beside them)
+            _merge_into(partial, ppath)
+            partial.update({k: doc[k] for k in ("command", "versions", "wall_time_s")})
+            write_json(partial, ppath)
     return doc, complete
 
 
