@@ -162,3 +162,28 @@ def test_two_evaluation_jobs_share_the_work(standin, trained, cheap, tmp_path, m
     held.close()  # the other job is gone: its unit is free again
     doc, complete = conv.run(cc, backbone=standin)
     assert units[1] in doc["records"] and len(cheap) == len(units) - 1
+
+
+def test_verify_replays_training_and_redraws_images(standin, trained, cheap, tmp_path,
+                                                    monkeypatch):
+    from sur_lib.experiments import verify
+
+    cc = _cfg(tmp_path, phase="eval", run_dir=trained.run_dir)
+    monkeypatch.setattr(conv._Deadline, "passed", lambda self: False)
+    monkeypatch.setattr(conv, "STEPS", 4)
+    monkeypatch.setattr(conv, "VERIFY_UNITS", ("base-simple/test", "step-4/test"))
+    monkeypatch.setattr(verify, "evaluate_condition", images.evaluate_condition)  # the fake judge
+    doc, complete = conv.run(cc, backbone=standin)
+    assert complete
+    digest = ex.state_digest(standin.unet)
+    checks = conv.verify_convergence(doc, standin, digest, 1, 2, False)
+    names = [c["check"] for c in checks]
+    assert names[:2] == ["training: loss at step 1", "training: loss at step 2"]
+    assert any(n.startswith("step-4/test") for n in names) and all(c["ok"] for c in checks)
+    log = tmp_path / "log.csv"  # a stored log that the code no longer reproduces
+    rows = (conv.Path(trained.run_dir) / "train" / "log.csv").read_text().splitlines()
+    head, first = rows[0], rows[1].split(",")
+    first[1] = str(float(first[1]) * 1.1)
+    log.write_text("\n".join([head, ",".join(first)] + rows[2:]) + "\n")
+    bad = conv.verify_convergence(dict(doc, train_log=str(log)), standin, digest, 1, 2, False)
+    assert not bad[0]["ok"] and bad[1]["ok"]

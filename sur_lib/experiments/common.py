@@ -47,7 +47,8 @@ QUICK = dict(prompts_per_type=1, images=2, sampler_steps=5, rows=64, train_steps
              batch_size=8, val_per_type=1, val_images=2)
 
 VOLATILE_KEYS = frozenset({"command", "versions", "wall_time_s", "seconds", "timings"})
-EXPERIMENTS = ("failure", "sur", "ablations", "rewrite", "guidance", "compose", "probe")
+EXPERIMENTS = ("failure", "sur", "ablations", "rewrite", "guidance", "compose", "probe",
+               "convergence")
 
 VERSION_PACKAGES = ("numpy", "scipy", "pillow", "torch", "sur_lib", "diffusers", "transformers",
                     "accelerate", "safetensors", "brisque")

@@ -434,6 +434,54 @@ def run(cc: ConvergenceConfig, backbone=None) -> tuple[dict, bool]:
     return doc, complete
 
 
+VERIFY_TRAIN_STEPS = 2  # verify replays this many training steps (without the step cache)
+VERIFY_UNITS = ("base-simple/test", f"step-{STEPS}/test")  # and re-draws a few of these images
+
+
+def verify_convergence(doc: dict, backbone, current_digest: str, per_type: int, n_images: int,
+                       progress: bool) -> list[dict]:
+    """``verify`` for the dose-response: replay the first ``VERIFY_TRAIN_STEPS`` training
+    steps without the step cache and compare them with the stored loss log (the cached path
+    gives the same losses, ``tests/test_step_cache.py``), then re-draw ``per_type`` prompts per
+    type x ``n_images`` images of the base model and of the last adapter on the test prompts."""
+    import csv
+    import tempfile
+
+    from .verify import VERIFY_LOSS_RTOL, verify_images
+
+    if doc["model"]["unet_digest"] != current_digest:
+        return [{"check": "base model", "ok": False, "message": (
+            "the dose-response was made with another base model: re-run it")}]
+    cc = ConvergenceConfig(**{k: (tuple(v) if k == "eval_steps" else v)
+                              for k, v in doc["settings"].items()
+                              if k in {f.name for f in dataclasses.fields(ConvergenceConfig)}})
+    with open(ROOT / doc["train_log"], newline="") as f:
+        stored = [r for r in csv.DictReader(f)][:VERIFY_TRAIN_STEPS]
+    data_dir = runs.surd_mini(cc.rows, cc.seed, progress)
+    checks = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _train_cfg(cc, data_dir, current_digest, VERIFY_TRAIN_STEPS)
+        cfg.output_dir, cfg.checkpoint_every, cfg.progress = tmp, 10**6, progress
+        _, log, _ = runs.train_adapter(cfg, backbone, progress)
+    for live, row in zip(log, stored):
+        a, b = float(live["loss"]), float(row["loss"])
+        tol = VERIFY_LOSS_RTOL * abs(b) + 1e-6
+        checks.append({"check": f"training: loss at step {row['step']}", "ok": abs(a - b) <= tol,
+                       "live": a, "stored": b, "tol": tol,
+                       "message": f"live {a:.6f} vs stored {b:.6f} (tol {tol:.2e})"})
+    last = str(max(int(s) for s in doc["adapters"]))
+    conditions = {}
+    for name in VERIFY_UNITS:
+        name = name.replace(f"step-{STEPS}", f"step-{last}")
+        block = {"records": doc["records"][name]}
+        if name.startswith("step-"):
+            block["adapter"] = doc["adapters"][last]
+        conditions[name] = block
+    sub = {"model": doc["model"], "seed": doc["seed"], "generation": doc["generation"],
+           "conditions": conditions}
+    return checks + verify_images(sub, backbone, current_digest, per_type, n_images, progress)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     cc = ConvergenceConfig.from_args(argv)
     doc, complete = run(cc)

@@ -127,6 +127,10 @@ def run_verify(exp: VerifyConfig, backbone=None) -> dict:
             from .compose import verify_compose
 
             checks = verify_compose(doc, backbone, digest, per_type, n_images, exp.progress)
+        elif name == "convergence":  # the dose-response (experiments/convergence.py)
+            from .convergence import verify_convergence
+
+            checks = verify_convergence(doc, backbone, digest, per_type, n_images, exp.progress)
         elif name == "probe":  # the text encoder's part of the probe (experiments/probe.py)
             from .probe import verify_probe
 
