@@ -187,3 +187,18 @@ def test_verify_replays_training_and_redraws_images(standin, trained, cheap, tmp
     log.write_text("\n".join([head, ",".join(first)] + rows[2:]) + "\n")
     bad = conv.verify_convergence(dict(doc, train_log=str(log)), standin, digest, 1, 2, False)
     assert not bad[0]["ok"] and bad[1]["ok"]
+
+
+def test_plateau_is_the_first_step_from_which_the_curve_is_flat():
+    cc = conv.ConvergenceConfig(steps=4, eval_steps=(0, 2, 3, 4))
+    acc = {0: [0.0, 0.0, 0.1, 0.0], 2: [0.5, 0.6, 0.5, 0.7], 3: [0.6, 0.5, 0.7, 0.6],
+           4: [0.6, 0.6, 0.6, 0.6]}
+    recs = {f"step-{s}/tuning": [{"id": f"p{i}", "type": "color", "acc": a}
+                                 for i, a in enumerate(v)] for s, v in acc.items()}
+    p = conv.plateau(cc, recs)
+    # step 0 is 0.575 below the last step, far outside noise; steps 2 and 3 are within it
+    assert p["vs_last"]["0"]["t_ci"][1] < 0 and p["step"] == 2
+    assert p["vs_last"]["2"]["diff"] == pytest.approx(-0.025)
+    recs["step-3/tuning"] = [dict(r, acc=0.1) for r in recs["step-3/tuning"]]  # a dip at 3
+    assert conv.plateau(cc, recs)["step"] == 4
+    assert conv.plateau(cc, {}) is None

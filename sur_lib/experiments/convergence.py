@@ -386,6 +386,28 @@ def summarize_curve(cc: ConvergenceConfig, records: dict) -> dict:
     return out
 
 
+def plateau(cc: ConvergenceConfig, records: dict, set_name: str = "tuning",
+            group: str = "overall") -> dict | None:
+    """Where the curve stops rising within noise: each step's paired difference to the last
+    step (over the prompts of ``set_name``, t interval), and ``step``, the first step from
+    which every later step's interval contains 0. The budget of the re-tests is read off the
+    tuning set, never the test prompts. None until the last step is evaluated."""
+    last = records.get(f"step-{cc.eval_steps[-1]}/{set_name}")
+    if not last:
+        return None
+    diffs = {}
+    for step in cc.eval_steps:
+        recs = records.get(f"step-{step}/{set_name}")
+        if recs:
+            c = compare(last, recs).get(group)
+            ci = c["paired"]["t_ci"] if c and c["paired"] else (c["diff"], c["diff"])
+            diffs[step] = {"diff": c["diff"], "t_ci": list(ci)}
+    flat = [s for s in diffs if all(diffs[t]["t_ci"][0] <= 0 <= diffs[t]["t_ci"][1]
+                                    for t in diffs if t >= s)]
+    return {"set": set_name, "group": group, "against_step": cc.eval_steps[-1],
+            "vs_last": {str(k): v for k, v in diffs.items()}, "step": min(flat) if flat else None}
+
+
 def run(cc: ConvergenceConfig, backbone=None) -> tuple[dict, bool]:
     """Train and/or evaluate as far as the deadline allows. Returns (document, complete)."""
     t0 = time.time()
@@ -423,7 +445,8 @@ def run(cc: ConvergenceConfig, backbone=None) -> tuple[dict, bool]:
            "adapters": partial.get("adapters", {}), "adapter_steps_trained": done,
            "train_log": rel_path(Path(cc.run_dir) / "train" / "log.csv"),
            "prompt_sets": {k: [p["id"] for p in v] for k, v in prompt_sets(cc).items()},
-           "curve": summarize_curve(cc, records), "records": records,
+           "curve": summarize_curve(cc, records), "plateau": plateau(cc, records),
+           "records": records,
            "seconds": partial.get("seconds", {}), "complete": complete,
            "wall_time_s": partial["wall_time_s"]}
     if cc.phase != "train":  # only evaluation jobs write the partial file (a training job
