@@ -1,0 +1,104 @@
+"""The paper's claims, each with the result file that tests it and a verdict from its numbers.
+
+The limitations chapter shows the whole table and the introduction its gist; both call
+``claims_table`` so that they cannot disagree. A verdict follows one rule: a paired t-test over
+prompts (or, for image quality, the stored two-sample t-test) at ``ALPHA``; "supported" or
+"contradicted" when it rejects, by the sign of the effect, and "not detected" otherwise, always
+next to the interval, so that a reader sees how large an effect could still hide in it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .book import fmt_p, pct
+
+ALPHA = 0.05
+VERDICTS = ("supported", "contradicted", "not detected")
+RESULT_FILES = ("failure", "sur", "ablations", "convergence", "probe")
+
+
+def verdict(c: dict, alpha: float = ALPHA) -> str:
+    """The verdict on "b is better than a" for one ``analysis.compare`` entry (b - a)."""
+    p = c["paired"]
+    if p is None or p["p_t"] >= alpha:
+        return "not detected"
+    return "supported" if c["diff"] > 0 else "contradicted"
+
+
+def evidence(c: dict, extra: str = "") -> str:
+    """'+x.x points [lo, hi], p, n prompts' of one ``compare`` entry."""
+    p = c["paired"]
+    lo, hi = (100 * v + 0.0 for v in p["t_ci"])  # + 0.0: no "-0.0"
+    return (f"{100 * c['diff'] + 0.0:+.1f} points [{lo:+.1f}, {hi:+.1f}], p {fmt_p(p['p_t'])}, "
+            f"{p['n']} prompts{extra}")
+
+
+def flipped(c: dict) -> dict:
+    """a - b from a ``compare`` entry of b - a (the interval mirrored)."""
+    p = c["paired"]
+    return {"diff": -c["diff"], "paired": None if p is None else
+            dict(p, mean_diff=-p["mean_diff"], t_ci=[-p["t_ci"][1], -p["t_ci"][0]])}
+
+
+def load_results(folder: Path | str) -> dict:
+    """The result files the table needs; a missing one raises, naming its command."""
+    out = {}
+    for name in RESULT_FILES:
+        path = Path(folder) / f"{name}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run python -m sur_lib.experiments {name}")
+        out[name] = json.loads(path.read_text())
+    return out
+
+
+def claims_table(res: dict, alpha: float = ALPHA) -> list[dict]:
+    """One row per claim: claim, tested by, evidence, verdict (``res``: ``load_results``)."""
+    fail, sur, abl, dose, pr = (res[n] for n in RESULT_FILES)
+    rows = []
+    c = fail["summary"]["complex_minus_simple"]["overall"]
+    rows.append({"key": "failure",
+                 "claim": "SD 1.5 fails on simple prompts that it draws from complex ones (Sec. 1)",
+                 "tested by": "`failure.json`: complex vs simple prompts, base model",
+                 "evidence": evidence(c), "verdict": verdict(c, alpha)})
+    last = str(dose["settings"]["eval_steps"][-1])
+    for set_name, label in (("test", "45 test prompts"), ("extended", "150 extended prompts")):
+        s = dose["curve"][set_name]["steps"][last]
+        rows.append({"key": f"adapter_{set_name}",
+                     "claim": f"SUR-adapter raises simple-prompt accuracy (Table 2): {label}",
+                     "tested by": f"`convergence.json`: the paper's settings at {int(last):,} steps",
+                     "evidence": evidence(s["change"]["overall"],
+                                          f"; {s['gap_closed']['overall']:.0%} of the gap closed; "
+                                          f"detectable: {100 * s['mde_80']['overall']:.1f} points"),
+                     "verdict": verdict(s["change"]["overall"], alpha)})
+    q = sur["summary"]["quality"]["clean_render_distance"]  # lower is better
+    rows.append({"key": "quality", "claim": "image quality does not drop (Table 3)",
+                 "tested by": (f"`sur.json`: clean-render distance, {sur['train']['steps']}-step "
+                               "adapter vs base"),
+                 "evidence": (f"{q['diff']:+.2f} (lower is better), two-sample t-test p "
+                              f"{fmt_p(q['p'])}, {q['n_a']} + {q['n_b']} images"),
+                 "verdict": ("not detected" if q["p"] >= alpha else
+                             "supported" if q["diff"] <= 0 else "contradicted")})
+    steps = abl["settings"]["budget"]["overrides"]["max_steps"]
+    for name, what in (("no_llm", "the LLM teacher ($L_{LLM}$) helps (Sec. 4 ablation)"),
+                       ("no_cp", "the alignment to the complex prompt ($L_{CP}$) helps")):
+        helps = flipped(abl["variants"][name]["vs_reference"]["overall"])  # reference - variant
+        rows.append({"key": name, "claim": what,
+                     "tested by": f"`ablations.json`: the term switched off, {steps} steps",
+                     "evidence": evidence(helps, f"; at the short budget ({steps} steps) only"),
+                     "verdict": verdict(helps, alpha)})
+    col = {k: pr["features"][k]["color"]["all"] for k in ("smollm2", "minilm")}
+    ci = {k: [100 * v for v in col[k]["prompt_acc_t_ci"]] for k in col}
+    more = col["smollm2"]["prompt_acc_t_ci"][0] > col["minilm"]["prompt_acc_t_ci"][1]
+    less = col["smollm2"]["prompt_acc_t_ci"][1] < col["minilm"]["prompt_acc_t_ci"][0]
+    rows.append({"key": "probe",
+                 "claim": "the LLM knows what the text encoder does not (the premise of $L_{LLM}$)",
+                 "tested by": (f"`probe.json`: colour of each of {col['minilm']['n_nouns']} nouns from a "
+                               "probe trained without it (leave one noun out)"),
+                 "evidence": (f"SmolLM2 {pct(col['smollm2']['prompt_acc'], 0, '%')} "
+                              f"[{ci['smollm2'][0]:.0f}, {ci['smollm2'][1]:.0f}] vs MiniLM "
+                              f"{pct(col['minilm']['prompt_acc'], 0, '%')} [{ci['minilm'][0]:.0f}, "
+                              f"{ci['minilm'][1]:.0f}], chance "
+                              f"{pct(col['minilm']['uniform_chance'], 0, '%')}"),
+                 "verdict": "supported" if more else "contradicted" if less else "not detected"})
+    return rows
