@@ -47,6 +47,7 @@ class RecipeRun:
     cfg: object  # the TrainConfig
     knowledge: dict | None  # the knowledge vectors it was trained with (None: lambda_llm = 0)
     trained: bool  # False when the stored adapter was loaded
+    resumed_from: int = 0  # the checkpoint step training resumed from
 
 
 def recipe_config(overrides: dict, rows: int, steps: int, run_root: Path, model_digest: str,
@@ -116,14 +117,16 @@ def train_recipe(cfg, backbone, source: str = "llm", info: dict | None = None,
         return RecipeRun(runs.load_adapter(folder), folder, json.loads(meta.read_text())["digest"],
                          cfg, knowledge, trained=False)
     bb, ds, knowledge = training_inputs(cfg, backbone, source, progress)
-    adapter = train(cfg, backbone=bb, dataset=ds, knowledge=knowledge).adapter
+    result = train(cfg, backbone=bb, dataset=ds, knowledge=knowledge)
+    adapter = result.adapter
     stored = {k: v for k, v in cfg.to_dict().items() if k not in runs.PATH_KEYS}
     loaded, digest = runs.save_adapter(adapter, folder, dict(
         info or {}, knowledge=source, step_cache=True, steps=cfg.max_steps,
         surd_mini={"rows": len(ds), "dir": Path(cfg.data_dir).name}, train_config=stored))
     if not keep_checkpoints:
         shutil.rmtree(Path(cfg.output_dir) / "checkpoints", ignore_errors=True)
-    return RecipeRun(loaded, folder, digest, cfg, knowledge, trained=True)
+    return RecipeRun(loaded, folder, digest, cfg, knowledge, trained=True,
+                     resumed_from=result.resumed_from)
 
 
 # ----------------------------------------------------------------------------- evaluation
