@@ -29,11 +29,15 @@ TERMS = ("l_simple", "l_llm", "l_cp")
 MEASURE_SEED_OFFSET = 7_777  # the measurement's batches: not the training run's own
 
 
-def _grad_norm(term: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> float:
+def _grads(term: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
     if not term.requires_grad:
-        return 0.0
+        return [torch.zeros_like(p) for p in params]
     grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-    return math.sqrt(sum(float(g.detach().double().pow(2).sum()) for g in grads if g is not None))
+    return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+
+
+def _norm(grads: Sequence[torch.Tensor]) -> float:
+    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
 
 
 def gradient_shares(cfg, backbone, adapter, batch: dict, knowledge: dict | None = None,
@@ -41,13 +45,15 @@ def gradient_shares(cfg, backbone, adapter, batch: dict, knowledge: dict | None 
     """{"norm": {term: ||d(weighted term)/d theta||}, "raw_norm": {term: ||d term / d theta||},
     "share": {term: norm / sum of norms}, "total_norm": ||dL/d theta||, "loss": {term: value}}
     for one batch (``compute_losses``'s forward pass; theta = the adapter's trainable
-    parameters). ``l_simple``'s weight is 1."""
+    parameters). ``l_simple``'s weight is 1; dL/d theta is the weighted sum of the three
+    gradients (one backward pass per term, none for L)."""
     params = [p for p in adapter.parameters() if p.requires_grad]
     losses = compute_losses(cfg, backbone, adapter, batch, weight_dtype, knowledge)
     weights = {"l_simple": 1.0, "l_llm": float(cfg.lambda_llm), "l_cp": float(cfg.lambda_cp)}
-    raw = {k: _grad_norm(losses[k], params) for k in TERMS}
+    grads = {k: _grads(losses[k], params) for k in TERMS}
+    raw = {k: _norm(grads[k]) for k in TERMS}
     norm = {k: weights[k] * raw[k] for k in TERMS}
-    total = _grad_norm(losses["loss"], params)
+    total = _norm([sum(weights[k] * grads[k][i].double() for k in TERMS) for i in range(len(params))])
     s = sum(norm.values())
     return {"norm": norm, "raw_norm": raw, "share": {k: (v / s if s else 0.0) for k, v in norm.items()},
             "total_norm": total, "loss": {k: float(losses[k].detach()) for k in TERMS}}

@@ -56,6 +56,7 @@ def test_strong_lambda_rule():
 
 def test_retest_end_to_end(standin, monkeypatch, tmp_path):  # noqa: F811
     _cheap(monkeypatch, tmp_path)
+    monkeypatch.setattr(retest.tune, "QUICK_PAPER", dict(retest.tune.QUICK_PAPER, rows=16))
     log = []
     _fake_judge(monkeypatch, log)
     rc = _rc(tmp_path)

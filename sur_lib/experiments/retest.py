@@ -13,7 +13,8 @@ run with 8 would draw):
 * ``strong_llm``, ``strong_cp``: the lambda at which that term's gradient is as large as
   L_simple's. It is read off the gradient-share measurement (``sur_lib.gradient_share``) of the
   trained recipe on training batches: lambda = ||grad L_simple|| / ||grad L_term|| (rounded to
-  two significant digits, never below the recipe's own lambda). The shares of every term, for
+  two significant digits, never below the recipe's own lambda: then the variant is the recipe
+  itself, trained once and marked ``same_as``). The shares of every term, for
   the recipe and for every variant's own trained adapter, are in the results;
 * ``path_official``: the authors' detached gradient path (L_simple does not reach the adapter);
 * ``teacher_gemma`` (Gemma 3 270M), ``teacher_no_sink`` (SmolLM2 without its first token, an
@@ -141,7 +142,10 @@ def strong_lambda(shares: dict, term: str, recipe_lambda: float) -> tuple[float,
     lam = lambda_to_match(shares, term)
     if lam is None:  # e.g. the official path: L_simple sends no gradient to the adapter
         return (recipe_lambda * 1000 if recipe_lambda else 1.0), "no L_simple gradient: 1000x recipe"
-    return max(recipe_lambda, _round_sig(lam)), "||grad L_simple|| / ||grad term|| at the recipe"
+    if _round_sig(lam) <= recipe_lambda:
+        return recipe_lambda, ("the recipe's own lambda: at it the term's gradient is already at "
+                               "least L_simple's")
+    return _round_sig(lam), "||grad L_simple|| / ||grad term|| at the recipe"
 
 
 def variant_overrides(base: dict, lam_llm: float, lam_cp: float) -> dict[str, tuple[dict, str]]:
@@ -222,6 +226,11 @@ def run_retest(rc: RetestConfig, backbone=None, convergence_file: Path | None = 
             continue
         tv = time.time()
         cfg = config(over, source)
+        twin = next((n for n, r in done.items() if r["run"] == rel_path(Path(cfg.output_dir))), None)
+        if twin is not None:  # the same resolved config as a finished variant: the same numbers
+            done[var] = dict(done[twin], overrides=over, same_as=done[twin].get("same_as") or twin)
+            write_json(partial, ppath)
+            continue
         rr = recipes.train_recipe(cfg, backbone, source, info=info, progress=rc.progress)
         res = {"overrides": over, "knowledge": source, "config": recipes.config_summary(cfg),
                "run": rel_path(Path(cfg.output_dir)), "digest": rr.digest,
