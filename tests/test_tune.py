@@ -92,3 +92,12 @@ def test_tune_end_to_end_choice_ignores_the_test_prompts(standin, monkeypatch, t
     assert set(fa) >= {"tuned", "paper_settings", "base_simple", "base_complex", "tuned_gap_closed"}
     assert results["a"]["paper_settings"]["steps"] == results["a"]["choice"]["knobs"]["steps"]
     assert results["a"]["tried"]["1"]["vs_paper_settings"]["overall"]["diff"] == 0.0
+
+
+def test_tune_and_retest_have_their_own_command_lines(capsys):
+    from sur_lib.experiments import command
+
+    for name in ("tune", "retest"):
+        with pytest.raises(SystemExit) as e:
+            command.main([name, "--help"])
+        assert e.value.code == 0 and f"python -m sur_lib.experiments {name}" in capsys.readouterr().out

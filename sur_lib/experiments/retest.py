@@ -154,7 +154,9 @@ def variant_overrides(base: dict, lam_llm: float, lam_cp: float) -> dict[str, tu
     return {"recipe": (base, "llm"), "no_llm": (dict(base, lambda_llm=0.0), "llm"),
             "no_cp": (dict(base, lambda_cp=0.0), "llm"), "strong_llm": (strong, "llm"),
             "strong_cp": (dict(base, lambda_cp=lam_cp), "llm"),
-            "path_official": (dict(base, gradient_path="official"), "llm"),
+            # the official path needs a KL term to train anything (TrainConfig refuses it otherwise)
+            "path_official": (dict(base, gradient_path="official", **(
+                {} if base["lambda_llm"] or base["lambda_cp"] else {"lambda_llm": lam_llm})), "llm"),
             "teacher_gemma": (dict(strong, llm="gemma3-270m", llm_layer=-1), "llm"),
             "teacher_no_sink": (dict(strong, llm_drop_first=True), "llm"),
             "teacher_oracle": (strong, "oracle")}

@@ -24,10 +24,13 @@ test prompts and the extended held-out set (``--extended-images``), beside the b
 the simple and the complex prompts (from ``convergence.json`` when it has the same seeds, else
 drawn), with paired tests over prompts and the share of the gap each closes; ``tune.json``.
 
-Budget (defaults): 24 configurations, steps in {500, 1000, 2000} (mean ~1,170), 30 tuning
-prompts x 8 images. At ~1.6 s per step and ~1 s per image (1 CPU thread beside another job)
-that is ~24 x (1,170 x 1.6 + 240) s ~ 14 CPU hours; ``budget_estimate`` states it in the
-results. The 12,000-row SURD-mini needs ~0.9 GB of cached text-encoder states.
+Budget (defaults): 24 configurations, steps in {500, 1000, 2000} (26,500 steps in all for
+seed 0), 30 tuning prompts x 8 images each. At ~1.6 s per step and ~1 s per image (1 CPU
+thread beside another job, as ``convergence`` measured) that is ~13.4 CPU hours;
+``budget_estimate`` states it in the results. The 12,000-row SURD-mini needs ~0.9 GB of
+cached text-encoder states. ``--max-minutes`` is checked between configurations (one takes
+up to ~1 hour). The best of 24 on 30 prompts is an optimistic estimate of its own tuning
+accuracy (the winner's curse): that is why the test prompts judge it, once.
 """
 from __future__ import annotations
 
