@@ -103,3 +103,16 @@ def test_retest_end_to_end(standin, monkeypatch, tmp_path):  # noqa: F811
         assert "overall" in rows["strong_llm"]["gap_closed"]
     assert doc["base"]["base_simple/test"]["source"] == "drawn"
     assert len(doc["variants"]["recipe"]["records"]["extended"]) == 3
+
+
+def test_variant_overrides():
+    base = {"learning_rate": 1e-4, "eta": 0.1, "lambda_llm": 1e-5, "lambda_cp": 1e-5, "temperature": 1.0}
+    v = retest.variant_overrides(base, 0.5, 0.25)
+    assert list(v) == list(retest.VARIANTS) and v["recipe"] == (base, "llm")
+    assert v["strong_cp"][0]["lambda_cp"] == 0.25 and v["strong_cp"][0]["lambda_llm"] == 1e-5
+    assert v["path_official"][0] == dict(base, gradient_path="official")
+    assert all(v[t][0]["lambda_llm"] == 0.5 for t in retest.TEACHERS)
+    assert v["teacher_oracle"][1] == "oracle" and v["teacher_gemma"][0]["llm"] == "gemma3-270m"
+    # a recipe without KL terms: the official path (which detaches L_simple) gets the strong L_LLM
+    none = retest.variant_overrides(dict(base, lambda_llm=0.0, lambda_cp=0.0), 0.5, 0.25)
+    assert none["path_official"][0]["lambda_llm"] == 0.5
