@@ -20,9 +20,12 @@ run with 8 would draw):
 * ``teacher_gemma`` (Gemma 3 270M), ``teacher_no_sink`` (SmolLM2 without its first token, an
   attention sink), ``teacher_oracle`` (not in the paper: ``sur_lib.oracle``, the prompt's true
   count, colour, shape and arrangement, projected to SmolLM2's width). Deviation: the teacher
-  variants use ``strong_llm``'s lambda, because at the paper's 1e-5 the L_LLM term carries a
-  negligible share of the gradient and any teacher gives the same adapter; each is compared
-  with the recipe and with ``strong_llm`` (the same lambda with SmolLM2).
+  variants use ``strong_llm``'s lambda, so that the teacher is heard whatever share L_LLM has
+  at the recipe's lambda (if that share is small, any teacher would give nearly the same
+  adapter; if it is already as large as L_simple's, ``strong_llm`` is the recipe itself and
+  the teachers run at the recipe's lambda). Each is compared with the recipe and with
+  ``strong_llm`` (the same lambda with SmolLM2). How large the shares are is measured, not
+  assumed: they are in the results.
 
 Statistics per prompt set, per type and overall: the paired t-test (and Wilcoxon) over prompts
 of each variant against the recipe (``analysis.compare``), Holm-corrected across the variants
