@@ -136,6 +136,7 @@ def test_two_evaluation_jobs_share_the_work(standin, trained, cheap, tmp_path, m
     cc = _cfg(tmp_path, phase="eval", run_dir=trained.run_dir)
     monkeypatch.setattr(conv._Deadline, "passed", lambda self: False)
     units = [u[0] for u in conv._units(cc)]
+    other_unit = "step-4/extended"  # the other job finishes this one while we draw our first
     ppath = conv._partial_path(cc)
     held = conv._claim(ppath, units[1])  # "the other job" is drawing units[1]
     assert held is not None and conv._claim(ppath, units[1]) is None
@@ -143,22 +144,22 @@ def test_two_evaluation_jobs_share_the_work(standin, trained, cheap, tmp_path, m
 
     def evaluate_and_meanwhile(*a, **kw):
         out = real(*a, **kw)
-        if len(cheap) == 1:  # the other job finishes units[-1] while we draw our first unit
+        if len(cheap) == 1:
             with conv._locked(ppath):
                 disk = json.loads(ppath.read_text()) if ppath.is_file() else {}
                 specs = conv.prompt_sets(cc)["extended"]
                 other = [dict(r, by="other job") for r in real(
                     standin, specs, [s["text"] for s in specs], 2, 0, None, adapter=True)]
                 cheap.pop()  # that call stood for the other job's work
-                disk.setdefault("records", {})[units[-1]] = other
+                disk.setdefault("records", {})[other_unit] = other
                 ppath.write_text(json.dumps(disk))
         return out
 
     monkeypatch.setattr(images, "evaluate_condition", evaluate_and_meanwhile)
     doc, complete = conv.run(cc, backbone=standin)
     assert not complete and units[1] not in doc["records"]
-    assert {r["by"] for r in doc["records"][units[-1]]} == {"other job"}
-    assert f"convergence/{units[-1]}" not in cheap and len(cheap) == len(units) - 2
+    assert {r["by"] for r in doc["records"][other_unit]} == {"other job"}
+    assert f"convergence/{other_unit}" not in cheap and len(cheap) == len(units) - 2
     held.close()  # the other job is gone: its unit is free again
     doc, complete = conv.run(cc, backbone=standin)
     assert units[1] in doc["records"] and len(cheap) == len(units) - 1
@@ -202,3 +203,11 @@ def test_plateau_is_the_first_step_from_which_the_curve_is_flat():
     recs["step-3/tuning"] = [dict(r, acc=0.1) for r in recs["step-3/tuning"]]  # a dip at 3
     assert conv.plateau(cc, recs)["step"] == 4
     assert conv.plateau(cc, {}) is None
+
+
+def test_the_last_step_is_evaluated_first_after_the_base_model(tmp_path):
+    names = [u[0] for u in conv._units(_cfg(tmp_path))]
+    assert names[:6] == [f"base-{k}/{s}" for k in ("simple", "complex")
+                         for s in ("tuning", "test", "extended")]
+    assert names[6:9] == ["step-4/extended", "step-4/test", "step-4/tuning"]
+    assert names[9:] == ["step-0/tuning", "step-0/test", "step-2/tuning", "step-2/test"]

@@ -35,6 +35,14 @@ NAME is one of
   sessions (``convergence``; its own options, ``--help``).
 * ``probe``    -- what the teacher knows: leave-one-noun-out linear probes of colour and shape
   from the knowledge vectors and the text encoder's states (``probe``; its own options).
+* ``tune``     -- ours, not the paper's: a seeded random search over the method's own knobs
+  (steps, learning rate, eta, the lambdas, the KL temperature, SURD-mini's size) on the tuning
+  set only; the choice is then evaluated once on the test and extended prompts beside the
+  paper's settings (``tune``, built on ``recipes``; its own options).
+* ``retest``   -- the loss-weight and teacher claims around a recipe: no teacher, no alignment,
+  stronger lambdas chosen from the gradient shares, the authors' gradient path, Gemma, SmolLM2
+  without its attention sink, an oracle teacher; paired tests with Holm (``retest``; its own
+  options).
 * ``verify``   -- re-runs a small subset of every stored result live (3 prompts x 4 images per
   condition; the stored adapter is loaded, not retrained; for ``ablations`` the first training
   steps of one variant are replayed) and exits non-zero if a number disagrees beyond the
@@ -55,9 +63,10 @@ and ``rewrite``. ``--quick`` runs tiny versions (a few prompts, images, sampler 
 tests, written to ``NAME-quick.json`` so they never overwrite a real result.
 
 Layout: one module per experiment (``failure``, ``sur``, ``rewrite``, ``guidance``,
-``ablations``, ``compose``, ``convergence``, ``probe``, ``verify``), each with its config dataclass and its runner; ``common`` (paths,
+``ablations``, ``compose``, ``convergence``, ``probe``, ``tune``, ``retest``, ``verify``), each with its config dataclass and its runner; ``common`` (paths,
 sampling defaults, the shared options, result headers), ``prompts`` (which prompts),
-``images`` (drawing and judging, the record cache), ``runs`` (adapter training runs, the run
+``images`` (drawing and judging, the record cache), ``recipes`` (one recipe trained with
+step_cache and evaluated on a named prompt set), ``runs`` (adapter training runs, the run
 hash and ``LATER_KEYS``) and ``command`` (the command line). The statistics are in
 ``sur_lib.analysis``.
 """

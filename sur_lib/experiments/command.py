@@ -24,7 +24,8 @@ from .verify import VerifyConfig, run_verify
 
 # experiments with command lines of their own: ``python -m sur_lib.experiments NAME --help``
 OWN_COMMAND_LINE = {"convergence": "sur_lib.experiments.convergence",
-                    "probe": "sur_lib.experiments.probe"}
+                    "probe": "sur_lib.experiments.probe",
+                    "tune": "sur_lib.experiments.tune", "retest": "sur_lib.experiments.retest"}
 
 RUNNERS = {"failure": run_failure, "sur": run_sur, "ablations": run_ablations,
            "rewrite": run_rewrite, "guidance": run_guidance, "compose": run_compose}

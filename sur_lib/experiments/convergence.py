@@ -255,15 +255,18 @@ def _partial_path(cc: ConvergenceConfig) -> Path:
 
 
 def _units(cc: ConvergenceConfig) -> list[tuple[str, str, int | None, str]]:
-    """(unit name, prompt set, adapter step or None, text field) in the order they run."""
+    """(unit name, prompt set, adapter step or None, text field) in the order they run: the
+    base model, then the last step (the headline, its long extended unit first, so that two
+    jobs side by side do not end with one of them alone on it), then the other steps."""
     sets = ["tuning", "test"] + (["extended"] if cc.extended else [])
     units = [(f"base-simple/{s}", s, None, "text") for s in sets]
     units += [(f"base-complex/{s}", s, None, "prompt") for s in sets]
-    for step in cc.eval_steps:
+    last = cc.eval_steps[-1]
+    units += [(f"step-{last}/{s}", s, last, "text")
+              for s in (["extended"] if cc.extended else []) + ["test", "tuning"]]
+    for step in cc.eval_steps[:-1]:
         for s in ("tuning", "test"):
             units.append((f"step-{step}/{s}", s, step, "text"))
-        if cc.extended and step == cc.eval_steps[-1]:
-            units.append((f"step-{step}/extended", "extended", step, "text"))
     return units
 
 

@@ -1,0 +1,323 @@
+"""The paper's loss-weight and teacher claims re-tested around a recipe that has trained enough.
+
+    python -m sur_lib.experiments retest --recipe paper|tuned --steps N [--images 8]
+        [--extended-images 4] [--max-minutes M] [--quick]
+
+Around a recipe (``paper``: tiny.yaml as it is; ``tuned``: the choice in ``tune.json``, ours),
+each variant is trained for the same ``--steps`` with the same code (``recipes.train_recipe``,
+step_cache) and judged on the 45 test prompts (``--images``, 8) and the 150 extended held-out
+prompts (``--extended-images``, 4: fewer, to fit the CPU budget; the first 4 of the 8 images a
+run with 8 would draw):
+
+* ``no_llm`` (lambda_LLM = 0: no teacher), ``no_cp`` (lambda_CP = 0: no alignment);
+* ``strong_llm``, ``strong_cp``: the lambda at which that term's gradient is as large as
+  L_simple's. It is read off the gradient-share measurement (``sur_lib.gradient_share``) of the
+  trained recipe on training batches: lambda = ||grad L_simple|| / ||grad L_term|| (rounded to
+  two significant digits, never below the recipe's own lambda: then the variant is the recipe
+  itself, trained once and marked ``same_as``). The shares of every term, for
+  the recipe and for every variant's own trained adapter, are in the results;
+* ``path_official``: the authors' detached gradient path (L_simple does not reach the adapter);
+* ``teacher_gemma`` (Gemma 3 270M), ``teacher_no_sink`` (SmolLM2 without its first token, an
+  attention sink), ``teacher_oracle`` (not in the paper: ``sur_lib.oracle``, the prompt's true
+  count, colour, shape and arrangement, projected to SmolLM2's width). Deviation: the teacher
+  variants use ``strong_llm``'s lambda, so that the teacher is heard whatever share L_LLM has
+  at the recipe's lambda (if that share is small, any teacher would give nearly the same
+  adapter; if it is already as large as L_simple's, ``strong_llm`` is the recipe itself and
+  the teachers run at the recipe's lambda). Each is compared with the recipe and with
+  ``strong_llm`` (the same lambda with SmolLM2). How large the shares are is measured, not
+  assumed: they are in the results.
+
+Statistics per prompt set, per type and overall: the paired t-test (and Wilcoxon) over prompts
+of each variant against the recipe (``analysis.compare``), Holm-corrected across the variants
+(``analysis.holm``; the teacher-vs-strong_llm comparisons form a family of their own), and the
+share of the simple-to-complex gap each closes (base model with the simple and with the
+complex prompts on the same prompts and seeds: from ``convergence.json`` when it matches,
+else drawn). Resumable: finished variants are kept in ``retest.partial.json`` and skipped.
+
+Budget: 9 variants x (N steps x ~1.6 s + 45 x 8 + 150 x 4 images x ~1 s); at N = 2000 about
+9 x 66 min ~ 10 CPU hours (1 thread beside another job).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..analysis import compare, holm, summarize
+from ..fileio import clean_json, write_json
+from ..provenance import rel_path
+from .. import toyworld as tw
+from . import common, recipes, tune
+from .convergence import _Deadline, gap_closed
+
+VARIANTS = ("recipe", "no_llm", "no_cp", "strong_llm", "strong_cp", "path_official",
+            "teacher_gemma", "teacher_no_sink", "teacher_oracle")
+TEACHERS = ("teacher_gemma", "teacher_no_sink", "teacher_oracle")
+SETS = ("test", "extended")
+
+
+@dataclass
+class RetestConfig:
+    recipe: str = "paper"
+    steps: int = 2000
+    images: int = 8
+    extended_images: int = 4
+    measure_batches: int = 4
+    seed: int = 0
+    quick: bool = False
+    max_minutes: float | None = None
+    tune_file: str = str(common.RESULTS_DIR / "tune.json")
+    out: str = str(common.RESULTS_DIR)
+    progress: bool = True
+    cache: bool = True
+    argv: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.recipe not in ("paper", "tuned"):
+            raise ValueError(f"recipe must be paper or tuned, got {self.recipe!r}")
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None) -> "RetestConfig":
+        ap = argparse.ArgumentParser(prog="python -m sur_lib.experiments retest", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+        ap.add_argument("--recipe", default="paper", choices=("paper", "tuned"))
+        ap.add_argument("--steps", type=int, default=None, help="training steps (2000; quick 3)")
+        ap.add_argument("--images", type=int, default=None, help="images per test prompt (8)")
+        ap.add_argument("--extended-images", type=int, default=None, help="per extended prompt (4)")
+        ap.add_argument("--measure-batches", type=int, default=None, help="gradient-share batches (4)")
+        ap.add_argument("--tune-file", default=str(common.RESULTS_DIR / "tune.json"))
+        ap.add_argument("--seed", type=int, default=0)
+        ap.add_argument("--max-minutes", type=float, default=None)
+        ap.add_argument("--out", default=str(common.RESULTS_DIR))
+        ap.add_argument("--quick", action="store_true")
+        ap.add_argument("--threads", type=int, default=1)
+        ap.add_argument("--no-cache", action="store_true")
+        ap.add_argument("--no-progress", action="store_true")
+        a = ap.parse_args(argv)
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        q = a.quick
+        return cls(recipe=a.recipe, steps=a.steps or (3 if q else 2000), images=a.images or (2 if q else 8),
+                   extended_images=a.extended_images or (2 if q else 4),
+                   measure_batches=a.measure_batches or (1 if q else 4), seed=a.seed, quick=q,
+                   max_minutes=a.max_minutes, tune_file=a.tune_file, out=a.out,
+                   progress=not a.no_progress, cache=not a.no_cache,
+                   argv=tuple(sys.argv[2:] if argv is None else argv))
+
+    def generation(self) -> common.GenSettings:
+        return common.GenSettings(steps=common.QUICK["sampler_steps"]) if self.quick else common.GenSettings()
+
+
+def result_stem(rc: RetestConfig) -> str:
+    """retest.json for the paper's recipe, retest-tuned.json for ours."""
+    return "retest" if rc.recipe == "paper" else "retest-tuned"
+
+
+def recipe_knobs(rc: RetestConfig) -> dict:
+    """The recipe's knobs (``tune``'s keys) with ``rc.steps``: tiny.yaml's, or tune.json's choice."""
+    if rc.recipe == "paper":
+        return dict(tune.QUICK_PAPER if rc.quick else tune.PAPER, steps=rc.steps)
+    path = Path(rc.tune_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--recipe tuned needs {path} (python -m sur_lib.experiments tune)")
+    doc = json.loads(path.read_text())
+    if not doc.get("complete") or "choice" not in doc:
+        raise ValueError(f"{path} has no final choice yet")
+    knobs = {k: doc["choice"]["knobs"][k] for k in tune.PAPER}
+    return dict(knobs, steps=rc.steps)
+
+
+def _round_sig(x: float, digits: int = 2) -> float:
+    return float(f"{x:.{digits - 1}e}")
+
+
+def strong_lambda(shares: dict, term: str, recipe_lambda: float) -> tuple[float, str]:
+    """(lambda, how it was chosen) for ``strong_llm`` / ``strong_cp``."""
+    from ..gradient_share import lambda_to_match
+
+    lam = lambda_to_match(shares, term)
+    if lam is None:  # e.g. the official path: L_simple sends no gradient to the adapter
+        return (recipe_lambda * 1000 if recipe_lambda else 1.0), "no L_simple gradient: 1000x recipe"
+    if _round_sig(lam) <= recipe_lambda:
+        return recipe_lambda, ("the recipe's own lambda: at it the term's gradient is already at "
+                               "least L_simple's")
+    return _round_sig(lam), "||grad L_simple|| / ||grad term|| at the recipe"
+
+
+def variant_overrides(base: dict, lam_llm: float, lam_cp: float) -> dict[str, tuple[dict, str]]:
+    """{variant: (TrainConfig overrides, knowledge source)} around ``base`` overrides."""
+    strong = dict(base, lambda_llm=lam_llm)
+    return {"recipe": (base, "llm"), "no_llm": (dict(base, lambda_llm=0.0), "llm"),
+            "no_cp": (dict(base, lambda_cp=0.0), "llm"), "strong_llm": (strong, "llm"),
+            "strong_cp": (dict(base, lambda_cp=lam_cp), "llm"),
+            # the official path needs a KL term to train anything (TrainConfig refuses it otherwise)
+            "path_official": (dict(base, gradient_path="official", **(
+                {} if base["lambda_llm"] or base["lambda_cp"] else {"lambda_llm": lam_llm})), "llm"),
+            "teacher_gemma": (dict(strong, llm="gemma3-270m", llm_layer=-1), "llm"),
+            "teacher_no_sink": (dict(strong, llm_drop_first=True), "llm"),
+            "teacher_oracle": (strong, "oracle")}
+
+
+def measure_shares(cfg, backbone, adapter, source: str, batches: int) -> dict:
+    """Gradient shares of ``adapter`` (trained with ``cfg``) on training batches. Each KL term
+    is measured with its lambda set to 1 when ``cfg``'s is 0 (an adapter without W0 gets the
+    fixed W0 of ``w0_seed``), then reweighted to ``cfg``'s lambdas."""
+    from ..gradient_share import measure, reweight
+    from ..train import build_adapter
+
+    cfg_m = dataclasses.replace(cfg, lambda_llm=cfg.lambda_llm or 1.0, lambda_cp=cfg.lambda_cp or 1.0)
+    bb, ds, knowledge = recipes.training_inputs(cfg_m, backbone, source, progress=False)
+    torch.manual_seed(cfg.seed)
+    probe = build_adapter(cfg_m, backbone.text_dim, next(iter(knowledge.values())).shape[-1])
+    missing, unexpected = probe.load_state_dict(adapter.state_dict(), strict=False)
+    if unexpected or any(not m.startswith("llm_projection.") for m in missing):
+        raise ValueError(f"adapter does not match its config: {missing} {unexpected}")
+    raw = measure(cfg_m, bb, ds, probe, knowledge, batches)
+    return {**reweight(raw, cfg.lambda_llm, cfg.lambda_cp), "raw_norm": raw["raw_norm"],
+            "loss": raw["loss"], "batches": raw["batches"], "batch_size": raw["batch_size"]}
+
+
+def run_retest(rc: RetestConfig, backbone=None, convergence_file: Path | None = None) -> tuple[dict, bool]:
+    from .images import make_pipe
+
+    t0, deadline = time.time(), _Deadline(rc.max_minutes)
+    backbone = backbone if backbone is not None else common.load_base()
+    minfo, gen = common.model_info(backbone), rc.generation()
+    knobs = recipe_knobs(rc)
+    base = tune.overrides_of(knobs)
+    specs = {s: recipes.prompt_set(s, rc.seed, rc.quick) for s in SETS}
+    n_img = {"test": rc.images, "extended": rc.extended_images}
+    settings = clean_json({"recipe": rc.recipe, "knobs": knobs, "images": n_img, "seed": rc.seed,
+                           "generation": gen.to_dict(), "model_digest": minfo["unet_digest"],
+                           "measure_batches": rc.measure_batches,
+                           "prompts": {s: [p["id"] for p in v] for s, v in specs.items()}})
+    name = result_stem(rc)
+    ppath = Path(rc.out) / (f"{name}-quick.partial.json" if rc.quick else f"{name}.partial.json")
+    partial = json.loads(ppath.read_text()) if ppath.is_file() else {}
+    if partial.get("settings") != settings:
+        partial = {"settings": settings, "variants": {}}
+    run_root = common.WORK_DIR / ("retest-quick" if rc.quick else "retest")
+    cache = common.WORK_DIR / "cache" if rc.cache else None
+    pipe = make_pipe(backbone, gen)
+
+    def config(over, source):
+        return recipes.recipe_config(over, knobs["rows"], knobs["steps"], run_root, minfo["unet_digest"],
+                                     rc.seed, source, batch_size=8 if rc.quick else None,
+                                     progress=rc.progress)
+
+    info = {"made_by": "python -m sur_lib.experiments retest"}
+    if "lambdas" not in partial:  # the recipe first: its gradient shares choose the strong lambdas
+        cfg = config(base, "llm")
+        rr = recipes.train_recipe(cfg, backbone, info=info, progress=rc.progress)
+        shares = measure_shares(cfg, backbone, rr.adapter, "llm", rc.measure_batches)
+        (llm, how_llm), (cp, how_cp) = (strong_lambda(shares, "l_llm", cfg.lambda_llm),
+                                        strong_lambda(shares, "l_cp", cfg.lambda_cp))
+        partial["lambdas"] = {"strong_llm": llm, "strong_cp": cp, "rule": {"l_llm": how_llm, "l_cp": how_cp},
+                              "recipe_shares": shares, "predicted_strong_shares": {
+                                  "strong_llm": _reweighted(shares, llm, cfg.lambda_cp),
+                                  "strong_cp": _reweighted(shares, cfg.lambda_llm, cp)}}
+        write_json(partial, ppath)
+    lam = partial["lambdas"]
+    done = partial["variants"]
+    for var, (over, source) in variant_overrides(base, lam["strong_llm"], lam["strong_cp"]).items():
+        if var in done or deadline.passed():
+            continue
+        tv = time.time()
+        cfg = config(over, source)
+        twin = next((n for n, r in done.items() if r["run"] == rel_path(Path(cfg.output_dir))), None)
+        if twin is not None:  # the same resolved config as a finished variant: the same numbers
+            done[var] = dict(done[twin], overrides=over, same_as=done[twin].get("same_as") or twin)
+            write_json(partial, ppath)
+            continue
+        rr = recipes.train_recipe(cfg, backbone, source, info=info, progress=rc.progress)
+        res = {"overrides": over, "knowledge": source, "config": recipes.config_summary(cfg),
+               "run": rel_path(Path(cfg.output_dir)), "digest": rr.digest,
+               "shares": measure_shares(cfg, backbone, rr.adapter, source, rc.measure_batches),
+               "records": {s: recipes.evaluate(backbone, rr.adapter, specs[s], n_img[s], rc.seed, gen,
+                                               pipe, cache=cache, progress=rc.progress,
+                                               desc=f"retest/{var}/{s}") for s in SETS}}
+        done[var] = dict(res, seconds=round(time.time() - tv, 1))
+        write_json(partial, ppath)
+    for s in SETS:
+        for field, unit in (("text", "base_simple"), ("prompt", "base_complex")):
+            key = f"{unit}/{s}"
+            if key not in partial and not deadline.passed():
+                recs, src = recipes.base_records(backbone, specs[s], s, field, n_img[s], rc.seed, gen,
+                                                 minfo["unet_digest"], pipe, cache, rc.progress,
+                                                 convergence_file)
+                partial[key] = {"source": src, "records": recs}
+                write_json(partial, ppath)
+    complete = all(v in done for v in VARIANTS) and all(
+        f"{u}/{s}" in partial for u in ("base_simple", "base_complex") for s in SETS)
+    doc = {"experiment": "retest", "command": "python -m sur_lib.experiments retest " + " ".join(rc.argv),
+           "seed": rc.seed, "quick": rc.quick, "versions": common.versions(), "recipe": rc.recipe,
+           "label": "tiny.yaml as it is" if rc.recipe == "paper" else "ours: the tuned recipe (tune.json)",
+           "where": "CPU (1 torch thread)", "step_cache": True, "model": minfo,
+           "judge": common.judge_info(), "settings": settings, "lambdas": lam, "complete": complete,
+           "variants": done, "base": {k: v for k, v in partial.items() if k.startswith("base_")}}
+    if complete:
+        doc["table"] = {s: table(done, partial[f"base_simple/{s}"]["records"],
+                                 partial[f"base_complex/{s}"]["records"], s) for s in SETS}
+    doc["wall_time_s"] = round(time.time() - t0 + partial.get("wall_time_s", 0.0), 1)
+    partial["wall_time_s"] = doc["wall_time_s"]
+    write_json(partial, ppath)
+    return doc, complete
+
+
+def _reweighted(shares: dict, lam_llm: float, lam_cp: float) -> dict:
+    from ..gradient_share import reweight
+
+    return reweight(shares, lam_llm, lam_cp)
+
+
+def table(done: dict, base: list[dict], ceiling: list[dict], set_name: str) -> dict:
+    """Per variant: summary, paired comparison with the recipe (Holm across the variants, per
+    type and overall) and the share of the gap closed; teachers also against strong_llm."""
+    ref = done["recipe"]["records"][set_name]
+    sb, sc = summarize(base), summarize(ceiling)
+    rows = {}
+    for var in VARIANTS:
+        recs = done[var]["records"][set_name]
+        s = summarize(recs)
+        rows[var] = {"summary": s, "gap_closed": {t: gap_closed(sb[t]["acc"], s[t]["acc"], sc[t]["acc"])
+                                                 for t in s if t in sb and t in sc}}
+        if var != "recipe":
+            rows[var]["vs_recipe"] = compare(ref, recs)
+        if var in TEACHERS:
+            rows[var]["vs_strong_llm"] = compare(done["strong_llm"]["records"][set_name], recs)
+    for key, family in (("vs_recipe", [v for v in VARIANTS if v != "recipe"]), ("vs_strong_llm", TEACHERS)):
+        for t in list(tw.TEST_TYPES) + ["overall"]:
+            for p in ("p_t", "p_wilcoxon"):
+                ps = {v: (rows[v][key].get(t) or {}).get("paired", {}) for v in family}
+                adj = holm({v: (ps[v] or {}).get(p) for v in family})
+                for v in family:
+                    if ps[v]:
+                        ps[v][f"{p}_holm"] = adj[v]
+    return {"base": sb, "ceiling": sc, "variants": rows,
+            "holm": "per type and overall, across the 8 variants vs the recipe; across the 3 "
+                    "teachers vs strong_llm"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    rc = RetestConfig.from_args(argv)
+    doc, complete = run_retest(rc)
+    if not complete:
+        print(f"not complete yet ({len(doc['variants'])} of {len(VARIANTS)} variants): run the same "
+              "command again to go on")
+        return 0
+    stem = result_stem(rc)
+    path = write_json(doc, Path(rc.out) / (f"{stem}-quick.json" if rc.quick else f"{stem}.json"))
+    print(f"wrote {rel_path(path)} ({doc['wall_time_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    from ..cli import run as run_cli
+    run_cli(main)

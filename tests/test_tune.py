@@ -1,0 +1,103 @@
+"""The tuned recipe: a seeded search on the tuning set, resumable; the choice is made from
+tuning-set summaries only and written before any test prompt is drawn."""
+import json
+
+import pytest
+
+from sur_lib.experiments import images, recipes
+from sur_lib.experiments import tune
+from tests.test_convergence import _cheap, standin  # noqa: F401 (fixture)
+
+
+def _fake_judge(monkeypatch, tuning_acc, test_acc, ppath, log):
+    """Per-prompt records whose accuracy is ``tuning_acc(index)`` on the tuning set and
+    ``test_acc(desc)`` on the test/extended sets; checks the choice is on disk before a test
+    prompt is drawn."""
+    test_ids = {p["id"] for s in ("test", "extended") for p in recipes.prompt_set(s, quick=True)}
+
+    def evaluate(backbone, specs, texts, n, seed, gen, adapter=None, pipe=None, progress=True,
+                 desc="", cache=None, quality=False):
+        log.append(desc)
+        is_test = any(s["id"] in test_ids for s in specs)
+        if is_test:
+            assert "choice" in json.loads(ppath.read_text()), "a test prompt drawn before the choice"
+            acc = test_acc(desc)
+        else:
+            acc = tuning_acc(int(desc.split("/")[1]))
+        k = int(acc * n)
+        return [{**{key: s.get(key) for key in images.SPEC_KEYS}, "text": t, "acc": k / n, "k": k,
+                 "n": n, "correct": [1] * k + [0] * (n - k)} for s, t in zip(specs, texts)]
+
+    monkeypatch.setattr(images, "evaluate_condition", evaluate)
+
+
+def _tc(tmp_path, **kw):
+    return tune.TuneConfig(**{**dict(configs=3, images=2, extended_images=2, quick=True,
+                                     out=str(tmp_path / "out"), progress=False, cache=False), **kw})
+
+
+def test_search_space_is_seeded_and_starts_with_the_papers_settings():
+    a, b = tune.search_space(24), tune.search_space(24)
+    assert a == b and len(a) == 24 and a[0] == dict(tune.PAPER, index=0)
+    assert len({json.dumps({k: v for k, v in c.items() if k != "index"}, sort_keys=True) for c in a}) == 24
+    assert all(c[k] in tune.SPACE[k] for c in a[1:] for k in tune.SPACE)
+    assert tune.search_space(24, seed=1)[1:] != a[1:]
+    est = tune.budget_estimate(a, 30, 8)
+    assert est["configurations"] == 24 and est["cpu_hours"] > 0
+
+
+def _tried(accs, steps=(500, 500, 500), rows=(3000, 3000, 3000)):
+    return {str(i): {"knobs": {"index": i, "steps": steps[i], "rows": rows[i]},
+                     "tuning": {"overall": {"acc": a}}} for i, a in enumerate(accs)}
+
+
+def test_choose_by_tuning_accuracy_then_the_stated_tie_breaks():
+    assert tune.choose(_tried([0.2, 0.5, 0.4]))["index"] == 1
+    assert tune.choose(_tried([0.5, 0.5, 0.5], steps=(1000, 500, 500)))["index"] == 1
+    assert tune.choose(_tried([0.5, 0.5, 0.5], rows=(3000, 6000, 3000)))["index"] == 0
+    assert tune.choose(_tried([0.1, 0.5, 0.5], rows=(3000, 6000, 3000)))["index"] == 2
+    with pytest.raises(ValueError, match="no configuration"):
+        tune.choose({})
+
+
+def test_tune_end_to_end_choice_ignores_the_test_prompts(standin, monkeypatch, tmp_path):  # noqa: F811
+    _cheap(monkeypatch, tmp_path)
+    seen = []
+    real_choose = tune.choose
+    monkeypatch.setattr(tune, "choose", lambda tried: seen.append(tried) or real_choose(tried))
+    results = {}
+    for run, test_acc in (("a", lambda d: 1.0 if d.startswith("tune/paper") else 0.0),
+                          ("b", lambda d: 1.0 if d.startswith("tune/tuned") else 0.5)):
+        tc = _tc(tmp_path / run)
+        ppath = tmp_path / run / "out" / "tune-quick.partial.json"
+        log = []
+        _fake_judge(monkeypatch, lambda i: 1.0 if i == 2 else 0.5, test_acc, ppath, log)
+        stop = iter([False, True])  # stop after the first configuration
+        monkeypatch.setattr(tune._Deadline, "passed", lambda self: next(stop, True))
+        doc, complete = tune.run_tune(tc, backbone=standin, convergence_file=tmp_path / "none.json")
+        assert not complete and list(doc["tried"]) == ["0"] and log == ["tune/0"]
+        monkeypatch.setattr(tune._Deadline, "passed", lambda self: False)
+        doc, complete = tune.run_tune(tc, backbone=standin, convergence_file=tmp_path / "none.json")
+        assert complete and log[:3] == ["tune/0", "tune/1", "tune/2"]  # config 0 not redone
+        assert doc["choice"]["index"] == 2
+        results[run] = doc
+    # the choice saw tuning-set summaries only, and the same ones in both runs
+    test_ids = {p["id"] for s in ("test", "extended") for p in recipes.prompt_set(s, quick=True)}
+    assert len(seen) == 2 and "records" not in json.dumps(seen[0]) and seen[0] == seen[1]
+    assert not any(i in json.dumps(seen[0]) for i in test_ids)
+    assert results["a"]["choice"] == results["b"]["choice"]
+    fa, fb = results["a"]["final"]["test"], results["b"]["final"]["test"]
+    assert fa["tuned_vs_paper_settings"]["overall"]["diff"] == -1.0
+    assert fb["tuned_vs_paper_settings"]["overall"]["diff"] == 0.5
+    assert set(fa) >= {"tuned", "paper_settings", "base_simple", "base_complex", "tuned_gap_closed"}
+    assert results["a"]["paper_settings"]["steps"] == results["a"]["choice"]["knobs"]["steps"]
+    assert results["a"]["tried"]["1"]["vs_paper_settings"]["overall"]["diff"] == 0.0
+
+
+def test_tune_and_retest_have_their_own_command_lines(capsys):
+    from sur_lib.experiments import command
+
+    for name in ("tune", "retest"):
+        with pytest.raises(SystemExit) as e:
+            command.main([name, "--help"])
+        assert e.value.code == 0 and f"python -m sur_lib.experiments {name}" in capsys.readouterr().out
