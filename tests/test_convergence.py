@@ -211,3 +211,12 @@ def test_the_last_step_is_evaluated_first_after_the_base_model(tmp_path):
                          for s in ("tuning", "test", "extended")]
     assert names[6:9] == ["step-4/extended", "step-4/test", "step-4/tuning"]
     assert names[9:] == ["step-0/tuning", "step-0/test", "step-2/tuning", "step-2/test"]
+
+
+def test_a_unit_write_keeps_the_other_jobs_time(tmp_path):
+    """The bug behind convergence.json's 2,310 s: a job's unit write overwrote the job-time sum
+    that another job had just stored."""
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"records": {"a": [1]}, "wall_time_s": 8500.0}))
+    mine = conv._merge_into({"records": {"b": [2]}}, path)
+    assert mine["wall_time_s"] == 8500.0 and set(mine["records"]) == {"a", "b"}

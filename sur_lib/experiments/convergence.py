@@ -299,12 +299,16 @@ def _claim(path: Path, name: str):
 
 
 def _merge_into(partial: dict, path: Path) -> dict:
-    """Add what other evaluation jobs have written to ``path`` since we read it."""
+    """Add what other evaluation jobs have written to ``path`` since we read it (and take its
+    ``wall_time_s``, the job time summed so far, so a unit's write does not undo another
+    job's sum)."""
     if path.is_file():
         disk = json.loads(path.read_text())
         for key in ("records", "seconds", "adapters"):
             for k, v in disk.get(key, {}).items():
                 partial.setdefault(key, {}).setdefault(k, v)
+        if "wall_time_s" in disk:
+            partial["wall_time_s"] = disk["wall_time_s"]
     return partial
 
 
