@@ -200,3 +200,23 @@ def judge_info(path: Path = JUDGE_FILE) -> dict | None:
         out[quality] = {a: {k: res[a][k] for k in ("acc", "lo", "hi")}
                         for a in evaluate.ATTRIBUTES if a in res}
     return out
+
+
+def add_long_run_options(ap) -> None:
+    """The options every resumable long experiment (``convergence``, ``tune``, ``retest``)
+    shares: --seed, --max-minutes, --out, --quick, --threads, --no-cache, --no-progress."""
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-minutes", type=float, default=None)
+    ap.add_argument("--out", default=str(RESULTS_DIR))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-cache", action="store_true")
+    ap.add_argument("--no-progress", action="store_true")
+
+
+def parse_long_run_args(ap, argv):
+    """``ap.parse_args(argv)`` and the torch thread count of ``--threads``."""
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    return a

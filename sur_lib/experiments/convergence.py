@@ -99,23 +99,15 @@ class ConvergenceConfig:
         ap.add_argument("--eval-steps", default=None, help="comma-separated, ending at --steps")
         ap.add_argument("--images", type=int, default=None)
         ap.add_argument("--phase", default="all", choices=("train", "eval", "all"))
-        ap.add_argument("--max-minutes", type=float, default=None)
-        ap.add_argument("--seed", type=int, default=0)
         ap.add_argument("--run-dir", default=None)
-        ap.add_argument("--out", default=str(common.RESULTS_DIR))
-        ap.add_argument("--quick", action="store_true")
         ap.add_argument("--no-extended", action="store_true")
-        ap.add_argument("--threads", type=int, default=1)
-        ap.add_argument("--no-cache", action="store_true")
-        ap.add_argument("--no-progress", action="store_true")
-        a = ap.parse_args(argv)
+        common.add_long_run_options(ap)
+        a = common.parse_long_run_args(ap, argv)
         q = QUICK if a.quick else {}
         steps = a.steps or q.get("steps", STEPS)
         eval_steps = (tuple(int(s) for s in a.eval_steps.split(",")) if a.eval_steps
                       else q.get("eval_steps", EVAL_STEPS))
         run_dir = a.run_dir or str(common.WORK_DIR / "convergence-quick" if a.quick else RUN_DIR)
-        if a.threads:
-            torch.set_num_threads(a.threads)
         return cls(steps=steps, eval_steps=eval_steps, images=a.images or q.get("images", IMAGES),
                    val_per_type=q.get("val_per_type", VAL_PER_TYPE),
                    prompts_per_type=q.get("prompts_per_type"), extended=not a.no_extended,

@@ -93,16 +93,8 @@ class RetestConfig:
         ap.add_argument("--extended-images", type=int, default=None, help="per extended prompt (4)")
         ap.add_argument("--measure-batches", type=int, default=None, help="gradient-share batches (4)")
         ap.add_argument("--tune-file", default=str(common.RESULTS_DIR / "tune.json"))
-        ap.add_argument("--seed", type=int, default=0)
-        ap.add_argument("--max-minutes", type=float, default=None)
-        ap.add_argument("--out", default=str(common.RESULTS_DIR))
-        ap.add_argument("--quick", action="store_true")
-        ap.add_argument("--threads", type=int, default=1)
-        ap.add_argument("--no-cache", action="store_true")
-        ap.add_argument("--no-progress", action="store_true")
-        a = ap.parse_args(argv)
-        if a.threads:
-            torch.set_num_threads(a.threads)
+        common.add_long_run_options(ap)
+        a = common.parse_long_run_args(ap, argv)
         q = a.quick
         return cls(recipe=a.recipe, steps=a.steps or (3 if q else 2000), images=a.images or (2 if q else 8),
                    extended_images=a.extended_images or (2 if q else 4),

@@ -83,16 +83,8 @@ class TuneConfig:
         ap.add_argument("--configs", type=int, default=None, help="configurations (24; quick 3)")
         ap.add_argument("--images", type=int, default=None, help="images per prompt (8; quick 2)")
         ap.add_argument("--extended-images", type=int, default=None)
-        ap.add_argument("--seed", type=int, default=0)
-        ap.add_argument("--max-minutes", type=float, default=None)
-        ap.add_argument("--out", default=str(common.RESULTS_DIR))
-        ap.add_argument("--quick", action="store_true")
-        ap.add_argument("--threads", type=int, default=1)
-        ap.add_argument("--no-cache", action="store_true")
-        ap.add_argument("--no-progress", action="store_true")
-        a = ap.parse_args(argv)
-        if a.threads:
-            torch.set_num_threads(a.threads)
+        common.add_long_run_options(ap)
+        a = common.parse_long_run_args(ap, argv)
         images = a.images or (2 if a.quick else 8)
         return cls(configs=a.configs or (3 if a.quick else 24), images=images,
                    extended_images=a.extended_images or images, seed=a.seed, quick=a.quick,
