@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sur_lib import experiments as ex
-from sur_lib.experiments import common, images, runs
+from sur_lib.experiments import common, images, jobs, runs
 from sur_lib.experiments import convergence as conv
 from sur_lib.adapter import SURAdapter
 
@@ -138,14 +138,14 @@ def test_two_evaluation_jobs_share_the_work(standin, trained, cheap, tmp_path, m
     units = [u[0] for u in conv._units(cc)]
     other_unit = "step-4/extended"  # the other job finishes this one while we draw our first
     ppath = conv._partial_path(cc)
-    held = conv._claim(ppath, units[1])  # "the other job" is drawing units[1]
-    assert held is not None and conv._claim(ppath, units[1]) is None
+    held = jobs.claim(ppath, units[1])  # "the other job" is drawing units[1]
+    assert held is not None and jobs.claim(ppath, units[1]) is None
     real = images.evaluate_condition
 
     def evaluate_and_meanwhile(*a, **kw):
         out = real(*a, **kw)
         if len(cheap) == 1:
-            with conv._locked(ppath):
+            with jobs.locked(ppath):
                 disk = json.loads(ppath.read_text()) if ppath.is_file() else {}
                 specs = conv.prompt_sets(cc)["extended"]
                 other = [dict(r, by="other job") for r in real(

@@ -60,7 +60,7 @@ def test_retest_end_to_end(standin, monkeypatch, tmp_path):  # noqa: F811
     log = []
     _fake_judge(monkeypatch, log)
     rc = _rc(tmp_path)
-    stop = iter([False, False, True])  # stop after two variants
+    stop = iter([False, False, False, True])  # a pass starts (1 check), two variants (2), stop
     monkeypatch.setattr(retest._Deadline, "passed", lambda self: next(stop, True))
     doc, complete = retest.run_retest(rc, backbone=standin, convergence_file=tmp_path / "none.json")
     assert not complete and list(doc["variants"]) == ["recipe", "no_llm"]

@@ -28,9 +28,7 @@ lock). The final ``convergence.json`` is written when every step has been evalua
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import fcntl
 import json
 import math
 import shutil
@@ -47,7 +45,7 @@ from .. import toyworld as tw
 from ..analysis import compare, summarize
 from ..fileio import write_json
 from ..provenance import ROOT, rel_path
-from . import common, images, prompts, runs
+from . import common, images, jobs, prompts, runs
 
 EVAL_STEPS = (0, 250, 500, 1000, 2000, 3500, 5000)
 STEPS = 5000
@@ -262,45 +260,14 @@ def _units(cc: ConvergenceConfig) -> list[tuple[str, str, int | None, str]]:
     return units
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    """Hold an exclusive lock on ``path``.lock (POSIX ``flock``; released if the process dies)."""
-    lock = path.with_name(path.name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _claim(path: Path, name: str):
-    """An open file holding a non-blocking lock for unit ``name``, or None if another
-    evaluation job is working on it now. The lock goes with the process, so a killed job
-    leaves no stale claim."""
-    claim = path.parent / (path.name + ".claims") / (name.replace("/", "__") + ".lock")
-    claim.parent.mkdir(parents=True, exist_ok=True)
-    f = open(claim, "a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        return None
-    return f
-
-
 def _merge_into(partial: dict, path: Path) -> dict:
     """Add what other evaluation jobs have written to ``path`` since we read it (and take its
     ``wall_time_s``, the job time summed so far, so a unit's write does not undo another
     job's sum)."""
-    if path.is_file():
-        disk = json.loads(path.read_text())
-        for key in ("records", "seconds", "adapters"):
-            for k, v in disk.get(key, {}).items():
-                partial.setdefault(key, {}).setdefault(k, v)
-        if "wall_time_s" in disk:
-            partial["wall_time_s"] = disk["wall_time_s"]
+    jobs.merge(partial, path, ("records", "seconds", "adapters"))
+    disk = jobs.read(path)
+    if "wall_time_s" in disk:
+        partial["wall_time_s"] = disk["wall_time_s"]
     return partial
 
 
@@ -321,13 +288,13 @@ def run_evaluation(cc: ConvergenceConfig, backbone, deadline: _Deadline, done_st
     for name, set_name, step, field in _units(cc):
         if deadline.passed():
             break
-        with _locked(ppath):
+        with jobs.locked(ppath):
             _merge_into(partial, ppath)
         if name in partial["records"]:
             continue
         if step is not None and not (adapter_dir(cc, step) / "sur_adapter.json").is_file():
             continue
-        claim = _claim(ppath, name)
+        claim = jobs.claim(ppath, name)
         if claim is None:
             continue
         try:
@@ -338,7 +305,7 @@ def run_evaluation(cc: ConvergenceConfig, backbone, deadline: _Deadline, done_st
                 backbone, specs, [s[field] for s in specs], cc.images, cc.seed, gen,
                 adapter=adapter, pipe=pipe, progress=cc.progress, desc=f"convergence/{name}",
                 cache=cache)
-            with _locked(ppath):
+            with jobs.locked(ppath):
                 _merge_into(partial, ppath)
                 partial["records"][name] = recs
                 partial.setdefault("seconds", {})[name] = round(time.time() - t0, 1)
@@ -426,7 +393,7 @@ def run(cc: ConvergenceConfig, backbone=None) -> tuple[dict, bool]:
     done = sorted(s for s in cc.eval_steps if (adapter_dir(cc, s) / "sur_adapter.json").is_file())
     on_disk = partial.get("wall_time_s", 0.0)
     if cc.phase != "train":  # job seconds, summed over every job that ran (some side by side)
-        with _locked(ppath):
+        with jobs.locked(ppath):
             _merge_into(partial, ppath)
             on_disk = json.loads(ppath.read_text()).get("wall_time_s", 0.0) if ppath.is_file() else 0.0
     partial["wall_time_s"] = round(on_disk + time.time() - t0, 1)
@@ -449,7 +416,7 @@ def run(cc: ConvergenceConfig, backbone=None) -> tuple[dict, bool]:
            "seconds": partial.get("seconds", {}), "complete": complete,
            "wall_time_s": partial["wall_time_s"]}
     if cc.phase != "train":  # only evaluation jobs write the partial file (a training job
-        with _locked(ppath):  # may run beside them)
+        with jobs.locked(ppath):  # may run beside them)
             _merge_into(partial, ppath)
             partial.update({k: doc[k] for k in ("command", "versions", "wall_time_s")})
             write_json(partial, ppath)

@@ -54,7 +54,7 @@ from ..analysis import compare, holm, summarize
 from ..fileio import clean_json, write_json
 from ..provenance import rel_path
 from .. import toyworld as tw
-from . import common, recipes, tune
+from . import common, jobs, recipes, tune
 from .convergence import _Deadline, gap_closed
 
 VARIANTS = ("recipe", "no_llm", "no_cp", "strong_llm", "strong_cp", "path_official",
@@ -205,47 +205,102 @@ def run_retest(rc: RetestConfig, backbone=None, convergence_file: Path | None = 
                                      progress=rc.progress)
 
     info = {"made_by": "python -m sur_lib.experiments retest"}
-    if "lambdas" not in partial:  # the recipe first: its gradient shares choose the strong lambdas
-        cfg = config(base, "llm")
-        rr = recipes.train_recipe(cfg, backbone, info=info, progress=rc.progress)
-        shares = measure_shares(cfg, backbone, rr.adapter, "llm", rc.measure_batches)
-        (llm, how_llm), (cp, how_cp) = (strong_lambda(shares, "l_llm", cfg.lambda_llm),
-                                        strong_lambda(shares, "l_cp", cfg.lambda_cp))
-        partial["lambdas"] = {"strong_llm": llm, "strong_cp": cp, "rule": {"l_llm": how_llm, "l_cp": how_cp},
-                              "recipe_shares": shares, "predicted_strong_shares": {
-                                  "strong_llm": _reweighted(shares, llm, cfg.lambda_cp),
-                                  "strong_cp": _reweighted(shares, cfg.lambda_llm, cp)}}
-        write_json(partial, ppath)
-    lam = partial["lambdas"]
+    base_units = [f"{u}/{s}" for s in SETS for u in ("base_simple", "base_complex")]
     done = partial["variants"]
-    for var, (over, source) in variant_overrides(base, lam["strong_llm"], lam["strong_cp"]).items():
-        if var in done or deadline.passed():
+
+    def sync():  # what the other job has written (call under jobs.locked)
+        jobs.merge(partial, ppath, ("variants",), ("lambdas", *base_units))
+
+    def claim_run(cfg):  # one job trains a run folder at a time
+        return jobs.claim(ppath, f"run-{Path(cfg.output_dir).name}")
+
+    def ensure_lambdas():  # the recipe first: its gradient shares choose the strong lambdas
+        with jobs.locked(ppath):
+            sync()
+        if "lambdas" in partial:
+            return
+        cfg = config(base, "llm")
+        held = claim_run(cfg)
+        if held is None:  # the other job is training the recipe
+            return
+        try:
+            rr = recipes.train_recipe(cfg, backbone, info=info, progress=rc.progress)
+            shares = measure_shares(cfg, backbone, rr.adapter, "llm", rc.measure_batches)
+            (llm, how_llm), (cp, how_cp) = (strong_lambda(shares, "l_llm", cfg.lambda_llm),
+                                            strong_lambda(shares, "l_cp", cfg.lambda_cp))
+            with jobs.locked(ppath):
+                sync()
+                partial.setdefault("lambdas", {
+                    "strong_llm": llm, "strong_cp": cp, "rule": {"l_llm": how_llm, "l_cp": how_cp},
+                    "recipe_shares": shares, "predicted_strong_shares": {
+                        "strong_llm": _reweighted(shares, llm, cfg.lambda_cp),
+                        "strong_cp": _reweighted(shares, cfg.lambda_llm, cp)}})
+                write_json(partial, ppath)
+        finally:
+            held.close()
+
+    while not deadline.passed():  # passes over the variants until none is left to this job
+        ensure_lambdas()
+        lam = partial.get("lambdas") or {}
+        variants = variant_overrides(base, lam.get("strong_llm"), lam.get("strong_cp"))
+        waiting = False
+        for var, (over, source) in variants.items():
+            with jobs.locked(ppath):
+                sync()
+            if var in done or deadline.passed():
+                continue
+            if None in over.values():  # needs the strong lambdas, which are not known yet
+                waiting = True
+                continue
+            tv = time.time()
+            cfg = config(over, source)
+            run = rel_path(Path(cfg.output_dir))
+            twin = next((n for n, r in done.items() if r["run"] == run), None)
+            if twin is not None:  # the same resolved config as a finished variant: the same numbers
+                with jobs.locked(ppath):
+                    sync()
+                    done[var] = dict(done[twin], overrides=over, same_as=done[twin].get("same_as") or twin)
+                    write_json(partial, ppath)
+                continue
+            held = claim_run(cfg)
+            if held is None:  # the other job trains this run (for this or a twin variant)
+                waiting = True
+                continue
+            try:
+                rr = recipes.train_recipe(cfg, backbone, source, info=info, progress=rc.progress)
+                res = {"overrides": over, "knowledge": source, "config": recipes.config_summary(cfg),
+                       "run": run, "digest": rr.digest,
+                       "shares": measure_shares(cfg, backbone, rr.adapter, source, rc.measure_batches),
+                       "records": {s: recipes.evaluate(backbone, rr.adapter, specs[s], n_img[s], rc.seed,
+                                                       gen, pipe, cache=cache, progress=rc.progress,
+                                                       desc=f"retest/{var}/{s}") for s in SETS}}
+                with jobs.locked(ppath):
+                    sync()
+                    done[var] = dict(res, seconds=round(time.time() - tv, 1))
+                    write_json(partial, ppath)
+            finally:
+                held.close()
+        if not waiting:
+            break
+        time.sleep(30)  # the other job holds what is left: look again
+    for key in base_units:
+        s, field = key.split("/")[1], ("text" if key.startswith("base_simple") else "prompt")
+        with jobs.locked(ppath):
+            sync()
+        held = None if key in partial or deadline.passed() else jobs.claim(ppath, key)
+        if held is None:
             continue
-        tv = time.time()
-        cfg = config(over, source)
-        twin = next((n for n, r in done.items() if r["run"] == rel_path(Path(cfg.output_dir))), None)
-        if twin is not None:  # the same resolved config as a finished variant: the same numbers
-            done[var] = dict(done[twin], overrides=over, same_as=done[twin].get("same_as") or twin)
-            write_json(partial, ppath)
-            continue
-        rr = recipes.train_recipe(cfg, backbone, source, info=info, progress=rc.progress)
-        res = {"overrides": over, "knowledge": source, "config": recipes.config_summary(cfg),
-               "run": rel_path(Path(cfg.output_dir)), "digest": rr.digest,
-               "shares": measure_shares(cfg, backbone, rr.adapter, source, rc.measure_batches),
-               "records": {s: recipes.evaluate(backbone, rr.adapter, specs[s], n_img[s], rc.seed, gen,
-                                               pipe, cache=cache, progress=rc.progress,
-                                               desc=f"retest/{var}/{s}") for s in SETS}}
-        done[var] = dict(res, seconds=round(time.time() - tv, 1))
-        write_json(partial, ppath)
-    for s in SETS:
-        for field, unit in (("text", "base_simple"), ("prompt", "base_complex")):
-            key = f"{unit}/{s}"
-            if key not in partial and not deadline.passed():
-                recs, src = recipes.base_records(backbone, specs[s], s, field, n_img[s], rc.seed, gen,
-                                                 minfo["unet_digest"], pipe, cache, rc.progress,
-                                                 convergence_file)
+        try:
+            recs, src = recipes.base_records(backbone, specs[s], s, field, n_img[s], rc.seed, gen,
+                                             minfo["unet_digest"], pipe, cache, rc.progress,
+                                             convergence_file)
+            with jobs.locked(ppath):
+                sync()
                 partial[key] = {"source": src, "records": recs}
                 write_json(partial, ppath)
+        finally:
+            held.close()
+    lam = partial.get("lambdas")
     complete = all(v in done for v in VARIANTS) and all(
         f"{u}/{s}" in partial for u in ("base_simple", "base_complex") for s in SETS)
     doc = {"experiment": "retest", "command": "python -m sur_lib.experiments retest " + " ".join(rc.argv),
@@ -257,9 +312,10 @@ def run_retest(rc: RetestConfig, backbone=None, convergence_file: Path | None = 
     if complete:
         doc["table"] = {s: table(done, partial[f"base_simple/{s}"]["records"],
                                  partial[f"base_complex/{s}"]["records"], s) for s in SETS}
-    doc["wall_time_s"] = round(time.time() - t0 + partial.get("wall_time_s", 0.0), 1)
-    partial["wall_time_s"] = doc["wall_time_s"]
-    write_json(partial, ppath)
+    with jobs.locked(ppath):
+        sync()
+        doc["wall_time_s"] = jobs.add_job_time(partial, ppath, time.time() - t0)
+        write_json(partial, ppath)
     return doc, complete
 
 

@@ -14,7 +14,8 @@ prompts per type, train nouns and phrasings, ``--images`` images each, the same 
 every configuration); its per-type accuracy with Wilson intervals and its paired difference
 to configuration 0 are recorded in ``tune.partial.json`` as soon as it is done, and a
 finished configuration is skipped on the next run (``--max-minutes`` stops between
-configurations).
+configurations). Two jobs may run side by side (``jobs``: each configuration and each final
+unit is claimed with a lock, results are merged under a lock).
 
 The choice (``choose``) reads only those tuning-set summaries: the highest overall tuning
 accuracy; ties go to fewer steps, then fewer rows, then the lower index. It is written to the
@@ -49,7 +50,7 @@ import torch
 from ..analysis import compare, summarize
 from ..fileio import clean_json, write_json
 from ..provenance import rel_path
-from . import common, recipes
+from . import common, jobs, recipes
 from .convergence import _Deadline, gap_closed, minimum_detectable_effect
 
 SPACE = {"steps": (500, 1000, 2000), "learning_rate": (3e-5, 1e-4, 3e-4, 1e-3),
@@ -164,54 +165,99 @@ def run_tune(tc: TuneConfig, backbone=None, convergence_file: Path | None = None
     cache = common.WORK_DIR / "cache" if tc.cache else None
     pipe = make_pipe(backbone, gen)
     tried = partial["tried"]
+
+    def sync():  # what the other job has written (call under jobs.locked)
+        jobs.merge(partial, ppath, ("tried", "final"), ("choice",))
+
     for knobs in configs:  # phase 1: the search, tuning set only
-        if str(knobs["index"]) in tried or deadline.passed():
+        if deadline.passed():
+            break
+        key = str(knobs["index"])
+        with jobs.locked(ppath):
+            sync()
+        claim = None if key in tried else jobs.claim(ppath, f"config-{key}")
+        if claim is None:  # done, or another job is on it
             continue
-        tv = time.time()
-        rr = _train(tc, knobs, backbone, minfo)
-        recs = recipes.evaluate(backbone, rr.adapter, tuning, tc.images, tc.seed, gen, pipe,
-                                cache=cache, progress=tc.progress, desc=f"tune/{knobs['index']}")
-        tried[str(knobs["index"])] = {"knobs": knobs, "run": rel_path(rr.folder), "digest": rr.digest,
-                                      "tuning": summarize(recs), "records": recs,
-                                      "seconds": round(time.time() - tv, 1)}
-        write_json(partial, ppath)
+        try:
+            tv = time.time()
+            rr = _train(tc, knobs, backbone, minfo)
+            recs = recipes.evaluate(backbone, rr.adapter, tuning, tc.images, tc.seed, gen, pipe,
+                                    cache=cache, progress=tc.progress, desc=f"tune/{key}")
+            with jobs.locked(ppath):
+                sync()
+                tried[key] = {"knobs": knobs, "run": rel_path(rr.folder), "digest": rr.digest,
+                              "tuning": summarize(recs), "records": recs,
+                              "seconds": round(time.time() - tv, 1)}
+                write_json(partial, ppath)
+        finally:
+            claim.close()
+    with jobs.locked(ppath):
+        sync()
     doc = {"experiment": "tune", "command": "python -m sur_lib.experiments tune " + " ".join(tc.argv),
            "seed": tc.seed, "quick": tc.quick, "versions": common.versions(),
            "label": "ours: a recipe tuned by this book, not the paper's",
            "where": "CPU (1 torch thread)", "step_cache": True, "model": minfo,
            "judge": common.judge_info(), "settings": settings, "space": QUICK_SPACE if tc.quick else SPACE,
            "budget_estimate": budget_estimate(configs, len(tuning), tc.images)}
-    if len(tried) < len(configs):
+    if len(tried) < len(configs):  # not all done (or another job is still on one)
+        with jobs.locked(ppath):
+            sync()
+            jobs.add_job_time(partial, ppath, time.time() - t0)
+            write_json(partial, ppath)
         return {**doc, "tried": tried, "complete": False}, False
     base_recs = tried["0"]["records"]
     for r in tried.values():
         r["vs_paper_settings"] = compare(base_recs, r["records"])
-    if "choice" not in partial:  # phase 2: the choice, from tuning-set summaries only
-        partial["choice"] = choose({k: {"knobs": v["knobs"], "tuning": v["tuning"]} for k, v in tried.items()})
-        write_json(partial, ppath)  # written before any test prompt is drawn
+    with jobs.locked(ppath):  # phase 2: the choice, from tuning-set summaries only
+        sync()
+        if "choice" not in partial:
+            partial["choice"] = choose({k: {"knobs": v["knobs"], "tuning": v["tuning"]}
+                                        for k, v in tried.items()})
+            write_json(partial, ppath)  # written before any test prompt is drawn
     choice = partial["choice"]
     final = partial.setdefault("final", {})
     best = dict(choice["knobs"])
     paper = dict(QUICK_PAPER if tc.quick else PAPER, steps=best["steps"], index="paper")
+
+    def unit(name: str, work):  # phase 3 units, claimed like the configurations
+        with jobs.locked(ppath):
+            sync()
+        claim = None if name in final or deadline.passed() else jobs.claim(ppath, f"final-{name}")
+        if claim is None:
+            return
+        try:
+            result = work()
+            with jobs.locked(ppath):
+                sync()
+                final[name] = result
+                write_json(partial, ppath)
+        finally:
+            claim.close()
+
     for set_name, n in (("test", tc.images), ("extended", tc.extended_images)):  # phase 3: once
         specs = recipes.prompt_set(set_name, tc.seed, tc.quick)
         for name, knobs in (("tuned", best), ("paper_settings", paper)):
-            unit = f"{name}/{set_name}"
-            if unit in final or deadline.passed():
-                continue
-            rr = _train(tc, knobs, backbone, minfo)
-            final[unit] = {"digest": rr.digest, "records": recipes.evaluate(
-                backbone, rr.adapter, specs, n, tc.seed, gen, pipe, cache=cache,
-                progress=tc.progress, desc=f"tune/{unit}")}
-            write_json(partial, ppath)
+            def judged(knobs=knobs, specs=specs, n=n, name=name, set_name=set_name):
+                # the training is claimed too: two units of one recipe never train it at once
+                held = jobs.claim(ppath, f"train-{name}")
+                while held is None:
+                    time.sleep(30)
+                    held = jobs.claim(ppath, f"train-{name}")
+                try:
+                    rr = _train(tc, knobs, backbone, minfo)
+                finally:
+                    held.close()
+                return {"digest": rr.digest, "records": recipes.evaluate(
+                    backbone, rr.adapter, specs, n, tc.seed, gen, pipe, cache=cache,
+                    progress=tc.progress, desc=f"tune/{name}/{set_name}")}
+            unit(f"{name}/{set_name}", judged)
         for field, name in (("text", "base_simple"), ("prompt", "base_complex")):
-            unit = f"{name}/{set_name}"
-            if unit not in final and not deadline.passed():
+            def drawn(field=field, name=name, specs=specs, n=n, set_name=set_name):
                 recs, src = recipes.base_records(backbone, specs, set_name, field, n, tc.seed, gen,
                                                  minfo["unet_digest"], pipe, cache, tc.progress,
                                                  convergence_file)
-                final[unit] = {"source": src, "records": recs}
-                write_json(partial, ppath)
+                return {"source": src, "records": recs}
+            unit(f"{name}/{set_name}", drawn)
     units = [f"{a}/{s}" for s in ("test", "extended")
              for a in ("tuned", "paper_settings", "base_simple", "base_complex")]
     complete = all(u in final for u in units)
@@ -221,9 +267,10 @@ def run_tune(tc: TuneConfig, backbone=None, convergence_file: Path | None = None
                                         ("tuned", "paper_settings", "base_simple", "base_complex")})
                         for s in ("test", "extended")}
         doc["final_records"] = final
-    doc["wall_time_s"] = round(time.time() - t0 + partial.get("wall_time_s", 0.0), 1)
-    partial["wall_time_s"] = doc["wall_time_s"]
-    write_json(partial, ppath)
+    with jobs.locked(ppath):
+        sync()
+        doc["wall_time_s"] = jobs.add_job_time(partial, ppath, time.time() - t0)
+        write_json(partial, ppath)
     return doc, complete
 
 
