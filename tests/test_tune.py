@@ -101,3 +101,38 @@ def test_tune_and_retest_have_their_own_command_lines(capsys):
         with pytest.raises(SystemExit) as e:
             command.main([name, "--help"])
         assert e.value.code == 0 and f"python -m sur_lib.experiments {name}" in capsys.readouterr().out
+
+
+def test_two_tune_jobs_share_the_search(standin, monkeypatch, tmp_path):  # noqa: F811
+    """A configuration another job has claimed is left to it, and what that job stores while
+    this one works is merged, not overwritten."""
+    from sur_lib.experiments import jobs
+    from sur_lib.fileio import write_json
+
+    _cheap(monkeypatch, tmp_path)
+    tc = _tc(tmp_path)
+    ppath = tmp_path / "out" / "tune-quick.partial.json"
+    log = []
+    _fake_judge(monkeypatch, lambda i: 0.5, lambda d: 0.5, ppath, log)
+    monkeypatch.setattr(tune._Deadline, "passed", lambda self: False)
+    real = recipes.evaluate
+    knobs1 = tune.search_space(3, quick=True)[1]
+
+    def evaluate(*a, desc="", **k):
+        recs = real(*a, desc=desc, **k)
+        if desc == "tune/2":  # meanwhile the other job stores configuration 1
+            with jobs.locked(ppath):
+                disk = json.loads(ppath.read_text())
+                disk["tried"]["1"] = dict(disk["tried"]["0"], knobs=knobs1, run="the other job")
+                write_json(disk, ppath)
+        return recs
+
+    monkeypatch.setattr(recipes, "evaluate", evaluate)
+    held = jobs.claim(ppath, "config-1")  # the other job is on configuration 1
+    try:
+        doc, complete = tune.run_tune(tc, backbone=standin, convergence_file=tmp_path / "none.json")
+    finally:
+        held.close()
+    assert log[:2] == ["tune/0", "tune/2"] and "tune/1" not in log
+    assert sorted(doc["tried"]) == ["0", "1", "2"] and doc["tried"]["1"]["run"] == "the other job"
+    assert complete and sorted(json.loads(ppath.read_text())["tried"]) == ["0", "1", "2"]
