@@ -43,6 +43,15 @@ def test_config_and_tuned_recipe_checks(tmp_path):
     knobs = retest.recipe_knobs(_rc(tmp_path, recipe="tuned", tune_file=str(tmp_path / "tune.json"), steps=7))
     assert knobs["steps"] == 7 and knobs["eta"] == 0.3 and "index" not in knobs
     assert retest.recipe_knobs(_rc(tmp_path))["lambda_llm"] == 1e-5  # paper: tiny.yaml's
+    # before tune.json: the partial file's choice (written once every configuration is judged)
+    part = tmp_path / "p" / "tune.partial.json"
+    part.parent.mkdir()
+    part.write_text(json.dumps({"tried": {}}))
+    with pytest.raises(ValueError, match="no choice yet"):
+        retest.recipe_knobs(_rc(tmp_path, recipe="tuned", tune_file=str(part.parent / "tune.json")))
+    part.write_text(json.dumps({"tried": {}, "choice": doc["choice"]}))
+    knobs = retest.recipe_knobs(_rc(tmp_path, recipe="tuned", tune_file=str(part.parent / "tune.json"), steps=9))
+    assert knobs["steps"] == 9 and knobs["lambda_llm"] == 0.1
 
 
 def test_strong_lambda_rule():
@@ -116,3 +125,22 @@ def test_variant_overrides():
     # a recipe without KL terms: the official path (which detaches L_simple) gets the strong L_LLM
     none = retest.variant_overrides(dict(base, lambda_llm=0.0, lambda_cp=0.0), 0.5, 0.25)
     assert none["path_official"][0]["lambda_llm"] == 0.5
+
+
+def test_better_recipe_is_read_on_the_tuning_set():
+    """Tuned only when its tuning-set accuracy beats the paper's settings at the plateau with a
+    paired interval above 0; a tie goes to the paper's settings."""
+    def recs(accs):
+        return [{"id": f"p{i}", "type": ("counting", "color", "action")[i % 3], "acc": a}
+                for i, a in enumerate(accs)]
+
+    paper = [0.5, 0.6, 0.4, 0.5, 0.7, 0.3]
+    conv = {"plateau": {"step": 2000}, "records": {"step-2000/tuning": recs(paper)}}
+    better = {"choice": {"index": 4}, "tried": {"4": {"records": recs([a + 0.2 + 0.01 * i for i, a in enumerate(paper)])}}}
+    same = {"choice": {"index": 4}, "tried": {"4": {"records": recs([a + (0.1 if i % 2 else -0.1) for i, a in enumerate(paper)])}}}
+    out = retest.better_recipe(better, conv)
+    assert out["recipe"] == "tuned" and out["paper_step"] == 2000 and out["t_ci"][0] > 0
+    assert abs(out["tuned_minus_paper"] - (0.2 + 0.025)) < 1e-9 and out["n_prompts"] == 6
+    assert retest.better_recipe(same, conv)["recipe"] == "paper"
+    with pytest.raises(ValueError, match="no choice"):
+        retest.better_recipe({"tried": {}}, conv)

@@ -113,17 +113,49 @@ def result_stem(rc: RetestConfig) -> str:
 
 
 def recipe_knobs(rc: RetestConfig) -> dict:
-    """The recipe's knobs (``tune``'s keys) with ``rc.steps``: tiny.yaml's, or tune.json's choice."""
+    """The recipe's knobs (``tune``'s keys) with ``rc.steps``: tiny.yaml's, or tune's choice.
+
+    The choice is read from ``tune.json``, or, before tune's final evaluation on the test
+    prompts is done, from ``tune.partial.json``: its ``choice`` is written once, when every
+    configuration has been judged on the tuning set, and never changes after."""
     if rc.recipe == "paper":
         return dict(tune.QUICK_PAPER if rc.quick else tune.PAPER, steps=rc.steps)
     path = Path(rc.tune_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"--recipe tuned needs {path} (python -m sur_lib.experiments tune)")
-    doc = json.loads(path.read_text())
-    if not doc.get("complete") or "choice" not in doc:
-        raise ValueError(f"{path} has no final choice yet")
+    part = path.with_name(path.name.removesuffix(".json") + ".partial.json")
+    doc = next((json.loads(p.read_text()) for p in (path, part) if p.is_file()
+                and "choice" in json.loads(p.read_text())), None)
+    if doc is None:
+        if not (path.is_file() or part.is_file()):
+            raise FileNotFoundError(f"--recipe tuned needs {path} or {part.name} "
+                                    "(python -m sur_lib.experiments tune)")
+        raise ValueError(f"{path.name} has no choice yet: tune has not judged every configuration")
     knobs = {k: doc["choice"]["knobs"][k] for k in tune.PAPER}
     return dict(knobs, steps=rc.steps)
+
+
+def better_recipe(tune_partial: dict, convergence: dict) -> dict:
+    """Which recipe the re-test goes around, read on the TUNING SET only (step 4 of the plan:
+    "around the better of the two recipes").
+
+    The tuned choice (its tuning-set records in ``tune_partial["tried"]``) against the paper's
+    settings at the dose-response plateau (``convergence["records"]["step-<plateau>/tuning"]``:
+    the same 30 prompts and seeds), paired over prompts: ``tuned`` only if the 95% interval of
+    the overall difference lies above 0, else ``paper`` (the paper's claims are about its own
+    settings, so a tie goes to them)."""
+    from ..analysis import compare
+
+    if "choice" not in tune_partial:
+        raise ValueError("tune has no choice yet: it has not judged every configuration")
+    step = convergence["plateau"]["step"]
+    idx = str(tune_partial["choice"]["index"])
+    paper = convergence["records"][f"step-{step}/tuning"]
+    cmp = compare(paper, tune_partial["tried"][idx]["records"])["overall"]
+    lo, hi = cmp["paired"]["t_ci"]
+    return {"recipe": "tuned" if lo > 0 else "paper", "tuned_index": int(idx),
+            "paper_step": step, "tuned_minus_paper": cmp["diff"], "t_ci": [lo, hi],
+            "n_prompts": cmp["n_prompts"],
+            "rule": "tuned if its tuning-set overall accuracy beats the paper's settings at the "
+                    "plateau (paired 95% CI above 0), else paper"}
 
 
 def _round_sig(x: float, digits: int = 2) -> float:
