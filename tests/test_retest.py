@@ -112,6 +112,25 @@ def test_retest_end_to_end(standin, monkeypatch, tmp_path):  # noqa: F811
         assert "overall" in rows["strong_llm"]["gap_closed"]
     assert doc["base"]["base_simple/test"]["source"] == "drawn"
     assert len(doc["variants"]["recipe"]["records"]["extended"]) == 3
+    # exported for verify: every variant's loss log and run.json, the recipe's adapter too
+    runs_dir = tmp_path / "runs" / "retest-quick"
+    assert {p.name for p in (runs_dir / "recipe").iterdir()} == {"log.csv", "run.json", "adapter-fp16"}
+    assert {p.name for p in (runs_dir / "no_llm").iterdir()} == {"log.csv", "run.json"}
+    from sur_lib.experiments import common, verify
+
+    judge = images.evaluate_condition  # the same fake scores for the same unit name
+    monkeypatch.setattr(verify, "evaluate_condition", lambda *a, desc="", **k: judge(
+        *a, desc=desc.replace("verify/", "retest/"), **k))
+    digest = common.model_info(standin)["unet_digest"]
+    checks = retest.verify_retest(doc, standin, digest, 1, 2, False)
+    assert all(c["ok"] for c in checks), checks
+    assert [c["check"].split(":")[0] for c in checks[:4]] == ["recipe"] * 2 + ["teacher_oracle"] * 2
+    oracle_log = runs_dir / "teacher_oracle" / "log.csv"
+    lines = oracle_log.read_text().splitlines()
+    head, row = lines[0].split(","), lines[1].split(",")
+    row[head.index("loss")] = str(float(row[head.index("loss")]) + 1.0)
+    oracle_log.write_text("\n".join([lines[0], ",".join(row)] + lines[2:]) + "\n")
+    assert [c["ok"] for c in retest.verify_retest(doc, standin, digest, 1, 2, False)[:4]] == [True, True, False, True]
 
 
 def test_variant_overrides():

@@ -136,3 +136,39 @@ def test_two_tune_jobs_share_the_search(standin, monkeypatch, tmp_path):  # noqa
     assert log[:2] == ["tune/0", "tune/2"] and "tune/1" not in log
     assert sorted(doc["tried"]) == ["0", "1", "2"] and doc["tried"]["1"]["run"] == "the other job"
     assert complete and sorted(json.loads(ppath.read_text())["tried"]) == ["0", "1", "2"]
+
+
+def test_verify_tune_replays_the_chosen_recipe_and_fails_on_a_changed_log(standin, monkeypatch, tmp_path):  # noqa: F811
+    """The tuned recipe is exported (loss log, run.json, fp16 adapter) beside the results;
+    verify recomputes the choice, replays 2 training steps and re-draws images of it."""
+    from sur_lib.experiments import common, verify
+
+    _cheap(monkeypatch, tmp_path)
+    tc = _tc(tmp_path, configs=2)
+    ppath = tmp_path / "out" / "tune-quick.partial.json"
+    _fake_judge(monkeypatch, lambda i: 0.5 + 0.5 * i, lambda d: 0.5, ppath, [])
+    judge = images.evaluate_condition  # the fake judge: tuning prompts scored by config index
+
+    def redraw(*a, desc="", **k):
+        return judge(*a, desc="tune/1" if desc == "verify/tuned/tuning" else desc, **k)
+
+    monkeypatch.setattr(verify, "evaluate_condition", redraw)
+    monkeypatch.setattr(tune._Deadline, "passed", lambda self: False)
+    doc, complete = tune.run_tune(tc, backbone=standin, convergence_file=tmp_path / "none.json")
+    assert complete and doc["choice"]["index"] == 1
+    folder = tmp_path / "runs" / "tune-quick" / "tuned"
+    assert doc["tuned_run"]["folder"] == str(folder)
+    assert {p.name for p in folder.iterdir()} == {"log.csv", "run.json", "adapter-fp16"}
+    digest = common.model_info(standin)["unet_digest"]
+    checks = tune.verify_tune(doc, standin, digest, 1, 2, False)
+    assert all(c["ok"] for c in checks), checks
+    assert sum("training: loss" in c["check"] for c in checks) == 2
+    assert sum("prompts x" in c["check"] for c in checks) == 2  # tuning and test records
+    log = (folder / "log.csv").read_text().splitlines()
+    head = log[0].split(",")
+    row = log[1].split(",")
+    row[head.index("loss")] = str(float(row[head.index("loss")]) * 1.1)
+    (folder / "log.csv").write_text("\n".join([log[0], ",".join(row)] + log[2:]) + "\n")
+    assert not tune.verify_tune(doc, standin, digest, 1, 2, False)[2]["ok"]  # the first replayed step
+    doc["choice"]["index"] = 0
+    assert not tune.verify_tune(doc, standin, digest, 1, 2, False)[0]["ok"]

@@ -48,7 +48,7 @@ QUICK = dict(prompts_per_type=1, images=2, sampler_steps=5, rows=64, train_steps
 
 VOLATILE_KEYS = frozenset({"command", "versions", "wall_time_s", "seconds", "timings"})
 EXPERIMENTS = ("failure", "sur", "ablations", "rewrite", "guidance", "compose", "probe",
-               "convergence")
+               "convergence", "tune", "retest")  # the results `verify` checks
 
 VERSION_PACKAGES = ("numpy", "scipy", "pillow", "torch", "sur_lib", "diffusers", "transformers",
                     "accelerate", "safetensors", "brisque")

@@ -436,7 +436,7 @@ def verify_convergence(doc: dict, backbone, current_digest: str, per_type: int, 
     import csv
     import tempfile
 
-    from .verify import VERIFY_LOSS_RTOL, verify_images
+    from .verify import loss_checks, verify_images
 
     if doc["model"]["unet_digest"] != current_digest:
         return [{"check": "base model", "ok": False, "message": (
@@ -452,12 +452,7 @@ def verify_convergence(doc: dict, backbone, current_digest: str, per_type: int, 
         cfg = _train_cfg(cc, data_dir, current_digest, VERIFY_TRAIN_STEPS)
         cfg.output_dir, cfg.checkpoint_every, cfg.progress = tmp, 10**6, progress
         _, log, _ = runs.train_adapter(cfg, backbone, progress)
-    for live, row in zip(log, stored):
-        a, b = float(live["loss"]), float(row["loss"])
-        tol = VERIFY_LOSS_RTOL * abs(b) + 1e-6
-        checks.append({"check": f"training: loss at step {row['step']}", "ok": abs(a - b) <= tol,
-                       "live": a, "stored": b, "tol": tol,
-                       "message": f"live {a:.6f} vs stored {b:.6f} (tol {tol:.2e})"})
+    checks += loss_checks(log, stored)
     last = str(max(int(s) for s in doc["adapters"]))
     conditions = {}
     for name in VERIFY_UNITS:

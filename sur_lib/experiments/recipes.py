@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 
 from .. import analysis
+from ..fileio import write_json
 from . import common, images, runs
 
 KNOWLEDGE_SOURCES = ("llm", "oracle")
@@ -48,6 +49,7 @@ class RecipeRun:
     knowledge: dict | None  # the knowledge vectors it was trained with (None: lambda_llm = 0)
     trained: bool  # False when the stored adapter was loaded
     resumed_from: int = 0  # the checkpoint step training resumed from
+    source: str = "llm"  # the knowledge source (KNOWLEDGE_SOURCES)
 
 
 def recipe_config(overrides: dict, rows: int, steps: int, run_root: Path, model_digest: str,
@@ -115,7 +117,7 @@ def train_recipe(cfg, backbone, source: str = "llm", info: dict | None = None,
             knowledge = knowledge_vectors(cfg, SURDDataset(cfg.data_dir, check_images=False).rows,
                                           source, progress)
         return RecipeRun(runs.load_adapter(folder), folder, json.loads(meta.read_text())["digest"],
-                         cfg, knowledge, trained=False)
+                         cfg, knowledge, trained=False, source=source)
     bb, ds, knowledge = training_inputs(cfg, backbone, source, progress)
     result = train(cfg, backbone=bb, dataset=ds, knowledge=knowledge)
     adapter = result.adapter
@@ -126,7 +128,65 @@ def train_recipe(cfg, backbone, source: str = "llm", info: dict | None = None,
     if not keep_checkpoints:
         shutil.rmtree(Path(cfg.output_dir) / "checkpoints", ignore_errors=True)
     return RecipeRun(loaded, folder, digest, cfg, knowledge, trained=True,
-                     resumed_from=result.resumed_from)
+                     resumed_from=result.resumed_from, source=source)
+
+
+# ----------------------------------------------------------------------------- for verify
+
+VERIFY_TRAIN_STEPS = 2  # training steps ``replay`` re-runs
+
+
+def export_run(rr: RecipeRun, dest: Path, with_adapter: bool = True) -> dict:
+    """Copy what ``verify`` needs of a trained recipe into ``dest``, a folder that is committed
+    (``data/runs/<experiment>/<name>``): its loss log, ``run.json`` (the training config
+    without paths, SURD-mini's rows and seed, the knowledge source) and, ``with_adapter``, the
+    fp16 adapter. Returns where they are (paths relative to the repository)."""
+    from ..fileio import atomic_folder
+    from ..provenance import rel_path
+
+    log = Path(rr.cfg.output_dir) / "log.csv"
+    if not log.is_file():
+        raise FileNotFoundError(f"{log} is missing: the run's loss log is needed for verify")
+    dest = Path(dest)
+    data = Path(rr.cfg.data_dir).name  # surd-mini-n<rows>-s<seed>
+    rows, seed = (int(p[1:]) for p in data.removeprefix("surd-mini-").split("-"))
+    with atomic_folder(dest) as tmp:
+        shutil.copy2(log, tmp / "log.csv")
+        write_json({"train_config": {k: v for k, v in rr.cfg.to_dict().items() if k not in runs.PATH_KEYS},
+                    "rows": rows, "data_seed": seed, "knowledge": rr.source, "digest": rr.digest},
+                   tmp / "run.json")
+        if with_adapter:
+            shutil.copytree(rr.folder, tmp / "adapter-fp16")
+    out = {"folder": rel_path(dest), "log": rel_path(dest / "log.csv"), "digest": rr.digest}
+    if with_adapter:
+        out["dir"] = rel_path(dest / "adapter-fp16")
+    return out
+
+
+def replay(export: Path, backbone, steps: int = VERIFY_TRAIN_STEPS, progress: bool = False) -> list[dict]:
+    """Re-run the first ``steps`` training steps of an exported recipe (``export_run``'s folder)
+    from its ``run.json`` in a temporary folder, and compare each step's loss with its stored
+    log (``verify.loss_checks``)."""
+    import csv
+    import json
+    import tempfile
+
+    from ..train import TrainConfig, read_log, train
+    from .verify import loss_checks
+
+    export = Path(export)
+    meta = json.loads((export / "run.json").read_text())
+    with open(export / "log.csv", newline="") as f:
+        stored = [r for r in csv.DictReader(f)][:steps]
+    data_dir = runs.surd_mini(meta["rows"], meta["data_seed"], progress)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig.from_dict(dict(meta["train_config"], max_steps=steps, checkpoint_every=10**6,
+                                         data_dir=str(data_dir), output_dir=tmp, resume=False,
+                                         progress=progress))
+        bb, ds, knowledge = training_inputs(cfg, backbone, meta["knowledge"], progress)
+        train(cfg, backbone=bb, dataset=ds, knowledge=knowledge)
+        live = read_log(tmp)
+    return loss_checks(live, stored)
 
 
 # ----------------------------------------------------------------------------- evaluation

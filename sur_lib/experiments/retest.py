@@ -112,6 +112,12 @@ def result_stem(rc: RetestConfig) -> str:
     return "retest" if rc.recipe == "paper" else "retest-tuned"
 
 
+def runs_dir(rc: RetestConfig) -> Path:
+    """Where the variants' loss logs (and the recipe's adapter) are exported for ``verify``:
+    data/runs/<retest|retest-tuned> beside data/results (``--out``'s parent)."""
+    return Path(rc.out).parent / "runs" / (result_stem(rc) + ("-quick" if rc.quick else ""))
+
+
 def recipe_knobs(rc: RetestConfig) -> dict:
     """The recipe's knobs (``tune``'s keys) with ``rc.steps``: tiny.yaml's, or tune's choice.
 
@@ -301,7 +307,8 @@ def run_retest(rc: RetestConfig, backbone=None, convergence_file: Path | None = 
             try:
                 rr = recipes.train_recipe(cfg, backbone, source, info=info, progress=rc.progress)
                 res = {"overrides": over, "knowledge": source, "config": recipes.config_summary(cfg),
-                       "run": run, "digest": rr.digest,
+                       "run": run, "digest": rr.digest,  # loss log (and the recipe's adapter) for verify
+                       "export": recipes.export_run(rr, runs_dir(rc) / var, with_adapter=var == "recipe"),
                        "shares": measure_shares(cfg, backbone, rr.adapter, source, rc.measure_batches),
                        "records": {s: recipes.evaluate(backbone, rr.adapter, specs[s], n_img[s], rc.seed,
                                                        gen, pipe, cache=cache, progress=rc.progress,
@@ -383,6 +390,32 @@ def table(done: dict, base: list[dict], ceiling: list[dict], set_name: str) -> d
     return {"base": sb, "ceiling": sc, "variants": rows,
             "holm": "per type and overall, across the 8 variants vs the recipe; across the 3 "
                     "teachers vs strong_llm"}
+
+
+VERIFY_REPLAY = ("recipe", "teacher_oracle")  # the LLM and the oracle knowledge paths
+
+
+def verify_retest(doc: dict, backbone, current_digest: str, per_type: int, n_images: int,
+                  progress: bool) -> list[dict]:
+    """``verify`` for the re-test: the first training steps of ``VERIFY_REPLAY`` replayed
+    against their stored loss logs, and ``per_type`` prompts per type x ``n_images`` images
+    of the recipe's exported adapter re-drawn on the test prompts."""
+    from ..provenance import ROOT
+    from .verify import verify_images
+
+    if doc["model"]["unet_digest"] != current_digest:
+        return [{"check": "base model", "ok": False, "message": (
+            "the re-test was made with another base model: re-run retest")}]
+    checks = []
+    for var in VERIFY_REPLAY:
+        export = ROOT / doc["variants"][var]["export"]["folder"]
+        checks += [dict(c, check=f"{var}: {c['check']}") for c in
+                   recipes.replay(export, backbone, progress=progress)]
+    rec = doc["variants"]["recipe"]
+    ref = {"dir": str(ROOT / rec["export"]["dir"]), "digest": rec["export"]["digest"]}
+    sub = {"model": doc["model"], "seed": doc["seed"], "generation": doc["settings"]["generation"],
+           "conditions": {"recipe/test": {"records": rec["records"]["test"], "adapter": ref}}}
+    return checks + verify_images(sub, backbone, current_digest, per_type, n_images, progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -137,6 +137,11 @@ def choose(tried: dict[str, dict]) -> dict:
             "ties: fewer steps, fewer rows, lower index"}
 
 
+def runs_dir(tc: TuneConfig) -> Path:
+    """Where the chosen recipe is exported: data/runs/tune beside data/results (``--out``'s parent)."""
+    return Path(tc.out).parent / "runs" / ("tune-quick" if tc.quick else "tune")
+
+
 def _train(tc: TuneConfig, knobs: dict, backbone, minfo: dict):
     run_root = common.WORK_DIR / ("tune-quick" if tc.quick else "tune")
     cfg = recipes.recipe_config(overrides_of(knobs), knobs["rows"], knobs["steps"], run_root,
@@ -262,7 +267,9 @@ def run_tune(tc: TuneConfig, backbone=None, convergence_file: Path | None = None
              for a in ("tuned", "paper_settings", "base_simple", "base_complex")]
     complete = all(u in final for u in units)
     doc.update(tried=tried, choice=choice, paper_settings=paper, complete=complete)
-    if complete:
+    if complete:  # the chosen recipe's adapter and loss log, committed for verify
+        rr = _train(tc, best, backbone, minfo)
+        doc["tuned_run"] = recipes.export_run(rr, runs_dir(tc) / "tuned")
         doc["final"] = {s: final_block({a: final[f"{a}/{s}"]["records"] for a in
                                         ("tuned", "paper_settings", "base_simple", "base_complex")})
                         for s in ("test", "extended")}
@@ -289,6 +296,35 @@ def final_block(recs: dict[str, list[dict]]) -> dict:
         [r["acc"] - by[r["id"]] for r in recs["tuned"] if t == "overall" or r["type"] == t])
         for t in out["tuned"]}
     return out
+
+
+def verify_tune(doc: dict, backbone, current_digest: str, per_type: int, n_images: int,
+                progress: bool) -> list[dict]:
+    """``verify`` for the tuned recipe: the choice recomputed from the stored tuning-set
+    summaries, those summaries from their records, the chosen recipe's first training steps
+    replayed against its stored loss log, and ``per_type`` prompts per type x ``n_images``
+    images of the exported adapter re-drawn on the tuning and the test prompts."""
+    from ..provenance import ROOT
+    from .verify import verify_images
+
+    if doc["model"]["unet_digest"] != current_digest:
+        return [{"check": "base model", "ok": False, "message": (
+            "the tuned recipe was made with another base model: re-run tune")}]
+    tried = doc["tried"]
+    again = choose({k: {"knobs": v["knobs"], "tuning": v["tuning"]} for k, v in tried.items()})
+    checks = [{"check": "tune: the choice from the stored tuning-set summaries",
+               "ok": again["index"] == doc["choice"]["index"],
+               "message": f"recomputed {again['index']}, stored {doc['choice']['index']}"}]
+    bad = [k for k, v in tried.items() if summarize(v["records"])["overall"] != v["tuning"]["overall"]]
+    checks.append({"check": "tune: tuning-set summaries from their records", "ok": not bad,
+                   "message": f"{len(tried) - len(bad)}/{len(tried)} agree" + (f"; not {bad}" if bad else "")})
+    checks += recipes.replay(ROOT / doc["tuned_run"]["folder"], backbone, progress=progress)
+    ref = {"dir": str(ROOT / doc["tuned_run"]["dir"]), "digest": doc["tuned_run"]["digest"]}
+    conditions = {"tuned/tuning": {"records": tried[str(doc["choice"]["index"])]["records"], "adapter": ref},
+                  "tuned/test": {"records": doc["final_records"]["tuned/test"]["records"], "adapter": ref}}
+    sub = {"model": doc["model"], "seed": doc["seed"], "generation": doc["settings"]["generation"],
+           "conditions": conditions}
+    return checks + verify_images(sub, backbone, current_digest, per_type, n_images, progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

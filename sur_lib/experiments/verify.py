@@ -33,6 +33,22 @@ class VerifyConfig(ExperimentConfig):
     only: str | None = None
 
 
+def loss_checks(live: list[dict], stored: list[dict]) -> list[dict]:
+    """One check per replayed training step: the live loss against the stored one, within
+    ``VERIFY_LOSS_RTOL`` (relative); a stored log shorter than the replay is a failure."""
+    if len(stored) < len(live):
+        return [{"check": "training: stored log", "ok": False,
+                 "message": f"the stored log has {len(stored)} steps, {len(live)} were replayed"}]
+    checks = []
+    for row_live, row in zip(live, stored):
+        a, b = float(row_live["loss"]), float(row["loss"])
+        tol = VERIFY_LOSS_RTOL * abs(b) + 1e-6
+        checks.append({"check": f"training: loss at step {int(float(row['step']))}", "ok": abs(a - b) <= tol,
+                       "live": a, "stored": b, "tol": tol,
+                       "message": f"live {a:.6f} vs stored {b:.6f} (tol {tol:.2e})"})
+    return checks
+
+
 def verify_images(doc: dict, backbone, current_digest: str, per_type: int, n_images: int,
                    progress: bool) -> list[dict]:
     """Re-generate a subset of every condition of a stored result and compare."""
@@ -131,6 +147,14 @@ def run_verify(exp: VerifyConfig, backbone=None) -> dict:
             from .convergence import verify_convergence
 
             checks = verify_convergence(doc, backbone, digest, per_type, n_images, exp.progress)
+        elif name == "tune":  # the tuned recipe (experiments/tune.py)
+            from .tune import verify_tune
+
+            checks = verify_tune(doc, backbone, digest, per_type, n_images, exp.progress)
+        elif name == "retest":  # the claims re-tested at the plateau (experiments/retest.py)
+            from .retest import verify_retest
+
+            checks = verify_retest(doc, backbone, digest, per_type, n_images, exp.progress)
         elif name == "probe":  # the text encoder's part of the probe (experiments/probe.py)
             from .probe import verify_probe
 
