@@ -264,11 +264,7 @@ def _merge_into(partial: dict, path: Path) -> dict:
     """Add what other evaluation jobs have written to ``path`` since we read it (and take its
     ``wall_time_s``, the job time summed so far, so a unit's write does not undo another
     job's sum)."""
-    jobs.merge(partial, path, ("records", "seconds", "adapters"))
-    disk = jobs.read(path)
-    if "wall_time_s" in disk:
-        partial["wall_time_s"] = disk["wall_time_s"]
-    return partial
+    return jobs.merge(partial, path, ("records", "seconds", "adapters"))
 
 
 def run_evaluation(cc: ConvergenceConfig, backbone, deadline: _Deadline, done_steps: list[int],

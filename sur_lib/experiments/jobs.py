@@ -58,7 +58,8 @@ def read(path: Path) -> dict:
 
 def merge(partial: dict, path: Path, keys: Iterable[str] = (), scalars: Iterable[str] = ()) -> dict:
     """Add to ``partial`` what other jobs wrote to ``path`` since we read it: the entries of each
-    dict under ``keys`` that ``partial`` lacks, and each key of ``scalars`` that it lacks.
+    dict under ``keys`` that ``partial`` lacks, each key of ``scalars`` that it lacks, and the
+    file's ``wall_time_s`` (the sum of the jobs' times, which only ``add_job_time`` raises).
     Nothing is taken from a file made with other ``settings`` (when ``partial`` has them)."""
     disk = read(path)
     if "settings" in partial and disk.get("settings") != partial["settings"]:
@@ -69,6 +70,8 @@ def merge(partial: dict, path: Path, keys: Iterable[str] = (), scalars: Iterable
     for key in scalars:
         if key in disk and key not in partial:
             partial[key] = disk[key]
+    if "wall_time_s" in disk:  # the job-time sum so far: a write must not undo another job's
+        partial["wall_time_s"] = disk["wall_time_s"]
     return partial
 
 
