@@ -387,12 +387,10 @@ def run(cc: ConvergenceConfig, backbone=None) -> tuple[dict, bool]:
     if cc.phase in ("eval", "all"):
         partial = run_evaluation(cc, backbone, deadline, done, partial)
     done = sorted(s for s in cc.eval_steps if (adapter_dir(cc, s) / "sur_adapter.json").is_file())
-    on_disk = partial.get("wall_time_s", 0.0)
     if cc.phase != "train":  # job seconds, summed over every job that ran (some side by side)
         with jobs.locked(ppath):
-            _merge_into(partial, ppath)
-            on_disk = json.loads(ppath.read_text()).get("wall_time_s", 0.0) if ppath.is_file() else 0.0
-    partial["wall_time_s"] = round(on_disk + time.time() - t0, 1)
+            _merge_into(partial, ppath)  # takes the file's sum so far
+    partial["wall_time_s"] = round(partial.get("wall_time_s", 0.0) + time.time() - t0, 1)
     records = partial.get("records", {})
     complete = all(u[0] in records for u in _units(cc))
     doc = {"experiment": "convergence",

@@ -128,8 +128,7 @@ def recipe_knobs(rc: RetestConfig) -> dict:
         return dict(tune.QUICK_PAPER if rc.quick else tune.PAPER, steps=rc.steps)
     path = Path(rc.tune_file)
     part = path.with_name(path.name.removesuffix(".json") + ".partial.json")
-    doc = next((json.loads(p.read_text()) for p in (path, part) if p.is_file()
-                and "choice" in json.loads(p.read_text())), None)
+    doc = next((d for d in map(jobs.read, (path, part)) if "choice" in d), None)
     if doc is None:
         if not (path.is_file() or part.is_file()):
             raise FileNotFoundError(f"--recipe tuned needs {path} or {part.name} "
