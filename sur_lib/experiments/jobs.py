@@ -9,6 +9,7 @@ whose results go into one partial results file. Jobs that run side by side share
 * ``locked(path)``: an exclusive lock held while a job reads what the others wrote
   (``merge``) and writes the file back, so that no job overwrites another's results.
 * ``add_job_time``: the file's ``wall_time_s`` is the sum of every job's time.
+* ``run_unit``: the three together for one unit (take in, claim, work, store, write).
 
 ``convergence``, ``tune`` and ``retest`` use it; the lock and claim files sit beside the
 partial file (``<file>.lock``, ``<file>.claims/``) and are not committed.
@@ -19,7 +20,9 @@ import contextlib
 import fcntl
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
+
+from ..fileio import write_json
 
 
 @contextlib.contextmanager
@@ -82,3 +85,27 @@ def add_job_time(partial: dict, path: Path, seconds: float) -> float:
     before = disk.get("wall_time_s", 0.0) if disk.get("settings") == partial.get("settings") else 0.0
     partial["wall_time_s"] = round(before + seconds, 1)
     return partial["wall_time_s"]
+
+
+def run_unit(partial: dict, path: Path, sync: Callable[[], object], store: dict, key: str,
+             claim_name: str, work: Callable[[], object]) -> bool:
+    """One unit of a long experiment: take in what the other job wrote (``sync``, under the
+    lock); if ``key`` is not in ``store`` yet and no other job holds ``claim_name``, run
+    ``work()``, then, under the lock, sync again, store the result as ``store[key]`` and write
+    ``partial`` to ``path``. Returns whether this job did the unit."""
+    with locked(path):
+        sync()
+    if key in store:
+        return False
+    held = claim(path, claim_name)
+    if held is None:
+        return False
+    try:
+        result = work()
+        with locked(path):
+            sync()
+            store[key] = result
+            write_json(partial, path)
+    finally:
+        held.close()
+    return True

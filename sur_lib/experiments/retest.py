@@ -323,21 +323,15 @@ def run_retest(rc: RetestConfig, backbone=None, convergence_file: Path | None = 
         time.sleep(30)  # the other job holds what is left: look again
     for key in base_units:
         s, field = key.split("/")[1], ("text" if key.startswith("base_simple") else "prompt")
-        with jobs.locked(ppath):
-            sync()
-        held = None if key in partial or deadline.passed() else jobs.claim(ppath, key)
-        if held is None:
-            continue
-        try:
+
+        def drawn(s=s, field=field):
             recs, src = recipes.base_records(backbone, specs[s], s, field, n_img[s], rc.seed, gen,
                                              minfo["unet_digest"], pipe, cache, rc.progress,
                                              convergence_file)
-            with jobs.locked(ppath):
-                sync()
-                partial[key] = {"source": src, "records": recs}
-                write_json(partial, ppath)
-        finally:
-            held.close()
+            return {"source": src, "records": recs}
+
+        if not deadline.passed():
+            jobs.run_unit(partial, ppath, sync, partial, key, key, drawn)
     lam = partial.get("lambdas")
     complete = all(v in done for v in VARIANTS) and all(
         f"{u}/{s}" in partial for u in ("base_simple", "base_complex") for s in SETS)

@@ -178,24 +178,16 @@ def run_tune(tc: TuneConfig, backbone=None, convergence_file: Path | None = None
         if deadline.passed():
             break
         key = str(knobs["index"])
-        with jobs.locked(ppath):
-            sync()
-        claim = None if key in tried else jobs.claim(ppath, f"config-{key}")
-        if claim is None:  # done, or another job is on it
-            continue
-        try:
+
+        def judged(knobs=knobs, key=key):
             tv = time.time()
             rr = _train(tc, knobs, backbone, minfo)
             recs = recipes.evaluate(backbone, rr.adapter, tuning, tc.images, tc.seed, gen, pipe,
                                     cache=cache, progress=tc.progress, desc=f"tune/{key}")
-            with jobs.locked(ppath):
-                sync()
-                tried[key] = {"knobs": knobs, "run": rel_path(rr.folder), "digest": rr.digest,
-                              "tuning": summarize(recs), "records": recs,
-                              "seconds": round(time.time() - tv, 1)}
-                write_json(partial, ppath)
-        finally:
-            claim.close()
+            return {"knobs": knobs, "run": rel_path(rr.folder), "digest": rr.digest,
+                    "tuning": summarize(recs), "records": recs, "seconds": round(time.time() - tv, 1)}
+
+        jobs.run_unit(partial, ppath, sync, tried, key, f"config-{key}", judged)
     with jobs.locked(ppath):
         sync()
     doc = {"experiment": "tune", "command": "python -m sur_lib.experiments tune " + " ".join(tc.argv),
@@ -225,19 +217,8 @@ def run_tune(tc: TuneConfig, backbone=None, convergence_file: Path | None = None
     paper = dict(QUICK_PAPER if tc.quick else PAPER, steps=best["steps"], index="paper")
 
     def unit(name: str, work):  # phase 3 units, claimed like the configurations
-        with jobs.locked(ppath):
-            sync()
-        claim = None if name in final or deadline.passed() else jobs.claim(ppath, f"final-{name}")
-        if claim is None:
-            return
-        try:
-            result = work()
-            with jobs.locked(ppath):
-                sync()
-                final[name] = result
-                write_json(partial, ppath)
-        finally:
-            claim.close()
+        if not deadline.passed():
+            jobs.run_unit(partial, ppath, sync, final, name, f"final-{name}", work)
 
     for set_name, n in (("test", tc.images), ("extended", tc.extended_images)):  # phase 3: once
         specs = recipes.prompt_set(set_name, tc.seed, tc.quick)
