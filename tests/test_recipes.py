@@ -1,14 +1,16 @@
 """One recipe: hashed run folder, resume to the same adapter, stored adapter reused, prompt
-sets shared with convergence, truncated records, base records reused from convergence."""
+sets shared with convergence, truncated records, base records reused from convergence, a
+recipe that is the dose-response run at a stored step copied from it (same weights)."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
 from sur_lib import experiments as ex
 from sur_lib.experiments import common, recipes
 from sur_lib.experiments import convergence as conv
-from tests.test_convergence import _cheap, standin  # noqa: F401 (fixture)
+from tests.test_convergence import _cheap, standin, trained  # noqa: F401 (fixture)
 
 
 @pytest.fixture
@@ -100,3 +102,64 @@ def test_base_records_come_from_convergence_when_they_match(standin, cheap, tmp_
     recs, src = recipes.base_records(standin, specs, "test", "text", 2, 1, gen, digest,
                                      convergence_file=path, progress=False)
     assert src == "drawn"  # another seed
+
+
+def _losses(folder):
+    from sur_lib.train import read_log
+
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in read_log(folder)]
+
+
+def test_a_recipe_at_a_stored_dose_response_step_is_that_runs_adapter(standin, trained, cheap,  # noqa: F811
+                                                                      tmp_path):
+    """A run trained to 2 steps has exactly the weights of the dose-response run's step-2
+    adapter (which that run trained on its way to 4): the copy is what training would give."""
+    straight = recipes.train_recipe(_cfg(standin, tmp_path / "a", steps=2), standin, progress=False)
+    assert straight.trained and straight.copied_from is None
+    run = Path(trained.run_dir)
+    cfg = _cfg(standin, tmp_path / "b", steps=2)
+    copied = recipes.train_recipe(cfg, standin, progress=False, reuse=run)
+    assert not copied.trained and copied.copied_from == conv.adapter_dir(trained, 2)
+    assert copied.digest == straight.digest == ex.state_digest(copied.adapter)
+    assert _losses(cfg.output_dir) == _losses(straight.cfg.output_dir)  # the log's first 2 rows
+    meta = json.loads((copied.folder / "sur_adapter.json").read_text())
+    assert meta["copied_from"].endswith("adapters/step-00002")
+    again = recipes.train_recipe(cfg, standin, progress=False, reuse=run)  # loaded, still a copy
+    assert again.copied_from == copied.copied_from and again.digest == copied.digest
+    # what is not that run is trained: another step count, another knob, another teacher
+    digest = ex.state_digest(standin.unet)
+    assert recipes.stored_step(cfg, run, digest) == conv.adapter_dir(trained, 2)
+    assert recipes.stored_step(_cfg(standin, tmp_path / "c", steps=3), run, digest) is None
+    assert recipes.stored_step(_cfg(standin, tmp_path / "c", {"temperature": 2.0}, steps=2), run, digest) is None
+    assert recipes.stored_step(cfg, run, digest, source="oracle") is None
+    assert recipes.stored_step(cfg, run, "another-base-model") is None
+    assert recipes.stored_step(cfg, None, digest) is None
+    # the export names the committed dose-response adapter instead of a second copy
+    out = recipes.export_run(copied, tmp_path / "export")
+    assert out["dir"] == out["copied_from"] and not (tmp_path / "export" / "adapter-fp16").exists()
+    assert (tmp_path / "export" / "log.csv").is_file()
+
+
+def test_a_copied_recipes_records_come_from_convergence_when_the_digests_agree(standin, trained,  # noqa: F811
+                                                                             cheap, tmp_path):
+    cfg = _cfg(standin, tmp_path, steps=2)
+    rr = recipes.train_recipe(cfg, standin, progress=False, reuse=trained.run_dir)
+    specs = recipes.prompt_set("test", quick=True)
+    gen, digest = common.GenSettings(), ex.state_digest(standin.unet)
+    doc = {"seed": 0, "generation": gen.to_dict(), "model": {"unet_digest": digest},
+           "adapters": {"2": {"digest": rr.digest}},
+           "records": {"step-2/test": [dict(_rec(0, [1, 0, 1, 0]), id=s["id"]) for s in specs]}}
+    path = tmp_path / "convergence.json"
+    path.write_text(json.dumps(doc))
+    recs, src = recipes.recipe_records(standin, rr, specs, "test", 2, 0, gen, digest,
+                                       progress=False, convergence_file=path)
+    assert src == "convergence.json:step-2/test" and recs[0]["correct"] == [1, 0] and not cheap
+    doc["adapters"]["2"]["digest"] = "another adapter"
+    path.write_text(json.dumps(doc))
+    recs, src = recipes.recipe_records(standin, rr, specs, "test", 2, 0, gen, digest,
+                                       progress=False, convergence_file=path)
+    assert src == "drawn" and len(cheap) == 1
+    trained_rr = recipes.train_recipe(_cfg(standin, tmp_path / "t", steps=2), standin, progress=False)
+    recs, src = recipes.recipe_records(standin, trained_rr, specs, "test", 2, 0, gen, digest,
+                                       progress=False, convergence_file=path)
+    assert src == "drawn" and len(cheap) == 2  # a trained recipe is always drawn

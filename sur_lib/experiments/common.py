@@ -202,6 +202,18 @@ def judge_info(path: Path = JUDGE_FILE) -> dict | None:
     return out
 
 
+DOSE_RESPONSE_DIR = ROOT / "data" / "runs" / "convergence"  # convergence's committed run
+
+
+def reuse_dir(quick: bool, no_reuse: bool) -> str | None:
+    """The dose-response run folder whose stored adapters ``tune`` and ``retest`` may reuse
+    (``recipes.train_recipe``'s ``reuse``): data/runs/convergence, except with --quick (whose
+    recipes are not that run's) or --no-reuse."""
+    if quick or no_reuse:
+        return None
+    return str(DOSE_RESPONSE_DIR)
+
+
 def add_long_run_options(ap) -> None:
     """The options every resumable long experiment (``convergence``, ``tune``, ``retest``)
     shares: --seed, --max-minutes, --out, --quick, --threads, --no-cache, --no-progress."""

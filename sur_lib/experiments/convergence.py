@@ -52,7 +52,7 @@ STEPS = 5000
 CHECKPOINT_EVERY = 250
 VAL_PER_TYPE = 10
 IMAGES = 8
-RUN_DIR = ROOT / "data" / "runs" / "convergence"
+RUN_DIR = common.DOSE_RESPONSE_DIR
 QUICK = dict(steps=6, eval_steps=(0, 3, 6), images=2, val_per_type=1, prompts_per_type=1,
              rows=64, batch_size=8, checkpoint_every=3)
 

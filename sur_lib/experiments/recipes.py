@@ -10,6 +10,19 @@ checkpoint, and stores the final adapter as fp16 (``runs.save_adapter``) in
 optimizer checkpoints (~50 MB each) are deleted once the adapter is stored, unless
 ``keep_checkpoints``.
 
+Reuse of the dose-response run (``reuse``: a ``convergence`` run folder). A recipe that is
+the dose-response run's training config (all but its length and bookkeeping:
+``train.RESUME_FREE_KEYS``), on the same SURD-mini, base model and knowledge source, and
+whose ``steps`` is one of that run's stored steps, is not trained again: its adapter *is*
+the stored ``adapters/step-N`` (copied, with ``copied_from`` in its ``sur_adapter.json``),
+and its loss log is the first N rows of that run's log. This holds because a training step
+depends on its index, not on ``max_steps``: the learning rate is constant after warm-up,
+and the batch and noise of every step are seeded by the step (``train.micro_batch_loader``,
+``train.micro_step_seed``); ``tests/test_recipes.py`` trains both ways and compares the
+weights. The paper's settings at 2,000 steps (``tune``'s ``paper_settings`` and
+``retest``'s ``recipe``) save about 55 CPU minutes each this way. ``stored_records`` takes
+that step's records from ``convergence.json`` likewise, when the adapter digests match.
+
 Knowledge source (``knowledge``): ``"llm"`` (the default: ``cfg.llm``'s vectors, cached by
 ``runs.knowledge_for_config``) or ``"oracle"`` (not in the paper: ``sur_lib.oracle``, the
 prompt's true attributes projected to the width of tiny.yaml's LLM vectors and matched to
@@ -50,6 +63,7 @@ class RecipeRun:
     trained: bool  # False when the stored adapter was loaded
     resumed_from: int = 0  # the checkpoint step training resumed from
     source: str = "llm"  # the knowledge source (KNOWLEDGE_SOURCES)
+    copied_from: Path | None = None  # the dose-response adapter it is (see ``reuse``)
 
 
 def recipe_config(overrides: dict, rows: int, steps: int, run_root: Path, model_digest: str,
@@ -99,16 +113,73 @@ def adapter_folder(cfg) -> Path:
     return Path(cfg.output_dir) / "adapter-fp16"
 
 
+def _training_key(train_config: dict) -> dict:
+    """What decides a run's weights at a given step: its config without the run length, the
+    bookkeeping and the paths (``train.RESUME_FREE_KEYS``, ``runs.PATH_KEYS``), and without
+    options at the default they had before they existed (``runs.LATER_KEYS``)."""
+    from ..train import RESUME_FREE_KEYS
+
+    skip = set(RESUME_FREE_KEYS) | set(runs.PATH_KEYS)
+    return {k: v for k, v in train_config.items() if k not in skip
+            and not (k in runs.LATER_KEYS and v == runs.LATER_KEYS[k])}
+
+
+def stored_step(cfg, reuse: Path | None, model_digest: str, source: str = "llm") -> Path | None:
+    """The adapter folder ``<reuse>/adapters/step-N`` of a dose-response run that is ``cfg``
+    trained to N = ``cfg.max_steps`` steps (same training key, SURD-mini rows and seed, base
+    model, knowledge source), or None."""
+    import json
+
+    if reuse is None:
+        return None
+    folder = Path(reuse) / "adapters" / f"step-{int(cfg.max_steps):05d}"
+    meta_file = folder / "sur_adapter.json"
+    if not meta_file.is_file() or not (Path(reuse) / "train" / "log.csv").is_file():
+        return None
+    meta = json.loads(meta_file.read_text())
+    data = Path(cfg.data_dir).name  # surd-mini-n<rows>-s<seed>
+    rows, seed = (int(p[1:]) for p in data.removeprefix("surd-mini-").split("-"))
+    same = (source == meta.get("knowledge", "llm") and meta.get("step") == cfg.max_steps
+            and meta.get("surd_mini") == {"rows": rows, "seed": seed}
+            and meta.get("base_model", {}).get("unet_digest") == model_digest
+            and _training_key(meta.get("train_config", {})) == _training_key(cfg.to_dict()))
+    return folder if same else None
+
+
+def _copy_stored(cfg, source_folder: Path, folder: Path) -> None:
+    """Copy a dose-response adapter into the recipe's folder, and the first ``max_steps``
+    rows of that run's loss log into the recipe's run folder."""
+    import json
+
+    from ..fileio import atomic_folder, atomic_write_text
+    from ..provenance import rel_path
+
+    log = (Path(source_folder).parent.parent / "train" / "log.csv").read_text().splitlines()
+    atomic_write_text(Path(cfg.output_dir) / "log.csv", "\n".join(log[:int(cfg.max_steps) + 1]) + "\n")
+    with atomic_folder(folder) as tmp:
+        for f in Path(source_folder).iterdir():
+            shutil.copy2(f, tmp / f.name)
+        meta = json.loads((tmp / "sur_adapter.json").read_text())
+        meta["copied_from"] = rel_path(source_folder)
+        write_json(meta, tmp / "sur_adapter.json")
+
+
 def train_recipe(cfg, backbone, source: str = "llm", info: dict | None = None,
-                 keep_checkpoints: bool = False, progress: bool = True) -> RecipeRun:
+                 keep_checkpoints: bool = False, progress: bool = True,
+                 reuse: Path | None = None) -> RecipeRun:
     """Train ``cfg`` (from ``recipe_config``) unless its fp16 adapter is stored; resume an
-    interrupted run from its newest checkpoint; store and return the fp16 adapter."""
+    interrupted run from its newest checkpoint; store and return the fp16 adapter. With
+    ``reuse`` (a dose-response run folder), a recipe that is that run at one of its stored
+    steps is copied from it instead of trained (see the module docstring)."""
     import json
 
     from ..train import train
 
     folder = adapter_folder(cfg)
     meta = folder / "sur_adapter.json"
+    if not meta.is_file() and reuse is not None and (stored := stored_step(
+            cfg, reuse, common.state_digest(backbone.unet), source)) is not None:
+        _copy_stored(cfg, stored, folder)
     if meta.is_file():
         knowledge = None
         if cfg.lambda_llm:
@@ -116,8 +187,11 @@ def train_recipe(cfg, backbone, source: str = "llm", info: dict | None = None,
 
             knowledge = knowledge_vectors(cfg, SURDDataset(cfg.data_dir, check_images=False).rows,
                                           source, progress)
-        return RecipeRun(runs.load_adapter(folder), folder, json.loads(meta.read_text())["digest"],
-                         cfg, knowledge, trained=False, source=source)
+        stored = json.loads(meta.read_text())
+        copied = stored.get("copied_from")
+        return RecipeRun(runs.load_adapter(folder), folder, stored["digest"], cfg, knowledge,
+                         trained=False, source=source,
+                         copied_from=None if copied is None else Path(copied))
     bb, ds, knowledge = training_inputs(cfg, backbone, source, progress)
     result = train(cfg, backbone=bb, dataset=ds, knowledge=knowledge)
     adapter = result.adapter
@@ -140,7 +214,9 @@ def export_run(rr: RecipeRun, dest: Path, with_adapter: bool = True) -> dict:
     """Copy what ``verify`` needs of a trained recipe into ``dest``, a folder that is committed
     (``data/runs/<experiment>/<name>``): its loss log, ``run.json`` (the training config
     without paths, SURD-mini's rows and seed, the knowledge source) and, ``with_adapter``, the
-    fp16 adapter. Returns where they are (paths relative to the repository)."""
+    fp16 adapter (for a recipe copied from the dose-response run, ``dir`` names that run's
+    committed adapter instead of a second copy). Returns where they are (paths relative to the
+    repository)."""
     from ..fileio import atomic_folder
     from ..provenance import rel_path
 
@@ -155,11 +231,13 @@ def export_run(rr: RecipeRun, dest: Path, with_adapter: bool = True) -> dict:
         write_json({"train_config": {k: v for k, v in rr.cfg.to_dict().items() if k not in runs.PATH_KEYS},
                     "rows": rows, "data_seed": seed, "knowledge": rr.source, "digest": rr.digest},
                    tmp / "run.json")
-        if with_adapter:
+        if with_adapter and rr.copied_from is None:
             shutil.copytree(rr.folder, tmp / "adapter-fp16")
     out = {"folder": rel_path(dest), "log": rel_path(dest / "log.csv"), "digest": rr.digest}
+    if rr.copied_from is not None:  # the committed dose-response adapter, not a second copy
+        out["copied_from"] = rel_path(rr.copied_from)
     if with_adapter:
-        out["dir"] = rel_path(dest / "adapter-fp16")
+        out["dir"] = rel_path(rr.copied_from if rr.copied_from is not None else dest / "adapter-fp16")
     return out
 
 
@@ -240,6 +318,35 @@ def config_summary(cfg) -> dict:
 
 
 
+def _convergence_records(path: Path, unit: str, specs: Sequence[dict], n_images: int, seed: int,
+                         gen: common.GenSettings, model_digest: str,
+                         adapter: tuple[int, str] | None = None) -> list[dict] | None:
+    """The records of ``unit`` in ``convergence.json`` for ``specs`` (first ``n_images``), if
+    it was made with the same base model, seed, sampler and prompts, has at least ``n_images``
+    images per prompt and, for ``adapter`` = (step, digest), that step's adapter has that digest."""
+    import json
+
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    recs = doc.get("records", {}).get(unit)
+    ok = (recs and doc.get("seed") == seed and doc.get("generation") == gen.to_dict()
+          and doc.get("model", {}).get("unet_digest") == model_digest
+          and all(len(r["correct"]) >= n_images for r in recs))
+    if ok and adapter is not None:
+        ok = doc.get("adapters", {}).get(str(adapter[0]), {}).get("digest") == adapter[1]
+    if not ok:
+        return None
+    by = {r["id"]: r for r in recs}
+    if not all(s["id"] in by for s in specs):
+        return None
+    return truncate([by[s["id"]] for s in specs], n_images)
+
+
+def _convergence_file(convergence_file: Path | None) -> Path:
+    return Path(convergence_file) if convergence_file else common.RESULTS_DIR / "convergence.json"
+
+
 def base_records(backbone, specs: Sequence[dict], set_name: str, field: str, n_images: int,
                  seed: int, gen: common.GenSettings, model_digest: str, pipe=None,
                  cache: Path | None = None, progress: bool = True,
@@ -249,19 +356,30 @@ def base_records(backbone, specs: Sequence[dict], set_name: str, field: str, n_i
     ``base-complex/<set>``, first ``n_images`` images) when it was made with the same base
     model, seed, sampler and prompts and has at least ``n_images`` images per prompt, else
     drawn. Returns (records, where they came from)."""
-    import json
-
-    path = Path(convergence_file) if convergence_file else common.RESULTS_DIR / "convergence.json"
+    path = _convergence_file(convergence_file)
     unit = f"base-{'simple' if field == 'text' else 'complex'}/{set_name}"
-    if path.is_file():
-        doc = json.loads(path.read_text())
-        recs = doc.get("records", {}).get(unit)
-        ok = (recs and doc.get("seed") == seed and doc.get("generation") == gen.to_dict()
-              and doc.get("model", {}).get("unet_digest") == model_digest
-              and all(len(r["correct"]) >= n_images for r in recs))
-        if ok:
-            by = {r["id"]: r for r in recs}
-            if all(s["id"] in by for s in specs):
-                return truncate([by[s["id"]] for s in specs], n_images), f"{path.name}:{unit}"
+    recs = _convergence_records(path, unit, specs, n_images, seed, gen, model_digest)
+    if recs is not None:
+        return recs, f"{path.name}:{unit}"
     return (evaluate(backbone, None, specs, n_images, seed, gen, pipe, field, cache, progress,
                      desc=unit), "drawn")
+
+
+def recipe_records(backbone, rr: RecipeRun, specs: Sequence[dict], set_name: str, n_images: int,
+                   seed: int, gen: common.GenSettings, model_digest: str, pipe=None,
+                   cache: Path | None = None, progress: bool = True, desc: str = "",
+                   convergence_file: Path | None = None) -> tuple[list[dict], str]:
+    """A recipe's records on ``specs``: for a recipe copied from the dose-response run
+    (``rr.copied_from``), that step's records in ``convergence.json`` when they match as in
+    ``base_records`` and the adapter digests agree (the same adapter on the same seeds draws
+    the same images), else drawn (``evaluate``). Returns (records, where they came from)."""
+    if rr.copied_from is not None:
+        step = int(Path(rr.copied_from).name.removeprefix("step-"))
+        path = _convergence_file(convergence_file)
+        unit = f"step-{step}/{set_name}"
+        recs = _convergence_records(path, unit, specs, n_images, seed, gen, model_digest,
+                                    adapter=(step, rr.digest))
+        if recs is not None:
+            return recs, f"{path.name}:{unit}"
+    return (evaluate(backbone, rr.adapter, specs, n_images, seed, gen, pipe, cache=cache,
+                     progress=progress, desc=desc), "drawn")

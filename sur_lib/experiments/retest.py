@@ -77,6 +77,7 @@ class RetestConfig:
     out: str = str(common.RESULTS_DIR)
     progress: bool = True
     cache: bool = True
+    reuse: str | None = None  # a dose-response run folder (recipes.train_recipe's ``reuse``)
     argv: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -93,6 +94,9 @@ class RetestConfig:
         ap.add_argument("--extended-images", type=int, default=None, help="per extended prompt (4)")
         ap.add_argument("--measure-batches", type=int, default=None, help="gradient-share batches (4)")
         ap.add_argument("--tune-file", default=str(common.RESULTS_DIR / "tune.json"))
+        ap.add_argument("--no-reuse", action="store_true", help=(
+            "train a variant that is the dose-response run at one of its stored steps again "
+            "instead of taking that run's adapter (the same weights)"))
         common.add_long_run_options(ap)
         a = common.parse_long_run_args(ap, argv)
         q = a.quick
@@ -101,6 +105,7 @@ class RetestConfig:
                    measure_batches=a.measure_batches or (1 if q else 4), seed=a.seed, quick=q,
                    max_minutes=a.max_minutes, tune_file=a.tune_file, out=a.out,
                    progress=not a.no_progress, cache=not a.no_cache,
+                   reuse=common.reuse_dir(q, a.no_reuse),
                    argv=tuple(sys.argv[2:] if argv is None else argv))
 
     def generation(self) -> common.GenSettings:
@@ -242,6 +247,7 @@ def run_retest(rc: RetestConfig, backbone=None, convergence_file: Path | None = 
                                      progress=rc.progress)
 
     info = {"made_by": "python -m sur_lib.experiments retest"}
+    reuse = Path(rc.reuse) if rc.reuse else None
     base_units = [f"{u}/{s}" for s in SETS for u in ("base_simple", "base_complex")]
     done = partial["variants"]
 
@@ -261,7 +267,7 @@ def run_retest(rc: RetestConfig, backbone=None, convergence_file: Path | None = 
         if held is None:  # the other job is training the recipe
             return
         try:
-            rr = recipes.train_recipe(cfg, backbone, info=info, progress=rc.progress)
+            rr = recipes.train_recipe(cfg, backbone, info=info, progress=rc.progress, reuse=reuse)
             shares = measure_shares(cfg, backbone, rr.adapter, "llm", rc.measure_batches)
             (llm, how_llm), (cp, how_cp) = (strong_lambda(shares, "l_llm", cfg.lambda_llm),
                                             strong_lambda(shares, "l_cp", cfg.lambda_cp))
@@ -304,14 +310,19 @@ def run_retest(rc: RetestConfig, backbone=None, convergence_file: Path | None = 
                 waiting = True
                 continue
             try:
-                rr = recipes.train_recipe(cfg, backbone, source, info=info, progress=rc.progress)
+                rr = recipes.train_recipe(cfg, backbone, source, info=info, progress=rc.progress,
+                                          reuse=reuse)
                 res = {"overrides": over, "knowledge": source, "config": recipes.config_summary(cfg),
                        "run": run, "digest": rr.digest,  # loss log (and the recipe's adapter) for verify
                        "export": recipes.export_run(rr, runs_dir(rc) / var, with_adapter=var == "recipe"),
                        "shares": measure_shares(cfg, backbone, rr.adapter, source, rc.measure_batches),
-                       "records": {s: recipes.evaluate(backbone, rr.adapter, specs[s], n_img[s], rc.seed,
-                                                       gen, pipe, cache=cache, progress=rc.progress,
-                                                       desc=f"retest/{var}/{s}") for s in SETS}}
+                       "records": {}, "records_source": {}}
+                for s in SETS:
+                    res["records"][s], res["records_source"][s] = recipes.recipe_records(
+                        backbone, rr, specs[s], s, n_img[s], rc.seed, gen, minfo["unet_digest"],
+                        pipe, cache, rc.progress, f"retest/{var}/{s}", convergence_file)
+                if rr.copied_from is not None:
+                    res["copied_from"] = rel_path(rr.copied_from)
                 with jobs.locked(ppath):
                     sync()
                     done[var] = dict(res, seconds=round(time.time() - tv, 1))

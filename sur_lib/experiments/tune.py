@@ -75,6 +75,7 @@ class TuneConfig:
     out: str = str(common.RESULTS_DIR)
     progress: bool = True
     cache: bool = True
+    reuse: str | None = None  # a dose-response run folder (recipes.train_recipe's ``reuse``)
     argv: tuple[str, ...] = ()
 
     @classmethod
@@ -84,13 +85,17 @@ class TuneConfig:
         ap.add_argument("--configs", type=int, default=None, help="configurations (24; quick 3)")
         ap.add_argument("--images", type=int, default=None, help="images per prompt (8; quick 2)")
         ap.add_argument("--extended-images", type=int, default=None)
+        ap.add_argument("--no-reuse", action="store_true", help=(
+            "train the paper's settings again instead of taking the dose-response run's "
+            "adapter at the same step (the same weights)"))
         common.add_long_run_options(ap)
         a = common.parse_long_run_args(ap, argv)
         images = a.images or (2 if a.quick else 8)
         return cls(configs=a.configs or (3 if a.quick else 24), images=images,
                    extended_images=a.extended_images or images, seed=a.seed, quick=a.quick,
                    max_minutes=a.max_minutes, out=a.out, progress=not a.no_progress,
-                   cache=not a.no_cache, argv=tuple(sys.argv[2:] if argv is None else argv))
+                   cache=not a.no_cache, reuse=common.reuse_dir(a.quick, a.no_reuse),
+                   argv=tuple(sys.argv[2:] if argv is None else argv))
 
     def generation(self) -> common.GenSettings:
         return common.GenSettings(steps=common.QUICK["sampler_steps"]) if self.quick else common.GenSettings()
@@ -148,7 +153,7 @@ def _train(tc: TuneConfig, knobs: dict, backbone, minfo: dict):
                                 minfo["unet_digest"], tc.seed, batch_size=8 if tc.quick else None,
                                 progress=tc.progress)
     return recipes.train_recipe(cfg, backbone, info={"made_by": "python -m sur_lib.experiments tune"},
-                                progress=tc.progress)
+                                progress=tc.progress, reuse=tc.reuse and Path(tc.reuse))
 
 
 def run_tune(tc: TuneConfig, backbone=None, convergence_file: Path | None = None) -> tuple[dict, bool]:
@@ -233,9 +238,13 @@ def run_tune(tc: TuneConfig, backbone=None, convergence_file: Path | None = None
                     rr = _train(tc, knobs, backbone, minfo)
                 finally:
                     held.close()
-                return {"digest": rr.digest, "records": recipes.evaluate(
-                    backbone, rr.adapter, specs, n, tc.seed, gen, pipe, cache=cache,
-                    progress=tc.progress, desc=f"tune/{name}/{set_name}")}
+                recs, src = recipes.recipe_records(
+                    backbone, rr, specs, set_name, n, tc.seed, gen, minfo["unet_digest"], pipe,
+                    cache, tc.progress, f"tune/{name}/{set_name}", convergence_file)
+                out = {"digest": rr.digest, "records": recs, "source": src}
+                if rr.copied_from is not None:
+                    out["copied_from"] = rel_path(rr.copied_from)
+                return out
             unit(f"{name}/{set_name}", judged)
         for field, name in (("text", "base_simple"), ("prompt", "base_complex")):
             def drawn(field=field, name=name, specs=specs, n=n, set_name=set_name):
@@ -249,7 +258,12 @@ def run_tune(tc: TuneConfig, backbone=None, convergence_file: Path | None = None
     complete = all(u in final for u in units)
     doc.update(tried=tried, choice=choice, paper_settings=paper, complete=complete)
     if complete:  # the chosen recipe's adapter and loss log, committed for verify
-        rr = _train(tc, best, backbone, minfo)
+        rr = _train(tc, best, backbone, minfo)  # retrained where this machine lost it
+        judged_digest = tried[str(choice["index"])]["digest"]
+        if rr.digest != judged_digest:
+            raise RuntimeError(f"the chosen recipe trained again to {rr.digest[:12]}, not the adapter "
+                               f"judged on the tuning set ({judged_digest[:12]}): training is not "
+                               "deterministic on this machine, so its results cannot be exported")
         doc["tuned_run"] = recipes.export_run(rr, runs_dir(tc) / "tuned")
         doc["final"] = {s: final_block({a: final[f"{a}/{s}"]["records"] for a in
                                         ("tuned", "paper_settings", "base_simple", "base_complex")})
