@@ -35,7 +35,10 @@ complex prompts on the same prompts and seeds: from ``convergence.json`` when it
 else drawn). Resumable: finished variants are kept in ``retest.partial.json`` and skipped.
 
 Budget: 9 variants x (N steps x ~1.6 s + 45 x 8 + 150 x 4 images x ~1 s); at N = 2000 about
-9 x 66 min ~ 10 CPU hours (1 thread beside another job).
+9 x 66 min ~ 10 CPU hours (1 thread beside another job). With ``--recipe paper`` at a step the
+dose-response run stored (2,000 is one), the ``recipe`` variant is that run's adapter
+(``recipes.train_recipe``'s ``reuse``; ``--no-reuse`` trains it again) and its test-prompt
+records are convergence's, so only its extended set is drawn: about 8.8 CPU hours in all.
 """
 from __future__ import annotations
 
