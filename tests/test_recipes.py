@@ -122,6 +122,8 @@ def test_a_recipe_at_a_stored_dose_response_step_is_that_runs_adapter(standin, t
     assert not copied.trained and copied.copied_from == conv.adapter_dir(trained, 2)
     assert copied.digest == straight.digest == ex.state_digest(copied.adapter)
     assert _losses(cfg.output_dir) == _losses(straight.cfg.output_dir)  # the log's first 2 rows
+    run_log = (run / "train" / "log.csv").read_bytes().splitlines(keepends=True)
+    assert (Path(cfg.output_dir) / "log.csv").read_bytes() == b"".join(run_log[:3])  # header + 2 rows
     meta = json.loads((copied.folder / "sur_adapter.json").read_text())
     assert meta["copied_from"].endswith("adapters/step-00002")
     again = recipes.train_recipe(cfg, standin, progress=False, reuse=run)  # loaded, still a copy

@@ -151,11 +151,11 @@ def _copy_stored(cfg, source_folder: Path, folder: Path) -> None:
     rows of that run's loss log into the recipe's run folder."""
     import json
 
-    from ..fileio import atomic_folder, atomic_write_text
+    from ..fileio import atomic_folder, atomic_write_bytes
     from ..provenance import rel_path
 
-    log = (Path(source_folder).parent.parent / "train" / "log.csv").read_text().splitlines()
-    atomic_write_text(Path(cfg.output_dir) / "log.csv", "\n".join(log[:int(cfg.max_steps) + 1]) + "\n")
+    log = (Path(source_folder).parent.parent / "train" / "log.csv").read_bytes().splitlines(keepends=True)
+    atomic_write_bytes(Path(cfg.output_dir) / "log.csv", b"".join(log[:int(cfg.max_steps) + 1]))
     with atomic_folder(folder) as tmp:
         for f in Path(source_folder).iterdir():
             shutil.copy2(f, tmp / f.name)
