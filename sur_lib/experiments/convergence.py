@@ -162,9 +162,7 @@ def _train_cfg(cc: ConvergenceConfig, data_dir: Path, digest: str, max_steps: in
 
 def _run_key(cfg) -> dict:
     """What must not change between sessions of the same run (the run length may)."""
-    skip = set(runs.PATH_KEYS) | {"max_steps"}
-    return {k: v for k, v in cfg.to_dict().items() if k not in skip
-            and not (k in runs.LATER_KEYS and v == runs.LATER_KEYS[k])}
+    return runs.config_key(cfg.to_dict(), skip=("max_steps",))
 
 
 def adapter_dir(cc: ConvergenceConfig, step: int) -> Path:

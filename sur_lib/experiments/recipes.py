@@ -20,7 +20,7 @@ depends on its index, not on ``max_steps``: the learning rate is constant after 
 and the batch and noise of every step are seeded by the step (``train.micro_batch_loader``,
 ``train.micro_step_seed``); ``tests/test_recipes.py`` trains both ways and compares the
 weights. The paper's settings at 2,000 steps (``tune``'s ``paper_settings`` and
-``retest``'s ``recipe``) save about 55 CPU minutes each this way. ``stored_records`` takes
+``retest``'s ``recipe``) save about 55 CPU minutes each this way. ``recipe_records`` takes
 that step's records from ``convergence.json`` likewise, when the adapter digests match.
 
 Knowledge source (``knowledge``): ``"llm"`` (the default: ``cfg.llm``'s vectors, cached by
@@ -113,15 +113,11 @@ def adapter_folder(cfg) -> Path:
     return Path(cfg.output_dir) / "adapter-fp16"
 
 
-def _training_key(train_config: dict) -> dict:
-    """What decides a run's weights at a given step: its config without the run length, the
-    bookkeeping and the paths (``train.RESUME_FREE_KEYS``, ``runs.PATH_KEYS``), and without
-    options at the default they had before they existed (``runs.LATER_KEYS``)."""
-    from ..train import RESUME_FREE_KEYS
-
-    skip = set(RESUME_FREE_KEYS) | set(runs.PATH_KEYS)
-    return {k: v for k, v in train_config.items() if k not in skip
-            and not (k in runs.LATER_KEYS and v == runs.LATER_KEYS[k])}
+def _surd_mini_of(cfg) -> tuple[int, int]:
+    """(rows, seed) of a recipe's SURD-mini, from its folder name surd-mini-n<rows>-s<seed>."""
+    data = Path(cfg.data_dir).name
+    rows, seed = (int(p[1:]) for p in data.removeprefix("surd-mini-").split("-"))
+    return rows, seed
 
 
 def stored_step(cfg, reuse: Path | None, model_digest: str, source: str = "llm") -> Path | None:
@@ -137,12 +133,15 @@ def stored_step(cfg, reuse: Path | None, model_digest: str, source: str = "llm")
     if not meta_file.is_file() or not (Path(reuse) / "train" / "log.csv").is_file():
         return None
     meta = json.loads(meta_file.read_text())
-    data = Path(cfg.data_dir).name  # surd-mini-n<rows>-s<seed>
-    rows, seed = (int(p[1:]) for p in data.removeprefix("surd-mini-").split("-"))
+    from ..train import RESUME_FREE_KEYS
+
+    rows, seed = _surd_mini_of(cfg)
     same = (source == meta.get("knowledge", "llm") and meta.get("step") == cfg.max_steps
             and meta.get("surd_mini") == {"rows": rows, "seed": seed}
             and meta.get("base_model", {}).get("unet_digest") == model_digest
-            and _training_key(meta.get("train_config", {})) == _training_key(cfg.to_dict()))
+            # what decides the weights at a step: all but the run length and bookkeeping
+            and runs.config_key(meta.get("train_config", {}), RESUME_FREE_KEYS)
+            == runs.config_key(cfg.to_dict(), RESUME_FREE_KEYS))
     return folder if same else None
 
 
@@ -177,9 +176,9 @@ def train_recipe(cfg, backbone, source: str = "llm", info: dict | None = None,
 
     folder = adapter_folder(cfg)
     meta = folder / "sur_adapter.json"
-    if not meta.is_file() and reuse is not None and (stored := stored_step(
+    if not meta.is_file() and reuse is not None and (step_folder := stored_step(
             cfg, reuse, common.state_digest(backbone.unet), source)) is not None:
-        _copy_stored(cfg, stored, folder)
+        _copy_stored(cfg, step_folder, folder)
     if meta.is_file():
         knowledge = None
         if cfg.lambda_llm:
@@ -224,8 +223,7 @@ def export_run(rr: RecipeRun, dest: Path, with_adapter: bool = True) -> dict:
     if not log.is_file():
         raise FileNotFoundError(f"{log} is missing: the run's loss log is needed for verify")
     dest = Path(dest)
-    data = Path(rr.cfg.data_dir).name  # surd-mini-n<rows>-s<seed>
-    rows, seed = (int(p[1:]) for p in data.removeprefix("surd-mini-").split("-"))
+    rows, seed = _surd_mini_of(rr.cfg)
     with atomic_folder(dest) as tmp:
         shutil.copy2(log, tmp / "log.csv")
         write_json({"train_config": {k: v for k, v in rr.cfg.to_dict().items() if k not in runs.PATH_KEYS},

@@ -61,6 +61,13 @@ def knowledge_stats(vectors: dict) -> dict:
             "mean_pairwise_cosine": float(cos.mean()) if len(cos) else None}
 
 
+def config_key(config: dict, skip: tuple[str, ...] = ()) -> dict:
+    """The part of a ``TrainConfig`` dict that decides a result: without ``PATH_KEYS`` and
+    ``skip``, and without a ``LATER_KEYS`` option at its default."""
+    return {k: v for k, v in config.items() if k not in PATH_KEYS and k not in skip
+            and not (k in LATER_KEYS and v == LATER_KEYS[k])}
+
+
 def train_config(overrides: dict, data_dir: Path, seed: int, run_root: Path, model_digest: str,
                  progress: bool):
     """``TrainConfig`` = tiny.yaml + overrides, in a run folder named by a hash of everything
@@ -68,8 +75,7 @@ def train_config(overrides: dict, data_dir: Path, seed: int, run_root: Path, mod
     from ..train import TrainConfig
 
     cfg = TrainConfig.from_yaml(common.TINY_CONFIG, **{"seed": seed, **overrides})
-    key = {k: v for k, v in cfg.to_dict().items()
-           if k not in PATH_KEYS and not (k in LATER_KEYS and v == LATER_KEYS[k])}
+    key = config_key(cfg.to_dict())
     key.update(data=data_dir.name, model=model_digest)
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     cfg.data_dir = str(data_dir)
