@@ -163,3 +163,20 @@ def test_better_recipe_is_read_on_the_tuning_set():
     assert retest.better_recipe(same, conv)["recipe"] == "paper"
     with pytest.raises(ValueError, match="no choice"):
         retest.better_recipe({"tried": {}}, conv)
+
+
+def test_preliminary_reads_finished_variants_only():
+    def recs(accs):
+        return [{"id": f"p{i}", "type": "color", "acc": a, "k": int(4 * a), "n": 4,
+                 "correct": [1] * int(4 * a) + [0] * (4 - int(4 * a))} for i, a in enumerate(accs)]
+
+    partial = {"variants": {"no_llm": {"records": {s: recs([0.5, 0.25, 0.75]) for s in retest.SETS}}}}
+    with pytest.raises(ValueError, match="recipe"):
+        retest.preliminary(partial)
+    partial["variants"]["recipe"] = {"records": {s: recs([0.25, 0.25, 0.5]) for s in retest.SETS}}
+    out = retest.preliminary(partial)
+    assert out["finished"] == ["recipe", "no_llm"] and len(out["missing"]) == len(retest.VARIANTS) - 2
+    row = out["sets"]["test"]["no_llm"]
+    assert row["vs_recipe"]["overall"]["diff"] == pytest.approx((0.25 + 0 + 0.25) / 3)  # hand-computed
+    assert "p_t_holm" not in row["vs_recipe"]["overall"]["paired"]  # no correction on a part
+    assert "vs_recipe" not in out["sets"]["extended"]["recipe"]

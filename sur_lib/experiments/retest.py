@@ -399,6 +399,24 @@ def table(done: dict, base: list[dict], ceiling: list[dict], set_name: str) -> d
                     "teachers vs strong_llm"}
 
 
+def preliminary(partial: dict) -> dict:
+    """What a re-test that is still running (``retest.partial.json``) can already show, per
+    set: each finished variant's summary and its paired difference to the recipe. NOT
+    Holm-corrected and no verdict: the correction is across the whole family of ``table``,
+    which exists only when every variant is in."""
+    done = partial.get("variants", {})
+    if "recipe" not in done:
+        raise ValueError("the re-test has not finished its recipe yet: nothing to compare with")
+    finished = [v for v in VARIANTS if v in done]
+    sets = {}
+    for s in SETS:
+        ref = done["recipe"]["records"][s]
+        sets[s] = {v: {"summary": summarize(done[v]["records"][s]),
+                       **({} if v == "recipe" else {"vs_recipe": compare(ref, done[v]["records"][s])})}
+                   for v in finished}
+    return {"finished": finished, "missing": [v for v in VARIANTS if v not in done], "sets": sets}
+
+
 VERIFY_REPLAY = ("recipe", "teacher_oracle")  # the LLM and the oracle knowledge paths
 
 
