@@ -22,6 +22,8 @@ ALPHA = 0.05
 VERDICTS = ("supported", "contradicted", "not detected")
 RESULT_FILES = ("failure", "sur", "ablations", "convergence", "probe")
 LATER_FILES = ("tune", "retest")  # used when they exist (long runs that land over sessions)
+TERM_CLAIMS = {"no_llm": "the LLM teacher ($L_{LLM}$) helps (Sec. 4 ablation)",
+               "no_cp": "the alignment to the complex prompt ($L_{CP}$) helps"}
 
 
 def verdict(c: dict, alpha: float = ALPHA) -> str:
@@ -73,8 +75,8 @@ def retest_rows(rt: dict, alpha: float = ALPHA) -> list[dict]:
     the 45 test prompts' evidence beside it."""
     steps = rt["settings"]["knobs"]["steps"]
     rows = []
-    specs = (("no_llm", "vs_recipe", True, "the LLM teacher ($L_{LLM}$) helps (Sec. 4 ablation)"),
-             ("no_cp", "vs_recipe", True, "the alignment to the complex prompt ($L_{CP}$) helps"),
+    specs = (("no_llm", "vs_recipe", True, TERM_CLAIMS["no_llm"]),
+             ("no_cp", "vs_recipe", True, TERM_CLAIMS["no_cp"]),
              ("teacher_oracle", "vs_strong_llm", False,
               "ours: a teacher that knows each prompt's attributes teaches more than SmolLM2"))
     for name, key, flip, what in specs:
@@ -139,11 +141,10 @@ def claims_table(res: dict, alpha: float = ALPHA) -> list[dict]:
     if res.get("retest", {}).get("complete"):
         rows += retest_rows(res["retest"], alpha)
     steps = abl["settings"]["budget"]["overrides"]["max_steps"]
-    for name, what in (("no_llm", "the LLM teacher ($L_{LLM}$) helps (Sec. 4 ablation)"),
-                       ("no_cp", "the alignment to the complex prompt ($L_{CP}$) helps")):
-        helps = flipped(abl["variants"][name]["vs_reference"]["overall"])  # reference - variant
+    for name, what in TERM_CLAIMS.items():
         if any(r["key"] == name for r in rows):  # the re-test at the plateau answers it
             continue
+        helps = flipped(abl["variants"][name]["vs_reference"]["overall"])  # reference - variant
         rows.append({"key": name, "claim": what,
                      "tested by": f"`ablations.json`: the term switched off, {steps} steps",
                      "evidence": evidence(helps, f"; at the short budget ({steps} steps) only"),
