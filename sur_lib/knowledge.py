@@ -249,7 +249,7 @@ def knowledge_vectors(
     prompts: Iterable[str],
     layer: int,
     include_bos: bool = True,
-    batch_size: int = 16,
+    batch_size: int = 1,
     progress: bool = True,
     drop_first: bool = False,
 ) -> torch.Tensor:
@@ -259,8 +259,12 @@ def knowledge_vectors(
     ``layer`` is 0-based; negative values count from the end (-1 = last block, which is what
     the authors used: LLaMA-13B layer 39). The states are taken with a forward hook on the block,
     i.e. BEFORE the model's final norm (``output_hidden_states[-1]`` would be after it).
-    Prompts are padded on the right and pad tokens are left out of the mean, so a prompt gets
-    the same vector alone or in a batch. ``include_bos``: keep the BOS token (if the tokenizer
+    ``batch_size`` 1 (the default) runs each prompt through the model on its own, unpadded, so a
+    prompt's vector depends on the prompt alone, bit for bit. Larger batches are faster (on a
+    GPU, for many prompts): prompts are padded on the right and the pad tokens are left out of
+    the mean, but the padded batch runs other kernels, so the vectors change at rounding level
+    with their batch companions (SmolLM2: up to 2.9e-3), enough to change an adapter trained at
+    a large lambda_LLM. ``include_bos``: keep the BOS token (if the tokenizer
     adds one) in the mean, as the authors did. ``drop_first`` (not in the paper): also leave the
     prompt's first real token out of the mean; in SmolLM2, which adds no BOS, that token is the
     attention sink whose state is about ten times larger than the others' and dominates the mean.
@@ -285,6 +289,8 @@ def knowledge_vectors(
     def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
         captured.append(output[0] if isinstance(output, tuple) else output)
 
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     # Shortest prompts first: batches have little padding. The result is put back in order.
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     out = torch.empty(len(prompts), model.config.hidden_size, dtype=torch.float32)
@@ -462,23 +468,43 @@ def stack_knowledge(knowledge: Mapping[str, torch.Tensor], prompts: list[str], w
     return torch.stack([checked[p] for p in prompts])
 
 
-def _meta_for(meta: dict[str, Any] | None, layer: int, include_bos: bool, drop_first: bool) -> dict[str, Any]:
+def _meta_for(meta: dict[str, Any] | None, layer: int, include_bos: bool, drop_first: bool,
+              batch_size: int = 1) -> dict[str, Any]:
+    """What a cache records about how its vectors were made. ``batch_size`` is recorded because
+    batched vectors differ from one-prompt ones at rounding level (:func:`knowledge_vectors`):
+    files made before it was recorded (batches of 16) are refused, not silently mixed."""
     return {**(meta or {}), "layer": int(layer), "include_bos": bool(include_bos),
-            **({"drop_first": True} if drop_first else {})}
+            **({"drop_first": True} if drop_first else {}), "batch_size": int(batch_size)}
 
 
-def _read_cache(path: Path, wanted_meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The vectors already in the cache ``path`` ({} if there is none); its meta must match."""
+def _read_cache(path: Path, wanted_meta: dict[str, Any], prompts: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """The vectors already in the cache ``path`` ({} if there is none); its meta must match.
+
+    The batch size may differ when the file already holds every one of ``prompts`` (a file made
+    with ``extract --batch-size 16`` on a GPU is read as it is), not when some must be added:
+    one file never mixes vectors computed with different batch sizes. A file that does not
+    record its batch size (made before it was recorded, with batches of 16) is refused."""
     if not path.exists():
         return {}
     old_prompts, old_vectors, old_meta = _read_knowledge(path)
-    differ = {k: (old_meta.get(k), v) for k, v in wanted_meta.items() if old_meta.get(k) != v}
-    if differ or set(old_meta) != set(wanted_meta):
+    same = lambda k: k == "batch_size" or old_meta.get(k) == wanted_meta.get(k)  # noqa: E731
+    if not all(same(k) for k in set(old_meta) | set(wanted_meta)):
         raise ValueError(
             f"{path} was made with {old_meta}, but {wanted_meta} was asked for; "
-            "use a separate cache file per model/layer"
+            "use a separate cache file per model/layer/setting, or delete this one to recompute it"
         )
-    return dict(zip(old_prompts, old_vectors))
+    if "batch_size" not in old_meta:
+        raise ValueError(
+            f"{path} was made before knowledge caches recorded their batch size (its vectors were "
+            "computed 16 prompts per pass, which changes them with their batch companions); "
+            "delete this one to recompute it one prompt per pass")
+    known = dict(zip(old_prompts, old_vectors))
+    if old_meta["batch_size"] != wanted_meta["batch_size"] and any(p not in known for p in prompts):
+        raise ValueError(
+            f"{path} holds vectors computed {old_meta['batch_size']} prompt(s) per pass; adding "
+            f"vectors computed {wanted_meta['batch_size']} per pass would mix the two: ask with "
+            f"batch_size={old_meta['batch_size']}, or use another file")
+    return known
 
 
 def _load_for(model_loader, path, missing: list[str]):
@@ -514,7 +540,7 @@ def cached_knowledge_vectors(
     prompts: Iterable[str],
     layer: int,
     include_bos: bool = True,
-    batch_size: int = 16,
+    batch_size: int = 1,
     progress: bool = True,
     meta: dict[str, Any] | None = None,
     drop_first: bool = False,
@@ -526,11 +552,12 @@ def cached_knowledge_vectors(
     The file records ``layer``, ``include_bos`` and ``meta`` (put the model name there); asking
     for vectors of another layer/model from the same file is an error (use another file).
     ``layer`` is compared as written: -1 and 29 are different keys. ``drop_first`` is recorded
-    only when set, so files made before the option existed stay valid. Returns {prompt: vector}.
+    only when set; ``batch_size`` always (1, the default, makes the file's contents independent
+    of which prompts were asked for together). Returns {prompt: vector}.
     """
     prompts = list(dict.fromkeys(_check_prompts(prompts)))  # drop repeats, keep the order
-    wanted_meta = _meta_for(meta, layer, include_bos, drop_first)
-    known = _read_cache(Path(path), wanted_meta)
+    wanted_meta = _meta_for(meta, layer, include_bos, drop_first, batch_size)
+    known = _read_cache(Path(path), wanted_meta, prompts)
     missing = [p for p in prompts if p not in known]
     if missing:
         model, tokenizer = _load_for(model_loader, path, missing)
@@ -676,7 +703,7 @@ def extract_knowledge(
     layer: int = -1,
     include_bos: bool = True,
     drop_first: bool = False,
-    batch_size: int = 16,
+    batch_size: int = 1,
     meta: dict[str, Any] | None = None,
     save_every_s: float = 300.0,
     progress: bool = True,
@@ -697,8 +724,8 @@ def extract_knowledge(
     if int(batch_size) < 1:
         raise KnowledgeError(f"batch_size must be >= 1, got {batch_size}")
     path = Path(path)
-    wanted_meta = _meta_for(meta, layer, include_bos, drop_first)
-    known = _read_cache(path, wanted_meta)
+    wanted_meta = _meta_for(meta, layer, include_bos, drop_first, batch_size)
+    known = _read_cache(path, wanted_meta, prompts)
     missing = [p for p in prompts if p not in known]
     if not missing:
         return {p: known[p] for p in prompts}
@@ -789,7 +816,9 @@ def _parse_args(argv: list[str]):
     ex.add_argument("--out", required=True, help="the safetensors cache to write (training's knowledge_file)")
     ex.add_argument("--authors-pt", default=None,
                     help="also write the authors' format: a torch.save'd {prompt: fp16 vector} dict")
-    ex.add_argument("--batch-size", type=int, default=16)
+    ex.add_argument("--batch-size", type=int, default=1,
+                    help="prompts per forward pass (default 1: a vector depends on its prompt alone; "
+                         "larger is faster on a GPU but changes the vectors at rounding level)")
     ex.add_argument("--dtype", default="float32", choices=DTYPES,
                     help="LLM weights (LLaMA-13B: bfloat16, 26 GB; float32 needs 52 GB)")
     ex.add_argument("--device", default="cpu",
@@ -808,7 +837,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = read_prompts(args.source)
     out = Path(args.out)
     before = len(_read_cache(out, _meta_for({"llm": args.llm}, args.layer, not args.no_bos,
-                                            args.drop_first))) if out.exists() else 0
+                                            args.drop_first, args.batch_size))) if out.exists() else 0
     vectors = extract_knowledge(
         prompts, out, lambda: load_llm(args.llm, getattr(torch, args.dtype), args.device),
         layer=args.layer, include_bos=not args.no_bos, drop_first=args.drop_first,

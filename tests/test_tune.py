@@ -172,3 +172,34 @@ def test_verify_tune_replays_the_chosen_recipe_and_fails_on_a_changed_log(standi
     assert not tune.verify_tune(doc, standin, digest, 1, 2, False)[2]["ok"]  # the first replayed step
     doc["choice"]["index"] = 0
     assert not tune.verify_tune(doc, standin, digest, 1, 2, False)[0]["ok"]
+
+
+def test_redo_judges_a_configuration_again_and_keeps_the_old_records(standin, monkeypatch, tmp_path):  # noqa: F811
+    """--redo N, once: N is trained and judged again, its old record, the old choice and the old
+    chosen recipe's final units are kept under 'superseded', the choice is made again; the same
+    command run again resumes instead of redoing."""
+    _cheap(monkeypatch, tmp_path)
+    ppath = tmp_path / "out" / "tune-quick.partial.json"
+    log = []
+    acc = {0: 0.0, 1: 0.5, 2: 1.0}
+    _fake_judge(monkeypatch, lambda i: acc[i], lambda d: 0.5, ppath, log)
+    monkeypatch.setattr(tune._Deadline, "passed", lambda self: False)
+    doc, complete = tune.run_tune(_tc(tmp_path), backbone=standin, convergence_file=tmp_path / "none.json")
+    assert complete and doc["choice"]["index"] == 2 and "superseded" not in doc
+    log.clear()
+    acc[2] = 0.0  # judged again, configuration 2 now does worse than 1
+    doc, complete = tune.run_tune(_tc(tmp_path, redo=(2,)), backbone=standin,
+                                  convergence_file=tmp_path / "none.json")
+    assert complete and doc["choice"]["index"] == 1 and doc["redone"] == ["2"]
+    assert [d for d in log if d.startswith("tune/") and d.count("/") == 1] == ["tune/2"]  # 0, 1 kept
+    sup = doc["superseded"]
+    assert sup["2"]["tuning"]["overall"]["acc"] == 1.0 and sup["choice"]["index"] == 2
+    assert {"final/tuned/test", "final/tuned/extended"} <= set(sup)
+    assert doc["tried"]["2"]["tuning"]["overall"]["acc"] == 0.0
+    log.clear()
+    doc2, complete = tune.run_tune(_tc(tmp_path, redo=(2,)), backbone=standin,
+                                   convergence_file=tmp_path / "none.json")
+    assert complete and not any(d.startswith("tune/2") for d in log)  # not redone twice
+    assert doc2["choice"] == doc["choice"] and doc2["superseded"] == doc["superseded"]
+    with pytest.raises(ValueError, match=r"no configuration \[7\]"):
+        tune.run_tune(_tc(tmp_path, redo=(7,)), backbone=standin, convergence_file=tmp_path / "none.json")

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ class TuneConfig:
     progress: bool = True
     cache: bool = True
     reuse: str | None = None  # a dose-response run folder (recipes.train_recipe's ``reuse``)
+    redo: tuple[int, ...] = ()  # configurations to train and judge again (``redo``)
     argv: tuple[str, ...] = ()
 
     @classmethod
@@ -88,13 +90,21 @@ class TuneConfig:
         ap.add_argument("--no-reuse", action="store_true", help=(
             "train the paper's settings again instead of taking the dose-response run's "
             "adapter at the same step (the same weights)"))
+        ap.add_argument("--redo", default="", help=(
+            "configurations to train and judge again, comma-separated indices (once: their old "
+            "records move to 'superseded'; the choice and the chosen recipe's final units are "
+            "made again)"))
         common.add_long_run_options(ap)
         a = common.parse_long_run_args(ap, argv)
         images = a.images or (2 if a.quick else 8)
+        try:
+            redo = tuple(int(x) for x in a.redo.split(",") if x.strip())
+        except ValueError:
+            ap.error(f"--redo takes comma-separated configuration indices, got {a.redo!r}")
         return cls(configs=a.configs or (3 if a.quick else 24), images=images,
                    extended_images=a.extended_images or images, seed=a.seed, quick=a.quick,
                    max_minutes=a.max_minutes, out=a.out, progress=not a.no_progress,
-                   cache=not a.no_cache, reuse=common.reuse_dir(a.quick, a.no_reuse),
+                   cache=not a.no_cache, reuse=common.reuse_dir(a.quick, a.no_reuse), redo=redo,
                    argv=tuple(sys.argv[2:] if argv is None else argv))
 
     def generation(self) -> common.GenSettings:
@@ -142,17 +152,52 @@ def choose(tried: dict[str, dict]) -> dict:
             "ties: fewer steps, fewer rows, lower index"}
 
 
+def redo(partial: dict, indices: Sequence[int], n_configs: int) -> list[str]:
+    """Mark configurations ``indices`` to be trained and judged again, once each: their records
+    move to ``partial["superseded"][index]`` (kept, as measured), the choice moves to
+    ``superseded["choice"]``, and the chosen recipe's final units (``tuned/...``) go with it;
+    the paper-settings units stay unless the new choice has another number of steps (then
+    ``run_tune`` moves them too). Indices already redone (``partial["redone"]``) are skipped, so
+    the same command resumes instead of starting over. Returns the indices marked now.
+
+    Why it exists: knowledge vectors used to be computed in padded batches, which changed them
+    at rounding level with their batch companions, so configuration 9 (lambda_LLM = 0.1)
+    trained again to another adapter than the one judged and could not be exported."""
+    bad = [i for i in indices if not 0 <= i < n_configs]
+    if bad:
+        raise ValueError(f"--redo: no configuration {bad} (this search has 0..{n_configs - 1})")
+    done_before = set(partial.setdefault("redone", []))
+    now = [str(i) for i in indices if str(i) not in done_before]
+    if not now:
+        return []
+    sup = partial.setdefault("superseded", {})
+    for key in now:
+        if key in partial["tried"]:
+            sup[key] = partial["tried"].pop(key)
+    if "choice" in partial:
+        sup["choice"] = partial.pop("choice")
+        final = partial.get("final", {})
+        for name in [u for u in final if u.startswith("tuned/")]:
+            sup[f"final/{name}"] = final.pop(name)
+    partial["redone"] += now
+    return now
+
+
 def runs_dir(tc: TuneConfig) -> Path:
     """Where the chosen recipe is exported: data/runs/tune beside data/results (``--out``'s parent)."""
     return Path(tc.out).parent / "runs" / ("tune-quick" if tc.quick else "tune")
 
 
-def _train(tc: TuneConfig, knobs: dict, backbone, minfo: dict):
+def _config(tc: TuneConfig, knobs: dict, minfo: dict):
     run_root = common.WORK_DIR / ("tune-quick" if tc.quick else "tune")
-    cfg = recipes.recipe_config(overrides_of(knobs), knobs["rows"], knobs["steps"], run_root,
-                                minfo["unet_digest"], tc.seed, batch_size=8 if tc.quick else None,
-                                progress=tc.progress)
-    return recipes.train_recipe(cfg, backbone, info={"made_by": "python -m sur_lib.experiments tune"},
+    return recipes.recipe_config(overrides_of(knobs), knobs["rows"], knobs["steps"], run_root,
+                                 minfo["unet_digest"], tc.seed, batch_size=8 if tc.quick else None,
+                                 progress=tc.progress)
+
+
+def _train(tc: TuneConfig, knobs: dict, backbone, minfo: dict):
+    return recipes.train_recipe(_config(tc, knobs, minfo), backbone,
+                                info={"made_by": "python -m sur_lib.experiments tune"},
                                 progress=tc.progress, reuse=tc.reuse and Path(tc.reuse))
 
 
@@ -179,6 +224,19 @@ def run_tune(tc: TuneConfig, backbone=None, convergence_file: Path | None = None
     def sync():  # what the other job has written (call under jobs.locked)
         jobs.merge(partial, ppath, ("tried", "final"), ("choice",))
 
+    if tc.redo:
+        with jobs.locked(ppath):
+            partial = json.loads(ppath.read_text()) if ppath.is_file() else partial
+            if partial.get("settings") != settings:
+                partial = {"settings": settings, "tried": {}}
+            marked = redo(partial, tc.redo, len(configs))
+            for key in marked:  # its run folder was trained with what is being redone
+                shutil.rmtree(_config(tc, configs[int(key)], minfo).output_dir, ignore_errors=True)
+            if marked:
+                write_json(partial, ppath)
+                print(f"tune: configurations {', '.join(marked)} will be trained and judged again",
+                      flush=True)
+        tried = partial["tried"]
     for knobs in configs:  # phase 1: the search, tuning set only
         if deadline.passed():
             break
@@ -215,6 +273,10 @@ def run_tune(tc: TuneConfig, backbone=None, convergence_file: Path | None = None
         if "choice" not in partial:
             partial["choice"] = choose({k: {"knobs": v["knobs"], "tuning": v["tuning"]}
                                         for k, v in tried.items()})
+            old = partial.get("superseded", {}).get("choice")
+            if old and old["knobs"]["steps"] != partial["choice"]["knobs"]["steps"]:
+                for name in [u for u in partial.get("final", {}) if u.startswith("paper_settings/")]:
+                    partial["superseded"][f"final/{name}"] = partial["final"].pop(name)
             write_json(partial, ppath)  # written before any test prompt is drawn
     choice = partial["choice"]
     final = partial.setdefault("final", {})
@@ -256,7 +318,8 @@ def run_tune(tc: TuneConfig, backbone=None, convergence_file: Path | None = None
     units = [f"{a}/{s}" for s in ("test", "extended")
              for a in ("tuned", "paper_settings", "base_simple", "base_complex")]
     complete = all(u in final for u in units)
-    doc.update(tried=tried, choice=choice, paper_settings=paper, complete=complete)
+    doc.update(tried=tried, choice=choice, paper_settings=paper, complete=complete,
+               **{k: partial[k] for k in ("superseded", "redone") if k in partial})
     if complete:  # the chosen recipe's adapter and loss log, committed for verify
         rr = _train(tc, best, backbone, minfo)  # retrained where this machine lost it
         judged_digest = tried[str(choice["index"])]["digest"]
