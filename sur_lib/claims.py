@@ -14,6 +14,7 @@ p-value of the re-test's family of comparisons.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from .book import fmt_p, pct
@@ -22,8 +23,35 @@ ALPHA = 0.05
 VERDICTS = ("supported", "contradicted", "not detected")
 RESULT_FILES = ("failure", "sur", "ablations", "convergence", "probe")
 LATER_FILES = ("tune", "retest")  # used when they exist (long runs that land over sessions)
-TERM_CLAIMS = {"no_llm": "the LLM teacher ($L_{LLM}$) helps (Sec. 4 ablation)",
-               "no_cp": "the alignment to the complex prompt ($L_{CP}$) helps"}
+
+
+@dataclass(frozen=True)
+class RetestClaim:
+    """What a re-test variant (``experiments.retest``) tests, as a claim about the method."""
+    text: str
+    against: str  # the variant it is compared with: "recipe" or "strong_llm"
+    flip: bool  # True: the claim is that taking something away hurts (against - variant > 0)
+
+    @property
+    def key(self) -> str:  # the comparison's key in retest.json's table
+        return f"vs_{self.against}"
+
+
+RETEST_CLAIMS = {
+    "no_llm": RetestClaim("the LLM teacher ($L_{LLM}$) helps (Sec. 4 ablation)", "recipe", True),
+    "no_cp": RetestClaim("the alignment to the complex prompt ($L_{CP}$) helps", "recipe", True),
+    "strong_llm": RetestClaim("a louder teacher (a larger $\\lambda_{LLM}$) helps", "recipe", False),
+    "strong_cp": RetestClaim("a louder alignment (a larger $\\lambda_{CP}$) helps", "recipe", False),
+    "path_official": RetestClaim("the paper's gradient path beats the authors' detached one",
+                                 "recipe", True),
+    "teacher_gemma": RetestClaim("Gemma 3 270M teaches better than SmolLM2", "strong_llm", False),
+    "teacher_no_sink": RetestClaim("SmolLM2 without its attention-sink token teaches better",
+                                   "strong_llm", False),
+    "teacher_oracle": RetestClaim("ours: a teacher that knows each prompt's attributes teaches "
+                                  "better than SmolLM2", "strong_llm", False),
+}
+TERM_CLAIMS = {v: RETEST_CLAIMS[v].text for v in ("no_llm", "no_cp")}  # also the 150-step rows
+SUMMARY_RETEST = ("no_llm", "no_cp", "teacher_oracle")  # the re-test's rows in the claims table
 
 
 def verdict(c: dict, alpha: float = ALPHA) -> str:
@@ -75,18 +103,15 @@ def retest_rows(rt: dict, alpha: float = ALPHA) -> list[dict]:
     the 45 test prompts' evidence beside it."""
     steps = rt["settings"]["knobs"]["steps"]
     rows = []
-    specs = (("no_llm", "vs_recipe", True, TERM_CLAIMS["no_llm"]),
-             ("no_cp", "vs_recipe", True, TERM_CLAIMS["no_cp"]),
-             ("teacher_oracle", "vs_strong_llm", False,
-              "ours: a teacher that knows each prompt's attributes teaches more than SmolLM2"))
-    for name, key, flip, what in specs:
-        c = {s: rt["table"][s]["variants"][name][key]["overall"] for s in ("extended", "test")}
-        if flip:  # recipe - variant: switching the term off should hurt
+    for name in SUMMARY_RETEST:
+        claim = RETEST_CLAIMS[name]
+        c = {s: rt["table"][s]["variants"][name][claim.key]["overall"] for s in ("extended", "test")}
+        if claim.flip:  # against - variant: taking the term away should hurt
             c = {s: flipped(v) for s, v in c.items()}
         t = c["test"]
-        rows.append({"key": name, "claim": what,
+        rows.append({"key": name, "claim": claim.text,
                      "tested by": (f"`retest.json`: {name} vs "
-                                   f"{'the recipe' if key == 'vs_recipe' else 'strong_llm'}, "
+                                   f"{'the recipe' if claim.against == 'recipe' else claim.against}, "
                                    f"{steps:,} steps, 150 extended prompts"),
                      "evidence": evidence(c["extended"], f", Holm p {fmt_p(c['extended']['paired']['p_t_holm'])}; "
                                           f"test prompts {100 * t['diff'] + 0.0:+.1f} points, "

@@ -96,3 +96,13 @@ def test_tune_row_reads_the_extended_set():
     row = claims.tune_row(tn)
     assert row["verdict"] == "not detected" and "10 configurations" in row["tested by"]
     assert row["evidence"].startswith("+0.4 points [-4.6, +5.4], p 0.870, 150 prompts; test prompts +0.3")
+
+
+def test_every_retest_variant_states_its_claim_once():
+    from sur_lib.experiments import retest as rt
+
+    assert set(claims.RETEST_CLAIMS) == set(rt.VARIANTS) - {"recipe"}
+    assert {c.against for c in claims.RETEST_CLAIMS.values()} == {"recipe", "strong_llm"}
+    assert all(claims.RETEST_CLAIMS[v].against == "strong_llm" for v in rt.TEACHERS)
+    assert claims.RETEST_CLAIMS["no_llm"].key == "vs_recipe" and claims.TERM_CLAIMS["no_cp"] == claims.RETEST_CLAIMS["no_cp"].text
+    assert set(claims.SUMMARY_RETEST) <= set(claims.RETEST_CLAIMS)
