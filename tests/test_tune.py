@@ -201,5 +201,7 @@ def test_redo_judges_a_configuration_again_and_keeps_the_old_records(standin, mo
                                    convergence_file=tmp_path / "none.json")
     assert complete and not any(d.startswith("tune/2") for d in log)  # not redone twice
     assert doc2["choice"] == doc["choice"] and doc2["superseded"] == doc["superseded"]
+    fresh = {"tried": {"0": {}}}
+    assert tune.redo(fresh, [2], 3) == [] and fresh == {"tried": {"0": {}}, "redone": []}  # not judged yet
     with pytest.raises(ValueError, match=r"no configuration \[7\]"):
         tune.run_tune(_tc(tmp_path, redo=(7,)), backbone=standin, convergence_file=tmp_path / "none.json")

@@ -158,7 +158,8 @@ def redo(partial: dict, indices: Sequence[int], n_configs: int) -> list[str]:
     ``superseded["choice"]``, and the chosen recipe's final units (``tuned/...``) go with it;
     the paper-settings units stay unless the new choice has another number of steps (then
     ``run_tune`` moves them too). Indices already redone (``partial["redone"]``) are skipped, so
-    the same command resumes instead of starting over. Returns the indices marked now.
+    the same command resumes instead of starting over, and so are indices not judged yet (a
+    fresh search judges them anyway). Returns the indices marked now.
 
     Why it exists: knowledge vectors used to be computed in padded batches, which changed them
     at rounding level with their batch companions, so configuration 9 (lambda_LLM = 0.1)
@@ -167,7 +168,7 @@ def redo(partial: dict, indices: Sequence[int], n_configs: int) -> list[str]:
     if bad:
         raise ValueError(f"--redo: no configuration {bad} (this search has 0..{n_configs - 1})")
     done_before = set(partial.setdefault("redone", []))
-    now = [str(i) for i in indices if str(i) not in done_before]
+    now = [str(i) for i in indices if str(i) not in done_before and str(i) in partial["tried"]]
     if not now:
         return []
     sup = partial.setdefault("superseded", {})
