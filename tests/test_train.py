@@ -43,7 +43,7 @@ def surd(tmp_path_factory):
     write_metadata(root, rows)
     gen = torch.Generator().manual_seed(0)
     save_knowledge(root / "knowledge.safetensors", PROMPTS, torch.randn(len(PROMPTS), LLM_DIM, generator=gen),
-                   meta={"llm": "random", "layer": -1, "include_bos": True})
+                   meta={"llm": "random", "layer": -1, "include_bos": True, "batch_size": 1})
     return root
 
 
