@@ -156,6 +156,47 @@ def test_verify_fails_when_the_base_model_changed(failure_quick, model, tmp_path
     assert rc == 1 and "re-run the experiment" in out.out
 
 
+def test_verify_draws_a_shared_condition_once_per_run(failure_quick, model, tmp_path, capsys,
+                                                      monkeypatch):
+    """Two results holding the same draws (here: the same file as `failure` and as `sur`):
+    each condition is generated once, both results are compared with it, and a later run
+    draws it live again."""
+    from sur_lib.experiments import verify
+
+    shutil.copy(failure_quick, tmp_path / "failure.json")
+    shutil.copy(failure_quick, tmp_path / "sur.json")
+    calls = []
+    real = verify.evaluate_condition
+    monkeypatch.setattr(verify, "evaluate_condition", lambda *a, **k: calls.append(1) or real(*a, **k))
+    argv = ["verify", "--out", str(tmp_path), "--only", "failure,sur", "--no-progress"]
+    assert _run(argv, model) == 0
+    out = capsys.readouterr().out
+    n_cond = len(json.loads(failure_quick.read_text())["conditions"])
+    assert len(calls) == n_cond  # not 2 x n_cond
+    assert "OK   failure" in out and "OK   sur" in out
+    assert out.count("drawn once in this run") == n_cond
+    assert _run(argv, model) == 0 and len(calls) == 2 * n_cond  # nothing kept between runs
+
+
+def test_verify_parts_keep_shared_draws_together_and_cover_every_result():
+    from sur_lib.experiments.verify import PARTS, parts_of
+
+    names = list(ex.EXPERIMENTS)
+    groups = parts_of(names, 2)
+    assert len(groups) == 2 and sorted(sum(groups, [])) == sorted(names)  # each once
+    assert {"failure", "sur", "rewrite", "convergence"} <= set(groups[0])  # the shared base draws
+    assert set(sum(PARTS, ())) == set(names)  # a new result must be placed in a part
+    assert parts_of(names, 1) == [names] and parts_of(names, 8) == groups
+    assert parts_of(["tune", "new"], 2) == [["tune", "new"]]  # unplaced names join the last part
+    assert parts_of(["sur", "tune"], 2) == [["sur"], ["tune"]]
+    assert parts_of([], 2) == []
+
+
+def test_verify_names_an_unknown_result(tmp_path):
+    with pytest.raises(ValueError, match="unknown result.*'nope'"):
+        ex.main(["verify", "--out", str(tmp_path), "--only", "failure,nope"])
+
+
 def test_verify_skips_missing_results(tmp_path, capsys):
     assert ex.main(["verify", "--out", str(tmp_path), "--no-progress"]) == 0  # loads no model
     out = capsys.readouterr().out

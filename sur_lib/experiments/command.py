@@ -56,6 +56,8 @@ def parse_args(argv: Sequence[str] | None = None):
     ap.add_argument("--train-steps", type=int, default=None, help="override training steps")
     ap.add_argument("--adapter-dir", default=None, help="where `sur` stores its adapter")
     ap.add_argument("--only", default=None, help="ablations: variants to run; verify: experiments")
+    ap.add_argument("--jobs", type=int, default=2, help=(
+        "verify: processes side by side, each with --threads torch threads (default 2)"))
     ap.add_argument("--fresh", action="store_true", help="ignore partial results and old runs")
     ap.add_argument("--threads", type=int, default=1, help=(
         "torch threads (default 1: fixed for reproducible numbers; with another job on a 2-core "
