@@ -161,7 +161,7 @@ def run(per_noun: int = PER_NOUN, llms: Sequence[str] = ("smollm2", "gemma3-270m
                 skipped[key] = str(e).splitlines()[0]
                 continue
             sources[key] = (f"{name} knowledge vectors (last block, mean over tokens"
-                            f"{', first token left out' if drop else ''})")
+                            f"{', first token left out' if drop else ''}; one prompt per pass)")
     results = {}
     for key, X in features.items():
         results[key] = {"source": sources[key], "dim": int(X.shape[1])}
