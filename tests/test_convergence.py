@@ -44,7 +44,7 @@ def _cheap(monkeypatch, tmp_path):
     calls = []
 
     def evaluate(backbone, specs, texts, n, seed, gen, adapter=None, pipe=None, progress=True,
-                 desc="", cache=None, quality=False):
+                 desc="", cache=None, quality=False, hits=None):
         calls.append(desc)
         acc = 0.0 if adapter is None else 0.5
         return [{**{k: s.get(k) for k in images.SPEC_KEYS}, "text": t, "acc": acc, "k": int(acc * n),

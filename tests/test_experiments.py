@@ -159,23 +159,25 @@ def test_verify_fails_when_the_base_model_changed(failure_quick, model, tmp_path
 def test_verify_draws_a_shared_condition_once_per_run(failure_quick, model, tmp_path, capsys,
                                                       monkeypatch):
     """Two results holding the same draws (here: the same file as `failure` and as `sur`):
-    each condition is generated once, both results are compared with it, and a later run
-    draws it live again."""
-    from sur_lib.experiments import verify
+    each prompt of each condition is generated once, both results are compared with it, and a
+    later run draws it live again."""
+    from sur_lib.experiments import images
+    from sur_lib.experiments.prompts import select_prompts
 
     shutil.copy(failure_quick, tmp_path / "failure.json")
     shutil.copy(failure_quick, tmp_path / "sur.json")
     calls = []
-    real = verify.evaluate_condition
-    monkeypatch.setattr(verify, "evaluate_condition", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = images.draw_and_judge
+    monkeypatch.setattr(images, "draw_and_judge", lambda *a, **k: calls.append(1) or real(*a, **k))
     argv = ["verify", "--out", str(tmp_path), "--only", "failure,sur", "--no-progress"]
     assert _run(argv, model) == 0
     out = capsys.readouterr().out
-    n_cond = len(json.loads(failure_quick.read_text())["conditions"])
-    assert len(calls) == n_cond  # not 2 x n_cond
+    conds = json.loads(failure_quick.read_text())["conditions"]
+    n_draws = sum(len(select_prompts(c["records"], 1)) for c in conds.values())
+    assert len(calls) == n_draws  # not 2 x n_draws
     assert "OK   failure" in out and "OK   sur" in out
-    assert out.count("drawn once in this run") == n_cond
-    assert _run(argv, model) == 0 and len(calls) == 2 * n_cond  # nothing kept between runs
+    assert out.count("drawn once in this run") == len(conds)
+    assert _run(argv, model) == 0 and len(calls) == 2 * n_draws  # nothing kept between runs
 
 
 def test_verify_parts_keep_shared_draws_together_and_cover_every_result():

@@ -13,7 +13,7 @@ from tests.test_convergence import _cheap, standin  # noqa: F401 (fixture)
 
 def _fake_judge(monkeypatch, log):
     def evaluate(backbone, specs, texts, n, seed, gen, adapter=None, pipe=None, progress=True,
-                 desc="", cache=None, quality=False):
+                 desc="", cache=None, quality=False, hits=None):
         log.append(desc)
         out = []
         for s, t in zip(specs, texts):

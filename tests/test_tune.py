@@ -16,7 +16,7 @@ def _fake_judge(monkeypatch, tuning_acc, test_acc, ppath, log):
     test_ids = {p["id"] for s in ("test", "extended") for p in recipes.prompt_set(s, quick=True)}
 
     def evaluate(backbone, specs, texts, n, seed, gen, adapter=None, pipe=None, progress=True,
-                 desc="", cache=None, quality=False):
+                 desc="", cache=None, quality=False, hits=None):
         log.append(desc)
         is_test = any(s["id"] in test_ids for s in specs)
         if is_test:

@@ -86,7 +86,8 @@ def evaluate_condition(backbone, specs: Sequence[dict], texts: Sequence[str], n_
     adapter weights, text, spec, seed, images, sampler, quality flag, the code of the judge,
     renderer and pipeline, package versions, thread count), so that the base model's images of
     the simple test prompts are made once for ``failure``, ``sur`` and ``rewrite``. ``verify``
-    never uses it. ``guidance``: extra options of ``pipeline.generate`` (``compose``); they and
+    never reads the experiments' cache: it gives each run a fresh, empty folder, so that a draw
+    several stored results share is made live once. ``guidance``: extra options of ``pipeline.generate`` (``compose``); they and
     the code of ``guidance.py`` then enter the key, and the records go to ``cache/compose/``.
     ``hits``: a list that receives the ids of the records read from the cache.
     """

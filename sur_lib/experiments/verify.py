@@ -19,7 +19,7 @@ from ..analysis import agreement
 from ..provenance import rel_path, state_digest
 from .ablations import VERIFY_TRAIN_STEPS
 from .common import EXPERIMENTS, ExperimentConfig, GenSettings, load_base, result_path
-from .images import SPEC_KEYS, evaluate_condition
+from .images import evaluate_condition
 from .prompts import select_prompts
 from .runs import load_adapter, surd_mini, train_adapter, train_config
 
@@ -37,28 +37,7 @@ class VerifyConfig(ExperimentConfig):
     jobs: int = 2
 
 
-_shared: dict | None = None  # inside run_verify: live draws by what determines them
-
-
-def _live_draw(backbone, stored: list[dict], m: int, seed: int, gen: GenSettings, adapter,
-               progress: bool, desc: str) -> tuple[list[dict], bool]:
-    """``evaluate_condition`` on the stored prompts; inside ``run_verify`` a draw already made
-    in this run (same UNet and adapter weights, prompts, specs, images, seed and sampler) is
-    answered from memory. Returns the records and whether they were shared."""
-    key = None
-    if _shared is not None:
-        key = json.dumps({"unet": state_digest(backbone.unet),
-                          "adapter": None if adapter is None else state_digest(adapter),
-                          "texts": [r["text"] for r in stored], "m": m, "seed": seed,
-                          "gen": gen.to_dict(),
-                          "specs": [{k: r.get(k) for k in SPEC_KEYS} for r in stored]}, sort_keys=True)
-        if key in _shared:
-            return _shared[key], True
-    live = evaluate_condition(backbone, stored, [r["text"] for r in stored], m, seed, gen,
-                              adapter=adapter, progress=progress, desc=desc)
-    if key is not None:
-        _shared[key] = live
-    return live, False
+_shared: Path | None = None  # inside a verify process: a fresh folder for this run's draws
 
 
 def loss_checks(live: list[dict], stored: list[dict]) -> list[dict]:
@@ -106,7 +85,10 @@ def verify_images(doc: dict, backbone, current_digest: str, per_type: int, n_ima
                 continue
         stored = select_prompts(block["records"], per_type)
         m = min(n_images, min(r["n"] for r in stored))
-        live, shared = _live_draw(backbone, stored, m, seed, gen, adapter, progress, f"verify/{cond}")
+        shared = []  # ids of the prompts drawn earlier in this run (images.evaluate_condition's cache)
+        live = evaluate_condition(backbone, stored, [r["text"] for r in stored], m, seed, gen,
+                                  adapter=adapter, progress=progress, desc=f"verify/{cond}",
+                                  cache=_shared, hits=shared)
         res = agreement(sum(r["k"] for r in live), sum(r["n"] for r in live),
                         sum(r["k"] for r in stored), sum(r["n"] for r in stored))
         same = sum(int(x == y) for lr, sr in zip(live, stored)
@@ -116,7 +98,8 @@ def verify_images(doc: dict, backbone, current_digest: str, per_type: int, n_ima
         res["message"] = (f"live {res['live']:.3f} vs stored {res['stored']:.3f} (same prompts, all "
                           f"stored images), |diff| {abs(res['diff']):.3f} <= tol {res['tol']:.3f}? "
                           f"{'yes' if res['ok'] else 'NO'}; image-for-image agreement "
-                          f"{same}/{len(stored) * m}" + ("; drawn once in this run" if shared else ""))
+                          f"{same}/{len(stored) * m}"
+                          + (f"; {len(shared)}/{len(stored)} prompts drawn once in this run" if shared else ""))
         checks.append(res)
     return checks
 
@@ -146,8 +129,8 @@ def verify_ablations(doc: dict, backbone, current_digest: str, progress: bool) -
     return checks
 
 
-# Two groups of results that take about as long to verify (measured on 2 cores: 98 s and
-# 118 s); the first holds every result that shares the base model's simple-prompt draws, so that
+# Two groups of results that take about as long to verify (their results' times in one run on
+# 2 cores: 98 s and 128 s); the first holds every result that shares the base model's simple-prompt draws, so that
 # they are still made once.
 PARTS = (("failure", "sur", "rewrite", "convergence", "ablations", "probe"),
          ("guidance", "compose", "tune", "retest"))
@@ -180,38 +163,41 @@ def run_verify(exp: VerifyConfig, backbone=None) -> dict:
     if unknown:
         raise ValueError(f"verify --only: unknown result(s) {unknown}; known: {list(EXPERIMENTS)}")
     present = [n for n in names if result_path(exp.out, n, False).is_file()]
+    for n in names:
+        if n not in present:
+            print(f"SKIP {n}: {rel_path(result_path(exp.out, n, False))} does not exist yet", flush=True)
     groups = parts_of(present, exp.jobs if backbone is None else 1)
     if len(groups) <= 1:
-        res = _verify_part(exp, names, backbone)
+        done = [_verify_part(exp, g, backbone) for g in groups]
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        for n in names:
-            if n not in present:
-                print(f"SKIP {n}: {rel_path(result_path(exp.out, n, False))} does not exist yet", flush=True)
         print(f"verify: {len(groups)} processes side by side, {exp.threads} torch thread(s) each: "
               + " | ".join(", ".join(g) for g in groups), flush=True)
         with ProcessPoolExecutor(len(groups), mp_context=mp.get_context("spawn")) as pool:
             done = list(pool.map(_verify_part, [replace(exp, progress=False)] * len(groups), groups))
-        by_name = {k: v for d in done for k, v in d["report"].items()}
-        report = {n: by_name.get(n, {"status": "skipped"}) for n in names}
-        res = {"failed": [n for n in names if report[n]["status"] == "FAILED"], "report": report}
-    return {"experiment": "verify", **res, "tolerance": agreement.__doc__.split("\n\n")[1].strip(),
+    by_name = {k: v for d in done for k, v in d.items()}
+    report = {n: by_name.get(n, {"status": "skipped"}) for n in names}
+    return {"experiment": "verify", "failed": [n for n in names if report[n]["status"] == "FAILED"],
+            "report": report, "tolerance": agreement.__doc__.split("\n\n")[1].strip(),
             "wall_time_s": round(time.time() - t0, 1)}
 
 
 def _verify_part(exp: VerifyConfig, names: list[str], backbone=None) -> dict:
-    """Verify ``names`` one after the other in this process (draws shared within it)."""
+    """Verify ``names`` (results that exist) one after the other in this process; a draw two
+    of them share is made once (a fresh ``images.evaluate_condition`` cache folder). Returns
+    the report of each."""
     global _shared
     import torch
 
     threads = torch.get_num_threads()
     if exp.threads:
         torch.set_num_threads(exp.threads)
-    _shared = {}
     try:
-        return _verify_names(exp, names, backbone)
+        with tempfile.TemporaryDirectory(prefix="verify-draws-") as tmp:
+            _shared = Path(tmp)
+            return _verify_names(exp, names, backbone)
     finally:
         _shared = None
         torch.set_num_threads(threads)
@@ -220,14 +206,9 @@ def _verify_part(exp: VerifyConfig, names: list[str], backbone=None) -> dict:
 def _verify_names(exp: VerifyConfig, names: list[str], backbone=None) -> dict:
     per_type = 1 if exp.quick else VERIFY_PROMPTS_PER_TYPE
     n_images = 2 if exp.quick else VERIFY_IMAGES
-    report, failed = {}, []
+    report = {}
     for name in names:
-        path = result_path(exp.out, name, False)
-        if not path.is_file():
-            print(f"SKIP {name}: {rel_path(path)} does not exist yet", flush=True)
-            report[name] = {"status": "skipped"}
-            continue
-        doc = json.loads(path.read_text())
+        doc = json.loads(result_path(exp.out, name, False).read_text())
         if backbone is None:
             backbone = load_base(exp.model_dir)
         digest = state_digest(backbone.unet)
@@ -262,6 +243,4 @@ def _verify_names(exp: VerifyConfig, names: list[str], backbone=None) -> dict:
         lines = [f"{'OK  ' if ok else 'FAIL'} {name} ({time.time() - te:.0f} s)"]
         lines += [f"     {'ok  ' if c['ok'] else 'FAIL'} {c['check']}: {c['message']}" for c in checks]
         print("\n".join(lines), flush=True)  # one write: a result's lines stay together
-        if not ok:
-            failed.append(name)
-    return {"failed": failed, "report": report}
+    return report
