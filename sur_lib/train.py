@@ -123,6 +123,10 @@ class TrainConfig:
     # added later (each is in experiments.runs.LATER_KEYS with its default, so run hashes stay)
     dataloader_num_workers: int = 0  # processes that decode images (0: the training process)
     report_to: str = "none"  # "none" (log.csv only), "tensorboard" or "wandb" (accelerate's trackers)
+    # not in the paper: text-only prompts (a file, one per line) that reach the adapter only
+    # through L_LLM, text_only_batch of them per micro-step (no image: L_simple and L_CP skip them)
+    text_only_prompts: str | None = None
+    text_only_batch: int = 0
 
     def __post_init__(self):
         """Convert every field to its declared type (``sur_lib.config``) and check its range;
@@ -146,6 +150,9 @@ class TrainConfig:
         check("kl_direction", self.kl_direction, choices=DIRECTIONS)
         check("temperature", self.temperature, gt=0)  # the KL terms divide by it (Eq. 5, 9)
         check("eta", self.eta, ge=0, le=1)
+        check("text_only_batch", self.text_only_batch, ge=0)
+        if self.text_only_batch and not self.text_only_prompts:
+            raise UsageError("text_only_batch > 0 needs text_only_prompts (a file, one prompt per line)")
         check("dropout", self.dropout, ge=0, lt=1)
         for name in ("lambda_llm", "lambda_cp", "weight_decay", "lr_warmup_steps", "seed", "w0_seed"):
             check(name, getattr(self, name), ge=0)
@@ -310,12 +317,33 @@ def diffusion_inputs(scheduler, latents: torch.Tensor):
     raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
 
 
+def read_text_only_prompts(path: str | os.PathLike) -> list[str]:
+    """The text-only prompts of ``path`` (UTF-8, one per line, blank lines skipped)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"text_only_prompts: cannot read {path}: {e}") from None
+    prompts = [ln.strip() for ln in lines if ln.strip()]
+    if not prompts:
+        raise UsageError(f"text_only_prompts: {path} holds no prompt")
+    return prompts
+
+
+def text_only_draw(prompts: list[str], n: int, seed: int, micro_step: int) -> list[str]:
+    """The ``n`` text-only prompts of one micro-step: drawn with replacement by a generator
+    seeded by (seed, micro-step), so a resumed run draws what an uninterrupted one drew."""
+    g = torch.Generator().manual_seed(micro_step_seed(seed, micro_step) + 1)
+    return [prompts[i] for i in torch.randint(len(prompts), (int(n),), generator=g).tolist()]
+
+
 def compute_losses(cfg: TrainConfig, backbone, adapter, batch: dict, weight_dtype,
                    knowledge: dict | None = None) -> dict:
     """One forward pass of Algorithm 1; returns every loss term (tensors).
 
     ``adapter`` may be wrapped by accelerate (DDP); W0 is read from the unwrapped module.
     Knowledge vectors come from ``batch["knowledge"]`` or else from the ``knowledge`` dict.
+    ``batch["text_only"]`` (not in the paper): prompts without images; L_LLM is then the mean
+    over the B image prompts and the B_t text-only ones, (B L_img + B_t L_text) / (B + B_t).
     """
     device = next(adapter.parameters()).device
     core = getattr(adapter, "module", adapter)
@@ -333,6 +361,16 @@ def compute_losses(cfg: TrainConfig, backbone, adapter, batch: dict, weight_dtyp
             k = stack_knowledge(knowledge, batch["simple"], width=core.llm_projection.weight.shape[1])
         l_llm = llm_distillation_loss(k.float().to(device), out.student, core.project_knowledge,
                                       cfg.temperature, direction=cfg.kl_direction)
+        text_only = batch.get("text_only") or []
+        if text_only:  # teacher only: the adapter's student on prompts that have no image
+            with torch.no_grad():
+                xt = backbone.encode_prompts(list(text_only)).to(device)
+            kt = stack_knowledge(knowledge, list(text_only), width=core.llm_projection.weight.shape[1])
+            l_text = llm_distillation_loss(kt.float().to(device), adapter(xt.float()).student,
+                                           core.project_knowledge, cfg.temperature,
+                                           direction=cfg.kl_direction)
+            b, bt = out.student.shape[0], len(text_only)
+            l_llm = (b * l_llm + bt * l_text) / (b + bt)
     else:
         l_llm = torch.zeros((), device=device)
     l_cp = prompt_alignment_loss(out.c, x_complex.float(), cfg.temperature, direction=cfg.kl_direction)
@@ -645,24 +683,29 @@ def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = 
         backbone.unet.enable_gradient_checkpointing()
 
     progress = cfg.progress and accelerator.is_local_main_process
+    text_only = read_text_only_prompts(cfg.text_only_prompts) if cfg.text_only_batch else []
     if dataset is None:
         kw = dict(resolution=cfg.resolution or backbone.image_size, center_crop=cfg.center_crop,
                   random_flip=cfg.random_flip, max_samples=cfg.max_samples)
         if cfg.lambda_llm and knowledge is None:  # a quick pass (no image decoding) for the prompts
             prompts = SURDDataset(cfg.data_dir, check_images=False, **kw).prompts()
             with accelerator.main_process_first():  # one process computes, the others read its cache
-                knowledge = knowledge_for(cfg, prompts, progress)
+                knowledge = knowledge_for(cfg, prompts + text_only, progress)
         # validation names the row of every problem, missing knowledge vectors included
         dataset = SURDDataset(cfg.data_dir, knowledge=knowledge if cfg.lambda_llm else None, **kw)
     if cfg.lambda_llm and knowledge is None:
         knowledge = dataset.knowledge
         if knowledge is None:
             with accelerator.main_process_first():
-                knowledge = knowledge_for(cfg, dataset.prompts(), progress)
+                knowledge = knowledge_for(cfg, dataset.prompts() + text_only, progress)
     if cfg.lambda_llm:  # every prompt of the data has a vector, all of one width (errors name them)
         from .knowledge import select_knowledge
 
         select_knowledge(knowledge, dataset.prompts(), source="the knowledge vectors")
+    if cfg.lambda_llm and text_only:  # the text-only prompts need vectors too
+        from .knowledge import select_knowledge
+
+        select_knowledge(knowledge, text_only, source="the knowledge vectors (text-only prompts)")
     llm_dim = next(iter(knowledge.values())).shape[-1] if cfg.lambda_llm else None
 
     torch.manual_seed(cfg.seed)  # adapter init
@@ -704,6 +747,9 @@ def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = 
                 assert batch["micro_step"] == micro_step, (batch["micro_step"], micro_step)
                 torch.manual_seed(micro_step_seed(cfg.seed, micro_step))  # every device's generator
                 torch.set_rng_state(batch["rng_state"])  # CPU: continue after the rows' crops/flips
+                if text_only and cfg.lambda_llm:  # not in the paper: prompts seen only by L_LLM
+                    batch["text_only"] = text_only_draw(text_only, cfg.text_only_batch, cfg.seed,
+                                                        micro_step)
                 with accelerator.accumulate(adapter), accelerator.autocast():
                     losses = compute_losses(cfg, backbone, adapter, batch, weight_dtype, knowledge)
                     values = torch.stack([losses[k].detach().float() for k in LOSS_TERMS])

@@ -25,7 +25,8 @@ from . import common
 PATH_KEYS = ("data_dir", "output_dir", "knowledge_file", "progress", "resume")  # not results
 # options added after results were stored: they enter the run hash only when not at their
 # default, so that the runs behind the stored results keep their folder names (and twins)
-LATER_KEYS = {"llm_drop_first": False, "dataloader_num_workers": 0, "report_to": "none"}
+LATER_KEYS = {"llm_drop_first": False, "dataloader_num_workers": 0, "report_to": "none",
+              "text_only_prompts": None, "text_only_batch": 0}
 
 
 def surd_mini(rows: int, seed: int, progress: bool = True) -> Path:

@@ -1,0 +1,480 @@
+"""How does knowledge reach a new noun? The distillation channel, tested with a target it can carry.
+
+    python -m sur_lib.experiments channel [--steps 2000] [--images 8] [--max-minutes M] [--quick]
+
+Not in the paper; the book's own test of its central mechanism. L_LLM (Eq. 5) distils a teacher
+target softmax(W0 k / T) into the adapter's queries Q. The re-test's oracle could not test the
+channel: at SmolLM2's norm its target was one-hot and many attribute combinations shared a
+target feature. Here every teacher gets the same, well-posed treatment
+(``oracle.calibrate_targets``: centred, each vector scaled so its target has ``entropy`` nats)
+and the variants differ only in the teacher, at the re-test's budget (tiny.yaml, ``--steps``
+2,000, SURD-mini 3,000 rows):
+
+* ``oracle``   the prompt's true count, colour, shape and named arrangement (``sur_lib.oracle``);
+* ``permuted`` the same, with the nouns' classes shuffled across nouns (same marginals:
+  ``oracle.permuted_classes``): a teacher as loud and as structured, but wrong about nouns;
+* ``smollm2``  SmolLM2-135M's vectors (tiny.yaml's LLM) under the same treatment;
+* ``none``     lambda_LLM = 0: no teacher.
+
+lambda_LLM is the same for the three teachers, set before training from the gradient shares of
+the untrained adapter on the oracle target (``gradient_share``), so that L_LLM's gradient is
+``llm_ratio`` (2/3) of L_simple's: about 40% of the three terms' norm.
+
+**Text-only nouns** (``TEXT_ONLY_NOUNS``): nouns disjoint from the training, held-out and test
+nouns whose prompts enter training only through L_LLM (``TrainConfig.text_only_prompts``,
+``text_only_batch`` per step; no image, so L_simple and L_CP skip them). Every variant trains on
+them, so the image training is the same in all four; without a teacher (``none``) they are
+inert. This is the one place a training-time teacher can add what images do not.
+
+Evaluation: three noun groups, the same kinds of prompts for each (one colour, one counting,
+one action prompt per noun, held-out phrasings, so no evaluated text was trained on):
+``seen`` (the 17 training nouns), ``text_only`` (12) and ``unseen`` (the 11 held-out nouns),
+``--images`` (8) images per prompt, plus the base model with the simple and the complex texts
+(the gap closed). Comparisons (``COMPARISONS``) paired over prompts and over nouns
+(``analysis.noun_level``: prompts nested in nouns), Holm within each group's family. Reading:
+oracle = permuted on seen nouns: the channel is inert; oracle > permuted on seen but not on
+unseen: the limit is at inference (the adapter sees only the text encoder's states); oracle >
+permuted on text-only nouns: distillation can inject knowledge without images.
+
+Resumable, two jobs side by side (``jobs.run_unit``): each variant and each base condition is a
+unit of ``channel.partial.json``. Budget: 4 x (2,000 x ~1.6 s + 120 x 8 images x ~1 s) +
+2 x 960 images: about 6.5 CPU hours (1 thread each).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .. import oracle
+from .. import toyworld as tw
+from ..analysis import compare, holm, noun_level, summarize
+from ..fileio import atomic_write_text, clean_json, write_json
+from ..provenance import rel_path
+from . import common, jobs, recipes, runs
+from .convergence import _Deadline, gap_closed
+
+VARIANTS = ("oracle", "permuted", "smollm2", "none")
+GROUPS = ("seen", "text_only", "unseen")
+# (variant, compared with): each is one test per group
+COMPARISONS = (("oracle", "permuted"), ("oracle", "none"), ("smollm2", "none"), ("permuted", "none"))
+TEXT_ONLY_NOUNS: dict[str, tuple[str, str, str]] = {  # noun: (plural, colour, shape)
+    "strawberry": ("strawberries", "red", "circle"),
+    "apricot": ("apricots", "orange", "circle"),
+    "tortilla chip": ("tortilla chips", "yellow", "triangle"),
+    "cheese slice": ("cheese slices", "yellow", "square"),
+    "brussels sprout": ("brussels sprouts", "green", "circle"),
+    "fir tree": ("fir trees", "green", "triangle"),
+    "ping pong ball": ("ping pong balls", "white", "circle"),
+    "ice cube": ("ice cubes", "white", "square"),
+    "radish": ("radishes", "red", "circle"),
+    "nectarine": ("nectarines", "orange", "circle"),
+    "gooseberry": ("gooseberries", "green", "circle"),
+    "bilberry": ("bilberries", "blue", "circle"),
+}
+TEXT_ONLY_PER_NOUN = 24  # training prompts per text-only noun
+PROMPT_SEED = 20261206
+
+
+def noun_info(noun: str) -> tuple[str, str, str]:
+    """(plural, colour, shape) of a world noun or a text-only noun."""
+    if noun in tw.NOUNS:
+        i = tw.NOUNS[noun]
+        return i.plural, i.color, i.shape
+    return TEXT_ONLY_NOUNS[noun]
+
+
+def noun_text(template: str, count: int, noun: str) -> str:
+    plural = noun_info(noun)[0]
+    a_noun = ("an " if noun[0] in "aeiou" else "a ") + noun
+    return template.format(num=tw.NUMBER_WORDS[count], noun=noun, a_noun=a_noun, nouns=plural)
+
+
+def text_only_rows(seed: int = PROMPT_SEED, per_noun: int = TEXT_ONLY_PER_NOUN) -> list[dict]:
+    """The text-only training prompts as rows (text, count, colour, shape, arrangement, noun),
+    drawn as SURD-mini draws its simple prompts (train phrasings), distinct texts."""
+    rows = []
+    for k, noun in enumerate(TEXT_ONLY_NOUNS):
+        rng = np.random.default_rng([seed, k, 1])
+        _, color, shape = noun_info(noun)
+        seen: set[str] = set()
+        for _ in range(10_000):
+            if len(seen) >= per_noun:
+                break
+            count = int(rng.integers(1, tw.MAX_COUNT + 1))
+            arr = tw.ARRANGEMENTS[int(rng.integers(4))] if count >= tw.MIN_ARRANGED else None
+            key = "single" if count == 1 else ("count" if arr is None or rng.random() < 0.25 else arr)
+            options = tw.TEMPLATES["train"][key]
+            text = noun_text(options[int(rng.integers(len(options)))], count, noun)
+            if text in seen:
+                continue
+            seen.add(text)
+            rows.append({"text": text, "count": count, "color": color, "shape": shape,
+                         "arrangement": arr, "noun": noun})
+    return rows
+
+
+def group_nouns() -> dict[str, tuple[str, ...]]:
+    return {"seen": tw.TRAIN_NOUNS, "text_only": tuple(TEXT_ONLY_NOUNS), "unseen": tw.HELDOUT_NOUNS}
+
+
+def group_prompts(seed: int = PROMPT_SEED) -> dict[str, list[dict]]:
+    """{group: specs}: per noun one colour prompt (one object), one counting prompt (2-6, the
+    layout open) and one action prompt (3-6 in a named arrangement), held-out phrasings."""
+    T = tw.TEMPLATES["heldout"]
+    out = {}
+    for g, nouns in group_nouns().items():
+        specs = []
+        for k, noun in enumerate(nouns):
+            rng = np.random.default_rng([seed, k, {"seen": 2, "text_only": 3, "unseen": 4}[g]])
+            pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
+            _, color, shape = noun_info(noun)
+            n_count = int(rng.integers(2, tw.MAX_COUNT + 1))
+            n_act, arr = int(rng.integers(tw.MIN_ARRANGED, tw.MAX_COUNT + 1)), pick(tw.ARRANGEMENTS)
+            for type_, count, arrangement, key in (("color", 1, None, "single"),
+                                                   ("counting", n_count, None, "count"),
+                                                   ("action", n_act, arr, arr)):
+                scene = tw.Scene(count, color, shape, arrangement)
+                specs.append({"id": f"ch-{g}-{noun.replace(' ', '_')}-{type_}", "type": type_,
+                              "text": noun_text(pick(T[key]), count, noun),
+                              "prompt": tw.canonical_complex_prompt(scene), "count": count,
+                              "color": color, "shape": shape, "arrangement": arrangement,
+                              "noun": noun, "group": g})
+        out[g] = specs
+    return out
+
+
+@dataclass
+class ChannelConfig:
+    steps: int = 2000
+    images: int = 8
+    rows: int = common.SURD_MINI_ROWS
+    entropy: float = oracle.CHANNEL_ENTROPY
+    llm_ratio: float = 2 / 3  # ||grad L_LLM|| / ||grad L_simple|| at the untrained adapter
+    text_only_batch: int = 8
+    measure_batches: int = 4
+    seed: int = 0
+    quick: bool = False
+    max_minutes: float | None = None
+    out: str = str(common.RESULTS_DIR)
+    progress: bool = True
+    cache: bool = True
+    argv: tuple[str, ...] = ()
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None) -> "ChannelConfig":
+        ap = argparse.ArgumentParser(prog="python -m sur_lib.experiments channel", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+        ap.add_argument("--steps", type=int, default=None, help="training steps (2000; quick 3)")
+        ap.add_argument("--images", type=int, default=None, help="images per prompt (8; quick 2)")
+        common.add_long_run_options(ap)
+        a = common.parse_long_run_args(ap, argv)
+        q = a.quick
+        return cls(steps=a.steps or (3 if q else 2000), images=a.images or (2 if q else 8),
+                   rows=64 if q else common.SURD_MINI_ROWS, measure_batches=1 if q else 4,
+                   seed=a.seed, quick=q, max_minutes=a.max_minutes, out=a.out,
+                   progress=not a.no_progress, cache=not a.no_cache,
+                   argv=tuple(sys.argv[2:] if argv is None else argv))
+
+    def generation(self) -> common.GenSettings:
+        return common.GenSettings(steps=common.QUICK["sampler_steps"]) if self.quick else common.GenSettings()
+
+    def prompts(self) -> dict[str, list[dict]]:
+        specs = group_prompts()
+        if self.quick:  # one noun per group
+            specs = {g: s[:3] for g, s in specs.items()}
+        return specs
+
+
+# ----------------------------------------------------------------------------- the teachers
+
+
+def training_rows(cfg) -> list[dict]:
+    """SURD-mini's rows and the text-only rows: every prompt a teacher is asked about."""
+    from ..data import SURDDataset
+
+    return list(SURDDataset(cfg.data_dir, check_images=False).rows) + text_only_rows()
+
+
+def teacher_vectors(variant: str, cfg, rows: list[dict], entropy: float, progress: bool = True) -> dict:
+    """{prompt: vector} of ``variant``'s teacher for every prompt of ``rows``, calibrated
+    (``oracle.calibrate_targets`` with the adapter's W0)."""
+    from ..knowledge import KnowledgeProjection
+
+    llm = runs.knowledge_for_config(cfg, [r["text"] for r in rows], progress)
+    width = next(iter(llm.values())).shape[-1]
+    if variant == "smollm2":
+        raw = llm
+    elif variant in ("oracle", "permuted"):
+        raw = oracle.oracle_knowledge(teacher_rows(variant, rows), width=width)
+    else:
+        raise ValueError(f"variant {variant!r} has no teacher")
+    w0 = KnowledgeProjection(width, cfg_text_dim(cfg), cfg.w0_seed)
+    return oracle.calibrate_targets(raw, w0, entropy, cfg.temperature)
+
+
+def teacher_rows(variant: str, rows: list[dict]) -> list[dict]:
+    """The rows the oracle reads for ``variant``: as they are, or with every noun's class
+    replaced by its permuted class (``permuted``)."""
+    if variant != "permuted":
+        return rows
+    perm = oracle.permuted_classes({r["noun"]: (r["color"], r["shape"]) for r in rows})
+    return [dict(r, color=perm[r["noun"]][0], shape=perm[r["noun"]][1]) for r in rows]
+
+
+def cfg_text_dim(cfg) -> int:
+    return 384  # MiniLM's width: the tiny profile's text encoder (tiny.yaml)
+
+
+def attribute_groups(rows: list[dict]) -> dict[str, tuple]:
+    """{prompt: (count, colour, shape, named arrangement)}: the oracle's code of each prompt."""
+    return dict(oracle.prompt_attributes(rows))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def text_only_file() -> Path:
+    """The text-only prompts, one per line, in a file named by its content's hash."""
+    text = "\n".join(r["text"] for r in text_only_rows()) + "\n"
+    h = hashlib.sha256(text.encode()).hexdigest()[:12]
+    path = common.WORK_DIR / "channel" / f"text-only-{h}.txt"
+    if not path.is_file():
+        atomic_write_text(path, text)
+    return path
+
+
+def variant_config(cc: ChannelConfig, variant: str, lam: float | None, model_digest: str):
+    over = {"lambda_llm": 0.0 if variant == "none" else float(lam), "text_only_batch": cc.text_only_batch,
+            "text_only_prompts": str(text_only_file()),
+            "extra": {"knowledge": f"channel-{variant}", "entropy": cc.entropy}}
+    run_root = common.WORK_DIR / ("channel-quick" if cc.quick else "channel")
+    return recipes.recipe_config(over, cc.rows, cc.steps, run_root, model_digest, cc.seed, "llm",
+                                 batch_size=8 if cc.quick else None, progress=cc.progress)
+
+
+def inputs(cfg, backbone, knowledge: dict | None, progress: bool):
+    from ..data import SURDDataset
+    from ..step_cache import cached_inputs
+
+    ds = SURDDataset(cfg.data_dir, resolution=backbone.image_size, knowledge=knowledge)
+    states = common.WORK_DIR / "prompt_states" / f"{Path(cfg.data_dir).name}.safetensors"
+    return cached_inputs(backbone, ds, states, progress=progress)
+
+
+def shares_of(cfg, backbone, adapter, knowledge: dict, batches: int) -> dict:
+    """Gradient shares of ``adapter`` under ``cfg`` (lambda_LLM 0: measured at 1, reweighted)."""
+    from ..gradient_share import measure, reweight
+
+    cfg_m = dataclasses.replace(cfg, lambda_llm=cfg.lambda_llm or 1.0)
+    bb, ds = inputs(cfg_m, backbone, knowledge, progress=False)
+    raw = measure(cfg_m, bb, ds, adapter, knowledge, batches)
+    return {**reweight(raw, cfg.lambda_llm, cfg.lambda_cp), "raw_norm": raw["raw_norm"],
+            "loss": raw["loss"], "batches": raw["batches"]}
+
+
+def choose_lambda(cc: ChannelConfig, backbone, model_digest: str) -> dict:
+    """lambda_LLM at which L_LLM's gradient is ``llm_ratio`` of L_simple's, at the untrained
+    adapter (the training seed's init) on the oracle target; the targets' statistics too."""
+    from ..knowledge import KnowledgeProjection
+    from ..gradient_share import lambda_to_match
+    from ..train import build_adapter
+
+    cfg = variant_config(cc, "oracle", 1.0, model_digest)
+    rows = training_rows(cfg)
+    groups = attribute_groups(rows)
+    llm = runs.knowledge_for_config(cfg, [r["text"] for r in rows], cc.progress)
+    width = next(iter(llm.values())).shape[-1]
+    w0 = KnowledgeProjection(width, cfg_text_dim(cfg), cfg.w0_seed)
+    targets = {"before": {"smollm2 (as used by the re-test)": oracle.target_stats(llm, w0, cfg.temperature),
+                          "oracle (re-test: SmolLM2's mean norm)": oracle.target_stats(
+                              oracle.oracle_knowledge(rows, width, norm=oracle.mean_norm(llm)), w0,
+                              cfg.temperature, groups)},
+               "after": {}}
+    knowledge = {}
+    for v in ("oracle", "permuted", "smollm2"):
+        vec = teacher_vectors(v, cfg, rows, cc.entropy, cc.progress)
+        targets["after"][v] = oracle.target_stats(
+            vec, w0, cfg.temperature, None if v == "smollm2" else attribute_groups(teacher_rows(v, rows)))
+        knowledge[v] = vec
+    torch.manual_seed(cfg.seed)
+    adapter = build_adapter(cfg, backbone.text_dim, width)
+    shares = shares_of(cfg, backbone, adapter, knowledge["oracle"], cc.measure_batches)
+    lam = lambda_to_match(shares, "l_llm", cc.llm_ratio)
+    lam = float(f"{lam:.1e}")
+    from ..gradient_share import reweight
+
+    return {"lambda_llm": lam, "rule": f"||grad L_LLM|| = {cc.llm_ratio:.3g} x ||grad L_simple|| at "
+                                       "the untrained adapter on the oracle target (2 significant digits)",
+            "init_shares_raw": shares, "init_shares": reweight(shares, lam, cfg.lambda_cp),
+            "targets": targets}
+
+
+def train_variant(cc: ChannelConfig, variant: str, lam: float, backbone, model_digest: str):
+    """Train one variant (resuming a stopped run); its fp16 adapter and knowledge."""
+    from ..train import train
+
+    cfg = variant_config(cc, variant, lam, model_digest)
+    knowledge = None
+    if variant != "none":
+        knowledge = teacher_vectors(variant, cfg, training_rows(cfg), cc.entropy, cc.progress)
+    folder = recipes.adapter_folder(cfg)
+    if (folder / "sur_adapter.json").is_file():
+        meta = json.loads((folder / "sur_adapter.json").read_text())
+        return cfg, runs.load_adapter(folder), meta["digest"], knowledge
+    bb, ds = inputs(cfg, backbone, knowledge, cc.progress)
+    result = train(cfg, backbone=bb, dataset=ds, knowledge=knowledge)
+    stored = {k: v for k, v in cfg.to_dict().items() if k not in runs.PATH_KEYS}
+    adapter, digest = runs.save_adapter(result.adapter, folder, dict(
+        made_by="python -m sur_lib.experiments channel", variant=variant, steps=cfg.max_steps,
+        train_config=stored))
+    shutil.rmtree(Path(cfg.output_dir) / "checkpoints", ignore_errors=True)
+    return cfg, adapter, digest, knowledge
+
+
+def fit_curve(log_rows: list[dict], every: int = 100) -> dict:
+    """L_LLM over training: the mean of each ``every``-step window, and last / first."""
+    vals = [float(r["l_llm"]) for r in log_rows]
+    windows = [float(np.mean(vals[i:i + every])) for i in range(0, len(vals), every)]
+    return {"every": every, "l_llm": windows,
+            "last_over_first": windows[-1] / windows[0] if windows and windows[0] else None}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def runs_dir(cc: ChannelConfig) -> Path:
+    return Path(cc.out).parent / "runs" / ("channel-quick" if cc.quick else "channel")
+
+
+def run_channel(cc: ChannelConfig, backbone=None) -> tuple[dict, bool]:
+    from ..train import read_log
+    from .images import make_pipe
+
+    t0, deadline = time.time(), _Deadline(cc.max_minutes)
+    backbone = backbone if backbone is not None else common.load_base()
+    minfo, gen = common.model_info(backbone), cc.generation()
+    specs = cc.prompts()
+    settings = clean_json({"steps": cc.steps, "images": cc.images, "rows": cc.rows, "seed": cc.seed,
+                           "entropy": cc.entropy, "llm_ratio": cc.llm_ratio,
+                           "text_only_batch": cc.text_only_batch, "generation": gen.to_dict(),
+                           "model_digest": minfo["unet_digest"],
+                           "text_only_prompts": hashlib.sha256(text_only_file().read_bytes()).hexdigest(),
+                           "prompts": {g: [s["id"] for s in v] for g, v in specs.items()}})
+    ppath = Path(cc.out) / ("channel-quick.partial.json" if cc.quick else "channel.partial.json")
+    partial = jobs.read(ppath)
+    if partial.get("settings") != settings:
+        partial = {"settings": settings, "variants": {}, "base": {}}
+    cache = common.WORK_DIR / "cache" if cc.cache else None
+    pipe = make_pipe(backbone, gen)
+
+    def sync():
+        jobs.merge(partial, ppath, ("variants", "base"), ("lambda",))
+
+    if not deadline.passed():
+        jobs.run_unit(partial, ppath, sync, partial, "lambda", "lambda",
+                      lambda: choose_lambda(cc, backbone, minfo["unet_digest"]))
+
+    def variant_unit(var):
+        def work():
+            tv = time.time()
+            lam = partial["lambda"]["lambda_llm"]
+            cfg, adapter, digest, knowledge = train_variant(cc, var, lam, backbone, minfo["unet_digest"])
+            log = read_log(cfg.output_dir)
+            export = runs_dir(cc) / var
+            export.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(Path(cfg.output_dir) / "log.csv", export / "log.csv")
+            res = {"config": recipes.config_summary(cfg), "run": rel_path(Path(cfg.output_dir)),
+                   "digest": digest, "log": rel_path(export / "log.csv"),
+                   "shares": shares_of(cfg, backbone, adapter, knowledge or {}, cc.measure_batches)
+                   if knowledge else None,
+                   "fit": fit_curve(log) if knowledge else None, "records": {}}
+            for g in GROUPS:
+                res["records"][g] = recipes.evaluate(backbone, adapter, specs[g], cc.images, cc.seed, gen,
+                                                     pipe, cache=cache, progress=cc.progress,
+                                                     desc=f"channel/{var}/{g}")
+            res["seconds"] = round(time.time() - tv, 1)
+            return res
+        return work
+
+    def base_unit(field, g):
+        return lambda: recipes.evaluate(backbone, None, specs[g], cc.images, cc.seed, gen, pipe,
+                                        field=field, cache=cache, progress=cc.progress,
+                                        desc=f"channel/base-{field}/{g}")
+
+    units = [(f"variant/{v}", partial["variants"], v, variant_unit(v)) for v in VARIANTS[:2]]
+    units += [(f"base/{f}/{g}", partial["base"], f"{'simple' if f == 'text' else 'complex'}/{g}",
+               base_unit(f, g)) for f in ("text", "prompt") for g in GROUPS]
+    units += [(f"variant/{v}", partial["variants"], v, variant_unit(v)) for v in VARIANTS[2:]]
+    for claim_name, store, key, work in units:
+        if deadline.passed() or "lambda" not in partial:
+            break
+        jobs.run_unit(partial, ppath, sync, store, key, claim_name, work)
+    with jobs.locked(ppath):
+        sync()
+    done = partial["variants"]
+    complete = all(v in done for v in VARIANTS) and all(
+        f"{b}/{g}" in partial["base"] for b in ("simple", "complex") for g in GROUPS)
+    doc = {"experiment": "channel", "command": "python -m sur_lib.experiments channel " + " ".join(cc.argv),
+           "seed": cc.seed, "quick": cc.quick, "versions": common.versions(),
+           "where": "CPU (1 torch thread per job)", "model": minfo, "judge": common.judge_info(),
+           "settings": settings, "lambda": partial.get("lambda"), "complete": complete,
+           "text_only_nouns": {n: list(v) for n, v in TEXT_ONLY_NOUNS.items()},
+           "variants": done, "base": partial["base"]}
+    if complete:
+        doc["table"] = table(done, partial["base"])
+    with jobs.locked(ppath):
+        sync()
+        doc["wall_time_s"] = jobs.add_job_time(partial, ppath, time.time() - t0)
+        write_json(partial, ppath)
+    return doc, complete
+
+
+def table(done: dict, base: dict) -> dict:
+    """Per group: each variant's summary and gap closed; each comparison paired over prompts
+    (``compare``) and over nouns (``noun_level``), Holm across the group's comparisons (for the
+    prompt-level and the noun-level p each)."""
+    out = {}
+    for g in GROUPS:
+        sb, sc = summarize(base[f"simple/{g}"]), summarize(base[f"complex/{g}"])
+        rows = {v: {"summary": (s := summarize(done[v]["records"][g])),
+                    "gap_closed": gap_closed(sb["overall"]["acc"], s["overall"]["acc"], sc["overall"]["acc"])}
+                for v in VARIANTS}
+        tests = {}
+        for a, b in COMPARISONS:
+            ra, rb = done[b]["records"][g], done[a]["records"][g]
+            tests[f"{a}_vs_{b}"] = {"prompts": compare(ra, rb)["overall"], "nouns": noun_level(ra, rb)}
+        for level, key in (("prompts", "p_t"), ("nouns", "p_t")):
+            ps = {k: (t[level].get("paired") or {}).get(key) if level == "prompts" else t[level].get(key)
+                  for k, t in tests.items()}
+            for k, p in holm(ps).items():
+                tests[k][level]["p_holm"] = p
+        out[g] = {"base": sb["overall"], "ceiling": sc["overall"], "variants": rows, "tests": tests}
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cc = ChannelConfig.from_args(argv)
+    doc, complete = run_channel(cc)
+    if not complete:
+        print(f"not complete yet ({len(doc['variants'])} of {len(VARIANTS)} variants, "
+              f"{len(doc['base'])} of {2 * len(GROUPS)} base conditions): run the same command again")
+        return 0
+    path = write_json(doc, Path(cc.out) / ("channel-quick.json" if cc.quick else "channel.json"))
+    print(f"wrote {rel_path(path)} ({doc['wall_time_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    from ..cli import run as run_cli
+    run_cli(main)
