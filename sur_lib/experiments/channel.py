@@ -381,9 +381,12 @@ def run_channel(cc: ChannelConfig, backbone=None) -> tuple[dict, bool]:
     def sync():
         jobs.merge(partial, ppath, ("variants", "base"), ("lambda",))
 
-    if not deadline.passed():
-        jobs.run_unit(partial, ppath, sync, partial, "lambda", "lambda",
-                      lambda: choose_lambda(cc, backbone, minfo["unet_digest"]))
+    while not deadline.passed() and "lambda" not in partial:  # the first unit: the others need it
+        if not jobs.run_unit(partial, ppath, sync, partial, "lambda", "lambda",
+                             lambda: choose_lambda(cc, backbone, minfo["unet_digest"])):
+            time.sleep(10)  # another job is choosing it
+            with jobs.locked(ppath):
+                sync()
 
     def variant_unit(var):
         def work():
