@@ -1,0 +1,180 @@
+"""The distillation-channel experiment's parts: text-only prompts in Algorithm 1, the calibrated
+teacher target, the permuted oracle, the noun groups and nouns as the unit of a test."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sur_lib import oracle
+from sur_lib import toyworld as tw
+from sur_lib.analysis import mde_paired, noun_level, sign_flip_p
+from sur_lib.cli import UsageError
+from sur_lib.experiments import channel
+from sur_lib.knowledge import KnowledgeProjection, load_knowledge
+from sur_lib.losses import llm_distillation_loss
+from sur_lib.models import tiny_random_backbone
+from sur_lib.train import TrainConfig, build_adapter, compute_losses, read_log, text_only_draw, train
+from tests.test_train import LLM_DIM, PROMPTS, _one_batch, cfg_for, surd  # noqa: F401 (fixture)
+
+TEXT_ONLY = ["two strawberries", "one apricot on a plate", "a row of three ice cubes"]
+
+
+@pytest.fixture(scope="module")
+def knowledge(surd):
+    """The fixture's knowledge vectors plus vectors of the text-only prompts."""
+    k = dict(load_knowledge(surd / "knowledge.safetensors"))
+    g = torch.Generator().manual_seed(1)
+    k.update({p: torch.randn(LLM_DIM, generator=g) for p in TEXT_ONLY})
+    return k
+
+
+def _text_only_cfg(surd, out, tmp_path, **kw):
+    f = tmp_path / "text_only.txt"
+    f.write_text("\n".join(TEXT_ONLY) + "\n\n")
+    return cfg_for(surd, out, **{"lambda_llm": 1.0, "lambda_cp": 1.0, "text_only_prompts": str(f),
+                                 "text_only_batch": 2, **kw})
+
+
+def test_text_only_prompts_enter_l_llm_as_a_batch_mean(surd, knowledge, tmp_path):
+    cfg = _text_only_cfg(surd, tmp_path / "o", tmp_path)
+    backbone = tiny_random_backbone(seed=0)
+    torch.manual_seed(0)
+    adapter = build_adapter(cfg, backbone.text_dim, LLM_DIM)
+    adapter.eval()  # no dropout: the pieces below must see the same forward passes
+    batch = _one_batch(surd, cfg)
+    torch.manual_seed(3)
+    plain = compute_losses(cfg, backbone, adapter, batch, torch.float32, knowledge)
+    torch.manual_seed(3)
+    mixed = compute_losses(cfg, backbone, adapter, dict(batch, text_only=TEXT_ONLY[:2]), torch.float32,
+                           knowledge)
+    # by hand: L_LLM of the two text-only prompts alone, then (4 L_img + 2 L_text) / 6
+    xt = backbone.encode_prompts(TEXT_ONLY[:2])
+    kt = torch.stack([knowledge[p] for p in TEXT_ONLY[:2]])
+    l_text = llm_distillation_loss(kt, adapter(xt).student, adapter.project_knowledge)
+    assert mixed["l_llm"].item() == pytest.approx((4 * plain["l_llm"].item() + 2 * l_text.item()) / 6, rel=1e-5)
+    for k in ("l_simple", "l_cp"):  # no image: the other terms skip them
+        assert mixed[k].item() == pytest.approx(plain[k].item(), rel=1e-6)
+
+
+def test_text_only_draw_is_a_function_of_the_micro_step():
+    a = text_only_draw(TEXT_ONLY, 5, seed=0, micro_step=7)
+    assert a == text_only_draw(TEXT_ONLY, 5, seed=0, micro_step=7) and len(a) == 5
+    assert set(a) <= set(TEXT_ONLY)
+    assert any(text_only_draw(TEXT_ONLY, 5, 0, m) != a for m in range(8, 12))
+
+
+def test_training_with_text_only_prompts_resumes_exactly_and_is_inert_without_a_teacher(
+        surd, knowledge, tmp_path):
+    straight = train(_text_only_cfg(surd, tmp_path / "s", tmp_path, max_steps=4), knowledge=knowledge)
+    train(_text_only_cfg(surd, tmp_path / "r", tmp_path, max_steps=2), knowledge=knowledge)
+    resumed = train(_text_only_cfg(surd, tmp_path / "r", tmp_path, max_steps=4), knowledge=knowledge)
+    assert resumed.resumed_from == 2
+    a, b = straight.adapter.state_dict(), resumed.adapter.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["l_llm"] for r in read_log(tmp_path / "s")] == [r["l_llm"] for r in read_log(tmp_path / "r")]
+    without = train(cfg_for(surd, tmp_path / "n", lambda_llm=1.0, lambda_cp=1.0, max_steps=4),
+                    knowledge=knowledge).adapter.state_dict()
+    assert not all(torch.equal(a[k], without[k]) for k in a)  # the text-only prompts changed it
+    # lambda_LLM = 0: the text-only prompts reach nothing, the adapter is the one without them
+    zero = train(_text_only_cfg(surd, tmp_path / "z", tmp_path, max_steps=3, lambda_llm=0.0)).adapter.state_dict()
+    ref = train(cfg_for(surd, tmp_path / "zr", max_steps=3, lambda_llm=0.0, lambda_cp=1.0)).adapter.state_dict()
+    assert all(torch.equal(zero[k], ref[k]) for k in ref)
+
+
+def test_text_only_errors_name_the_problem(surd, knowledge, tmp_path):
+    with pytest.raises(UsageError, match="text_only_prompts"):
+        cfg_for(surd, tmp_path, text_only_batch=2)
+    with pytest.raises(UsageError, match="text_only_batch"):
+        cfg_for(surd, tmp_path, text_only_batch=-1)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    with pytest.raises(UsageError, match="no prompt"):
+        train(cfg_for(surd, tmp_path / "e", lambda_llm=1.0, text_only_prompts=str(empty), text_only_batch=1),
+              knowledge=knowledge)
+    cfg = _text_only_cfg(surd, tmp_path / "m", tmp_path)
+    missing = {k: v for k, v in knowledge.items() if k != TEXT_ONLY[1]}
+    with pytest.raises(Exception, match="one apricot on a plate"):
+        train(cfg, knowledge=missing)
+
+
+# ----------------------------------------------------------------------------- the target
+
+
+def test_calibrated_targets_have_the_stated_entropy_and_stay_distinct():
+    w0 = KnowledgeProjection(32, 16, seed=0)
+    g = torch.Generator().manual_seed(0)
+    vecs = {f"p{i}": 1000 * torch.randn(32, generator=g) + 500 for i in range(6)}  # loud and shared
+    before = oracle.target_stats(vecs, w0)
+    assert before["entropy"]["median"] < 0.1  # one-hot
+    out = oracle.calibrate_targets(vecs, w0, entropy=1.5)
+    st = oracle.target_stats(out, w0)
+    assert st["entropy"]["min"] == pytest.approx(1.5, abs=1e-4) and st["entropy"]["max"] == pytest.approx(1.5, abs=1e-4)
+    assert st["colliding_pairs"] == 0 and st["min_l1_between_targets"] > 0.05
+    centred = torch.stack([out[k] / out[k].norm() for k in sorted(out)])
+    raw = torch.stack([vecs[k] for k in sorted(vecs)])
+    raw = raw - raw.mean(0)
+    assert torch.allclose(centred, raw / raw.norm(dim=1, keepdim=True), atol=1e-5)  # centred, then scaled
+    with pytest.raises(ValueError, match="entropy"):
+        oracle.calibrate_targets(vecs, w0, entropy=math.log(16) + 0.1)
+    with pytest.raises(ValueError, match="equal to the mean"):
+        oracle.calibrate_targets({"a": torch.ones(32), "b": torch.ones(32)}, w0)
+
+
+def test_target_stats_counts_collisions_by_combination():
+    eye = lambda i: 50 * torch.eye(4)[i]  # noqa: E731 - one-hot logits through an identity W0
+    vecs = {"a": eye(0), "b": eye(0), "c": eye(1)}
+    st = oracle.target_stats(vecs, lambda v: v, groups={"a": 1, "b": 2, "c": 3})
+    assert st["combinations"] == 3 and st["colliding_pairs"] == 1 and st["min_l1_between_targets"] < 1e-6
+    assert st["distinct_top_features"] == 2 and st["top_prob"]["median"] > 0.99
+
+
+def test_permuted_classes_keep_the_marginals_and_move_every_noun_they_can():
+    classes = {"tomato": ("red", "circle"), "lime": ("green", "circle"), "die": ("white", "square"),
+               "pea": ("green", "circle"), "brick": ("red", "square")}
+    perm = oracle.permuted_classes(classes)
+    assert sorted(perm.values()) == sorted(classes.values()) and perm.keys() == classes.keys()
+    assert sum(perm[n] == classes[n] for n in classes) == 0
+    assert perm == oracle.permuted_classes(classes)  # seeded
+
+
+# ----------------------------------------------------------------------------- nouns as the unit
+
+
+def test_noun_level_by_hand():
+    a = [{"id": "1", "noun": "x", "acc": 0.5}, {"id": "2", "noun": "x", "acc": 0.5},
+         {"id": "3", "noun": "y", "acc": 0.0}, {"id": "4", "noun": "z", "acc": 0.25}]
+    b = [{"id": "1", "noun": "x", "acc": 1.0}, {"id": "2", "noun": "x", "acc": 0.5},
+         {"id": "3", "noun": "y", "acc": 0.5}, {"id": "4", "noun": "z", "acc": 0.25}]
+    r = noun_level(a, b)
+    assert r["per_noun"] == {"x": 0.25, "y": 0.5, "z": 0.0} and r["n_nouns"] == 3
+    assert r["diff"] == pytest.approx(0.25)
+    # t over the 3 noun means: sd 0.25, t = 0.25 / (0.25 / sqrt 3) = sqrt 3, df 2 -> p 0.2254
+    assert r["p_t"] == pytest.approx(0.22540, abs=1e-4)
+    assert r["p_signflip"] == pytest.approx(0.5)  # 4 of the 8 sign patterns reach |mean| >= 0.25
+    assert sign_flip_p([1, 1, 1, 1]) == pytest.approx(2 / 16)
+    assert mde_paired(0.2, 11) == pytest.approx(0.18737, abs=1e-4)
+    assert mde_paired(0.2, 1) is None
+
+
+def test_noun_groups_are_disjoint_and_no_evaluated_text_was_trained_on():
+    groups = channel.group_nouns()
+    seen, text, unseen = (set(groups[g]) for g in channel.GROUPS)
+    assert not (seen & text) and not (seen & unseen) and not (text & unseen)
+    assert not set(channel.TEXT_ONLY_NOUNS) & set(tw.NOUNS)
+    test_nouns = {p["noun"] for p in tw.test_prompts()}
+    assert not text & test_nouns
+    specs = channel.group_prompts()
+    train_texts = {r["text"] for r in channel.text_only_rows()}
+    assert len(train_texts) == len(channel.TEXT_ONLY_NOUNS) * channel.TEXT_ONLY_PER_NOUN
+    rng = np.random.default_rng(0)
+    surd_texts = {tw.simple_prompt(tw.sample_scene(rng), rng) for _ in range(3000)}
+    for g, ss in specs.items():
+        assert len(ss) == 3 * len(groups[g]) and len({s["id"] for s in ss}) == len(ss)
+        for s in ss:
+            assert s["text"] not in train_texts and s["text"] not in surd_texts, s
+            plural, color, shape = channel.noun_info(s["noun"])
+            assert (s["color"], s["shape"]) == (color, shape) and s["group"] == g
+            tw.Scene(s["count"], color, shape, s["arrangement"])  # a valid scene
+    for r in channel.text_only_rows():  # what the oracle reads of a text-only prompt
+        assert channel.noun_info(r["noun"])[1:] == (r["color"], r["shape"])
