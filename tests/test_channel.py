@@ -178,3 +178,38 @@ def test_noun_groups_are_disjoint_and_no_evaluated_text_was_trained_on():
             tw.Scene(s["count"], color, shape, s["arrangement"])  # a valid scene
     for r in channel.text_only_rows():  # what the oracle reads of a text-only prompt
         assert channel.noun_info(r["noun"])[1:] == (r["color"], r["shape"])
+
+
+# ----------------------------------------------------------------------------- neighbourhood
+
+
+def test_neighbour_agreement_and_rank_test_by_hand():
+    from sur_lib.experiments import neighbours as nb
+
+    # christmas tree (green triangle): pine tree agrees in class, lime in colour only, die in neither
+    near = [("pine tree", 0.6), ("lime", 0.3), ("die", 0.1)]
+    a = nb.agreement("christmas tree", near)
+    assert a == pytest.approx({"class": 0.6, "color": 0.9, "shape": 0.6})
+    assert nb.agreement("christmas tree", [("die", -0.2)])["class"] == 0.0  # weights never negative
+    t = nb.spearman_permutation([1, 2, 3, 4, 5], [2, 4, 6, 8, 10], n_perm=2000)
+    assert t["rho"] == pytest.approx(1.0)
+    assert t["p_perm"] == pytest.approx(2 / 120, abs=0.012)  # 2 of the 120 orders are as extreme
+    g = nb.per_noun_gain({"s": ([{"id": "a", "noun": "plum", "correct": [1, 1]},
+                                 {"id": "b", "noun": "plum", "correct": [0, 1]}],
+                                [{"id": "a", "correct": [0, 1, 1, 1]}, {"id": "b", "correct": [0, 0, 1, 1]}])},
+                         ["plum", "pearl"])
+    assert g == {"plum": {"gain": pytest.approx((0.5 + 0.5) / 2), "prompts": 2}}  # base cut to 2 images
+
+
+def test_noun_token_positions_find_the_word_pieces():
+    from transformers import AutoTokenizer
+
+    from sur_lib.experiments import neighbours as nb
+    from sur_lib.models import minilm_folder
+
+    tok = AutoTokenizer.from_pretrained(minilm_folder())
+    pos = nb.noun_token_positions(tok, "five christmas trees in a row", ("christmas trees", "christmas tree"))
+    ids = tok("five christmas trees in a row").input_ids
+    assert tok.decode([ids[i] for i in pos]) == "christmas trees"
+    with pytest.raises(ValueError, match="plums"):
+        nb.noun_token_positions(tok, "a photo of a lemon", ("plums", "plum"))
