@@ -245,14 +245,22 @@ def holm(pvalues: dict[str, float | None]) -> dict[str, float | None]:
 # =============================================================================== nouns as the unit
 
 
-def mde_paired(sd: float, n: int, conf: float = 0.95, power: float = 0.8) -> float | None:
-    """The smallest mean paired difference a two-sided t-test at ``conf`` detects with
-    ``power``, for n pairs whose differences have standard deviation ``sd``:
-    (t_{1-a/2, n-1} + t_{power, n-1}) sd / sqrt(n). E.g. sd 0.2, n 11 -> 0.1874."""
-    if n < 2 or sd is None or not math.isfinite(sd):
+def minimum_detectable_effect(diffs: Sequence[float], power: float = 0.8,
+                              alpha: float = 0.05) -> float | None:
+    """The smallest mean paired difference a two-sided paired t-test over these units (prompts
+    or nouns) detects with probability ``power`` at level ``alpha``, given the observed spread
+    of the differences: (t_{1-alpha/2, n-1} + t_{power, n-1}) * sd / sqrt(n). None for n < 2."""
+    d = np.asarray(diffs, dtype=np.float64)
+    if len(d) < 2:
         return None
-    df = n - 1
-    return float((stats.t.ppf(0.5 + conf / 2, df) + stats.t.ppf(power, df)) * sd / math.sqrt(n))
+    sd = float(d.std(ddof=1))
+    n = len(d)
+    return float((stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n))
+
+
+def gap_closed(base: float, adapter: float, ceiling: float) -> float | None:
+    """Share of the simple-to-complex gap an adapter closes: (adapter - base) / (ceiling - base)."""
+    return None if ceiling == base else (adapter - base) / (ceiling - base)
 
 
 def sign_flip_p(diffs: Sequence[float]) -> float:
@@ -289,5 +297,5 @@ def noun_level(a: Sequence[dict], b: Sequence[dict], conf: float = 0.95) -> dict
         out["t_ci"] = [out["diff"] - half, out["diff"] + half]
         out["p_t"] = float(stats.ttest_1samp(d, 0.0).pvalue) if sd > 0 else (1.0 if out["diff"] == 0 else 0.0)
         out["p_signflip"] = sign_flip_p(d)
-        out["mde"] = mde_paired(sd, len(d), conf)
+        out["mde"] = minimum_detectable_effect(d, alpha=1 - conf)
     return out

@@ -8,7 +8,7 @@ import torch
 
 from sur_lib import oracle
 from sur_lib import toyworld as tw
-from sur_lib.analysis import mde_paired, noun_level, sign_flip_p
+from sur_lib.analysis import minimum_detectable_effect, noun_level, sign_flip_p
 from sur_lib.cli import UsageError
 from sur_lib.experiments import channel
 from sur_lib.knowledge import KnowledgeProjection, load_knowledge
@@ -153,8 +153,8 @@ def test_noun_level_by_hand():
     assert r["p_t"] == pytest.approx(0.22540, abs=1e-4)
     assert r["p_signflip"] == pytest.approx(0.5)  # 4 of the 8 sign patterns reach |mean| >= 0.25
     assert sign_flip_p([1, 1, 1, 1]) == pytest.approx(2 / 16)
-    assert mde_paired(0.2, 11) == pytest.approx(0.18737, abs=1e-4)
-    assert mde_paired(0.2, 1) is None
+    # MDE over the 3 nouns: (t_0.975,2 + t_0.8,2) sd / sqrt 3 = (4.3027 + 1.0607) 0.25 / 1.7321
+    assert r["mde"] == pytest.approx((4.3027 + 1.0607) * 0.25 / 3 ** 0.5, rel=1e-3)
 
 
 def test_noun_groups_are_disjoint_and_no_evaluated_text_was_trained_on():

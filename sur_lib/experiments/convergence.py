@@ -30,19 +30,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from .. import toyworld as tw
-from ..analysis import compare, summarize
+from ..analysis import compare, gap_closed, minimum_detectable_effect, summarize  # noqa: F401
 from ..fileio import write_json
 from ..provenance import ROOT, rel_path
 from . import common, images, jobs, prompts, runs
@@ -115,29 +112,6 @@ class ConvergenceConfig:
                    max_minutes=a.max_minutes, run_dir=run_dir, out=a.out, quick=a.quick,
                    progress=not a.no_progress, cache=not a.no_cache,
                    argv=tuple(sys.argv[2:] if argv is None else argv))
-
-
-# ----------------------------------------------------------------------------- statistics
-
-
-def minimum_detectable_effect(diffs: Sequence[float], power: float = 0.8,
-                              alpha: float = 0.05) -> float | None:
-    """The smallest mean paired difference a two-sided paired t-test over these prompts
-    detects with probability ``power`` at level ``alpha``, given the observed spread of the
-    per-prompt differences: (t_{1-alpha/2, n-1} + t_{power, n-1}) * sd / sqrt(n)."""
-    from scipy import stats
-
-    d = np.asarray(diffs, dtype=np.float64)
-    if len(d) < 2:
-        return None
-    sd = float(d.std(ddof=1))
-    n = len(d)
-    return float((stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n))
-
-
-def gap_closed(base: float, adapter: float, ceiling: float) -> float | None:
-    """Share of the simple-to-complex gap an adapter closes: (adapter - base) / (ceiling - base)."""
-    return None if ceiling == base else (adapter - base) / (ceiling - base)
 
 
 # ----------------------------------------------------------------------------- training
