@@ -299,3 +299,34 @@ def noun_level(a: Sequence[dict], b: Sequence[dict], conf: float = 0.95) -> dict
         out["p_signflip"] = sign_flip_p(d)
         out["mde"] = minimum_detectable_effect(d, alpha=1 - conf)
     return out
+
+
+NOUN_KINDS = ("seen", "unseen")  # a prompt's noun was / was not in adapter training (SURD-mini)
+
+
+def split_by_noun(records: Sequence[dict]) -> dict[str, list[dict]]:
+    """{"seen": records whose noun is a training noun (only the phrasing is new), "unseen":
+    the rest (a held-out noun)}."""
+    out: dict[str, list[dict]] = {k: [] for k in NOUN_KINDS}
+    for r in records:
+        out["seen" if r.get("noun") in tw.TRAIN_NOUNS else "unseen"].append(r)
+    return out
+
+
+def seen_unseen(base: Sequence[dict], adapter: Sequence[dict], ceiling: Sequence[dict]) -> dict:
+    """An adapter against the base model (simple prompts) and the ceiling (complex prompts) on
+    the same prompts and seeds, split into seen-noun and unseen-noun prompts. Per kind: the
+    accuracies, the gap closed, the paired test over prompts (``compare``) and over nouns
+    (``noun_level``: the test for a claim about unseen nouns)."""
+    parts = {k: split_by_noun(x) for k, x in (("base", base), ("adapter", adapter), ("ceiling", ceiling))}
+    out = {}
+    for kind in NOUN_KINDS:
+        b, a, c = (parts[x][kind] for x in ("base", "adapter", "ceiling"))
+        if not a:
+            continue
+        acc = {x: float(np.mean([r["acc"] for r in recs])) for x, recs in (("base", b), ("adapter", a),
+                                                                            ("ceiling", c))}
+        out[kind] = {"n_prompts": len(a), "n_nouns": len({r.get("noun") for r in a}), "acc": acc,
+                     "gap_closed": gap_closed(acc["base"], acc["adapter"], acc["ceiling"]),
+                     "prompts": compare(b, a)["overall"], "nouns": noun_level(b, a)}
+    return out

@@ -53,14 +53,32 @@ def _holm(c, p_holm):
     return dict(c, paired=dict(c["paired"], p_t_holm=p_holm))
 
 
+def _recs(accs):
+    """Records on a seen noun (lemon) and on two unseen nouns (plum, pearl): ids r0, r1, ..."""
+    nouns = ["lemon", "plum", "pearl"]
+    return [{"id": f"r{i}", "type": "color", "noun": nouns[i % 3], "acc": a} for i, a in enumerate(accs)]
+
+
+def test_split_evidence_tests_unseen_nouns_with_nouns_as_the_unit():
+    a = _recs([0.0, 0.0, 0.0, 0.5, 0.5, 0.5])
+    b = _recs([0.5, 0.5, 0.25, 0.5, 1.0, 0.75])
+    text = claims.split_evidence(a, b)
+    # seen (lemon: r0, r3): +0.25 on average over 2 prompts; unseen: plum (r1, r4) +0.5,
+    # pearl (r2, r5) +0.25 -> +37.5 points over 2 nouns
+    assert text.startswith("seen nouns +25.0 points") and "2 prompts" in text
+    assert "unseen nouns +37.5 points" in text and "over 2 nouns" in text
+
+
 def _retest_doc(no_llm, no_cp, oracle):
     """A complete retest.json's table: each entry (variant - reference) on both sets."""
     def block():
         return {"variants": {"no_llm": {"vs_recipe": {"overall": no_llm}},
                              "no_cp": {"vs_recipe": {"overall": no_cp}},
                              "teacher_oracle": {"vs_strong_llm": {"overall": oracle}}}}
+    recs = {"records": {"extended": _recs([0.5, 0.25, 0.0, 0.5])}}
     return {"complete": True, "settings": {"knobs": {"steps": 2000}},
-            "table": {"test": block(), "extended": block()}}
+            "table": {"test": block(), "extended": block()},
+            "variants": {v: recs for v in ("recipe", "strong_llm", "no_llm", "no_cp", "teacher_oracle")}}
 
 
 def test_retest_rows_use_holm_and_replace_the_short_budget():
@@ -92,7 +110,9 @@ def test_retest_rows_use_holm_and_replace_the_short_budget():
 def test_tune_row_reads_the_extended_set():
     tn = {"final": {s: {"tuned_vs_paper_settings": {"overall": c}} for s, c in
                     (("extended", _c(0.004, 0.87, -0.046, 0.054, 150)), ("test", _c(0.003, 0.95, -0.1, 0.1)))},
-          "choice": {"knobs": {"steps": 2000}}, "tried": {str(i): {} for i in range(10)}}
+          "choice": {"knobs": {"steps": 2000}}, "tried": {str(i): {} for i in range(10)},
+          "final_records": {f"{k}/extended": {"records": _recs([0.5, 0.25, 0.0, 0.5])}
+                            for k in ("paper_settings", "tuned")}}
     row = claims.tune_row(tn)
     assert row["verdict"] == "not detected" and "10 configurations" in row["tested by"]
     assert row["evidence"].startswith("+0.4 points [-4.6, +5.4], p 0.870, 150 prompts; test prompts +0.3")
