@@ -330,3 +330,29 @@ def seen_unseen(base: Sequence[dict], adapter: Sequence[dict], ceiling: Sequence
                      "gap_closed": gap_closed(acc["base"], acc["adapter"], acc["ceiling"]),
                      "prompts": compare(b, a)["overall"], "nouns": noun_level(b, a)}
     return out
+
+
+def tost_paired(a: Sequence[float], b: Sequence[float], margin: float, alpha: float = 0.05) -> dict:
+    """Equivalence of paired scores (b - a) within +-``margin``: two one-sided t-tests (TOST) at
+    ``alpha``. Equivalent when both reject, i.e. when the (1 - 2 alpha) t interval of the mean
+    difference lies inside (-margin, +margin); ``p_tost`` is the larger one-sided p. E.g.
+    differences 0.1, 0.2, 0.3 with margin 1: mean 0.2, sd 0.1, t_upper = (0.2 - 1) / (0.1 / sqrt 3)
+    = -13.9, p_upper 0.0026; t_lower = 20.8, p_lower 0.0012: equivalent."""
+    if margin <= 0:
+        raise ValueError(f"margin must be > 0, got {margin}")
+    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    n = len(d)
+    if n < 2:
+        raise ValueError(f"TOST needs at least 2 pairs, got {n}")
+    mean, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(n))
+    df = n - 1
+    if se == 0:
+        p_lower = p_upper = 0.0 if -margin < mean < margin else 1.0
+    else:
+        p_lower = float(stats.t.sf((mean + margin) / se, df))  # H0: mean <= -margin
+        p_upper = float(stats.t.cdf((mean - margin) / se, df))  # H0: mean >= +margin
+    half = float(stats.t.ppf(1 - alpha, df)) * se
+    p = max(p_lower, p_upper)
+    return {"margin": float(margin), "mean_diff": mean, "ci": [mean - half, mean + half],
+            "ci_level": 1 - 2 * alpha,
+            "p_lower": p_lower, "p_upper": p_upper, "p_tost": p, "equivalent": p < alpha, "n": n}

@@ -27,7 +27,8 @@ OWN_COMMAND_LINE = {"convergence": "sur_lib.experiments.convergence",
                     "probe": "sur_lib.experiments.probe",
                     "tune": "sur_lib.experiments.tune", "retest": "sur_lib.experiments.retest",
                     "channel": "sur_lib.experiments.channel",
-                    "neighbours": "sur_lib.experiments.neighbours"}
+                    "neighbours": "sur_lib.experiments.neighbours",
+                    "quality": "sur_lib.experiments.quality"}
 
 RUNNERS = {"failure": run_failure, "sur": run_sur, "ablations": run_ablations,
            "rewrite": run_rewrite, "guidance": run_guidance, "compose": run_compose}
