@@ -82,3 +82,35 @@ def test_agreement_tolerance():
     assert not an.agreement(0, 12, 48, 48)["ok"]
     assert not an.agreement(12, 12, 0, 48)["ok"]
     assert not an.agreement(2, 12, 40, 48)["ok"]
+
+
+def test_tost_by_hand_and_its_errors():
+    from sur_lib.analysis import tost_paired
+
+    # differences 0.1, 0.2, 0.3: mean 0.2, se 0.1 / sqrt 3; margin 1 -> t = -13.86 and +20.78, df 2
+    r = tost_paired([0, 0, 0], [0.1, 0.2, 0.3], 1.0)
+    assert r["p_upper"] == pytest.approx(0.002584, abs=1e-5) and r["p_lower"] == pytest.approx(0.001153, abs=1e-5)
+    assert r["equivalent"] and r["p_tost"] == r["p_upper"]
+    half = 2.919986 * 0.1 / 3 ** 0.5  # t_0.95,2
+    assert r["ci"] == pytest.approx([0.2 - half, 0.2 + half], abs=1e-5) and r["ci_level"] == pytest.approx(0.9)
+    assert not tost_paired([0, 0, 0, 0], [0.9, 1.5, 0.8, 1.2], 1.0)["equivalent"]  # the interval leaves it
+    with pytest.raises(ValueError, match="margin"):
+        tost_paired([0, 0], [1, 1], 0)
+    with pytest.raises(ValueError, match="2 pairs"):
+        tost_paired([0], [1], 1)
+
+
+def test_seen_unseen_splits_by_training_noun():
+    from sur_lib.analysis import seen_unseen, split_by_noun
+
+    def recs(accs):  # lemon is a training noun, plum and pearl are held out
+        return [{"id": f"r{i}", "type": "color", "noun": n, "acc": a}
+                for i, (n, a) in enumerate(zip(["lemon", "plum", "pearl", "lemon"], accs))]
+
+    assert [r["id"] for r in split_by_noun(recs([0] * 4))["seen"]] == ["r0", "r3"]
+    out = seen_unseen(recs([0.0, 0.0, 0.2, 0.0]), recs([0.5, 0.25, 0.2, 1.0]), recs([1.0, 1.0, 1.0, 1.0]))
+    assert out["seen"]["acc"] == {"base": 0.0, "adapter": 0.75, "ceiling": 1.0}
+    assert out["seen"]["gap_closed"] == pytest.approx(0.75) and out["seen"]["n_nouns"] == 1
+    assert out["unseen"]["acc"]["base"] == pytest.approx(0.1) and out["unseen"]["n_prompts"] == 2
+    assert out["unseen"]["nouns"]["per_noun"] == {"plum": 0.25, "pearl": 0.0}
+    assert out["unseen"]["gap_closed"] == pytest.approx((0.225 - 0.1) / 0.9)
