@@ -213,3 +213,20 @@ def test_noun_token_positions_find_the_word_pieces():
     assert tok.decode([ids[i] for i in pos]) == "christmas trees"
     with pytest.raises(ValueError, match="plums"):
         nb.noun_token_positions(tok, "a photo of a lemon", ("plums", "plum"))
+
+
+def test_channel_prompts_are_pinned_and_the_validation_nouns_are_new():
+    import hashlib
+    import json
+
+    from sur_lib.experiments import prompts
+
+    digest = lambda x: hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()  # noqa: E731
+    assert digest(channel.group_prompts()) == channel.GROUP_PROMPTS_DIGEST
+    assert digest(channel.text_only_rows()) == channel.TEXT_ONLY_DIGEST
+    val = set(prompts.VALIDATION_NOUNS)
+    assert not val & set(tw.NOUNS) and not val & set(channel.TEXT_ONLY_NOUNS)
+    specs = prompts.validation_prompts()
+    assert len(specs) == 3 * len(val) and {s["noun"] for s in specs} == val
+    classes = {(c, s) for c in tw.COLORS for s in tw.SHAPES}  # pretraining draws every class
+    assert all((s["color"], s["shape"]) in classes for s in specs)

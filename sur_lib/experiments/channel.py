@@ -61,7 +61,7 @@ from .. import toyworld as tw
 from ..analysis import compare, holm, noun_level, summarize
 from ..fileio import atomic_write_text, clean_json, write_json
 from ..provenance import rel_path
-from . import common, jobs, recipes, runs
+from . import common, jobs, prompts, recipes, runs
 from .convergence import _Deadline, gap_closed
 
 VARIANTS = ("oracle", "permuted", "smollm2", "none")
@@ -84,6 +84,10 @@ TEXT_ONLY_NOUNS: dict[str, tuple[str, str, str]] = {  # noun: (plural, colour, s
 }
 TEXT_ONLY_PER_NOUN = 24  # training prompts per text-only noun
 PROMPT_SEED = 20261206
+# SHA-256 of the canonical JSON of group_prompts() and text_only_rows(), pinned when the runs
+# started (a resumed run must evaluate and train on exactly these)
+GROUP_PROMPTS_DIGEST = "694f370a67b27825be7612568e063f9bb6f0b2fbb05e50825d8c3e0345c12dde"
+TEXT_ONLY_DIGEST = "70ecb1ce5a33370fa73870d86fe6f40f699da8d7313c77791c101db572991420"
 
 
 def noun_info(noun: str) -> tuple[str, str, str]:
@@ -95,9 +99,7 @@ def noun_info(noun: str) -> tuple[str, str, str]:
 
 
 def noun_text(template: str, count: int, noun: str) -> str:
-    plural = noun_info(noun)[0]
-    a_noun = ("an " if noun[0] in "aeiou" else "a ") + noun
-    return template.format(num=tw.NUMBER_WORDS[count], noun=noun, a_noun=a_noun, nouns=plural)
+    return prompts.noun_text(template, count, noun, noun_info(noun)[0])
 
 
 def text_only_rows(seed: int = PROMPT_SEED, per_noun: int = TEXT_ONLY_PER_NOUN) -> list[dict]:
@@ -129,29 +131,12 @@ def group_nouns() -> dict[str, tuple[str, ...]]:
 
 
 def group_prompts(seed: int = PROMPT_SEED) -> dict[str, list[dict]]:
-    """{group: specs}: per noun one colour prompt (one object), one counting prompt (2-6, the
-    layout open) and one action prompt (3-6 in a named arrangement), held-out phrasings."""
-    T = tw.TEMPLATES["heldout"]
-    out = {}
-    for g, nouns in group_nouns().items():
-        specs = []
-        for k, noun in enumerate(nouns):
-            rng = np.random.default_rng([seed, k, {"seen": 2, "text_only": 3, "unseen": 4}[g]])
-            pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
-            _, color, shape = noun_info(noun)
-            n_count = int(rng.integers(2, tw.MAX_COUNT + 1))
-            n_act, arr = int(rng.integers(tw.MIN_ARRANGED, tw.MAX_COUNT + 1)), pick(tw.ARRANGEMENTS)
-            for type_, count, arrangement, key in (("color", 1, None, "single"),
-                                                   ("counting", n_count, None, "count"),
-                                                   ("action", n_act, arr, arr)):
-                scene = tw.Scene(count, color, shape, arrangement)
-                specs.append({"id": f"ch-{g}-{noun.replace(' ', '_')}-{type_}", "type": type_,
-                              "text": noun_text(pick(T[key]), count, noun),
-                              "prompt": tw.canonical_complex_prompt(scene), "count": count,
-                              "color": color, "shape": shape, "arrangement": arrangement,
-                              "noun": noun, "group": g})
-        out[g] = specs
-    return out
+    """{group: specs}: per noun one colour, one counting and one action prompt, held-out
+    phrasings (``prompts.noun_prompts``); ``GROUP_PROMPTS_DIGEST`` pins them."""
+    streams = {"seen": 2, "text_only": 3, "unseen": 4}
+    return {g: [dict(s, group=g) for s in prompts.noun_prompts({n: noun_info(n) for n in nouns}, f"ch-{g}",
+                                                              seed, streams[g])]
+            for g, nouns in group_nouns().items()}
 
 
 @dataclass
