@@ -22,7 +22,7 @@ from .book import fmt_p, pct
 ALPHA = 0.05
 VERDICTS = ("supported", "contradicted", "not detected")
 RESULT_FILES = ("failure", "sur", "ablations", "convergence", "probe")
-LATER_FILES = ("tune", "retest")  # used when they exist (long runs that land over sessions)
+LATER_FILES = ("tune", "retest", "quality")  # used when they exist (runs that land over sessions)
 
 
 @dataclass(frozen=True)
@@ -202,6 +202,41 @@ def adapter_rows(dose: dict, alpha: float = ALPHA) -> list[dict]:
     return rows
 
 
+def quality_row_short(sur: dict, alpha: float = ALPHA) -> dict:
+    """Table 3 from ``sur.json`` (the short-budget adapter, a two-sample t-test over images):
+    the row before ``quality.json`` exists."""
+    q = sur["summary"]["quality"]["clean_render_distance"]  # lower is better
+    return {"key": "quality", "claim": "image quality does not drop (Table 3)",
+            "tested by": (f"`sur.json`: clean-render distance, {sur['train']['steps']}-step "
+                          "adapter vs base"),
+            "evidence": (f"{q['diff']:+.2f} (lower is better), two-sample t-test p "
+                         f"{fmt_p(q['p'])}, {q['n_a']} + {q['n_b']} images"),
+            "verdict": ("not detected" if q["p"] >= alpha else
+                        "supported" if q["diff"] <= 0 else "contradicted")}
+
+
+def quality_row(q: dict, alpha: float = ALPHA) -> dict:
+    """Table 3 at the plateau (``quality.json``): the clean-render distance paired over prompts,
+    with TOST against the margin fixed before the run. "Does not drop" is supported when the
+    change is equivalent to 0 within the margin (or a detected improvement), contradicted by a
+    detected increase of the distance, else not detected."""
+    t = q["table"]["clean_render_distance"]
+    p, e = t["paired"], t["tost"]
+    lo, hi = e["ci"]
+    if e["equivalent"] or (p["p_t"] < alpha and p["mean_diff"] < 0):
+        v = "supported"
+    elif p["p_t"] < alpha and p["mean_diff"] > 0:
+        v = "contradicted"
+    else:
+        v = "not detected"
+    return {"key": "quality", "claim": "image quality does not drop (Table 3)",
+            "tested by": (f"`quality.json`: clean-render distance, the {q['adapter']['step']:,}-step adapter "
+                          f"vs base, paired over {t['n_prompts']} prompts, TOST margin ±{q['margin']:g}"),
+            "evidence": (f"{p['mean_diff']:+.2f} (lower is better), {100 * e['ci_level']:.0f}% CI "
+                         f"[{lo:+.2f}, {hi:+.2f}], paired p {fmt_p(p['p_t'])}, TOST p {fmt_p(e['p_tost'])}"),
+            "verdict": v}
+
+
 def claims_table(res: dict, alpha: float = ALPHA) -> list[dict]:
     """One row per claim: claim, tested by, evidence, verdict (``res``: ``load_results``)."""
     fail, sur, abl, dose, pr = (res[n] for n in RESULT_FILES)
@@ -212,14 +247,7 @@ def claims_table(res: dict, alpha: float = ALPHA) -> list[dict]:
                  "tested by": "`failure.json`: complex vs simple prompts, base model",
                  "evidence": evidence(c), "verdict": verdict(c, alpha)})
     rows += adapter_rows(dose, alpha)
-    q = sur["summary"]["quality"]["clean_render_distance"]  # lower is better
-    rows.append({"key": "quality", "claim": "image quality does not drop (Table 3)",
-                 "tested by": (f"`sur.json`: clean-render distance, {sur['train']['steps']}-step "
-                               "adapter vs base"),
-                 "evidence": (f"{q['diff']:+.2f} (lower is better), two-sample t-test p "
-                              f"{fmt_p(q['p'])}, {q['n_a']} + {q['n_b']} images"),
-                 "verdict": ("not detected" if q["p"] >= alpha else
-                             "supported" if q["diff"] <= 0 else "contradicted")})
+    rows.append(quality_row(res["quality"], alpha) if "quality" in res else quality_row_short(sur, alpha))
     if "tune" in res:
         rows.append(tune_row(res["tune"], alpha))
     if res.get("retest", {}).get("complete"):
@@ -247,4 +275,55 @@ def claims_table(res: dict, alpha: float = ALPHA) -> list[dict]:
                               f"{ci['minilm'][1]:.0f}], chance "
                               f"{pct(col['minilm']['uniform_chance'], 0, '%')}"),
                  "verdict": "supported" if more else "contradicted" if less else "not detected"})
+    return rows
+
+
+def noun_split_sources(res: dict) -> list[tuple[str, str, list, list, list]]:
+    """(adapter, set, base, adapter, ceiling records) of every stored headline adapter: the
+    paper's settings at 2,000 and 5,000 steps and, when ``tune.json`` exists, the tuned recipe.
+    Each triple is one result's own draws (same prompts, seeds and images per prompt)."""
+    rec = res["convergence"]["records"]
+    out = []
+    for step in ("2000", "5000"):
+        for s in ("test", "extended"):
+            if f"step-{step}/{s}" in rec:
+                out.append((f"paper's settings, {int(step):,} steps", s, rec[f"base-simple/{s}"],
+                            rec[f"step-{step}/{s}"], rec[f"base-complex/{s}"]))
+    rt = res.get("retest")
+    if rt and "recipe" in rt.get("variants", {}) and "base_simple/extended" in rt.get("base", {}):
+        out.append(("paper's settings, 2,000 steps", "extended", rt["base"]["base_simple/extended"]["records"],
+                    rt["variants"]["recipe"]["records"]["extended"], rt["base"]["base_complex/extended"]["records"]))
+    if "tune" in res:
+        fr = res["tune"]["final_records"]
+        for s in ("test", "extended"):
+            out.append(("tuned recipe (ours)", s, fr[f"base_simple/{s}"]["records"], fr[f"tuned/{s}"]["records"],
+                        fr[f"base_complex/{s}"]["records"]))
+    order = {"test": 0, "extended": 1}
+    return sorted(out, key=lambda x: (x[0], order[x[1]]))
+
+
+def noun_split_rows(res: dict) -> list[dict]:
+    """The headline adapters on seen-noun and unseen-noun prompts, one row each: accuracy base ->
+    adapter (ceiling), the gap closed, and the change with its test (seen: over prompts; unseen:
+    over nouns, prompts nested in nouns)."""
+    from .analysis import seen_unseen
+
+    rows = []
+    for name, s, base, adapter, ceiling in noun_split_sources(res):
+        for kind, part in seen_unseen(base, adapter, ceiling).items():
+            a = part["acc"]
+            if kind == "seen":
+                c = part["prompts"]
+                lo, hi = (100 * v for v in c["paired"]["t_ci"])
+                test = f"{100 * c['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}], p {fmt_p(c['paired']['p_t'])} (prompts)"
+            else:
+                n = part["nouns"]
+                lo, hi = (100 * v for v in n["t_ci"])
+                test = f"{100 * n['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}], p {fmt_p(n['p_t'])} (nouns)"
+            rows.append({"adapter": name, "set": s, "nouns": f"{kind} ({part['n_nouns']})",
+                         "prompts": part["n_prompts"],
+                         "accuracy: base → adapter (ceiling)": f"{pct(a['base'], 0)} → {pct(a['adapter'], 0)} "
+                                                               f"({pct(a['ceiling'], 0)})",
+                         "gap closed": "–" if part["gap_closed"] is None else f"{part['gap_closed']:.0%}",
+                         "change, points [95% CI], p": test})
     return rows

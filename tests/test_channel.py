@@ -230,3 +230,35 @@ def test_channel_prompts_are_pinned_and_the_validation_nouns_are_new():
     assert len(specs) == 3 * len(val) and {s["noun"] for s in specs} == val
     classes = {(c, s) for c in tw.COLORS for s in tw.SHAPES}  # pretraining draws every class
     assert all((s["color"], s["shape"]) in classes for s in specs)
+
+
+def _tab(seen, text_only, unseen):
+    """A channel table whose oracle_vs_permuted has these (diff, Holm p) per group."""
+    out = {}
+    for g, (d, p) in zip(channel.GROUPS, (seen, text_only, unseen)):
+        level = {"diff": d, "p_holm": p}
+        out[g] = {"tests": {"oracle_vs_permuted": {"prompts": level, "nouns": level}}}
+    return out
+
+
+def test_reading_follows_the_issue_s_rules():
+    r = channel.reading(_tab((0.01, 0.6), (0.0, 1.0), (0.0, 1.0)))
+    assert r["verdicts"]["seen"] == "not detected" and r["channel"].startswith("inert")
+    r = channel.reading(_tab((0.2, 0.001), (0.0, 1.0), (0.02, 0.4)))
+    assert "limit is at inference" in r["channel"] and r["text_only"].startswith("not detected")
+    r = channel.reading(_tab((0.2, 0.001), (0.3, 0.01), (0.1, 0.02)))
+    assert r["channel"] == "live on seen and on unseen nouns" and r["text_only"].startswith("yes")
+    assert channel.verdict({"nouns": {"diff": -0.2, "p_holm": 0.01}}, "unseen") == "contradicted"
+
+
+def test_preliminary_compares_only_finished_pairs():
+    recs = lambda accs: {g: [{"id": f"{g}{i}", "type": "color", "noun": f"n{i}", "k": int(4 * a), "n": 4,  # noqa: E731
+                              "acc": a} for i, a in enumerate(accs)] for g in channel.GROUPS}
+    part = {"variants": {"oracle": {"records": recs([0.5, 0.75, 1.0])},
+                         "permuted": {"records": recs([0.25, 0.5, 0.5])}}, "base": {}}
+    pre = channel.preliminary(part)
+    assert pre["finished"] == ["oracle", "permuted"] and pre["missing"] == ["smollm2", "none"]
+    t = pre["groups"]["unseen"]["tests"]
+    assert list(t) == ["oracle_vs_permuted"]
+    assert t["oracle_vs_permuted"]["nouns"]["diff"] == pytest.approx((0.25 + 0.25 + 0.5) / 3)
+    assert "p_holm" not in t["oracle_vs_permuted"]["nouns"]

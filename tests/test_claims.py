@@ -126,3 +126,16 @@ def test_every_retest_variant_states_its_claim_once():
     assert all(claims.RETEST_CLAIMS[v].against == "strong_llm" for v in rt.TEACHERS)
     assert claims.RETEST_CLAIMS["no_llm"].key == "vs_recipe" and claims.TERM_CLAIMS["no_cp"] == claims.RETEST_CLAIMS["no_cp"].text
     assert set(claims.SUMMARY_RETEST) <= set(claims.RETEST_CLAIMS)
+
+
+def test_quality_row_uses_tost_at_the_plateau():
+    def q(diff, p, ci, equivalent, p_tost):
+        return {"adapter": {"step": 2000}, "margin": 1.0, "table": {"clean_render_distance": {
+            "n_prompts": 45, "paired": {"mean_diff": diff, "p_t": p},
+            "tost": {"ci": ci, "ci_level": 0.9, "equivalent": equivalent, "p_tost": p_tost}}}}
+    row = claims.quality_row(q(-0.1, 0.4, [-0.4, 0.2], True, 0.001))
+    assert row["verdict"] == "supported" and "TOST margin ±1" in row["tested by"]
+    assert row["evidence"].startswith("-0.10 (lower is better), 90% CI [-0.40, +0.20]")
+    assert claims.quality_row(q(0.8, 0.01, [0.3, 1.3], False, 0.3))["verdict"] == "contradicted"
+    assert claims.quality_row(q(0.5, 0.2, [-0.5, 1.5], False, 0.2))["verdict"] == "not detected"
+    assert claims.quality_row(q(-1.5, 0.001, [-2.0, -1.1], False, 0.9))["verdict"] == "supported"

@@ -451,6 +451,53 @@ def table(done: dict, base: dict) -> dict:
     return out
 
 
+UNIT = {"seen": "prompts", "text_only": "nouns", "unseen": "nouns"}  # the unit of each group's test
+
+
+def verdict(test: dict, group: str, alpha: float = 0.05) -> str:
+    """"supported" / "contradicted" / "not detected" for "the first variant beats the second" in
+    ``group``, from the Holm-adjusted p at the group's unit (``UNIT``)."""
+    level = test[UNIT[group]]
+    p = level.get("p_holm")
+    if p is None or p >= alpha:
+        return "not detected"
+    return "supported" if level["diff"] > 0 else "contradicted"
+
+
+def reading(tab: dict, alpha: float = 0.05) -> dict:
+    """The reading of the experiment, from oracle vs permuted in each group (``table``):
+    is the channel inert, is the limit at inference, can a teacher inject a noun without images?"""
+    v = {g: verdict(tab[g]["tests"]["oracle_vs_permuted"], g, alpha) for g in GROUPS}
+    if v["seen"] != "supported":
+        channel = ("inert: the true teacher does no better than a wrong one on the nouns the "
+                   "adapter trained on")
+    elif v["unseen"] != "supported":
+        channel = ("live on seen nouns, not on unseen ones: the limit is at inference, where the "
+                   "adapter sees only the text encoder's states")
+    else:
+        channel = "live on seen and on unseen nouns"
+    inject = ("yes: the oracle beats the permuted oracle on nouns seen only as text"
+              if v["text_only"] == "supported" else
+              "not detected: nouns seen only as text gain nothing from the true teacher")
+    return {"verdicts": v, "channel": channel, "text_only": inject}
+
+
+def preliminary(partial: dict) -> dict:
+    """What a channel run that is still going can show: each finished variant's summary per
+    group and the comparisons whose two variants are in, paired over prompts and over nouns,
+    NOT Holm-corrected and without verdicts (the family is incomplete)."""
+    done = partial.get("variants", {})
+    out = {"finished": [v for v in VARIANTS if v in done], "missing": [v for v in VARIANTS if v not in done],
+           "base": sorted(partial.get("base", {})), "groups": {}}
+    for g in GROUPS:
+        rows = {v: summarize(done[v]["records"][g])["overall"] for v in out["finished"]}
+        tests = {f"{a}_vs_{b}": {"prompts": compare(done[b]["records"][g], done[a]["records"][g])["overall"],
+                                 "nouns": noun_level(done[b]["records"][g], done[a]["records"][g])}
+                 for a, b in COMPARISONS if a in done and b in done}
+        out["groups"][g] = {"variants": rows, "tests": tests}
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     cc = ChannelConfig.from_args(argv)
     doc, complete = run_channel(cc)
