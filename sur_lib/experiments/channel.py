@@ -384,6 +384,7 @@ def run_channel(cc: ChannelConfig, backbone=None) -> tuple[dict, bool]:
             shutil.copy2(Path(cfg.output_dir) / "log.csv", export / "log.csv")
             res = {"config": recipes.config_summary(cfg), "run": rel_path(Path(cfg.output_dir)),
                    "digest": digest, "log": rel_path(export / "log.csv"),
+                   **({"adapter_dir": export_adapter(cfg, export)} if var in VERIFY_ADAPTERS else {}),
                    "shares": shares_of(cfg, backbone, adapter, knowledge or {}, cc.measure_batches)
                    if knowledge else None,
                    "fit": fit_curve(log) if knowledge else None, "records": {}}
@@ -496,6 +497,79 @@ def preliminary(partial: dict) -> dict:
                  for a, b in COMPARISONS if a in done and b in done}
         out["groups"][g] = {"variants": rows, "tests": tests}
     return out
+
+
+# ----------------------------------------------------------------------------- verify
+
+VERIFY_ADAPTERS = ("oracle",)  # whose fp16 adapter is committed (data/runs/channel/<v>/adapter-fp16)
+VERIFY_REPLAY_STEPS = 2
+
+
+def export_adapter(cfg, export: Path) -> str:
+    """Copy a variant's stored fp16 adapter into the committed ``export`` folder; its path."""
+    dest = Path(export) / "adapter-fp16"
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(recipes.adapter_folder(cfg), dest)
+    return rel_path(dest)
+
+
+def verify_channel(doc: dict, backbone, current_digest: str, progress: bool = False,
+                   n_images: int = 4) -> list[dict]:
+    """``verify`` for the channel experiment (its final or partial file): every record's counts,
+    the table (when complete) recomputed from the records, the first training steps of the
+    first finished teacher variant replayed against its loss log, and the committed adapter's
+    images re-drawn (one prompt per group, image for image)."""
+    import tempfile
+
+    from ..analysis import same_numbers
+    from ..provenance import ROOT
+    from ..train import TrainConfig, read_log, train
+    from .verify import loss_checks, verify_images
+
+    if doc["settings"]["model_digest"] != current_digest:
+        return [{"check": "channel: base model", "ok": False,
+                 "message": "the channel experiment was made with another base model: re-run it"}]
+    checks = []
+    bad = [(v, g, r["id"]) for v, d in doc["variants"].items() for g, recs in d["records"].items()
+           for r in recs if r["k"] != sum(r["correct"]) or r["n"] != len(r["correct"])]
+    checks.append({"check": "channel: record counts", "ok": not bad, "message": f"inconsistent: {bad[:3]}"
+                   if bad else "every record's k and n follow from its verdicts"})
+    if doc.get("table"):
+        ok = same_numbers(table(doc["variants"], doc["base"]), doc["table"])
+        checks.append({"check": "channel: table", "ok": ok,
+                       "message": "recomputed from the records" + ("" if ok else ": DIFFERS")})
+    cc = ChannelConfig(steps=doc["settings"]["steps"], images=doc["settings"]["images"],
+                       rows=doc["settings"]["rows"], entropy=doc["settings"]["entropy"],
+                       llm_ratio=doc["settings"]["llm_ratio"], text_only_batch=doc["settings"]["text_only_batch"],
+                       seed=doc["seed"], quick=doc.get("quick", False), progress=progress)
+    var = next((v for v in VARIANTS if v in doc["variants"] and v != "none"), None)
+    if var is not None:
+        cfg = variant_config(cc, var, doc["lambda"]["lambda_llm"], current_digest)
+        knowledge = teacher_vectors(var, cfg, training_rows(cfg), cc.entropy, progress)
+        with tempfile.TemporaryDirectory() as tmp:
+            rcfg = TrainConfig.from_dict(dict(cfg.to_dict(), max_steps=VERIFY_REPLAY_STEPS, checkpoint_every=10**6,
+                                              output_dir=tmp, resume=False, progress=progress))
+            bb, ds = inputs(rcfg, backbone, knowledge, progress)
+            train(rcfg, backbone=bb, dataset=ds, knowledge=knowledge)
+            live = read_log(tmp)
+        import csv
+
+        with open(ROOT / doc["variants"][var]["log"], newline="") as f:
+            stored = list(csv.DictReader(f))[:VERIFY_REPLAY_STEPS]
+        checks += [dict(c, check=f"channel {var}: {c['check']}") for c in loss_checks(live, stored)]
+    for v in VERIFY_ADAPTERS:
+        d = doc["variants"].get(v)
+        if d is None or "adapter_dir" not in d:
+            continue
+        first = {g: recs[:1] for g, recs in d["records"].items()}
+        sub = {"model": {"unet_digest": doc["settings"]["model_digest"]}, "seed": doc["seed"],
+               "generation": doc["settings"]["generation"],
+               "conditions": {f"channel {v}/{g}": {"records": r, "adapter": {"dir": str(ROOT / d["adapter_dir"]),
+                                                                             "digest": d["digest"]}}
+                              for g, r in first.items()}}
+        checks += verify_images(sub, backbone, current_digest, 1, n_images, progress)
+    return checks
 
 
 def main(argv: Sequence[str] | None = None) -> int:

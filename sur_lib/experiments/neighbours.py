@@ -207,3 +207,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     from ..cli import run as run_cli
     run_cli(main)
+
+
+def verify_neighbours(doc: dict, backbone, progress: bool = False, results: Path = common.RESULTS_DIR) -> list[dict]:
+    """``verify`` for ``neighbours.json``: everything recomputed live (a few seconds: MiniLM on
+    a few hundred prompts, the gains from the stored results) and compared to 1e-6."""
+    from ..analysis import same_numbers
+
+    live = run_neighbours(doc["k"], Path(results), backbone)
+    checks = []
+    for key in ("nouns", "tests"):
+        ok = same_numbers(live[key], doc[key], rel=1e-6)
+        checks.append({"check": f"neighbours: {key}", "ok": ok,
+                       "message": "recomputed live" + ("" if ok else ": DIFFERS")})
+    return checks

@@ -114,3 +114,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     from ..cli import run as run_cli
     run_cli(main)
+
+
+def verify_quality(doc: dict, backbone, current_digest: str, progress: bool = False, n_images: int = 4) -> list[dict]:
+    """``verify`` for ``quality.json``: the table recomputed from its records, and the stored
+    adapter's images of one prompt per type re-drawn (image for image)."""
+    from ..analysis import same_numbers
+    from ..provenance import ROOT
+    from .verify import verify_images
+
+    ok = same_numbers(quality_table(doc["records"]["base"], doc["records"]["adapter"], doc["margin"]), doc["table"])
+    checks = [{"check": "quality: table", "ok": ok, "message": "recomputed from the records" + ("" if ok else ": DIFFERS")}]
+    sub = {"model": doc["model"], "seed": doc["seed"], "generation": doc["generation"],
+           "conditions": {"quality adapter": {"records": doc["records"]["adapter"],
+                                              "adapter": {"dir": str(ROOT / doc["adapter"]["dir"]),
+                                                          "digest": doc["adapter"]["digest"]}}}}
+    return checks + verify_images(sub, backbone, current_digest, 1, n_images, progress)
