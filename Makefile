@@ -39,12 +39,13 @@ clean:
 	rm -rf $(VENV) outputs _build
 
 # The book (README, "The book"). `make book` builds the site into _build/html (every chapter
-# executed, warnings are errors); `make notebooks` writes the chapters as .ipynb into
-# _build/notebooks/book/ (jupytext), the files published on the `notebooks` branch for Colab.
+# executed, warnings are errors); `make notebooks` turns the chapters the build executed
+# (_build/jupyter_execute) into plain Jupyter notebooks with their outputs and glued numbers,
+# in _build/notebooks/book/ (sur_lib.book_export): the files published on the `notebooks`
+# branch for Colab.
 .PHONY: book notebooks
 book: setup
 	$(VENV)/bin/jupyter-book build -W -n --keep-going book/
 
-notebooks: setup
-	$(PIP) -c constraints.txt jupytext
-	$(VENV)/bin/jupytext --to "../_build/notebooks/book//ipynb" $$(grep -l '^kernelspec:' book/*.md)
+notebooks: book
+	$(PY) -m sur_lib.book_export --build _build --out _build/notebooks/book
