@@ -242,7 +242,7 @@ def names_equation(doc: str | None, name: str) -> bool:
 
 def equation_table() -> str:
     """The Markdown table of ``EQUATIONS``: each equation (a link to where the book states it),
-    what it computes, and its functions with their source lines. Fails if a function is missing
+    what it computes, and its functions with their file and source lines. Fails if a function is missing
     or its docstring (or its class's) does not name the equation."""
     import inspect
 
@@ -256,7 +256,8 @@ def equation_table() -> str:
                 raise ValueError(f"{target}: its docstring does not name {name}")
             lines, start = inspect.getsourcelines(obj)
             path = Path(inspect.getsourcefile(obj)).relative_to(ROOT)
-            cells.append(f"`{target.replace(':', '.')}` ({path}, lines {start}-{start + len(lines) - 1})")
+            # the name in code, the file in plain text (it wraps: the table fits the page)
+            cells.append(f"`{target.split(':')[1]}` ({path}, lines {start}-{start + len(lines) - 1})")
         rows.append({"equation": f"{{ref}}`{name} <{label}>`", "what": what,
                      "chapter": f"{{doc}}`{chapter}`", "implemented by": "<br>".join(cells)})
     return md_table(rows, ["equation", "what", "chapter", "implemented by"])

@@ -341,7 +341,10 @@ def test_install_cell_and_shortest_chapter_run_in_a_fresh_environment(tmp_path_f
     for pin in pins:
         assert pin.lower() in freeze.lower(), f"{pin} not installed by the install cell"
     assert torch_spec.split("+")[0].lower() in freeze.lower(), "Colab's torch was replaced"
-    assert "-e" in freeze and "sur-book" in freeze.lower() or str(home) in freeze
+    where = subprocess.run([str(py), "-c", "import sur_lib; print(sur_lib.__file__)"],
+                           capture_output=True, text=True, cwd=tmp, check=True).stdout.strip()
+    assert Path(where).resolve().is_relative_to(home.resolve()), f"sur_lib imported from {where}"
+    assert any("assert " in c.source for c in nb.cells if c.cell_type == "code")  # it checked itself
 
 
 def _version(dist):
