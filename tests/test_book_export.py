@@ -228,14 +228,15 @@ def test_repository_url_is_one_setting():
     cfg = yaml.safe_load((ROOT / "_config.yml").read_text())
     assert cfg["repository"]["url"] == URL, "_config.yml repository.url differs from pyproject.toml"
     found = {}
-    for path in ROOT.rglob("*"):
-        if path.suffix not in (".md", ".yml", ".py", ".toml", ".txt") and path.name != "Makefile":
-            continue
-        if any(part in (".venv", "_build", "outputs", "data", ".git", "node_modules")
-               for part in path.relative_to(ROOT).parts):
-            continue
-        for m in re.finditer(r"https://github\.com/[\w.-]+/[\w.-]+", path.read_text(errors="ignore")):
-            found.setdefault(m.group(0).removesuffix(".git"), []).append(str(path.relative_to(ROOT)))
+    skip = {".venv", "_build", "outputs", "data", ".git", "node_modules", "__pycache__"}
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in skip and not d.startswith(".")]
+        for name in files:
+            path = Path(folder) / name
+            if path.suffix not in (".md", ".yml", ".py", ".toml", ".txt") and name != "Makefile":
+                continue
+            for m in re.finditer(r"https://github\.com/[\w.-]+/[\w.-]+", path.read_text(errors="ignore")):
+                found.setdefault(m.group(0).removesuffix(".git"), []).append(str(path.relative_to(ROOT)))
     others = {u: where for u, where in found.items() if u != URL and u not in THIRD_PARTY}
     assert not others, f"repository URLs that are not the setting {URL}: {others}"
     readme = (ROOT / "README.md").read_text()
