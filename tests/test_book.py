@@ -97,8 +97,8 @@ def test_every_chapter_follows_the_book_rules():
 
 
 def test_chapters_convert_to_colab_notebooks(tmp_path):
-    """What `make notebooks` does (jupytext): one .ipynb per chapter, setup cell first.
-    These are the files the Colab buttons open on the published branch."""
+    """Every chapter reads as a notebook (jupytext, as the build does), setup cell first; the
+    Colab notebooks are exported from the executed ones (tests/test_book_export.py)."""
     jupytext = pytest.importorskip("jupytext")
     for name, _ in _chapters():
         out = tmp_path / "book" / f"{name}.ipynb"

@@ -69,7 +69,7 @@ def test_equation_table_links_every_equation_to_its_functions(monkeypatch):
     table = book.equation_table()
     for label, name, *_ in book.EQUATIONS:
         assert f"{{ref}}`{name} <{label}>`" in table
-    assert "`sur_lib.losses.total_loss` (sur_lib/losses.py, lines " in table
+    assert "`total_loss` (sur_lib/losses.py, lines " in table
     broken = (("eq-8", "Eq. 8", "x", "05_losses_knowledge", ("sur_lib.losses:total_loss",)),)
     monkeypatch.setattr(book, "EQUATIONS", broken)  # total_loss's docstring names Eq. 10 only
     with pytest.raises(ValueError, match="does not name Eq. 8"):

@@ -3,8 +3,8 @@
 1. The Colab launch button: sphinx-book-theme builds it from ``repository.branch`` and the
    source suffix (``.md`` here; Colab opens only ``.ipynb``). It is rewritten to
    ``.../blob/<colab_branch>/book/<chapter>.ipynb``: the notebooks that ``make notebooks``
-   writes with jupytext and that are published on the branch ``colab_branch`` (README,
-   "The book"). The other buttons (repository, issues, download) are left alone.
+   exports (``sur_lib.book_export``) and that are published on the branch ``colab_branch``
+   (README, "Opening a chapter in Colab"). The other buttons (repository, issues, download) are left alone.
 2. sphinx-thebe puts a CDN address (``THEBE_JS_URL``) and its loader script on every page,
    even with thebe switched off (``launch_buttons.thebe: false``), when nothing can use
    them. They are dropped from such pages, so the built site names no CDN at all (widget JS
