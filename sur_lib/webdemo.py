@@ -55,9 +55,11 @@ CHECK_PROMPTS = ("four tomatoes", "three plums on a plate", "a tower of four dic
 CHECK_SEEDS = (0, 1)
 # Tried in this order; each one is kept only if the check set stays within TOLERANCE with it
 # and every plan kept before it. (part, scheme): "int8" per-channel symmetric, "int4" blocks of
-# 32 with a float16 scale and offset; embedding tables are gathered before they are dequantised.
-QUANT_PLAN = (("adapter", "int4"), ("adapter", "int8"), ("text_encoder", "int4"),
-              ("text_encoder", "int8"), ("unet", "int8"))
+# 32 with a float16 scale and offset, "fp16" half-precision storage (computation stays float32).
+# The text encoder's scheme also sets the dtype of its embedding-row files (float16 for "fp16";
+# float32 otherwise: rows are fetched a few at a time, so their size matters little).
+QUANT_PLAN = (("adapter", "int4"), ("adapter", "int8"), ("text_encoder", "int8"),
+              ("text_encoder", "fp16"), ("unet", "int8"), ("unet", "fp16"))
 MIN_QUANT_ELEMS = 16384  # smaller tensors (biases, norms, small convs) stay float32
 INT4_BLOCK = 32
 ORT_WEB_VERSION = "1.18.0"  # book/_extra/demo/ort.wasm-core.min.js + ort-wasm-simd.wasm
@@ -206,12 +208,28 @@ class OrtDemo:
 
             tokenizer, _ = load_minilm()
         self.tokenizer = tokenizer
+        self._row_files: dict[int, np.ndarray] = {}
 
     def encode(self, prompt: str) -> np.ndarray:
+        """Token states [1, N, D]: ids -> rows of the embedding table (read from the row files
+        as the page fetches them) -> the ONNX text encoder."""
         n = self.manifest["text"]["max_length"]
         ids = self.tokenizer([prompt], padding="max_length", max_length=n, truncation=True,
-                             return_tensors="np").input_ids.astype(np.int64)
-        return self.text_encoder.run(None, {"input_ids": ids})[0]
+                             return_tensors="np").input_ids[0]
+        return self.text_encoder.run(None, {"word_embeddings": self.rows(ids)[None]})[0]
+
+    def rows(self, ids) -> np.ndarray:
+        """Rows ``ids`` of MiniLM's word-embedding table, float32 [len(ids), D]."""
+        emb = self.manifest["embeddings"]
+        per, dim = emb["rows_per_file"], emb["dim"]
+        out = np.empty((len(ids), dim), np.float32)
+        for i, t in enumerate(ids):
+            k = int(t) // per
+            if k not in self._row_files:
+                path = self.folder / emb["pattern"].format(k)
+                self._row_files[k] = np.fromfile(path, dtype=emb["dtype"]).reshape(-1, dim)
+            out[i] = self._row_files[k][int(t) % per]
+        return out
 
     def generate(self, prompt: str, seed: int, step: int | None = None) -> np.ndarray:
         """One image (uint8 [H, W, 3]) for ``prompt``: the base model (step None) or through the
@@ -254,8 +272,12 @@ def _export(module, args, path: Path, inputs, outputs, dynamic=None) -> None:
 
 
 def export_text_encoder(backbone, path: Path) -> None:
-    """MiniLM as the tiny profile uses it: ids [1, max_length] -> last hidden state, no
-    attention mask (``Backbone.use_attention_mask`` is False for this model)."""
+    """MiniLM as the tiny profile uses it, from the rows of its word-embedding table:
+    word_embeddings [1, max_length, D] -> last hidden state, no attention mask
+    (``Backbone.use_attention_mask`` is False for this model). BertModel adds the position and
+    token-type embeddings itself, as it does for token ids. The table (30,522 x 384, half the
+    model) is not in this file: ``export_embedding_rows`` writes it in small files, and the
+    page fetches only the rows of the tokens it meets."""
     import torch
 
     if backbone.use_attention_mask:
@@ -266,11 +288,28 @@ def export_text_encoder(backbone, path: Path) -> None:
             super().__init__()
             self.m = m
 
-        def forward(self, input_ids):
-            return self.m(input_ids).last_hidden_state
+        def forward(self, word_embeddings):
+            return self.m(inputs_embeds=word_embeddings).last_hidden_state
 
-    ids = torch.zeros((1, backbone.max_length), dtype=torch.int64)
-    _export(TextEncoder(backbone.text_encoder).eval(), (ids,), path, ["input_ids"], ["states"])
+    x = torch.zeros((1, backbone.max_length, backbone.text_dim))
+    _export(TextEncoder(backbone.text_encoder).eval(), (x,), path, ["word_embeddings"], ["states"])
+
+
+ROWS_PER_FILE = 256
+
+
+def export_embedding_rows(backbone, folder: Path, dtype: str = "float32") -> dict:
+    """MiniLM's word-embedding table as files of ``ROWS_PER_FILE`` rows (raw little-endian
+    ``dtype``), ``embeddings/rows-NNNN.bin``; returns the manifest entry."""
+    table = backbone.text_encoder.get_input_embeddings().weight.detach().float().numpy()
+    (folder / "embeddings").mkdir(parents=True, exist_ok=True)
+    pattern = "embeddings/rows-{:04d}.bin"
+    for k in range(0, table.shape[0], ROWS_PER_FILE):
+        table[k:k + ROWS_PER_FILE].astype("<" + np.dtype(dtype).str[1:]).tofile(
+            folder / pattern.format(k // ROWS_PER_FILE))
+    return {"pattern": pattern, "rows_per_file": ROWS_PER_FILE, "dtype": dtype,
+            "vocab_size": int(table.shape[0]), "dim": int(table.shape[1]),
+            "files": -(-table.shape[0] // ROWS_PER_FILE)}
 
 
 def export_unet(backbone, path: Path) -> None:
@@ -339,16 +378,16 @@ def stored_steps(run_dir: Path = RUN_ADAPTERS) -> list[int]:
 def quantize_model(model, scheme: str, min_elems: int = MIN_QUANT_ELEMS):
     """Weight-only quantisation of an ONNX model (a copy): every float32 initializer with at
     least ``min_elems`` elements is stored as int8 (symmetric, one scale per slice along axis
-    0, or axis 1 for a MatMul's right operand) or int4 (blocks of ``INT4_BLOCK`` consecutive
-    values, asymmetric, float16 scale and offset, two values a byte). The graph dequantises
+    0, or axis 1 for a MatMul's right operand), int4 (blocks of ``INT4_BLOCK`` consecutive
+    values, asymmetric, float16 scale and offset, two values a byte) or float16. The graph dequantises
     them with standard operators, so the computation stays float32. An embedding table used
     only by Gather is gathered first and the gathered rows dequantised (int8 rows with one
     scale each; int4 rows in blocks), so the full table is never expanded."""
     import onnx
     from onnx import helper, numpy_helper
 
-    if scheme not in ("int8", "int4"):
-        raise ValueError(f"scheme must be 'int8' or 'int4', got {scheme!r}")
+    if scheme not in ("int8", "int4", "fp16"):
+        raise ValueError(f"scheme must be 'int8', 'int4' or 'fp16', got {scheme!r}")
     model = onnx.ModelProto.FromString(model.SerializeToString())
     g = model.graph
     consumers: dict[str, list] = {}
@@ -399,6 +438,10 @@ def quantize_model(model, scheme: str, min_elems: int = MIN_QUANT_ELEMS):
                           next((a.i for a in n.attribute if a.name == "axis"), 0) == 0
                           for n, i in users) and w.ndim == 2
         drop.add(init.name)
+        if scheme == "fp16":  # stored as float16, cast back to float32 (folded at load)
+            new_nodes.append(helper.make_node("Cast", [const(uid(init.name + "_fp16"), w.astype(np.float16))],
+                                              [init.name], to=onnx.TensorProto.FLOAT))
+            continue
         if gather_only:
             for node, _ in users:
                 ids, out = node.input[1], node.output[0]
@@ -564,6 +607,7 @@ def export(out_dir: str | os.PathLike, steps: Sequence[int] = DEMO_STEPS, quanti
         log(f"exported ONNX (float32) in {time.time() - t0:.0f} s")
 
         manifest = _manifest(backbone, adapters, steps, run_dir, model_dir)
+        manifest["embeddings"] = export_embedding_rows(backbone, work)
         (work / "vocab.txt").write_text(_vocab_text(backbone.tokenizer), encoding="utf-8")
         tokenizer = backbone.tokenizer
         names = {"text_encoder": "text_encoder.onnx", "unet": "unet.onnx",
@@ -576,6 +620,9 @@ def export(out_dir: str | os.PathLike, steps: Sequence[int] = DEMO_STEPS, quanti
             return "adapter" if key.startswith("adapter-") else key
 
         def write(scheme_of: dict):
+            rows_dtype = "float16" if scheme_of.get("text_encoder") == "fp16" else "float32"
+            if manifest["embeddings"]["dtype"] != rows_dtype:
+                manifest["embeddings"] = export_embedding_rows(backbone, work, rows_dtype)
             for key, src in fp32.items():
                 scheme = scheme_of.get(part_of(key))
                 dst = work / names[key]
@@ -621,11 +668,14 @@ def export(out_dir: str | os.PathLike, steps: Sequence[int] = DEMO_STEPS, quanti
         write(chosen)
         for key in fp32:
             os.remove(fp32[key])
-        sizes = {p.name: p.stat().st_size for p in sorted(work.iterdir()) if p.is_file()}
-        manifest["sizes"] = sizes
-        manifest["sha256"] = {name: _sha256(work / name) for name in sizes if name != DEMO_JSON}
+        files = sorted(p for p in work.rglob("*") if p.is_file() and p.name != DEMO_JSON)
+        manifest["sizes"] = {p.relative_to(work).as_posix(): p.stat().st_size for p in files
+                             if not p.name.startswith("rows-")}
+        manifest["embeddings"]["bytes"] = sum(p.stat().st_size for p in files if p.name.startswith("rows-"))
+        manifest["sha256"] = {p.relative_to(work).as_posix(): _sha256(p) for p in files}
         manifest["export_seconds"] = round(time.time() - t0, 1)
         (work / DEMO_JSON).write_text(json.dumps(manifest), encoding="utf-8")
+        shutil.rmtree(out / "embeddings", ignore_errors=True)
         for p in work.iterdir():
             os.replace(p, out / p.name)
     finally:
@@ -703,6 +753,23 @@ DEMO_ASSETS = ROOT / "book" / "_extra" / "demo"
 ASSET_FILES = ("ort.wasm-core.min.js", "ort-wasm-simd.wasm", "sur-demo.js")
 
 
+WASM = "ort-wasm-simd.wasm"
+
+
+def write_wasm_gz(folder: str | os.PathLike) -> Path:
+    """``ort-wasm-simd.wasm.gz`` next to the vendored wasm (10.6 MB -> about 2.8 MB): the page
+    fetches it and unpacks it with the browser's DecompressionStream, so the download is small
+    on any server; without DecompressionStream the page fetches the .wasm itself. Written
+    deterministically (gzip level 9, no timestamp)."""
+    import gzip
+
+    dst = Path(folder) / (WASM + ".gz")
+    data = (DEMO_ASSETS / WASM).read_bytes()
+    with open(dst, "wb") as f, gzip.GzipFile(filename="", mode="wb", fileobj=f, compresslevel=9, mtime=0) as z:
+        z.write(data)
+    return dst
+
+
 def page_markup(page: Path = DEMO_PAGE) -> str:
     """The demo's HTML (the ``{raw} html`` block of book/demo.md): what the book page holds."""
     m = re.search(r"```\{raw\} html\n(.*?)\n```", Path(page).read_text(encoding="utf-8"), re.S)
@@ -720,12 +787,11 @@ def build_site(out_dir: str | os.PathLike, models: str | os.PathLike | None = No
     (out / "demo" / "models").mkdir(parents=True, exist_ok=True)
     for name in ASSET_FILES:
         shutil.copyfile(DEMO_ASSETS / name, out / "demo" / name)
+    write_wasm_gz(out / "demo")
     if models is None:
         export_cached(out / "demo" / "models")
     else:
-        for p in Path(models).iterdir():
-            if p.is_file():
-                shutil.copyfile(p, out / "demo" / "models" / p.name)
+        shutil.copytree(models, out / "demo" / "models", dirs_exist_ok=True)
     title = DEMO_PAGE.read_text(encoding="utf-8").splitlines()[0].lstrip("# ")
     (out / "demo.html").write_text(
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>" + title +
@@ -734,14 +800,30 @@ def build_site(out_dir: str | os.PathLike, models: str | os.PathLike | None = No
     return out
 
 
-def download_size(site: str | os.PathLike, page: str = "demo.html") -> dict:
-    """Bytes the page can fetch: the page, the vendored scripts and wasm, every model file
-    (all adapter steps counted, although the page loads an adapter only when it is chosen)."""
+def download_size(site: str | os.PathLike, prompts: Sequence[str] = CHECK_PROMPTS,
+                  page: str = "demo.html", tokenizer=None) -> dict:
+    """Bytes a reader downloads who draws ``prompts`` at every adapter step: the page, the
+    vendored scripts, the gzipped wasm, demo.json, the vocabulary, the text encoder, the
+    UNet, every adapter, and the embedding-row files the prompts' tokens (and the empty
+    prompt's) fall in. ``all_rows_bytes``: the whole embedding table, for comparison."""
     site = Path(site)
-    files = [site / page] + [site / "demo" / n for n in ASSET_FILES]
-    files += sorted(p for p in (site / "demo" / "models").iterdir() if p.is_file())
+    models = site / "demo" / "models"
+    manifest = json.loads((models / DEMO_JSON).read_text(encoding="utf-8"))
+    files = [site / page, site / "demo" / "ort.wasm-core.min.js", site / "demo" / "sur-demo.js",
+             site / "demo" / (WASM + ".gz"), models / DEMO_JSON]
+    files += [models / name for name in manifest["sizes"]]
+    if tokenizer is None:
+        from .models import load_minilm
+
+        tokenizer, _ = load_minilm()
+    emb = manifest["embeddings"]
+    n = manifest["text"]["max_length"]
+    ids = tokenizer(["", *prompts], padding="max_length", max_length=n, truncation=True).input_ids
+    chunks = sorted({int(t) // emb["rows_per_file"] for row in ids for t in row})
+    files += [models / emb["pattern"].format(k) for k in chunks]
     sizes = {str(p.relative_to(site)): p.stat().st_size for p in files}
-    return {"files": sizes, "total_bytes": sum(sizes.values())}
+    return {"files": sizes, "total_bytes": sum(sizes.values()), "prompts": list(prompts),
+            "row_files": len(chunks), "all_rows_bytes": emb["bytes"]}
 
 
 JS_DRAW = """(async () => {{
@@ -920,9 +1002,7 @@ def export_cached(out_dir: str | os.PathLike, log=print) -> Path:
     if not (cached / DEMO_JSON).is_file():
         export(cached, log=log)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for p in cached.iterdir():
-        shutil.copyfile(p, out / p.name)
+    shutil.copytree(cached, out, dirs_exist_ok=True)
     return out
 
 

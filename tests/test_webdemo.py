@@ -98,9 +98,9 @@ def _text_cfg(tokenizer):
 def test_read_prompt_gives_the_test_prompts_specs():
     """Every fixed and extended held-out prompt is read as its spec, and its complex prompt
     is the canonical one stored with it."""
-    from sur_lib.extended_prompts import EXTENDED_FILE
+    from sur_lib.extended_prompts import extended_prompts
 
-    specs = tw.test_prompts() + json.loads(EXTENDED_FILE.read_text())
+    specs = tw.test_prompts() + extended_prompts()
     for spec in specs:
         got = webdemo.read_prompt(spec["text"])
         assert got is not None, spec["text"]
@@ -131,10 +131,10 @@ def test_int4_blocks_round_trip():
     assert err.max() > 0  # 4 bits cannot hold normal floats exactly
 
 
-@pytest.mark.parametrize("scheme,rel", [("int8", 0.02), ("int4", 0.2)])
+@pytest.mark.parametrize("scheme,rel", [("int8", 0.02), ("int4", 0.2), ("fp16", 0.002)])
 def test_quantize_model_keeps_outputs_close(tmp_path, scheme, rel):
-    """A Linear + Embedding model: int8/int4 files are smaller, hold integer weights, and give
-    outputs close to float32 (relative to the output scale), but not equal."""
+    """A Linear + Embedding model: int8/int4/fp16 files are smaller, hold the narrow weights,
+    and give outputs close to float32 (relative to the output scale), but not equal."""
     import onnx
     import onnxruntime as ort
 
@@ -156,14 +156,14 @@ def test_quantize_model_keeps_outputs_close(tmp_path, scheme, rel):
     q = webdemo.quantize_model(onnx.load(str(path)), scheme)
     qpath = tmp_path / f"net.{scheme}.onnx"
     onnx.save(q, str(qpath))
-    assert qpath.stat().st_size < path.stat().st_size / (3 if scheme == "int8" else 5)
+    assert qpath.stat().st_size < path.stat().st_size / {"int8": 3, "int4": 5, "fp16": 1.9}[scheme]
     kinds = {onnx.helper.tensor_dtype_to_np_dtype(i.data_type) for i in q.graph.initializer}
-    assert np.dtype(np.int8 if scheme == "int8" else np.uint8) in kinds
+    assert np.dtype({"int8": np.int8, "int4": np.uint8, "fp16": np.float16}[scheme]) in kinds
     ref = net(ids).detach().numpy()
     out = ort.InferenceSession(str(qpath), providers=["CPUExecutionProvider"]).run(None, {"ids": ids.numpy()})[0]
     err = np.abs(out - ref).max() / np.abs(ref).max()
     assert 0 < err < rel, err
-    with pytest.raises(ValueError, match="int8' or 'int4"):
+    with pytest.raises(ValueError, match="scheme must be .* got 'int2'"):
         webdemo.quantize_model(onnx.load(str(path)), "int2")
 
 

@@ -209,7 +209,7 @@
   // ------------------------------------------------------------------ the models
   function Model(manifest, tokenizer) {
     this.m = manifest; this.tok = tokenizer; this.adapters = {}; this.cache = new Map();
-    this.timings = []; this.encoderRuns = 0;
+    this.timings = []; this.encoderRuns = 0; this.rowFiles = {};
   }
   async function fetchBytes(url, onProgress) {
     var res = await fetch(url);
@@ -229,11 +229,33 @@
     var bytes = await fetchBytes(MODELS + name, onProgress);
     return ort.InferenceSession.create(bytes, { executionProviders: ["wasm"], graphOptimizationLevel: "all" });
   }
+  /* ONNX Runtime's wasm binary, fetched gzipped (2.8 instead of 10.6 MB) and unpacked by the
+     browser; without DecompressionStream ONNX Runtime fetches the plain .wasm itself. */
+  async function wasmPaths() {
+    if (typeof DecompressionStream !== "function") return BASE;
+    var res = await fetch(BASE + "ort-wasm-simd.wasm.gz");
+    if (!res.ok) return BASE;
+    var blob = await new Response(res.body.pipeThrough(new DecompressionStream("gzip"))).blob();
+    return { "ort-wasm-simd.wasm": URL.createObjectURL(new Blob([blob], { type: "application/wasm" })) };
+  }
+  // float16 -> float32 (the embedding rows may be stored in half precision)
+  var HALF = null;
+  function halfTable() {
+    if (HALF) return HALF;
+    HALF = new Float32Array(65536);
+    for (var h = 0; h < 65536; h++) {
+      var s = h & 0x8000 ? -1 : 1, e = (h >> 10) & 0x1f, f = h & 0x3ff;
+      HALF[h] = e === 0 ? s * f * Math.pow(2, -24) : e === 31 ? (f ? NaN : s * Infinity)
+        : s * (1 + f / 1024) * Math.pow(2, e - 15);
+    }
+    return HALF;
+  }
   Model.load = async function (onProgress) {
     ort.env.wasm.numThreads = 1;
     ort.env.wasm.simd = true;
     ort.env.wasm.proxy = false;
-    ort.env.wasm.wasmPaths = BASE;
+    onProgress("WebAssembly runtime");
+    ort.env.wasm.wasmPaths = await wasmPaths();
     var manifest = await (await fetch(MODELS + "demo.json")).json();
     var vocab = await (await fetch(MODELS + manifest.files.vocab)).text();
     var model = new Model(manifest, new Tokenizer(vocab, manifest.text));
@@ -252,12 +274,33 @@
     }
     return this.adapters[step];
   };
+  /* Rows of the word-embedding table for token ids, from the row files (fetched once each). */
+  Model.prototype.rows = async function (ids) {
+    var e = this.m.embeddings, D = e.dim, out = new Float32Array(ids.length * D);
+    for (var i = 0; i < ids.length; i++) {
+      var id = Number(ids[i]), k = Math.floor(id / e.rows_per_file);
+      if (!this.rowFiles[k]) {
+        var url = MODELS + e.pattern.replace("{:04d}", String(k).padStart(4, "0"));
+        this.rowFiles[k] = fetchBytes(url).then(function (b) {
+          var buf = b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength);
+          if (e.dtype === "float32") return new Float32Array(buf);
+          var h = new Uint16Array(buf), t = halfTable(), f = new Float32Array(h.length);
+          for (var j = 0; j < h.length; j++) f[j] = t[h[j]];
+          return f;
+        });
+      }
+      var rows = await this.rowFiles[k], r = id % e.rows_per_file;
+      out.set(rows.subarray(r * D, (r + 1) * D), i * D);
+    }
+    return out;
+  };
   /* prompt -> {states: Float32Array [1, N, D], info: the tokenizer's encode()}: once per prompt */
   Model.prototype.encode = async function (text) {
     var key = "enc:" + text;
     if (!this.cache.has(key)) {
       var enc = this.tok.encode(text), n = this.m.text.max_length;
-      var out = await this.textEncoder.run({ input_ids: new ort.Tensor("int64", enc.ids, [1, n]) });
+      var x = await this.rows(enc.ids);
+      var out = await this.textEncoder.run({ word_embeddings: new ort.Tensor("float32", x, [1, n, x.length / n]) });
       this.encoderRuns += 1;
       this.cache.set(key, { states: out.states.data, info: enc });
     }
@@ -437,7 +480,7 @@
     showStep();
     var total = Object.values(m.m.sizes).reduce(function (a, b) { return a + b; }, 0);
     $(".sur-quant").textContent = "Weights: " + (Object.entries(m.m.quantization.chosen).map(function (e) { return e[0] + " " + e[1]; }).join(", ") || "all float32") +
-      "; the images differ from PyTorch's by at most " + m.m.quantization.max_diff_levels + " of 255 levels on the export's check set (tolerance " + m.m.quantization.tolerance_levels + "). Model files: " + (total / 1e6).toFixed(1) + " MB.";
+      "; the images differ from PyTorch's by at most " + m.m.quantization.max_diff_levels + " of 255 levels on the export's check set (tolerance " + m.m.quantization.tolerance_levels + "). Model files: " + (total / 1e6).toFixed(1) + " MB, plus " + (m.m.embeddings.bytes / m.m.embeddings.files / 1e3).toFixed(0) + " kB of embedding rows per file a prompt's tokens fall in.";
     root.querySelectorAll("button, input, select").forEach(function (el) { el.disabled = false; });
     say(".sur-status", "Ready. Type a prompt and press Draw.", "sur-ok");
     root.dataset.ready = "1";
