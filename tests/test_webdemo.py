@@ -201,9 +201,10 @@ def test_cli_rejects_bad_arguments(capsys):
 
 
 # --------------------------------------------------------------------------- the export
-def test_export_manifest_and_sizes(manifest, models):
+def test_export_manifest_and_sizes(manifest, models, tmp_path, tokenizer):
     """Every file is there with its recorded size and hash; quantisation kept only what stayed
-    within the tolerance; the page's whole download is under 40 MB."""
+    within the tolerance; a reader who draws the check prompts at every step downloads less
+    than 40 MB (page, scripts, gzipped wasm, models, the embedding rows of those prompts)."""
     import hashlib
 
     q = manifest["quantization"]
@@ -217,9 +218,12 @@ def test_export_manifest_and_sizes(manifest, models):
             assert hashlib.sha256((models / name).read_bytes()).hexdigest() == manifest["sha256"][name]
     assert manifest["steps"] == list(webdemo.DEMO_STEPS)
     assert manifest["adapters"]["0"]["g_zero"] is True
-    assets = sum((webdemo.DEMO_ASSETS / n).stat().st_size for n in webdemo.ASSET_FILES)
-    total = assets + sum(p.stat().st_size for p in models.iterdir() if p.is_file())
-    assert total < 40e6, total
+    site = models.parents[1] if (models.parents[1] / "demo.html").is_file() else \
+        webdemo.build_site(tmp_path / "site", models)
+    size = webdemo.download_size(site, tokenizer=tokenizer)
+    assert "demo/ort-wasm-simd.wasm.gz" in size["files"] and "demo/ort-wasm-simd.wasm" not in size["files"]
+    assert 0 < size["row_files"] < manifest["embeddings"]["files"]
+    assert size["total_bytes"] < 40e6, size["total_bytes"]
 
 
 def test_exported_parts_match_torch(models, manifest, backbone, tokenizer):
@@ -384,7 +388,7 @@ def test_page_controls(page):
     assert kiwi["complex"].startswith("Unavailable") and "tomato" in kiwi["complex"]
     assert kiwi["encoder"] == runs + 1  # one more prompt, one more run (complex: none)
     assert len(kiwi["nearest"].split(", ")) == 3
-    for bad, words in (("", "Type a prompt"), ("1234 !!", "no words"), ("🍅🍅🍅", "[UNK]")):
+    for bad, words in (("", "Type a prompt"), ("1234 !! 🍅", "no words"), ("ᚠᚢᚦ ᚨᚱ", "[UNK]")):
         res = _ui_draw(page, bad)
         assert res["error"] and words in res["status"], (bad, res["status"])
     long = _ui_draw(page, "a photo of " + " ".join(["four tomatoes"] * 30))
