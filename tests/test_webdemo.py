@@ -411,3 +411,30 @@ def test_page_explains_what_it_cannot_do(page):
     page.open(page.url + "demo.html")
     assert "0.5 GB" in page.wait_for("document.querySelector('.sur-status').textContent.includes('GB') && "
                                      "document.querySelector('.sur-status').textContent")
+
+
+def test_book_hook_skips_builds_without_the_demo(tmp_path):
+    """The Sphinx hook exports only after a successful HTML build that has demo.html."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "book" / "_ext"))
+    try:
+        import sur_book_html
+    finally:
+        sys.path.pop(0)
+
+    class App:
+        outdir = str(tmp_path)
+
+        class builder:
+            format = "html"
+
+        class config:
+            sur_demo_export = True
+
+    sur_book_html._demo_files(App, None)  # no demo.html: nothing written
+    (tmp_path / "demo.html").write_text("<html></html>")
+    sur_book_html._demo_files(App, RuntimeError("build failed"))  # a failed build: nothing
+    App.config.sur_demo_export = False
+    sur_book_html._demo_files(App, None)  # switched off: nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.html"]
