@@ -9,8 +9,15 @@
    even with thebe switched off (``launch_buttons.thebe: false``), when nothing can use
    them. They are dropped from such pages, so the built site names no CDN at all (widget JS
    and MathJax are vendored in book/_extra, see _config.yml).
+3. The browser demo (demo.md): when the build has finished, the model files the page loads
+   are written into ``_build/html/demo/models`` by ``sur_lib.webdemo.export_cached`` (ONNX
+   files made from ``data/models`` and the installed packages; an export of the same inputs
+   is reused from the sur_lib cache), and ONNX Runtime's wasm is gzipped next to the vendored
+   one (``demo/ort-wasm-simd.wasm.gz``). Nothing of this is committed. ``sur_demo_export =
+   False`` (Sphinx config) skips it.
 """
 import re
+from pathlib import Path
 
 _COLAB = re.compile(r"^(https://colab\.research\.google\.com/github/[^/]+/[^/]+/blob/)"
                     r"[^/]+/(.+?)(\.md|\.ipynb)$")
@@ -38,8 +45,26 @@ def _drop_unused_thebe(app, pagename, templatename, context, doctree):
     context["script_files"] = [js for js in context["script_files"] if not thebe(js)]
 
 
+def _demo_files(app, exception):
+    if exception is not None or app.builder.format != "html" or not app.config.sur_demo_export:
+        return
+    out = Path(app.outdir)
+    if not (out / "demo.html").is_file():  # the demo page is not part of this build
+        return
+    from sphinx.util import logging
+
+    from sur_lib import webdemo
+
+    log = logging.getLogger(__name__)
+    webdemo.write_wasm_gz(out / "demo")
+    webdemo.export_cached(out / "demo" / "models", log=log.info)
+    log.info(f"browser demo: model files in {out / 'demo' / 'models'}")
+
+
 def setup(app):
     app.add_config_value("colab_branch", "notebooks", "html")
+    app.add_config_value("sur_demo_export", True, "html")
+    app.connect("build-finished", _demo_files)
     # after sphinx-book-theme's add_launch_buttons (priority 501), which sets use_thebe
     app.connect("html-page-context", _colab_to_ipynb, priority=600)
     app.connect("html-page-context", _drop_unused_thebe, priority=600)
