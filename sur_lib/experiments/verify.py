@@ -37,6 +37,32 @@ class VerifyConfig(ExperimentConfig):
     jobs: int = 2
 
 
+# the keys verify reads from each result (a file without them is not that result)
+RESULT_KEYS = {"probe": ("experiment", "seed", "features", "prompts"),
+               "ablations": ("experiment", "model", "seed", "variants", "surd_mini", "settings"),
+               "convergence": ("experiment", "model", "seed", "settings"),
+               "tune": ("experiment", "model", "seed", "settings"),
+               "retest": ("experiment", "model", "seed", "settings")}
+IMAGE_RESULT_KEYS = ("experiment", "model", "seed", "generation", "conditions")
+
+
+def read_result(path: Path, name: str) -> dict:
+    """The stored result ``name`` at ``path``, or a UsageError naming the file when it is not
+    readable JSON (damaged, nested too deeply) or lacks what verify reads."""
+    from ..cli import UsageError
+    from ..fileio import read_json
+
+    doc = read_json(path, "result file")
+    if not isinstance(doc, dict):
+        raise UsageError(f"result file {rel_path(path)} is not a JSON object: not a result of `{name}`")
+    lacking = [k for k in RESULT_KEYS.get(name, IMAGE_RESULT_KEYS) if k not in doc]
+    if lacking:
+        raise UsageError(f"result file {rel_path(path)} is not a result of `{name}`: it lacks "
+                         f"{', '.join(map(repr, lacking))} (restore it with git, or re-run "
+                         f"python -m sur_lib.experiments {name})")
+    return doc
+
+
 _shared: Path | None = None  # inside a verify process: a fresh folder for this run's draws
 
 
@@ -208,7 +234,7 @@ def _verify_names(exp: VerifyConfig, names: list[str], backbone=None) -> dict:
     n_images = 2 if exp.quick else VERIFY_IMAGES
     report = {}
     for name in names:
-        doc = json.loads(result_path(exp.out, name, False).read_text())
+        doc = read_result(result_path(exp.out, name, False), name)
         if backbone is None:
             backbone = load_base(exp.model_dir)
         digest = state_digest(backbone.unet)
