@@ -13,7 +13,6 @@ p-value of the re-test's family of comparisons.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
