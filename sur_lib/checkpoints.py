@@ -81,6 +81,8 @@ def read_state(folder: str | os.PathLike) -> dict:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{STATE_FILE} unreadable ({type(e).__name__}: {e})") from None
+    except RecursionError:
+        raise ValueError(f"{STATE_FILE} is damaged (nested too deeply to be a checkpoint's state)") from None
     if not isinstance(state, dict):
         raise ValueError(f"{STATE_FILE} is not a JSON object")
     return state

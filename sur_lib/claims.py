@@ -13,11 +13,11 @@ p-value of the re-test's family of comparisons.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .book import fmt_p, pct
+from .fileio import read_json
 
 ALPHA = 0.05
 VERDICTS = ("supported", "contradicted", "not detected")
@@ -84,11 +84,11 @@ def load_results(folder: Path | str) -> dict:
         path = Path(folder) / f"{name}.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: run python -m sur_lib.experiments {name}")
-        out[name] = json.loads(path.read_text())
+        out[name] = read_json(path, "result file")
     for name in LATER_FILES:
         path = Path(folder) / f"{name}.json"
         if path.is_file():
-            out[name] = json.loads(path.read_text())
+            out[name] = read_json(path, "result file")
     return out
 
 

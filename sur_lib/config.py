@@ -57,10 +57,75 @@ for _ch in "-+0123456789":
     _Yaml12Loader.yaml_implicit_resolvers[_ch].sort(key=lambda tr: tr[0] != "tag:yaml.org,2002:int")
 
 
+def _construct_mapping(self, node, deep=False):
+    """SafeLoader's mapping, refusing a key written twice in one mapping (PyYAML keeps the last
+    silently). Keys brought in by a merge (``<<: *base``) may be overridden, as YAML intends."""
+    if isinstance(node, yaml.MappingNode):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            if key_node.value in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key_node.value!r} (first on line {seen[key_node.value]}); "
+                    "each key may appear once", key_node.start_mark)
+            seen[key_node.value] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(self, node, deep=deep)
+
+
+_Yaml12Loader.construct_mapping = _construct_mapping
+
+#: Bounds of a YAML document: its size in characters, and the number of values it expands to
+#: once every alias (``*name``) is replaced by its anchor's value (an "alias bomb" of a few
+#: lines expands to billions and would hang whatever walks it).
+MAX_YAML_CHARS = 1_000_000
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size(node, memo: dict, depth: int = 0) -> int:
+    """How many values ``node`` stands for with every alias expanded (shared nodes counted
+    each time they are referenced, as a reader of the loaded data would meet them)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if depth > 1000:
+        raise UsageError("nested more than 1000 levels deep")
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo, depth + 1) + _expanded_size(v, memo, depth + 1)
+                       for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(v, memo, depth + 1) for v in node.value)
+    else:
+        size = 1
+    memo[key] = min(size, 10 * MAX_YAML_VALUES)  # saturate: the exact count of a bomb is not needed
+    return memo[key]
+
+
 def yaml_load(text: str, source: str = "<text>"):
-    """Parse YAML text with the YAML 1.2 booleans and floats (see the module docstring)."""
+    """Parse YAML text with the YAML 1.2 booleans and floats (see the module docstring).
+    Refused (naming ``source``): a key twice in one mapping, a text over ``MAX_YAML_CHARS``
+    characters, a document that expands to over ``MAX_YAML_VALUES`` values."""
+    if len(text) > MAX_YAML_CHARS:
+        raise UsageError(f"{source}: {len(text):,} characters, more than a config may hold "
+                         f"({MAX_YAML_CHARS:,})")
     try:
-        return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+        loader = _Yaml12Loader(text)  # noqa: S506 - a SafeLoader subclass
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            try:
+                size = _expanded_size(node, {})
+            except UsageError as e:
+                raise UsageError(f"{source}: {e}") from None
+            if size > MAX_YAML_VALUES:
+                raise UsageError(f"{source}: the YAML expands to more than {MAX_YAML_VALUES:,} values "
+                                 "once its aliases (*name) are replaced (an alias bomb?); refused")
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except RecursionError:
+        raise UsageError(f"{source}: nested too deeply to be a config") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -89,7 +154,15 @@ def load_yaml_mapping(path: str | os.PathLike) -> dict:
     return values
 
 
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def _kind(value) -> str:
+    return _short(_kind_full(value))
+
+
+def _kind_full(value) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -232,6 +305,27 @@ def split_pairs(argv: Sequence[str]) -> list[tuple[str, str]]:
             i += 2
         out.append((key.replace("-", "_"), value))
     return out
+
+
+#: The largest seed any generator of this project takes (torch's and numpy's take 64-bit seeds,
+#: some code adds offsets to them): seeds are whole numbers in [0, MAX_SEED].
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(key: str, value) -> None:
+    """A UsageError naming ``key`` unless ``value`` is a whole number in [0, MAX_SEED]."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        shown = _short(repr(value), 60)
+        raise UsageError(f"{key} must be a whole number from 0 to 2**63 - 1, got {shown}")
+
+
+def expand_user(value):
+    """``~`` or ``~user`` at the start of a path expanded (as a shell does); other values kept."""
+    if isinstance(value, str) and value.startswith("~"):
+        return os.path.expanduser(value)
+    return value
 
 
 def check_range(key: str, value, *, gt=None, ge=None, lt=None, le=None, choices=None) -> None:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .cli import UsageError
 from .fileio import atomic_write_text
 
 METADATA_NAME = "metadata.jsonl"
@@ -55,7 +56,7 @@ class Reason:
     KNOWLEDGE_NONFINITE = "knowledge vector has NaN or inf"
 
 
-class SURDError(ValueError):
+class SURDError(UsageError):
     """A problem in a SURD folder, located by metadata path, line and file name.
 
     Attributes: ``path`` (metadata file or folder), ``line`` (1-based, or None),
@@ -123,6 +124,21 @@ def _check_image(path: Path, full: bool) -> None:
     if full:
         with Image.open(path) as im:
             im.load()
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB of any PIL image. 16-bit and 32-bit integer grayscale (``I;16*``, ``I``: a
+    16-bit PNG) are scaled from 0..65535 to 0..255 first: PIL's ``convert("RGB")`` clips them
+    at 255, which turns almost every pixel white; floating-point grayscale (``F``) is read as
+    0..1 if its values lie there, else as 0..255."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if np.nanmax(a) <= 1.0 else 1.0
+        img = Image.fromarray(np.clip(np.rint(np.nan_to_num(a) * scale), 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
 
 
 class SURDDataset(torch.utils.data.Dataset):
@@ -251,6 +267,14 @@ class SURDDataset(torch.utils.data.Dataset):
             raise fail(Reason.OUTSIDE, fn, "file names must be relative to the dataset folder, "
                                            "without '..' or a drive")
         path = self.root / fn
+        try:  # a symbolic link (the file's or a folder's on its way) may not lead outside either
+            target = path.resolve()
+            inside = target.is_relative_to(self.root.resolve())
+        except (OSError, RuntimeError):  # a symlink loop
+            target, inside = "a loop of symbolic links", False
+        if not inside:
+            raise fail(Reason.OUTSIDE, fn, f"a symbolic link leads to {str(target)!r}, outside "
+                                           "the dataset folder (copy the file in instead)")
         if not path.is_file():
             detail = f"no file {str(path)!r}"
             if not Path(fn).suffix:
@@ -304,7 +328,7 @@ class SURDDataset(torch.utils.data.Dataset):
     def transform(self, img: Image.Image) -> torch.Tensor:
         """PIL image -> float32 [3, R, R] in [-1, 1] (resize, crop, flip)."""
         R = self.resolution
-        img = img.convert("RGB")
+        img = to_rgb(img)
         w, h = img.size
         if (w, h) != (R, R):  # shorter side -> R, as torchvision's Resize(int)
             if w <= h:

@@ -387,8 +387,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.n < 1:
             raise UsageError(f"--n must be >= 1, got {args.n}")
-        if args.size < 8:
-            raise UsageError(f"--size must be >= 8 pixels, got {args.size}")
+        if not 8 <= args.size <= 4096:
+            raise UsageError(f"--size must be from 8 to 4096 pixels, got {args.size}")
+        from .config import check_seed
+
+        check_seed("--seed", args.seed)
         t0 = time.perf_counter()
         res = judge_accuracy(args.n, args.seed, args.size, progress=True)
         wall = time.perf_counter() - t0

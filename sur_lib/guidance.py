@@ -94,8 +94,27 @@ class SCFGConfig:
             raise ValueError(f"max_side and refine_terms must be >= 1, got {self.max_side}, {self.refine_terms}")
         if self.blur_size < 1 or self.blur_size % 2 == 0:
             raise ValueError(f"blur_size must be odd and >= 1, got {self.blur_size}")
+        def finite(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"S-CFG {name} must be a finite number, got {v!r}")
+            return v
+
+        for name in ("blur_sigma", "gamma_min", "gamma_max", "max_scale"):
+            finite(name)
         if not 0 < self.gamma_min <= self.gamma_max:
             raise ValueError(f"need 0 < gamma_min <= gamma_max, got {self.gamma_min}, {self.gamma_max}")
+        # the Gaussian kernel divides by sigma (0 gives NaN images); gamma is clamped to
+        # max_scale / w, so max_scale <= 0 would switch guidance off (0) or invert it (< 0)
+        if self.blur_sigma <= 0:
+            raise ValueError(f"S-CFG blur_sigma must be > 0 (the blur's kernel divides by it), "
+                             f"got {self.blur_sigma!r}")
+        if self.max_scale <= 0:
+            raise ValueError(f"S-CFG max_scale must be > 0 (it bounds w * gamma; <= 0 would turn "
+                             f"guidance off or invert it), got {self.max_scale!r}")
+        if self.fixed_gamma is not None and finite("fixed_gamma") < 0:
+            raise ValueError(f"S-CFG fixed_gamma must be >= 0 (a negative scale inverts guidance), "
+                             f"got {self.fixed_gamma!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

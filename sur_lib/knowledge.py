@@ -14,6 +14,7 @@ The authors publish no extraction script; this module's command is one:
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import json
@@ -31,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .cli import UsageError
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, clean_stale_temps
 
 
 class KnowledgeProjection(nn.Module):
@@ -122,6 +123,17 @@ def sur_cache_dir() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "sur_lib"
 
 
+def looks_like_a_path(name: str | os.PathLike) -> bool:
+    """Whether ``name`` is meant as a local path rather than a Hub repo id (``owner/name``):
+    a path object, a name starting with ``/``, ``.``, ``~`` or a drive, with a backslash, with
+    more than one ``/``, or ending in a file suffix such as ``.safetensors``."""
+    if isinstance(name, os.PathLike):
+        return True
+    text = str(name)
+    return (text.startswith(("/", ".", "~", "\\")) or "\\" in text or text.count("/") > 1
+            or (len(text) > 1 and text[1] == ":") or Path(text).suffix in (".safetensors", ".pt", ".bin", ".json"))
+
+
 def load_causal_lm(
     name_or_path: str | os.PathLike,
     gguf_file: str | None = None,
@@ -138,6 +150,11 @@ def load_causal_lm(
     The model is returned in eval mode with every parameter frozen.
     """
     local = Path(name_or_path).expanduser().is_dir()
+    if not local and looks_like_a_path(name_or_path):
+        raise KnowledgeError(f"LLM folder {name_or_path} not found (a path, so the Hub was not asked; "
+                             "a Hub repo id has the form owner/name)")
+    if local:
+        name_or_path = Path(name_or_path).expanduser()
     kwargs: dict[str, Any] = {"local_files_only": True} if local else {}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
@@ -343,6 +360,9 @@ def save_knowledge(
         raise ValueError("prompts contain duplicates: each prompt may have one vector only")
     if vectors.ndim != 2 or vectors.shape[0] != len(prompts):
         raise ValueError(f"vectors must be [{len(prompts)}, D] (one row per prompt), got {list(vectors.shape)}")
+    if vectors.shape[1] == 0:
+        raise KnowledgeError(f"vectors of width 0 (shape {list(vectors.shape)}): a knowledge vector needs "
+                             f"at least one number; not written to {path}")
     metadata = {
         "format": _CACHE_FORMAT,
         "prompts": json.dumps(prompts, ensure_ascii=False),
@@ -410,6 +430,9 @@ def _read_knowledge(path: str | os.PathLike) -> tuple[list[str], torch.Tensor, d
     if vectors.ndim != 2 or vectors.shape[0] != len(prompts):
         raise KnowledgeError(f"knowledge file {path} is damaged: {len(prompts)} prompts but vectors "
                              f"of shape {list(vectors.shape)}")
+    if vectors.shape[1] == 0:
+        raise KnowledgeError(f"knowledge file {path} holds vectors of width 0 (shape "
+                             f"{list(vectors.shape)}): no knowledge in them")
     return prompts, vectors, meta
 
 
@@ -442,9 +465,10 @@ def select_knowledge(
     missing = [p for p in prompts if p not in knowledge]
     if missing:
         shown = ", ".join(repr(p) for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        near = nearest_prompt(missing[0], knowledge)
         raise KnowledgeError(
             f"{len(missing)} of {len(prompts)} simple prompts have no knowledge vector in {source}: "
-            f"{shown} (keys must match the prompts exactly; make the vectors with "
+            f"{shown} (keys must match the prompts exactly{near}; make the vectors with "
             "`python -m sur_lib.knowledge extract`)")
     out, first = {}, None
     for p in prompts:
@@ -454,12 +478,38 @@ def select_knowledge(
             raise KnowledgeError(f"the knowledge vector of {p!r} in {source} must be 1-D, got {shape}")
         if width is None:
             width, first = int(v.shape[0]), p
+        if v.shape[0] == 0:
+            raise KnowledgeError(f"the knowledge vector of {p!r} in {source} has width 0")
         if v.shape[0] != width:
             origin = f"that of {first!r}" if first is not None else "the adapter's llm_dim"
             raise KnowledgeError(f"the knowledge vector of {p!r} in {source} has width {v.shape[0]}, "
                                  f"expected {width} ({origin})")
         out[p] = v
     return out
+
+
+def normal_form(prompt: str) -> str:
+    """``prompt`` in Unicode NFC with runs of white space made one space and both ends trimmed:
+    two prompts with one normal form look the same on screen."""
+    import unicodedata
+
+    return " ".join(unicodedata.normalize("NFC", prompt).split())
+
+
+def nearest_prompt(prompt: str, keys: Iterable[str]) -> str:
+    """A note naming the key of ``keys`` closest to ``prompt`` ('' if none is close): one that
+    differs only by white space or Unicode normalisation first, else difflib's best match.
+    Both are shown with ``ascii()``, so invisible differences become visible."""
+    import difflib
+
+    keys = list(keys)
+    want = normal_form(prompt)
+    same = [k for k in keys if normal_form(k) == want]
+    if same:
+        return (f"; the file holds {ascii(same[0])}, which differs from {ascii(prompt)} only by white "
+                "space or Unicode normalisation (NFC/NFD)")
+    close = difflib.get_close_matches(prompt, keys[:100_000], n=1, cutoff=0.8)
+    return f"; the nearest prompt in it is {close[0]!r}" if close else ""
 
 
 def stack_knowledge(knowledge: Mapping[str, torch.Tensor], prompts: list[str], width: int | None = None,
@@ -495,12 +545,18 @@ def _read_cache(path: Path, wanted_meta: dict[str, Any], prompts: Iterable[str] 
             f"{path} was made with {old_meta}, but {wanted_meta} was asked for; "
             "use a separate cache file per model/layer/setting, or delete this one to recompute it"
         )
-    if "batch_size" not in old_meta:
-        raise ValueError(
-            f"{path} was made before knowledge caches recorded their batch size (its vectors were "
-            "computed 16 prompts per pass, which changes them with their batch companions); "
-            "delete this one to recompute it one prompt per pass")
     known = dict(zip(old_prompts, old_vectors))
+    if "batch_size" not in old_meta:  # a user's own file (save_knowledge) or an old cache
+        lacking = [p for p in prompts if p not in known]
+        if lacking:
+            shown = ", ".join(repr(p) for p in lacking[:3]) + (", ..." if len(lacking) > 3 else "")
+            raise KnowledgeError(
+                f"{path} lacks {len(lacking)} prompt(s) ({shown}{nearest_prompt(lacking[0], known)}) and "
+                "records no batch_size in its meta, so it is read as it is and never mixed with newly "
+                "computed vectors. To extend it, add the vectors yourself (save_knowledge with every "
+                "prompt), or compute a new file for all prompts (python -m sur_lib.knowledge extract "
+                "... --out NEW.safetensors) and point knowledge_file at it")
+        return known
     if old_meta["batch_size"] != wanted_meta["batch_size"] and any(p not in known for p in prompts):
         raise ValueError(
             f"{path} holds vectors computed {old_meta['batch_size']} prompt(s) per pass; adding "
@@ -509,14 +565,33 @@ def _read_cache(path: Path, wanted_meta: dict[str, Any], prompts: Iterable[str] 
     return known
 
 
+def _refuse_near_misses(path, missing: list[str], known: Mapping[str, torch.Tensor]) -> None:
+    """A KnowledgeError if a missing prompt differs from one in the file only by white space or
+    Unicode normalisation: a typo in the data, not a new prompt to compute (so no LLM is loaded)."""
+    if not missing or not known:
+        return
+    forms = {normal_form(k): k for k in known}
+    near = [(p, forms[normal_form(p)]) for p in missing if normal_form(p) in forms]
+    if near:
+        p, k = near[0]
+        raise KnowledgeError(
+            f"{len(near)} prompt(s) differ from ones in {path} only by white space or Unicode "
+            f"normalisation: {ascii(p)} is not in it, {ascii(k)} is. Make the prompts of the data and "
+            "of the file the same (e.g. NFC, single spaces, no trailing space)")
+
+
 def _load_for(model_loader, path, missing: list[str]):
     """``model_loader()``, its failure turned into an error that says why a model was needed."""
     try:
         return model_loader()
     except Exception as err:
         shown = ", ".join(repr(p) for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        near = ""
+        if Path(path).is_file():
+            with contextlib.suppress(Exception):
+                near = nearest_prompt(missing[0], load_knowledge(path))
         raise KnowledgeError(
-            f"{path} has no knowledge vector for {len(missing)} prompt(s) ({shown}); computing them "
+            f"{path} has no knowledge vector for {len(missing)} prompt(s) ({shown}{near}); computing them "
             f"needs the LLM, which could not be loaded ({type(err).__name__}: {str(err).strip()[:300]})"
         ) from err
 
@@ -561,6 +636,7 @@ def cached_knowledge_vectors(
     wanted_meta = _meta_for(meta, layer, include_bos, drop_first, batch_size)
     known = _read_cache(Path(path), wanted_meta, prompts)
     missing = [p for p in prompts if p not in known]
+    _refuse_near_misses(path, missing, known)
     if missing:
         model, tokenizer = _load_for(model_loader, path, missing)
         new = knowledge_vectors(model, tokenizer, missing, layer, include_bos, batch_size, progress,
@@ -593,6 +669,8 @@ def load_authors_prompt2vec(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if not isinstance(value, torch.Tensor) or value.ndim != 1:
             shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise KnowledgeError(f"{path}: value for {key!r} must be a 1-D tensor, got {shape}")
+        if value.shape[0] == 0:
+            raise KnowledgeError(f"{path}: the vector of {key!r} has width 0")
         if first is None:
             first = key
         elif value.shape[0] != data[first].shape[0]:
@@ -653,12 +731,28 @@ def load_llm(name: str, dtype: torch.dtype = torch.float32, device: str | torch.
 # --- extracting knowledge vectors for a whole data set (python -m sur_lib.knowledge extract) ------
 
 
+def _text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file, a byte-order mark at its start dropped (as SURDDataset
+    does); a file that is not UTF-8 is a KnowledgeError naming it and the line."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise KnowledgeError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); save it "
+                             "as UTF-8") from None
+    return text.splitlines()
+
+
 def read_prompts(source: str | os.PathLike) -> list[str]:
     """The simple prompts of ``source``, repeats dropped, in order of first appearance:
 
     * a SURD folder (``metadata.jsonl`` + images): the ``text`` of every row;
     * a ``.jsonl`` file: the ``text`` field of every line (a SURD metadata file);
     * any other file: one prompt per non-empty line (UTF-8).
+
+    Files are read as UTF-8; a byte-order mark at the start is dropped (as ``SURDDataset``
+    does), and a file that is not UTF-8 is named with its line.
     """
     path = Path(source)
     if path.is_dir():
@@ -667,20 +761,19 @@ def read_prompts(source: str | os.PathLike) -> list[str]:
         prompts = SURDDataset(path, check_images=False).prompts()
     elif path.is_file() and path.suffix == ".jsonl":
         prompts = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise KnowledgeError(f"{path}:{lineno}: not a JSON object ({err})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"]:
-                    raise KnowledgeError(f"{path}:{lineno}: expected an object with a non-empty "
-                                         '"text" (the simple prompt)')
-                prompts.append(row["text"])
+        for lineno, line in enumerate(_text_lines(path), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as err:
+                raise KnowledgeError(f"{path}:{lineno}: not a JSON object ({err})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"]:
+                raise KnowledgeError(f"{path}:{lineno}: expected an object with a non-empty "
+                                     '"text" (the simple prompt)')
+            prompts.append(row["text"])
     elif path.is_file():
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [line.strip() for line in _text_lines(path) if line.strip()]
     else:
         raise KnowledgeError(f"{path} not found: give a SURD folder, a metadata.jsonl or a text file "
                              "with one prompt per line")
@@ -696,6 +789,18 @@ def save_authors_prompt2vec(path: str | os.PathLike, vectors: Mapping[str, torch
     buffer = io.BytesIO()
     torch.save(data, buffer)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def check_save_every(save_every_s) -> float:
+    """``save_every_s``: a finite number of seconds >= 0 (0: after every batch)."""
+    try:
+        value = float(save_every_s)
+    except (TypeError, ValueError):
+        raise KnowledgeError(f"--save-every-s must be a number of seconds, got {save_every_s!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise KnowledgeError(f"--save-every-s must be a finite number of seconds >= 0 (0: after every "
+                             f"batch), got {save_every_s!r}: nothing would be saved before the end")
+    return value
 
 
 def extract_knowledge(
@@ -725,7 +830,13 @@ def extract_knowledge(
     prompts = list(dict.fromkeys(_check_prompts(prompts)))
     if int(batch_size) < 1:
         raise KnowledgeError(f"batch_size must be >= 1, got {batch_size}")
+    check_save_every(save_every_s)
     path = Path(path)
+    if path.is_dir():
+        raise KnowledgeError(f"{path} is a folder: give the knowledge file to write (e.g. "
+                             f"{path / 'knowledge.safetensors'})")
+    for stale in clean_stale_temps(path.parent, path.name):  # copies left by killed runs
+        print(f"removed {stale.name}, a temporary copy of {path.name} left by a killed run", flush=True)
     wanted_meta = _meta_for(meta, layer, include_bos, drop_first, batch_size)
     known = _read_cache(path, wanted_meta, prompts)
     missing = [p for p in prompts if p not in known]
@@ -836,8 +947,12 @@ def _parse_args(argv: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else list(argv))
+    check_save_every(args.save_every_s)
+    out = Path(args.out).expanduser()
+    if out.is_dir():
+        raise KnowledgeError(f"--out {out} is a folder: give the knowledge file to write (e.g. "
+                             f"{out / 'knowledge.safetensors'})")
     prompts = read_prompts(args.source)
-    out = Path(args.out)
     before = len(_read_cache(out, _meta_for({"llm": args.llm}, args.layer, not args.no_bos,
                                             args.drop_first, args.batch_size))) if out.exists() else 0
     vectors = extract_knowledge(

@@ -51,6 +51,28 @@ SCHEDULERS = {
     "dpm": DPMSolverMultistepScheduler,
 }
 OUTPUT_TYPES = ("pil", "pt", "np", "latent")
+MAX_SEED = 2**63 - 1
+# schedulers that break at num_inference_steps == num_train_timesteps (measured on diffusers
+# 0.3x with SD's steps_offset=1: DDIM, DDPM and PNDM index alphas_cumprod[1000], an IndexError;
+# DPM-Solver++ returns NaN images); Euler works up to num_train_timesteps
+STEP_MARGIN = {DDIMScheduler: 1, DDPMScheduler: 1, PNDMScheduler: 1, DPMSolverMultistepScheduler: 1,
+               EulerDiscreteScheduler: 0}
+
+
+def max_inference_steps(scheduler) -> int:
+    """The most sampling steps ``scheduler`` supports (see ``STEP_MARGIN``)."""
+    n = int(scheduler.config.num_train_timesteps)
+    margin = next((m for cls, m in STEP_MARGIN.items() if isinstance(scheduler, cls)), 1)
+    return n - margin
+
+
+def check_steps(scheduler, num_inference_steps: int) -> None:
+    """A ValueError naming the scheduler unless it supports ``num_inference_steps``."""
+    most = max_inference_steps(scheduler)
+    if num_inference_steps > most:
+        raise ValueError(f"num_inference_steps must be <= {most} for {type(scheduler).__name__} (the "
+                         f"model was trained with {scheduler.config.num_train_timesteps} timesteps), "
+                         f"got {num_inference_steps}")
 
 
 def make_pipeline(
@@ -146,6 +168,8 @@ def check_generate_args(backbone: Backbone, prompts, negative_prompt="", num_inf
     _whole("num_inference_steps", num_inference_steps, 1)
     _whole("num_images_per_prompt", num_images_per_prompt, 1)
     _whole("seed", seed, 0)
+    if seed > MAX_SEED:
+        raise ValueError(f"seed must be a whole number from 0 to 2**63 - 1, got {seed!r}")
     if (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real)
             or not math.isfinite(guidance_scale) or guidance_scale < 0):
         raise ValueError(f"guidance_scale must be a finite number >= 0 (<= 1: no guidance), "
@@ -212,6 +236,7 @@ def generate(
     if isinstance(prompts, str):
         prompts = [prompts]
     pipe = pipe if pipe is not None else make_pipeline(backbone, scheduler)
+    check_steps(pipe.scheduler, num_inference_steps)
     cond, uncond = prompt_embeddings(backbone, prompts, adapter, adapt_unconditional, negative_prompt)
     generator = torch.Generator("cpu").manual_seed(int(seed))
 

@@ -652,8 +652,11 @@ def build_dataset(root, n: int, seed: int = 0, size: int = SIZE, p_clean: float 
 
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise UsageError(f"n (the number of examples) must be a positive whole number, got {n!r}")
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 8:
-        raise UsageError(f"size (image side in pixels) must be a whole number >= 8, got {size!r}")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 8 <= size <= 4096:
+        raise UsageError(f"size (image side in pixels) must be a whole number from 8 to 4096, got {size!r}")
+    from .config import check_seed
+
+    check_seed("seed", int(seed) if isinstance(seed, np.integer) else seed)
     if not 0.0 <= float(p_clean) <= 1.0:
         raise UsageError(f"p_clean must be in [0, 1], got {p_clean!r}")
     root = Path(root)

@@ -33,6 +33,7 @@ so the batches, the noise and the losses do not depend on the number of workers.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -52,7 +53,7 @@ from . import checkpoints, config
 from .adapter import G_INITS, SURAdapter
 from .cli import UsageError
 from .data import SURDDataset, collate
-from .fileio import atomic_write_text, write_json
+from .fileio import atomic_write_text, naming_file, write_json
 from .knowledge import stack_knowledge
 from .losses import DIRECTIONS, llm_distillation_loss, prompt_alignment_loss, simple_loss, total_loss
 
@@ -64,6 +65,21 @@ LLM_DTYPES = ("float32", "float16", "bfloat16")
 RESUME_FREE_KEYS = ("max_steps", "checkpoint_every", "keep_checkpoints", "progress", "resume",
                     "output_dir", "data_dir", "knowledge_file")
 CHECKPOINT_FILES = ("accelerate/model.safetensors", "accelerate/optimizer.bin")
+# keys that name files or folders: a leading ~ is expanded to the home folder
+PATH_KEYS = ("profile", "pretrained", "data_dir", "knowledge_file", "llm", "output_dir",
+             "text_only_prompts")
+# upper bounds: far above any real run (the paper: 5000 steps of batch 16 at 512 pixels), low
+# enough that a typo (1e12 steps, a batch of 1e9) is refused instead of hanging
+UPPER_BOUNDS = {"max_steps": 10_000_000, "batch_size": 65_536, "gradient_accumulation_steps": 65_536,
+                "resolution": 8192, "dataloader_num_workers": 64, "num_layers": 1024,
+                "num_heads": 4096, "ffn_dim": 1_048_576, "text_only_batch": 65_536}
+UPPER_WHY = {"max_steps": "the paper trains 5,000", "batch_size": "the paper's is 16",
+             "gradient_accumulation_steps": "far beyond any real run",
+             "resolution": "image side in pixels; SD 1.5 uses 512",
+             "dataloader_num_workers": "worker processes; a few per CPU core is plenty",
+             "num_layers": "the paper's adapter has 2", "num_heads": "the paper's adapter has 8",
+             "ffn_dim": "the paper's adapter has 2048", "text_only_batch": "prompts per micro-step"}
+MAX_MICRO_STEPS = 100_000_000
 
 
 @dataclass
@@ -132,6 +148,8 @@ class TrainConfig:
         """Convert every field to its declared type (``sur_lib.config``) and check its range;
         errors name the key and the value."""
         config.coerce_fields(self)
+        for name in PATH_KEYS:  # `~/x` means the home folder, as in a shell (not a folder named ~)
+            object.__setattr__(self, name, config.expand_user(getattr(self, name)))
         check = config.check_range
         check("gradient_path", self.gradient_path, choices=GRADIENT_PATHS)
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -145,12 +163,22 @@ class TrainConfig:
         for name in ("profile", "data_dir", "llm", "output_dir", "llm_device"):
             if not getattr(self, name).strip():
                 raise UsageError(f"{name} must not be empty")
+        for name, most in UPPER_BOUNDS.items():  # beyond these a run hangs or exhausts memory
+            value = getattr(self, name)
+            if value is not None and value > most:
+                raise UsageError(f"{name} must be <= {most:,}, got {value:,} ({UPPER_WHY[name]})")
+        if self.max_steps * self.gradient_accumulation_steps > MAX_MICRO_STEPS:
+            raise UsageError(f"max_steps x gradient_accumulation_steps must be <= {MAX_MICRO_STEPS:,}, "
+                             f"got {self.max_steps:,} x {self.gradient_accumulation_steps:,}")
+        for name in ("seed", "w0_seed"):
+            config.check_seed(name, getattr(self, name))
         check("llm_dtype", self.llm_dtype, choices=LLM_DTYPES)
         check("g_init", self.g_init, choices=G_INITS)
         check("kl_direction", self.kl_direction, choices=DIRECTIONS)
         check("temperature", self.temperature, gt=0)  # the KL terms divide by it (Eq. 5, 9)
         check("eta", self.eta, ge=0, le=1)
         check("text_only_batch", self.text_only_batch, ge=0)
+        check("dataloader_num_workers", self.dataloader_num_workers, ge=0)
         if self.text_only_batch and not self.text_only_prompts:
             raise UsageError("text_only_batch > 0 needs text_only_prompts (a file, one prompt per line)")
         check("dropout", self.dropout, ge=0, lt=1)
@@ -462,6 +490,14 @@ def _resume(cfg: TrainConfig, out_dir: Path, accelerator, optimizer, lr_schedule
     changes_file = out_dir / "config_changes.json"
     if not cfg.resume:
         changes_file.unlink(missing_ok=True)
+        old = [p for _, p in _checkpoints(out_dir)]
+        if old and accelerator.is_main_process:  # else the next default run would resume from them
+            accelerator.print(f"resume false: removing the {len(old)} checkpoint(s) of the earlier run "
+                              f"in {out_dir / 'checkpoints'} ({', '.join(p.name for p in old)}); "
+                              "this run starts at step 0", flush=True)
+            for p in old:
+                shutil.rmtree(p)
+        accelerator.wait_for_everyone()
         return 0
     found, notes = resume_checkpoint(out_dir)
     for note in notes:
@@ -661,16 +697,56 @@ def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = 
     others wait (then read its cache), losses are averaged over the processes before they are
     logged, and only the main process writes log.csv, checkpoints and the adapter. A NaN or inf
     loss stops every process with :class:`NonFiniteLossError` before the step's update.
-    """
-    from diffusers.optimization import get_scheduler
 
+    One run per ``output_dir``: a second run started on the same folder while the first runs is
+    refused (``fileio.folder_lock``); only the run that holds the lock removes the temporary
+    folders of killed runs. ``resume: false`` removes the checkpoints of an earlier run (with a
+    note), so that a later default run cannot resume from them.
+    """
     if isinstance(cfg, dict):
         cfg = TrainConfig.from_dict(cfg)
-    t0 = time.time()
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if int(cfg.dataloader_num_workers) < 0:
-        raise ValueError(f"dataloader_num_workers must be >= 0, got {cfg.dataloader_num_workers}")
+    # one run per output_dir: the main process holds its lock (fileio.folder_lock) until the end
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    with _run_lock(out_dir) if main_rank else contextlib.nullcontext():
+        return _train(cfg, out_dir, backbone, dataset, knowledge, allow_config_change)
+
+
+def _run_lock(out_dir: Path):
+    """The lock of ``out_dir`` (``fileio.folder_lock``), refused with a UsageError naming the
+    folder and the process that holds it."""
+    from .fileio import FolderLocked, folder_lock
+
+    @contextlib.contextmanager
+    def lock():
+        try:
+            held = folder_lock(out_dir)
+            held.__enter__()
+        except FolderLocked as e:
+            who = f"process {e.pid}" if e.pid else "another process"
+            raise UsageError(f"output_dir {out_dir} is in use by another training run ({who}): wait "
+                             "for it to finish, or choose another output_dir") from None
+        try:
+            yield
+        finally:
+            held.__exit__(None, None, None)
+    return lock()
+
+
+def _clear_temporaries(ckpt_root: Path) -> None:
+    """Remove half-written checkpoints (``.step-N.*.tmp``) and moved-aside old ones of earlier,
+    dead runs. Called only by the process that holds output_dir's lock: no other run can be
+    writing them."""
+    for stale in [*ckpt_root.glob(".tmp-*"), *ckpt_root.glob(".*.tmp"), *ckpt_root.glob(".*.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _train(cfg: TrainConfig, out_dir: Path, backbone, dataset, knowledge,
+           allow_config_change: bool) -> TrainResult:
+    from diffusers.optimization import get_scheduler
+
+    t0 = time.time()
     accelerator = _accelerator(cfg, out_dir)
     main_process = accelerator.is_main_process
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
@@ -720,9 +796,8 @@ def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = 
     adapter, optimizer, lr_scheduler = accelerator.prepare(adapter, optimizer, lr_scheduler)
 
     start = _resume(cfg, out_dir, accelerator, optimizer, lr_scheduler, allow_config_change)
-    ckpt_root = out_dir / "checkpoints"
-    for stale in [*ckpt_root.glob(".tmp-*"), *ckpt_root.glob(".*.tmp"), *ckpt_root.glob(".*.old-*")]:
-        shutil.rmtree(stale, ignore_errors=True)
+    if main_process:
+        _clear_temporaries(out_dir / "checkpoints")
     if main_process:
         atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     log_file, log = _open_log(out_dir / "log.csv", start) if main_process else (None, None)
@@ -772,8 +847,9 @@ def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = 
                    "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
                    "lr": lr_scheduler.get_last_lr()[0], "seconds": time.time() - t0}
             if main_process:
-                log.writerow(row)
-                log_file.flush()
+                with naming_file(out_dir / "log.csv"):
+                    log.writerow(row)
+                    log_file.flush()
             accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)
             bar.set_postfix(loss=f"{terms[0]:.4f}")
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps:

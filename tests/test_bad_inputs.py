@@ -536,3 +536,430 @@ def test_generate_warns_about_prompts_the_encoder_cuts(backbone):
     with pytest.warns(UserWarning, match=rf"1 prompt\(s\) longer than the text encoder's "
                                          rf"{backbone.max_length} tokens .*'four small red"):
         generate(backbone, [long, "one lemon"], num_inference_steps=1, output_type="pt")
+
+
+# ============================================================================ issue 26: silent cases
+
+
+def test_16_bit_grayscale_png_is_scaled_not_clipped_to_white(tmp_path):
+    # before: convert("RGB") clipped I;16 at 255, so 99.6% of the pixel values became +1.0
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    ramp = np.tile(np.linspace(0, 65535, 32).round().astype(np.uint16), (32, 1))
+    Image.fromarray(ramp).save(ds / "g16.png")
+    assert Image.open(ds / "g16.png").mode == "I;16"
+    Image.fromarray((ramp / 257).round().astype(np.uint8)).save(ds / "g8.png")
+    write_metadata(ds, [{"file_name": "g16.png", "text": "a", "prompt": "b"},
+                        {"file_name": "g8.png", "text": "a", "prompt": "b"}])
+    data = SURDDataset(ds, resolution=32, random_flip=False)
+    x16, x8 = data[0]["pixel_values"], data[1]["pixel_values"]
+    assert (x16 == 1.0).float().mean() < 0.1
+    assert torch.allclose(x16, x8, atol=1.01 / 127.5)
+
+
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_symlink_in_the_dataset_pointing_outside_is_refused(tmp_path, what):
+    # before: the '..'/absolute-path refusal was bypassed by a link
+    outside = tmp_path / "secret"
+    outside.mkdir()
+    Image.new("RGB", (8, 8)).save(outside / "x.png")
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    if what == "file":
+        (ds / "x.png").symlink_to(outside / "x.png")
+        name = "x.png"
+    else:
+        (ds / "sub").symlink_to(outside, target_is_directory=True)
+        name = "sub/x.png"
+    write_metadata(ds, [{"file_name": name, "text": "a", "prompt": "b"}])
+    with pytest.raises(SURDError, match=r"outside the dataset folder.*a symbolic link leads to"):
+        SURDDataset(ds, resolution=8)
+
+
+def test_symlink_inside_the_dataset_is_read(tmp_path):
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    Image.new("RGB", (8, 8)).save(ds / "x.png")
+    (ds / "y.png").symlink_to(ds / "x.png")
+    write_metadata(ds, [{"file_name": "y.png", "text": "a", "prompt": "b"}])
+    assert len(SURDDataset(ds, resolution=8)) == 1
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_utf8_bom_is_stripped_when_reading_prompts(tmp_path, suffix):
+    # before: the .txt reader stored the key '\ufeffone lemon'; the .jsonl reader refused the BOM
+    from sur_lib.knowledge import read_prompts
+
+    path = tmp_path / f"p{suffix}"
+    lines = ["one lemon", "two limes"]
+    body = "\n".join(json.dumps({"text": t}) if suffix == ".jsonl" else t for t in lines)
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
+    assert read_prompts(path) == lines
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_extract_save_every_s_must_be_finite_and_not_negative(tmp_path, capsys, value):
+    # before: nan was accepted and nothing was saved until the end
+    from sur_lib import knowledge
+
+    (tmp_path / "p.txt").write_text("one lemon\n")
+    code, _, err = run_cli(knowledge.main, ["extract", str(tmp_path / "p.txt"), "--llm", "x", "--out",
+                                            str(tmp_path / "k.safetensors"), "--save-every-s", value], capsys)
+    assert code == 2 and err.startswith("error: --save-every-s must be a finite number of seconds >= 0")
+
+
+def test_a_second_train_on_a_locked_output_dir_is_refused_and_its_temporaries_kept(surd, run4, tmp_path):
+    # before: both runs wrote the same folder, and startup deleted the other run's .*.tmp folders
+    from sur_lib.fileio import folder_lock
+
+    out = copy_run(run4, tmp_path)
+    live_tmp = out / "checkpoints" / f".step-000006.{os.getpid()}-abc.tmp"
+    live_tmp.mkdir()
+    log_before = (out / "log.csv").read_bytes()
+    with folder_lock(out):  # the first run, still working
+        with pytest.raises(ValueError, match=rf"output_dir {out} is in use by another training run "
+                                             rf"\(process {os.getpid()}\)"):
+            train(cfg_for(surd, out, max_steps=6))
+    assert live_tmp.is_dir() and (out / "log.csv").read_bytes() == log_before
+    res = train(cfg_for(surd, out, max_steps=6))  # the first run has ended: the lock is free
+    assert res.resumed_from == 4 and not live_tmp.exists()  # its temporaries are now stale
+
+
+def test_resume_false_removes_the_old_runs_checkpoints(surd, run4, tmp_path, capsys):
+    # before: the old run's step-4 stayed; the next default run resumed from it (log 1, 2, 4 ...)
+    out = copy_run(run4, tmp_path)
+    train(cfg_for(surd, out, max_steps=2, resume=False, learning_rate=1e-2))
+    said = capsys.readouterr().out
+    assert "resume false: removing the 2 checkpoint(s) of the earlier run" in said
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")) == ["step-000002"]
+    res = train(cfg_for(surd, out, max_steps=4, learning_rate=1e-2))
+    assert res.resumed_from == 2 and [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
+
+
+def test_duplicate_yaml_key_is_refused(tmp_path):
+    # before: the last value won silently
+    path = tmp_path / "c.yaml"
+    path.write_text("max_steps: 4\nlambda_llm: 1e-5\nmax_steps: 400000\n")
+    with pytest.raises(ValueError, match=rf"{path} line 3: not valid YAML \(duplicate key 'max_steps' "
+                                         r"\(first on line 1\)"):
+        TrainConfig.from_yaml(path)
+
+
+def test_yaml_merge_key_may_be_overridden(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("extra:\n  base: &b {a: 1, b: 2}\n  run: {<<: *b, a: 3}\n")
+    assert TrainConfig.from_yaml(path).extra["run"] == {"a": 3, "b": 2}
+
+
+@pytest.mark.parametrize("key", ["output_dir", "data_dir", "knowledge_file", "profile"])
+def test_tilde_is_expanded_in_every_path_key(tmp_path, key):
+    # before: output_dir: ~/x made a literal ./~/x
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{key}: ~/sur-x\n")
+    assert getattr(TrainConfig.from_yaml(path), key) == os.path.expanduser("~/sur-x")
+
+
+def _tiny_adapter():
+    from sur_lib.adapter import SURAdapter
+
+    torch.manual_seed(0)
+    return SURAdapter(text_dim=16, num_layers=1, num_heads=2, ffn_dim=8)
+
+
+def test_adapter_with_flipped_bytes_is_refused_on_load(tmp_path):
+    # before: flipped bytes in the tensors loaded and generated
+    from sur_lib.adapter import SURAdapter
+
+    _tiny_adapter().save_pretrained(tmp_path / "a")
+    f = tmp_path / "a" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model.safetensors differs from what was saved"):
+        SURAdapter.from_pretrained(tmp_path / "a")
+
+
+def test_adapter_with_nan_weights_is_refused(tmp_path):
+    # before: a NaN weight loaded, and generate returned NaN tensors or black images
+    from safetensors.torch import load_file, save_file
+
+    from sur_lib.adapter import SURAdapter
+
+    a = _tiny_adapter()
+    a.save_pretrained(tmp_path / "a")
+    f = tmp_path / "a" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(f))
+    tensors["fc.bias"][0] = float("nan")
+    save_file(tensors, str(f))
+    (tmp_path / "a" / "sur_manifest.json").unlink()  # as if saved before manifests existed
+    with pytest.raises(ValueError, match=r"weights are not finite \(NaN or inf in fc.bias\)"):
+        SURAdapter.from_pretrained(tmp_path / "a")
+    with torch.no_grad():
+        a.fc.bias[0] = float("nan")
+    a.save_pretrained(tmp_path / "b")  # saved as it is (a checkpoint records NaN weights) ...
+    with pytest.raises(ValueError, match=r"weights are not finite"):  # ... and refused on load
+        SURAdapter.from_pretrained(tmp_path / "b")
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"blur_sigma": 0}, "blur_sigma must be > 0"),
+    ({"blur_sigma": math.nan}, "blur_sigma must be a finite number"),
+    ({"fixed_gamma": math.nan}, "fixed_gamma must be a finite number"),
+    ({"fixed_gamma": -1.0}, "fixed_gamma must be >= 0"),
+    ({"max_scale": -5}, "max_scale must be > 0"),
+    ({"max_scale": math.inf}, "max_scale must be a finite number"),
+])
+def test_scfg_options_are_validated(kw, message):
+    # before: blur_sigma 0 and fixed_gamma nan gave NaN images; max_scale -5 was accepted
+    from sur_lib.guidance import SCFGConfig
+
+    with pytest.raises(ValueError, match=message):
+        SCFGConfig(**kw)
+
+
+@pytest.mark.parametrize("scheduler, most", [("dpm", 999), ("ddim", 999), ("pndm", 999), ("ddpm", 999)])
+def test_sampler_step_counts_are_bounded_per_scheduler(backbone, scheduler, most):
+    # before: dpm with 1000 steps returned NaN images; DDIM/PNDM/DDPM ended in an IndexError
+    from sur_lib.pipeline import generate
+
+    with pytest.raises(ValueError, match=rf"num_inference_steps must be <= {most} for \w+Scheduler "
+                                         r"\(the model was trained with 1000 timesteps\), got 1000"):
+        generate(backbone, ["a"], num_inference_steps=1000, scheduler=scheduler, output_type="pt")
+
+
+# ============================================================================ issue 26: cryptic / unbounded
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+    for p, c in zip("abcdefgh", "bcdefghi"))
+
+
+def test_yaml_alias_bomb_is_refused(tmp_path):
+    # before: under `extra` it hung; as max_steps it gave a 312,088,826-character message
+    for text in ("extra:\n" + "".join("  " + ln + "\n" for ln in BOMB.splitlines()),
+                 BOMB + "max_steps: *i\n"):
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        with pytest.raises(ValueError, match=r"expands to more than 100,000 values") as e:
+            TrainConfig.from_yaml(path)
+        assert len(str(e.value)) < 400
+
+
+def test_long_value_in_an_error_message_is_cut():
+    with pytest.raises(ValueError) as e:
+        TrainConfig(max_steps=[1] * 100_000)
+    assert len(str(e.value)) < 400 and "characters)" in str(e.value)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("max_steps", 10**12, "max_steps must be <= 10,000,000"),
+    ("batch_size", 10**9, "batch_size must be <= 65,536"),
+    ("dataloader_num_workers", 1000, "dataloader_num_workers must be <= 64"),
+    ("resolution", 65536, "resolution must be <= 8,192"),
+    ("dataloader_num_workers", -1, "dataloader_num_workers must be >= 0"),
+    ("seed", 2**70, r"seed must be a whole number from 0 to 2\*\*63 - 1"),
+    ("w0_seed", 2**64, r"w0_seed must be a whole number from 0 to 2\*\*63 - 1"),
+])
+def test_sizes_and_seeds_have_upper_bounds(key, value, message):
+    # before: these hung, ran out of memory naming 0.png, or overflowed in torch
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{key: value})
+
+
+def test_cli_max_steps_1e12_is_refused_at_once():
+    with pytest.raises(ValueError, match="max_steps must be <= 10,000,000"):
+        TrainConfig(**_parse_overrides(["--max_steps", "1e12"]))
+
+
+def test_generation_and_experiment_seeds_out_of_range(backbone, capsys):
+    # before: "Overflow when unpacking long long"
+    from sur_lib.experiments.common import ExperimentConfig
+    from sur_lib.pipeline import generate
+
+    with pytest.raises(ValueError, match=r"seed must be a whole number from 0 to 2\*\*63 - 1, got 18446744073709551616"):
+        generate(backbone, ["a"], seed=2**64, num_inference_steps=1, output_type="pt")
+    with pytest.raises(ValueError, match=r"--seed must be a whole number from 0 to 2\*\*63 - 1"):
+        ExperimentConfig(seed=2**70)
+    from sur_lib import toyworld
+
+    code, _, err = run_cli(toyworld.main, ["build", "/nonexistent/ds", "--n", "2", "--seed", str(2**70)], capsys)
+    assert code == 2 and "seed must be a whole number from 0 to 2**63 - 1" in err
+
+
+def test_disk_full_names_the_file(tmp_path, monkeypatch):
+    # before: "[Errno 28] No space left on device" naming no file
+    import errno
+
+    from sur_lib import fileio
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(fileio.os, "fsync", full)
+    with pytest.raises(OSError, match=rf"No space left on device while writing {tmp_path / 'r.json'}"):
+        fileio.write_json({"a": 1}, tmp_path / "r.json")
+    assert not list(tmp_path.iterdir())  # no temporary left
+    with pytest.raises(OSError, match=rf"while writing {tmp_path / 'ck'}"):
+        with fileio.atomic_folder(tmp_path / "ck"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("asked, stored", [("one lemon ", "one lemon"), ("cafe\u0301", "caf\u00e9")])
+def test_prompt_differing_by_whitespace_or_normalisation_names_the_stored_one(tmp_path, asked, stored):
+    # before: "no knowledge vector ... LLM could not be loaded (OSError: We couldn't connect to
+    # huggingface.co ...)", with two prompts that look the same
+    from sur_lib.knowledge import cached_knowledge_vectors, save_knowledge
+
+    path = tmp_path / "k.safetensors"
+    save_knowledge(path, [stored], torch.ones(1, 4), {"layer": -1, "include_bos": True, "batch_size": 1})
+
+    def must_not_load():
+        raise AssertionError("no LLM (and no Hub) for a prompt that is in the file in another form")
+    with pytest.raises(ValueError, match=r"only by white space or Unicode normalisation") as e:
+        cached_knowledge_vectors(path, must_not_load, [asked], -1, progress=False)
+    assert ascii(asked) in str(e.value) and ascii(stored) in str(e.value)
+
+
+def test_missing_prompt_shows_the_nearest_in_the_mapping():
+    from sur_lib.knowledge import select_knowledge
+
+    with pytest.raises(ValueError, match=r"the nearest prompt in it is 'four tomatoes in a row'"):
+        select_knowledge({"four tomatoes in a row": torch.ones(3)}, ["four tomato in a row"])
+
+
+def test_llm_path_that_looks_local_never_asks_the_hub(tmp_path):
+    from sur_lib.knowledge import load_causal_lm
+
+    with pytest.raises(ValueError, match=rf"LLM folder {tmp_path / 'nope'} not found \(a path, so the Hub"):
+        load_causal_lm(tmp_path / "nope")
+    with pytest.raises(ValueError, match="LLM folder runs/llm/x not found"):
+        load_causal_lm("runs/llm/x")
+
+
+def test_width_0_vectors_are_refused(tmp_path):
+    from sur_lib.knowledge import save_knowledge, select_knowledge
+
+    with pytest.raises(ValueError, match=r"vectors of width 0"):
+        save_knowledge(tmp_path / "k.safetensors", ["a"], torch.ones(1, 0))
+    with pytest.raises(ValueError, match=r"the knowledge vector of 'a' in the knowledge mapping has width 0"):
+        select_knowledge({"a": torch.ones(0)}, ["a"])
+
+
+def test_non_utf8_prompt_file_names_the_file_and_line(tmp_path, capsys):
+    # before: UnicodeDecodeError, no file named
+    from sur_lib import knowledge
+
+    path = tmp_path / "p.txt"
+    path.write_bytes("one lemon\ncaf\u00e9\n".encode("latin-1"))
+    code, _, err = run_cli(knowledge.main, ["extract", str(path), "--llm", "x", "--out",
+                                            str(tmp_path / "k.safetensors")], capsys)
+    assert code == 2 and err.startswith(f"error: {path}:2: not UTF-8 text")
+
+
+def test_extract_out_that_is_a_folder(tmp_path, capsys):
+    # before: "knowledge file ... not found"
+    from sur_lib import knowledge
+
+    (tmp_path / "p.txt").write_text("one lemon\n")
+    code, _, err = run_cli(knowledge.main, ["extract", str(tmp_path / "p.txt"), "--llm", "x", "--out",
+                                            str(tmp_path)], capsys)
+    assert code == 2 and err.startswith(f"error: --out {tmp_path} is a folder")
+
+
+def test_adapter_from_a_missing_path_never_asks_the_hub(tmp_path):
+    from sur_lib.adapter import SURAdapter
+
+    for name in (tmp_path / "nope", "runs/nope"):
+        with pytest.raises(ValueError, match=rf"adapter folder {name} not found"):
+            SURAdapter.from_pretrained(name)
+
+
+def test_adapter_folder_without_weights(tmp_path):
+    # before: "Defaulting to unsafe serialization" and a deep error
+    from sur_lib.adapter import SURAdapter
+
+    _tiny_adapter().save_pretrained(tmp_path / "a")
+    (tmp_path / "a" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"holds no adapter weights \(diffusion_pytorch_model.safetensors missing\)"):
+        SURAdapter.from_pretrained(tmp_path / "a")
+
+
+def test_adapter_of_another_width_never_suggests_ignore_mismatched_sizes(tmp_path):
+    from sur_lib.adapter import SURAdapter
+
+    _tiny_adapter().save_pretrained(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    cfg["text_dim"] = 32
+    (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "a" / "sur_manifest.json").unlink()
+    with pytest.raises(ValueError, match=r"the weights do not fit the folder's config.json \(\S+ is \[16\] "
+                                         r"in the weights file, \[32\] for its config.json\)") as e:
+        SURAdapter.from_pretrained(tmp_path / "a")
+    assert "ignore_mismatched_sizes" not in str(e.value)
+
+
+def _deep(n=200_000):
+    return "[" * n + "]" * n
+
+
+def test_deeply_nested_state_json_is_a_damaged_checkpoint(surd, run4, tmp_path, capsys):
+    # before: RecursionError stopped training
+    out = copy_run(run4, tmp_path)
+    (out / "checkpoints" / "step-000004" / "state.json").write_text(_deep())
+    res = train(cfg_for(surd, out))
+    assert "step-000004 is damaged (state.json is damaged (nested too deeply" in capsys.readouterr().out
+    assert res.resumed_from == 2
+
+
+def test_deeply_nested_result_file_is_named_as_damaged(tmp_path):
+    from sur_lib import claims
+    from sur_lib.experiments.verify import read_result
+
+    (tmp_path / "sur.json").write_text(_deep())
+    with pytest.raises(ValueError, match=rf"result file {tmp_path / 'sur.json'} is damaged \(nested too deeply"):
+        read_result(tmp_path / "sur.json", "sur")
+    for name in claims.RESULT_FILES:
+        (tmp_path / f"{name}.json").write_text(_deep())
+    with pytest.raises(ValueError, match=r"result file .*\.json is damaged \(nested too deeply"):
+        claims.load_results(tmp_path)
+
+
+def test_verify_on_an_empty_result_is_a_clear_error(tmp_path, capsys):
+    # before: KeyError: 'model'
+    from sur_lib.experiments import command
+
+    (tmp_path / "sur.json").write_text("{}")
+    code, _, err = run_cli(command.main, ["verify", "--only", "sur", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "is not a result of `sur`: it lacks 'experiment', 'model'" in err
+
+
+def test_data_errors_exit_with_status_2_like_config_errors(tmp_path, capsys):
+    # before: a SURDError (a data error) exited 1, a config error 2
+    from sur_lib import knowledge
+
+    (tmp_path / "ds").mkdir()
+    code, _, err = run_cli(knowledge.main, ["extract", str(tmp_path / "ds"), "--llm", "x", "--out",
+                                            str(tmp_path / "k.safetensors")], capsys)
+    assert code == 2 and "metadata file not found" in err
+
+
+def test_extract_removes_temporary_copies_of_dead_processes_only(tmp_path, capsys):
+    # before: every SIGKILL of extract left a .NAME.XXXX.tmp copy of the cache for good
+    from sur_lib.knowledge import extract_knowledge, save_knowledge
+
+    path = tmp_path / "k.safetensors"
+    meta = {"llm": "x", "layer": -1, "include_bos": True, "batch_size": 1}
+    save_knowledge(path, ["one lemon"], torch.ones(1, 4), meta)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".k.safetensors.{dead}-x1y2.tmp"
+    live = tmp_path / f".k.safetensors.{os.getppid()}-a1b2.tmp"
+    other = tmp_path / ".other.safetensors.1-zz.tmp"
+    for p in (stale, live, other):
+        p.write_bytes(b"half a cache")
+
+    def must_not_load():
+        raise AssertionError("every prompt is in the cache")
+    extract_knowledge(["one lemon"], path, must_not_load, meta={"llm": "x"}, progress=False)
+    assert not stale.exists() and live.exists() and other.exists()
+    assert f"removed {stale.name}" in capsys.readouterr().out

@@ -243,17 +243,24 @@ def test_cache_meta_mismatch(tiny, tmp_path):
     assert list(got) == PROMPTS[:2]
 
 
-def test_a_cache_from_before_batch_size_was_recorded_is_refused(tmp_path):
-    """Files made before the one-prompt default hold batched vectors (batches of 16): refused
-    with a message that says how to go on, not mixed with one-prompt vectors."""
-    path = tmp_path / "old.safetensors"
-    save_knowledge(path, ["a red car"], torch.randn(1, 32), {"model": "a", "layer": 1, "include_bos": True})
+def test_a_file_without_batch_size_is_read_as_it_is_and_never_extended(tmp_path):
+    """A file without batch_size in its meta (a user's own save_knowledge, or an old cache) is
+    read as it is when it holds every prompt; one that lacks prompts is refused with a message
+    that says how to extend it, never mixed with newly computed vectors. (Before: refused even
+    when complete, with a message about how old caches were made.)"""
+    path = tmp_path / "mine.safetensors"
+    vec = torch.randn(1, 32)
+    save_knowledge(path, ["a red car"], vec, {"model": "a", "layer": 1, "include_bos": True})
 
     def must_not_load():
-        raise AssertionError("the model must not be loaded when the cache does not fit")
+        raise AssertionError("the model must not be loaded for a file that is read as it is")
 
-    with pytest.raises(ValueError, match="before knowledge caches recorded their batch size"):
-        cached_knowledge_vectors(path, must_not_load, ["a red car"], 1, meta={"model": "a"}, progress=False)
+    got = cached_knowledge_vectors(path, must_not_load, ["a red car"], 1, meta={"model": "a"}, progress=False)
+    assert torch.equal(got["a red car"], vec[0])
+    with pytest.raises(ValueError, match=r"lacks 1 prompt\(s\) \('a blue car'.*records no batch_size.*"
+                                         r"never mixed.*To extend it"):
+        cached_knowledge_vectors(path, must_not_load, ["a red car", "a blue car"], 1, meta={"model": "a"},
+                                 progress=False)
 
 
 # --- the authors' prompt2vec files ---------------------------------------------------------------

@@ -68,6 +68,8 @@ def parse_args(argv: Sequence[str] | None = None):
     ap.add_argument("--no-cache", action="store_true",
                     help="do not reuse finished (prompt, condition) records from outputs/experiments/cache")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--full", action="store_true",
+                    help="verify: re-draw every image of every checked condition (slow)")
     ap.add_argument("--scales", default=None, help="compose: CFG scales, e.g. 2,3,4.5")
     ap.add_argument("--alphas", default=None, help="compose: delayed-conditioning alphas, e.g. 0.3,0.5,0.7")
     ap.add_argument("--complex-scales", default=None, help="compose: scales for the complex prompts")

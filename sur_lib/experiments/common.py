@@ -88,6 +88,11 @@ class ExperimentConfig:
     progress: bool = True
     argv: tuple[str, ...] = field(default_factory=tuple)
 
+    def __post_init__(self):
+        from ..config import check_seed
+
+        check_seed("--seed", self.seed)
+
     @classmethod
     def from_args(cls, args) -> "ExperimentConfig":
         """From the argparse namespace: the fields this class has (``--no-cache`` and

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .. import evaluate
-from ..analysis import agreement, compare, quality_tests, summarize
+from ..analysis import compare, quality_tests, summarize
 from ..fileio import write_json
 from ..guidance import SCFGConfig
 from ..provenance import rel_path, state_digest
@@ -301,6 +301,8 @@ def verify_compose(doc: dict, backbone, current_digest: str, per_type: int, n_im
                    progress: bool) -> list[dict]:
     """Re-generate the first images of a few conditions (``doc["verify"]``) and compare with
     the stored verdicts (``experiments.agreement``)."""
+    from .verify import choose_records, image_check
+
     if doc["model"]["unet_digest"] != current_digest:
         return [{"check": "base model", "ok": False, "message": (
             "compose.json was made with another base model: re-run the experiment")}]
@@ -315,20 +317,13 @@ def verify_compose(doc: dict, backbone, current_digest: str, per_type: int, n_im
                 return checks + [{"check": f"{name}: adapter", "ok": False,
                                   "message": f"{ref['dir']} is not the adapter compose.json was made with"}]
         gen = GenSettings(**block["generation"])
-        stored = select_prompts(block["records"], per_type)
-        m = min(n_images, min(r["n"] for r in stored))
+        stored = choose_records(block["records"], per_type, f"compose/{name}")
+        m = min(n_images or 10**9, min(r["n"] for r in stored))
         live = evaluate_composed(backbone, stored, [r["text"] for r in stored], m, doc["seed"], gen,
                                  adapter=adapter if block.get("adapter") else None,
                                  guidance=guidance_kwargs(block, SCFGConfig(**doc["scfg"])),
                                  quality=False, progress=progress, desc=f"verify/{name}")
-        res = agreement(sum(r["k"] for r in live), sum(r["n"] for r in live),
-                           sum(r["k"] for r in stored), sum(r["n"] for r in stored))
-        same = sum(int(x == y) for lr, sr in zip(live, stored) for x, y in zip(lr["correct"], sr["correct"][:m]))
-        res.update(check=f"{name}: {len(stored)} prompts x {m} images", same_images=same,
-                   compared_images=len(stored) * m)
-        res["message"] = (f"live {res['live']:.3f} vs stored {res['stored']:.3f}, |diff| "
-                          f"{abs(res['diff']):.3f} <= tol {res['tol']:.3f}? {'yes' if res['ok'] else 'NO'}; "
-                          f"image-for-image agreement {same}/{len(stored) * m}")
+        res = image_check(name, live, stored, m, doc)
         checks.append(res)
     return checks
 

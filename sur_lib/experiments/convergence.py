@@ -427,7 +427,8 @@ def verify_convergence(doc: dict, backbone, current_digest: str, per_type: int, 
         if name.startswith("step-"):
             block["adapter"] = doc["adapters"][last]
         conditions[name] = block
-    sub = {"model": doc["model"], "seed": doc["seed"], "generation": doc["generation"],
+    sub = {"experiment": "convergence", "versions": doc.get("versions"),
+           "model": doc["model"], "seed": doc["seed"], "generation": doc["generation"],
            "conditions": conditions}
     return checks + verify_images(sub, backbone, current_digest, per_type, n_images, progress)
 

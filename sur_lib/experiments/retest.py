@@ -438,7 +438,8 @@ def verify_retest(doc: dict, backbone, current_digest: str, per_type: int, n_ima
                    recipes.replay(export, backbone, progress=progress)]
     rec = doc["variants"]["recipe"]
     ref = {"dir": str(ROOT / rec["export"]["dir"]), "digest": rec["export"]["digest"]}
-    sub = {"model": doc["model"], "seed": doc["seed"], "generation": doc["settings"]["generation"],
+    sub = {"experiment": "retest", "versions": doc.get("versions"),
+           "model": doc["model"], "seed": doc["seed"], "generation": doc["settings"]["generation"],
            "conditions": {"recipe/test": {"records": rec["records"]["test"], "adapter": ref}}}
     return checks + verify_images(sub, backbone, current_digest, per_type, n_images, progress)
 

@@ -381,7 +381,8 @@ def verify_tune(doc: dict, backbone, current_digest: str, per_type: int, n_image
     ref = {"dir": str(ROOT / doc["tuned_run"]["dir"]), "digest": doc["tuned_run"]["digest"]}
     conditions = {"tuned/tuning": {"records": tried[str(doc["choice"]["index"])]["records"], "adapter": ref},
                   "tuned/test": {"records": doc["final_records"]["tuned/test"]["records"], "adapter": ref}}
-    sub = {"model": doc["model"], "seed": doc["seed"], "generation": doc["settings"]["generation"],
+    sub = {"experiment": "tune", "versions": doc.get("versions"),
+           "model": doc["model"], "seed": doc["seed"], "generation": doc["settings"]["generation"],
            "conditions": conditions}
     return checks + verify_images(sub, backbone, current_digest, per_type, n_images, progress)
 

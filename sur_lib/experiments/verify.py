@@ -1,15 +1,39 @@
-"""``verify``: re-runs a small subset of every stored result live and compares.
+"""``verify``: checks every stored result against its own records and against live re-draws.
 
-3 prompts x 4 images per condition (the stored adapter is loaded, not retrained; for
-``ablations`` the first training steps of one variant are replayed); it fails if a number
-disagrees beyond the stated noise (``analysis.agreement``). Experiments without a JSON are
-skipped, with a message. Within one run, a draw that several results share (the base model's
-images of the same simple prompts, with the same seed and sampler, appear in ``failure``,
-``sur``, ``rewrite`` and ``convergence``) is made live once and compared with each of them.
+Per result, in this order:
+
+1. **records against their verdicts** (``record_problems``): each record's k, n, acc, lo and
+   hi are what its per-image verdicts give, exactly;
+2. **summaries recomputed from the records** (``expected_summaries``), compared exactly (as
+   stored: NaN as null): the experiment's own summaries for ``failure``, ``sur``,
+   ``rewrite`` and ``guidance`` (with ``failure``'s claim and ``guidance``'s pick), and in
+   every result each ``summary`` that sits beside its ``records``. An edited headline fails
+   here without drawing anything;
+3. **re-drawn images** (``verify_images`` and the experiments' hooks): a subset of prompts of
+   every checked condition, chosen at random afresh in each run (``choose_records``: the seed
+   is printed, and ``verify --seed N`` chooses the same subset again), ``VERIFY_IMAGES``
+   images each; ``verify --full`` re-draws every image. On the package versions that wrote
+   the result (``same_versions``) the seeded draws must give every stored verdict again, image
+   for image (``image_check``); on other versions the accuracies must agree within
+   ``analysis.agreement``'s tolerance;
+4. loss replays (``ablations``: the first training steps of one variant; ``convergence``,
+   ``tune`` and ``retest`` replay their own logs).
+
+How likely is an edit caught? An edit that moves a condition of N images by 5 points changes
+at least f = ceil(0.05 N) verdicts. Checking s images drawn uniformly at random from the N
+misses all of them with probability C(N - f, s) / C(N, s) <= (1 - 0.05)^s, which is <= 0.05
+for s >= 59 (``images_for_power``). The default subset does NOT reach that: it draws the
+first ``VERIFY_IMAGES`` images of ``VERIFY_PROMPTS_PER_TYPE`` random prompt(s) per type
+(12 images per condition), because a seeded draw of image j of a prompt costs the j images
+before it (they share one generator) and 59 random images per condition would put the
+default run far beyond its 3-minute budget. An edit confined to images the subset never
+reaches (e.g. images 5-16) passes the default run unless it changes a summary (step 2);
+``verify --full`` catches any edited verdict. Within one run, a draw that several results
+share (the base model's images of the same simple prompts, with the same seed and sampler)
+is made live once and compared with each of them.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -20,7 +44,6 @@ from ..provenance import rel_path, state_digest
 from .ablations import VERIFY_TRAIN_STEPS
 from .common import EXPERIMENTS, ExperimentConfig, GenSettings, load_base, result_path
 from .images import evaluate_condition
-from .prompts import select_prompts
 from .runs import load_adapter, surd_mini, train_adapter, train_config
 
 VERIFY_PROMPTS_PER_TYPE = 1  # -> 3 prompts, one per type
@@ -35,9 +58,282 @@ class VerifyConfig(ExperimentConfig):
 
     only: str | None = None
     jobs: int = 2
+    full: bool = False  # re-draw every image of every condition verify checks
+    draw_seed: int | None = None  # chooses the re-drawn subset (None: a fresh one each run)
+
+    @classmethod
+    def from_args(cls, args) -> "VerifyConfig":
+        """``--seed N`` given on the command line chooses the re-drawn subset (the same N, the
+        same subset); without it a fresh subset is chosen in each run (and printed)."""
+        exp = super().from_args(args)
+        argv = list(getattr(args, "argv", None) or ())
+        if any(a == "--seed" or a.startswith("--seed=") for a in argv):
+            exp.draw_seed = exp.seed
+        return exp
+
+
+# the keys verify reads from each result (a file without them is not that result)
+RESULT_KEYS = {"probe": ("experiment", "seed", "features", "prompts"),
+               "ablations": ("experiment", "model", "seed", "variants", "surd_mini", "settings"),
+               "convergence": ("experiment", "model", "seed", "settings"),
+               "tune": ("experiment", "model", "seed", "settings"),
+               "retest": ("experiment", "model", "seed", "settings")}
+IMAGE_RESULT_KEYS = ("experiment", "model", "seed", "generation", "conditions")
+
+
+def read_result(path: Path, name: str) -> dict:
+    """The stored result ``name`` at ``path``, or a UsageError naming the file when it is not
+    readable JSON (damaged, nested too deeply) or lacks what verify reads."""
+    from ..cli import UsageError
+    from ..fileio import read_json
+
+    doc = read_json(path, "result file")
+    if not isinstance(doc, dict):
+        raise UsageError(f"result file {rel_path(path)} is not a JSON object: not a result of `{name}`")
+    lacking = [k for k in RESULT_KEYS.get(name, IMAGE_RESULT_KEYS) if k not in doc]
+    if lacking:
+        raise UsageError(f"result file {rel_path(path)} is not a result of `{name}`: it lacks "
+                         f"{', '.join(map(repr, lacking))} (restore it with git, or re-run "
+                         f"python -m sur_lib.experiments {name})")
+    return doc
 
 
 _shared: Path | None = None  # inside a verify process: a fresh folder for this run's draws
+
+
+# ----------------------------------------------------------------------------- consistency
+
+
+def _is_record(r) -> bool:
+    return isinstance(r, dict) and isinstance(r.get("correct"), list) and "k" in r and "n" in r
+
+
+def _is_records(x) -> bool:
+    return isinstance(x, list) and bool(x) and all(_is_record(r) for r in x)
+
+
+def first_difference(stored, live, path: str = "") -> str | None:
+    """The first place where ``stored`` and ``live`` (plain JSON, ``fileio.clean_json``) differ,
+    as 'path: stored X, recomputed Y'; None if they are exactly equal."""
+    if isinstance(stored, dict) and isinstance(live, dict):
+        for k in sorted(set(stored) | set(live), key=str):
+            if k not in stored or k not in live:
+                return f"{path}/{k}: {'missing in the result' if k not in stored else 'not recomputed'}"
+            d = first_difference(stored[k], live[k], f"{path}/{k}")
+            if d:
+                return d
+        return None
+    if isinstance(stored, list) and isinstance(live, list):
+        if len(stored) != len(live):
+            return f"{path}: {len(stored)} entries stored, {len(live)} recomputed"
+        for i, (a, b) in enumerate(zip(stored, live)):
+            d = first_difference(a, b, f"{path}[{i}]")
+            if d:
+                return d
+        return None
+    if stored == live and type(stored) is type(live) or (
+            isinstance(stored, (int, float)) and isinstance(live, (int, float))
+            and not isinstance(stored, bool) and not isinstance(live, bool) and stored == live):
+        return None
+    return f"{path}: stored {stored!r}, recomputed {live!r}"
+
+
+def record_problems(doc) -> list[str]:
+    """Every record of ``doc`` (a dict with ``correct``, ``k``, ``n``) checked against its own
+    verdicts: k = sum(correct), n = len(correct), acc = k / n and the Wilson interval (lo, hi),
+    exactly; the per-attribute ``hits`` cannot exceed n. Returns one line per problem."""
+    from ..analysis import wilson_interval
+
+    problems = []
+
+    def walk(x, path):
+        if _is_record(x):
+            c = x["correct"]
+            want = {"k": sum(int(v) for v in c), "n": len(c)}
+            if want["n"]:
+                want["acc"] = want["k"] / want["n"]
+                want["lo"], want["hi"] = wilson_interval(want["k"], want["n"])
+            for key, v in want.items():
+                if key in x and first_difference(x[key], v) is not None:
+                    problems.append(f"{path} ({x.get('id', '?')}): {key} is {x[key]!r}, its verdicts "
+                                    f"give {v!r}")
+                    return
+            if any(int(v) not in (0, 1) for v in c):
+                problems.append(f"{path} ({x.get('id', '?')}): verdicts must be 0 or 1")
+            return
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{path}/{k}")
+        elif isinstance(x, list):
+            for i, v in enumerate(x):
+                walk(v, f"{path}[{i}]")
+
+    walk(doc, "")
+    return problems
+
+
+def _block(base, other, names):
+    from ..analysis import compare_block
+
+    b = compare_block(base, other)
+    return {names[0]: b["base"], names[1]: b["other"], names[2]: b["change"], "quality": b["quality"]}
+
+
+def expected_summaries(name: str, doc: dict) -> list[tuple[str, object, object]]:
+    """[(where, stored, recomputed)] for every summary of ``doc`` that verify recomputes from
+    the records: the experiment's own summaries (``failure``, ``sur``, ``rewrite``,
+    ``guidance``) and, in every result, each ``summary`` that sits beside its ``records``."""
+    from ..analysis import compare, quality_tests, summarize
+
+    out = []
+    conds = doc.get("conditions") or {}
+    name = doc.get("experiment", name)  # what the file says it is (a copy may stand in for another)
+
+    def recs(c):
+        return conds[c]["records"]
+    if name == "failure":
+        s, c = recs("simple"), recs("complex")
+        live = {"simple": summarize(s), "complex": summarize(c), "complex_minus_simple": compare(s, c),
+                "quality": quality_tests(s, c)}
+        out.append(("summary", doc.get("summary"), live))
+        acc_s, acc_c = live["simple"]["overall"]["acc"], live["complex"]["overall"]["acc"]
+        claim = dict(doc.get("claim") or {}, complex=acc_c, simple=acc_s, gap=acc_c - acc_s,
+                     met=bool(acc_c >= 0.80 and acc_c - acc_s >= 0.25))
+        out.append(("claim", doc.get("claim"), claim))
+    elif name in ("sur", "rewrite"):
+        other = "adapter" if name == "sur" else "rewrite"
+        out.append(("summary", doc.get("summary"),
+                    _block(recs("base"), recs(other), ("base", other, f"{other}_minus_base"))))
+        td = doc.get("train_distribution")
+        if td and isinstance(td.get("records"), dict):
+            vb, va = td["records"]["base"], td["records"]["adapter"]
+            for key, live in (("base", summarize(vb)), ("adapter", summarize(va)),
+                              ("adapter_minus_base", compare(vb, va))):
+                out.append((f"train_distribution/{key}", td.get(key), live))
+    elif name == "guidance":
+        table = {}
+        for g in doc.get("grid") or []:
+            for cond in ("simple", "complex"):
+                c = f"{cond}@cfg{g:g}"
+                if c in conds:
+                    table.setdefault(f"{g:g}", {})[cond] = summarize(recs(c))
+        out.append(("summary", doc.get("summary"), table))
+        if table:
+            grid = doc["grid"]
+            best = max(grid, key=lambda g: (round(table[f"{g:g}"]["complex"]["overall"]["acc"], 12), -g))
+            out.append(("pick/guidance", (doc.get("pick") or {}).get("guidance"), best))
+
+    def walk(x, path):
+        if isinstance(x, dict):
+            if _is_records(x.get("records")) and isinstance(x.get("summary"), dict):
+                out.append((f"{path}/summary", x["summary"], summarize(x["records"])))
+            for k, v in x.items():
+                if k != "records":
+                    walk(v, f"{path}/{k}")
+        elif isinstance(x, list):
+            for i, v in enumerate(x):
+                walk(v, f"{path}[{i}]")
+    walk(doc, "")
+    return out
+
+
+def consistency_checks(name: str, doc: dict) -> list[dict]:
+    """Two checks that need no drawing: the records agree with their own verdicts
+    (``record_problems``), and every summary equals the one recomputed from the records
+    (``expected_summaries``), exactly (as stored: NaN as null)."""
+    from ..fileio import clean_json
+
+    probs = record_problems(doc)
+    checks = [{"check": "records agree with their verdicts", "ok": not probs,
+               "message": "every record's k, n, acc, lo, hi as its verdicts give" if not probs
+               else f"{len(probs)} record(s) disagree: {probs[0]}"}]
+    diffs, n = [], 0
+    for where, stored, live in expected_summaries(name, doc):
+        n += 1
+        d = first_difference(stored, clean_json(live), where)
+        if d:
+            diffs.append(d)
+    checks.append({"check": "summaries recomputed from the records", "ok": not diffs,
+                   "message": (f"{n} summaries, each exactly as recomputed" if not diffs else
+                               f"{len(diffs)} of {n} differ from their records: {diffs[0]}")})
+    return checks
+
+
+# ----------------------------------------------------------------------------- re-drawn images
+
+_draw_seed: int | None = None  # inside a verify process: the seed that chose this run's subset
+
+
+def images_for_power(shift: float = 0.05, power: float = 0.95) -> int:
+    """The number s of images drawn uniformly at random that catches, with probability at least
+    ``power``, an edit that changed a share ``shift`` of a condition's verdicts:
+    the smallest s with (1 - shift)^s <= 1 - power (59 for 5 points and 95%)."""
+    import math
+
+    return math.ceil(math.log(1 - power) / math.log(1 - shift))
+
+
+def choose_records(records: list[dict], per_type: int | None, key: str) -> list[dict]:
+    """The records to re-draw: ``per_type`` prompts of each type, chosen at random afresh in each
+    run (``random.Random`` seeded by the run's draw seed and ``key``, the result and condition:
+    ``verify --seed N`` chooses the same again), in their stored order; every record when
+    ``per_type`` is None (``verify --full``)."""
+    import random
+
+    if per_type is None:
+        return list(records)
+    rng = random.Random(f"{_draw_seed}/{key}")
+    by_type: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_type.setdefault(r.get("type"), []).append(i)
+    chosen = sorted(i for idx in by_type.values() for i in rng.sample(idx, min(per_type, len(idx))))
+    return [records[i] for i in chosen]
+
+
+def draw_key(records: list[dict], seed: int, gen) -> str:
+    """The key ``choose_records`` draws with: the same for two conditions that hold the same
+    draws (the same prompts, seed and sampler, e.g. the base model's simple prompts in
+    ``failure`` and ``sur``), so that they get the same subset and it is drawn once."""
+    import hashlib
+    import json
+
+    what = [seed, gen.to_dict(), [[r.get("id"), r.get("text")] for r in records]]
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def same_versions(doc: dict) -> bool:
+    """Whether this process runs the package versions (and Python) that wrote ``doc``: then the
+    seeded draws must give the stored images exactly, verdict for verdict."""
+    from .common import versions
+
+    stored = doc.get("versions") or {}
+    now = versions()
+    keys = [k for k in now if k not in ("platform", "torch_threads")]
+    return bool(stored) and all(stored.get(k) == now.get(k) for k in keys)
+
+
+def image_check(cond: str, live: list[dict], stored: list[dict], m: int, doc: dict) -> dict:
+    """The check of one condition's re-drawn images. On the code and versions that wrote the
+    result (``same_versions``) every re-drawn image must have its stored verdict (the draws are
+    seeded): one image that differs fails. Elsewhere (another machine's floating point) the
+    accuracies must agree within ``analysis.agreement``'s tolerance."""
+    res = agreement(sum(r["k"] for r in live), sum(r["n"] for r in live),
+                    sum(r["k"] for r in stored), sum(r["n"] for r in stored))
+    same = sum(int(x == y) for lr, sr in zip(live, stored) for x, y in zip(lr["correct"], sr["correct"][:m]))
+    total = len(stored) * m
+    exact = same_versions(doc)
+    res.update(check=f"{cond}: {len(stored)} prompts x {m} images", same_images=same,
+               compared_images=total, image_for_image=exact)
+    if exact:
+        res["ok"] = same == total
+        res["message"] = (f"image-for-image agreement {same}/{total} (same versions: every verdict must "
+                          f"agree) {'yes' if res['ok'] else 'NO'}; prompts "
+                          f"{', '.join(r.get('id', '?') for r in stored)}")
+    else:
+        res["message"] = (f"live {res['live']:.3f} vs stored {res['stored']:.3f} (other versions than the "
+                          f"result's), |diff| {abs(res['diff']):.3f} <= tol {res['tol']:.3f}? "
+                          f"{'yes' if res['ok'] else 'NO'}; image-for-image agreement {same}/{total}")
+    return res
 
 
 def loss_checks(live: list[dict], stored: list[dict]) -> list[dict]:
@@ -83,23 +379,15 @@ def verify_images(doc: dict, backbone, current_digest: str, per_type: int, n_ima
                 checks.append({"check": f"{cond}: adapter", "ok": False, "message": (
                     f"{ref['dir']} is not the adapter the result was made with (digest differs)")})
                 continue
-        stored = select_prompts(block["records"], per_type)
-        m = min(n_images, min(r["n"] for r in stored))
+        stored = choose_records(block["records"], per_type, draw_key(block["records"], seed, gen))
+        m = min(n_images or 10**9, min(r["n"] for r in stored))
         shared = []  # ids of the prompts drawn earlier in this run (images.evaluate_condition's cache)
         live = evaluate_condition(backbone, stored, [r["text"] for r in stored], m, seed, gen,
                                   adapter=adapter, progress=progress, desc=f"verify/{cond}",
                                   cache=_shared, hits=shared)
-        res = agreement(sum(r["k"] for r in live), sum(r["n"] for r in live),
-                        sum(r["k"] for r in stored), sum(r["n"] for r in stored))
-        same = sum(int(x == y) for lr, sr in zip(live, stored)
-                   for x, y in zip(lr["correct"], sr["correct"][:m]))
-        res.update(check=f"{cond}: {len(stored)} prompts x {m} images", same_images=same,
-                   compared_images=len(stored) * m)
-        res["message"] = (f"live {res['live']:.3f} vs stored {res['stored']:.3f} (same prompts, all "
-                          f"stored images), |diff| {abs(res['diff']):.3f} <= tol {res['tol']:.3f}? "
-                          f"{'yes' if res['ok'] else 'NO'}; image-for-image agreement "
-                          f"{same}/{len(stored) * m}"
-                          + (f"; {len(shared)}/{len(stored)} prompts drawn once in this run" if shared else ""))
+        res = image_check(cond, live, stored, m, doc)
+        if shared:
+            res["message"] += f"; {len(shared)}/{len(stored)} prompts drawn once in this run"
         checks.append(res)
     return checks
 
@@ -158,6 +446,12 @@ def run_verify(exp: VerifyConfig, backbone=None) -> dict:
     1 thread, 245 s at 2), so two processes use two cores where one cannot. Each process loads
     the base model itself; its lines are printed when it finishes a result."""
     t0 = time.time()
+    if exp.draw_seed is None:
+        import secrets
+
+        exp = replace(exp, draw_seed=secrets.randbits(31))
+    print(f"verify: {'every image re-drawn (--full)' if exp.full else 'a random subset re-drawn'}; "
+          f"subset seed {exp.draw_seed} (verify --seed {exp.draw_seed} chooses the same again)", flush=True)
     names = [n for n in (exp.only or "").split(",") if n] or list(EXPERIMENTS)
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
@@ -179,7 +473,8 @@ def run_verify(exp: VerifyConfig, backbone=None) -> dict:
             done = list(pool.map(_verify_part, [replace(exp, progress=False)] * len(groups), groups))
     by_name = {k: v for d in done for k, v in d.items()}
     report = {n: by_name.get(n, {"status": "skipped"}) for n in names}
-    return {"experiment": "verify", "failed": [n for n in names if report[n]["status"] == "FAILED"],
+    return {"experiment": "verify", "draw_seed": exp.draw_seed, "full": exp.full,
+            "failed": [n for n in names if report[n]["status"] == "FAILED"],
             "report": report, "tolerance": agreement.__doc__.split("\n\n")[1].strip(),
             "wall_time_s": round(time.time() - t0, 1)}
 
@@ -188,7 +483,7 @@ def _verify_part(exp: VerifyConfig, names: list[str], backbone=None) -> dict:
     """Verify ``names`` (results that exist) one after the other in this process; a draw two
     of them share is made once (a fresh ``images.evaluate_condition`` cache folder). Returns
     the report of each."""
-    global _shared
+    global _shared, _draw_seed
     import torch
 
     threads = torch.get_num_threads()
@@ -196,19 +491,19 @@ def _verify_part(exp: VerifyConfig, names: list[str], backbone=None) -> dict:
         torch.set_num_threads(exp.threads)
     try:
         with tempfile.TemporaryDirectory(prefix="verify-draws-") as tmp:
-            _shared = Path(tmp)
+            _shared, _draw_seed = Path(tmp), exp.draw_seed
             return _verify_names(exp, names, backbone)
     finally:
-        _shared = None
+        _shared, _draw_seed = None, None
         torch.set_num_threads(threads)
 
 
 def _verify_names(exp: VerifyConfig, names: list[str], backbone=None) -> dict:
-    per_type = 1 if exp.quick else VERIFY_PROMPTS_PER_TYPE
-    n_images = 2 if exp.quick else VERIFY_IMAGES
+    per_type = None if exp.full else 1 if exp.quick else VERIFY_PROMPTS_PER_TYPE
+    n_images = None if exp.full else 2 if exp.quick else VERIFY_IMAGES
     report = {}
     for name in names:
-        doc = json.loads(result_path(exp.out, name, False).read_text())
+        doc = read_result(result_path(exp.out, name, False), name)
         if backbone is None:
             backbone = load_base(exp.model_dir)
         digest = state_digest(backbone.unet)
@@ -237,6 +532,7 @@ def _verify_names(exp: VerifyConfig, names: list[str], backbone=None) -> dict:
             checks = verify_probe(doc, backbone)
         else:
             checks = verify_images(doc, backbone, digest, per_type, n_images, exp.progress)
+        checks = consistency_checks(name, doc) + checks
         ok = all(c["ok"] for c in checks)
         report[name] = {"status": "ok" if ok else "FAILED", "checks": checks,
                         "seconds": round(time.time() - te, 1)}
