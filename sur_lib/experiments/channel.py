@@ -196,11 +196,13 @@ def teacher_vectors(variant: str, cfg, rows: list[dict], entropy: float, progres
     (``oracle.calibrate_targets`` with the adapter's W0)."""
     from ..knowledge import KnowledgeProjection
 
-    llm = runs.knowledge_for_config(cfg, [r["text"] for r in rows], progress)
-    width = next(iter(llm.values())).shape[-1]
     if variant == "smollm2":
-        raw = llm
+        raw = runs.knowledge_for_config(cfg, [r["text"] for r in rows], progress)
+        width = next(iter(raw.values())).shape[-1]
     elif variant in ("oracle", "permuted"):
+        if cfg.llm != "smollm2":
+            raise ValueError(f"the channel's oracle is projected to SmolLM2's width; cfg.llm is {cfg.llm!r}")
+        width = oracle.SMOLLM2_WIDTH  # the width of tiny.yaml's LLM vectors, so W0 is the same
         raw = oracle.oracle_knowledge(teacher_rows(variant, rows), width=width)
     else:
         raise ValueError(f"variant {variant!r} has no teacher")
@@ -393,6 +395,7 @@ def run_channel(cc: ChannelConfig, backbone=None) -> tuple[dict, bool]:
                                                      pipe, cache=cache, progress=cc.progress,
                                                      desc=f"channel/{var}/{g}")
             res["seconds"] = round(time.time() - tv, 1)
+            res["versions"] = common.versions()
             return res
         return work
 
@@ -514,8 +517,8 @@ def export_adapter(cfg, export: Path) -> str:
     return rel_path(dest)
 
 
-def verify_channel(doc: dict, backbone, current_digest: str, progress: bool = False,
-                   n_images: int = 4) -> list[dict]:
+def verify_channel(doc: dict, backbone, current_digest: str, per_type: int | None = 1,
+                   n_images: int | None = 4, progress: bool = False) -> list[dict]:
     """``verify`` for the channel experiment (its final or partial file): every record's counts,
     the table (when complete) recomputed from the records, the first training steps of the
     first finished teacher variant replayed against its loss log, and the committed adapter's
@@ -542,7 +545,7 @@ def verify_channel(doc: dict, backbone, current_digest: str, progress: bool = Fa
     cc = ChannelConfig(steps=doc["settings"]["steps"], images=doc["settings"]["images"],
                        rows=doc["settings"]["rows"], entropy=doc["settings"]["entropy"],
                        llm_ratio=doc["settings"]["llm_ratio"], text_only_batch=doc["settings"]["text_only_batch"],
-                       seed=doc["seed"], quick=doc.get("quick", False), progress=progress)
+                       seed=doc["settings"]["seed"], quick=bool(doc.get("quick")), progress=progress)
     var = next((v for v in VARIANTS if v in doc["variants"] and v != "none"), None)
     if var is not None:
         cfg = variant_config(cc, var, doc["lambda"]["lambda_llm"], current_digest)
@@ -562,13 +565,12 @@ def verify_channel(doc: dict, backbone, current_digest: str, progress: bool = Fa
         d = doc["variants"].get(v)
         if d is None or "adapter_dir" not in d:
             continue
-        first = {g: recs[:1] for g, recs in d["records"].items()}
-        sub = {"model": {"unet_digest": doc["settings"]["model_digest"]}, "seed": doc["seed"],
-               "generation": doc["settings"]["generation"],
+        sub = {"model": {"unet_digest": doc["settings"]["model_digest"]}, "seed": doc["settings"]["seed"],
+               "generation": doc["settings"]["generation"], "versions": d.get("versions") or doc.get("versions"),
                "conditions": {f"channel {v}/{g}": {"records": r, "adapter": {"dir": str(ROOT / d["adapter_dir"]),
                                                                              "digest": d["digest"]}}
-                              for g, r in first.items()}}
-        checks += verify_images(sub, backbone, current_digest, 1, n_images, progress)
+                              for g, r in d["records"].items()}}
+        checks += verify_images(sub, backbone, current_digest, per_type, n_images, progress)
     return checks
 
 

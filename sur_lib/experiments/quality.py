@@ -116,7 +116,8 @@ if __name__ == "__main__":
     run_cli(main)
 
 
-def verify_quality(doc: dict, backbone, current_digest: str, progress: bool = False, n_images: int = 4) -> list[dict]:
+def verify_quality(doc: dict, backbone, current_digest: str, per_type: int | None = 1,
+                   n_images: int | None = 4, progress: bool = False) -> list[dict]:
     """``verify`` for ``quality.json``: the table recomputed from its records, and the stored
     adapter's images of one prompt per type re-drawn (image for image)."""
     from ..analysis import same_numbers
@@ -125,8 +126,8 @@ def verify_quality(doc: dict, backbone, current_digest: str, progress: bool = Fa
 
     ok = same_numbers(quality_table(doc["records"]["base"], doc["records"]["adapter"], doc["margin"]), doc["table"])
     checks = [{"check": "quality: table", "ok": ok, "message": "recomputed from the records" + ("" if ok else ": DIFFERS")}]
-    sub = {"model": doc["model"], "seed": doc["seed"], "generation": doc["generation"],
+    sub = {"model": doc["model"], "seed": doc["seed"], "generation": doc["generation"], "versions": doc["versions"],
            "conditions": {"quality adapter": {"records": doc["records"]["adapter"],
                                               "adapter": {"dir": str(ROOT / doc["adapter"]["dir"]),
                                                           "digest": doc["adapter"]["digest"]}}}}
-    return checks + verify_images(sub, backbone, current_digest, 1, n_images, progress)
+    return checks + verify_images(sub, backbone, current_digest, per_type, n_images, progress)

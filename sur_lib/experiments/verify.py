@@ -42,7 +42,7 @@ from pathlib import Path
 from ..analysis import agreement
 from ..provenance import rel_path, state_digest
 from .ablations import VERIFY_TRAIN_STEPS
-from .common import EXPERIMENTS, ExperimentConfig, GenSettings, load_base, result_path
+from .common import EXPERIMENTS, ExperimentConfig, GenSettings, load_base, result_path, verify_path
 from .images import evaluate_condition
 from .runs import load_adapter, surd_mini, train_adapter, train_config
 
@@ -77,7 +77,10 @@ RESULT_KEYS = {"probe": ("experiment", "seed", "features", "prompts"),
                "ablations": ("experiment", "model", "seed", "variants", "surd_mini", "settings"),
                "convergence": ("experiment", "model", "seed", "settings"),
                "tune": ("experiment", "model", "seed", "settings"),
-               "retest": ("experiment", "model", "seed", "settings")}
+               "retest": ("experiment", "model", "seed", "settings"),
+               "channel": ("settings", "variants", "base"),
+               "neighbours": ("experiment", "k", "nouns", "tests"),
+               "quality": ("experiment", "model", "seed", "generation", "margin", "table", "records")}
 IMAGE_RESULT_KEYS = ("experiment", "model", "seed", "generation", "conditions")
 
 
@@ -420,8 +423,8 @@ def verify_ablations(doc: dict, backbone, current_digest: str, progress: bool) -
 # Two groups of results that take about as long to verify (their results' times in one run on
 # 2 cores: 98 s and 128 s); the first holds every result that shares the base model's simple-prompt draws, so that
 # they are still made once.
-PARTS = (("failure", "sur", "rewrite", "convergence", "ablations", "probe"),
-         ("guidance", "compose", "tune", "retest"))
+PARTS = (("failure", "sur", "rewrite", "convergence", "ablations", "probe", "neighbours", "channel"),
+         ("guidance", "compose", "tune", "retest", "quality"))
 
 
 def parts_of(names: list[str], jobs: int) -> list[list[str]]:
@@ -456,10 +459,12 @@ def run_verify(exp: VerifyConfig, backbone=None) -> dict:
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
         raise ValueError(f"verify --only: unknown result(s) {unknown}; known: {list(EXPERIMENTS)}")
-    present = [n for n in names if result_path(exp.out, n, False).is_file()]
+    present = [n for n in names if verify_path(exp.out, n).is_file()]
     for n in names:
         if n not in present:
             print(f"SKIP {n}: {rel_path(result_path(exp.out, n, False))} does not exist yet", flush=True)
+        elif verify_path(exp.out, n) != result_path(exp.out, n, False):
+            print(f"{n}: checking {rel_path(verify_path(exp.out, n))} (the run is not complete)", flush=True)
     groups = parts_of(present, exp.jobs if backbone is None else 1)
     if len(groups) <= 1:
         done = [_verify_part(exp, g, backbone) for g in groups]
@@ -503,7 +508,7 @@ def _verify_names(exp: VerifyConfig, names: list[str], backbone=None) -> dict:
     n_images = None if exp.full else 2 if exp.quick else VERIFY_IMAGES
     report = {}
     for name in names:
-        doc = read_result(result_path(exp.out, name, False), name)
+        doc = read_result(verify_path(exp.out, name), name)
         if backbone is None:
             backbone = load_base(exp.model_dir)
         digest = state_digest(backbone.unet)
@@ -526,6 +531,18 @@ def _verify_names(exp: VerifyConfig, names: list[str], backbone=None) -> dict:
             from .retest import verify_retest
 
             checks = verify_retest(doc, backbone, digest, per_type, n_images, exp.progress)
+        elif name == "channel":  # the distillation channel (experiments/channel.py)
+            from .channel import verify_channel
+
+            checks = verify_channel(doc, backbone, digest, per_type, n_images, exp.progress)
+        elif name == "quality":  # Table 3 at the plateau (experiments/quality.py)
+            from .quality import verify_quality
+
+            checks = verify_quality(doc, backbone, digest, per_type, n_images, exp.progress)
+        elif name == "neighbours":  # transfer by neighbourhood (experiments/neighbours.py)
+            from .neighbours import verify_neighbours
+
+            checks = verify_neighbours(doc, backbone, exp.progress, Path(exp.out))
         elif name == "probe":  # the text encoder's part of the probe (experiments/probe.py)
             from .probe import verify_probe
 
