@@ -71,14 +71,18 @@ def test_split_evidence_tests_unseen_nouns_with_nouns_as_the_unit():
 
 def _retest_doc(no_llm, no_cp, oracle):
     """A complete retest.json's table: each entry (variant - reference) on both sets."""
+    neutral = _holm(_c(0.0, 1.0, -0.02, 0.02, 150), 1.0)
+
     def block():
-        return {"variants": {"no_llm": {"vs_recipe": {"overall": no_llm}},
-                             "no_cp": {"vs_recipe": {"overall": no_cp}},
-                             "teacher_oracle": {"vs_strong_llm": {"overall": oracle}}}}
+        rows = {v: {c.key: {"overall": neutral}} for v, c in claims.RETEST_CLAIMS.items()}
+        rows.update({"no_llm": {"vs_recipe": {"overall": no_llm}},
+                     "no_cp": {"vs_recipe": {"overall": no_cp}},
+                     "teacher_oracle": {"vs_strong_llm": {"overall": oracle}}})
+        return {"variants": rows}
     recs = {"records": {"extended": _recs([0.5, 0.25, 0.0, 0.5])}}
     return {"complete": True, "settings": {"knobs": {"steps": 2000}},
             "table": {"test": block(), "extended": block()},
-            "variants": {v: recs for v in ("recipe", "strong_llm", "no_llm", "no_cp", "teacher_oracle")}}
+            "variants": {v: recs for v in ("recipe", *claims.RETEST_CLAIMS)}}
 
 
 def test_retest_rows_use_holm_and_replace_the_short_budget():
