@@ -517,6 +517,33 @@ def export_adapter(cfg, export: Path) -> str:
     return rel_path(dest)
 
 
+def backfill(ppath: Path, out_runs: Path) -> list[str]:
+    """For variants finished before their unit exported these (the first session's runs): copy
+    the committed adapter of ``VERIFY_ADAPTERS`` from the run folder and record the package
+    versions of this environment, marked as recorded after the run. Run it only while no
+    channel job is running (the jobs rewrite the partial file from memory)."""
+    from ..provenance import ROOT
+
+    partial = jobs.read(ppath)
+    done = []
+    for var, d in partial.get("variants", {}).items():
+        if var in VERIFY_ADAPTERS and "adapter_dir" not in d:
+            src = ROOT / d["run"] / "adapter-fp16"
+            dest = Path(out_runs) / var / "adapter-fp16"
+            if dest.exists():
+                shutil.rmtree(dest)
+            shutil.copytree(src, dest)
+            d["adapter_dir"] = rel_path(dest)
+            done.append(f"{var}: adapter copied to {rel_path(dest)}")
+        if "versions" not in d:
+            d["versions"] = common.versions()
+            d["versions_recorded"] = "after the run, from the environment that ran it"
+            done.append(f"{var}: versions recorded")
+    with jobs.locked(ppath):
+        write_json(partial, ppath)
+    return done
+
+
 def verify_channel(doc: dict, backbone, current_digest: str, per_type: int | None = 1,
                    n_images: int | None = 4, progress: bool = False) -> list[dict]:
     """``verify`` for the channel experiment (its final or partial file): every record's counts,
