@@ -109,7 +109,7 @@ _recording: set[str] = set()
 def record_reads(log: str | Path, under: Sequence[str | Path]) -> None:
     """From now on, append to ``log`` (one absolute path a line) every file this process opens
     for reading (Python's ``open`` audit event: ``open``, ``Path.read_text``, ``json.load`` of a
-    file, ``torch.load``...) that lies under one of the folders ``under``. Once per log and
+    file, torch's loader...) that lies under one of the folders ``under``. Once per log and
     process; files read by native code (safetensors) are not seen."""
     log = str(Path(log).resolve())
     if log in _recording:

