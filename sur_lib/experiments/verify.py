@@ -420,9 +420,10 @@ def verify_ablations(doc: dict, backbone, current_digest: str, progress: bool) -
     return checks
 
 
-# Two groups of results that take about as long to verify (their results' times in one run on
-# 2 cores: 98 s and 128 s); the first holds every result that shares the base model's simple-prompt draws, so that
-# they are still made once.
+# Two groups of results that run side by side; the first holds every result that shares the base
+# model's simple-prompt draws, so that they are still made once. Measured in one run on 2 cores
+# (2026-12-06, the machine nearly idle): 90 s and 164 s, 170 s in all; tune's replay builds its
+# 6,000-row SURD-mini and its caches when they are missing (117 s of the 164).
 PARTS = (("failure", "sur", "rewrite", "convergence", "ablations", "probe", "neighbours", "channel"),
          ("guidance", "compose", "tune", "retest", "quality"))
 
