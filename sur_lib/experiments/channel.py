@@ -98,10 +98,6 @@ def noun_info(noun: str) -> tuple[str, str, str]:
     return TEXT_ONLY_NOUNS[noun]
 
 
-def noun_text(template: str, count: int, noun: str) -> str:
-    return prompts.noun_text(template, count, noun, noun_info(noun)[0])
-
-
 def text_only_rows(seed: int = PROMPT_SEED, per_noun: int = TEXT_ONLY_PER_NOUN) -> list[dict]:
     """The text-only training prompts as rows (text, count, colour, shape, arrangement, noun),
     drawn as SURD-mini draws its simple prompts (train phrasings), distinct texts."""
@@ -117,7 +113,8 @@ def text_only_rows(seed: int = PROMPT_SEED, per_noun: int = TEXT_ONLY_PER_NOUN) 
             arr = tw.ARRANGEMENTS[int(rng.integers(4))] if count >= tw.MIN_ARRANGED else None
             key = "single" if count == 1 else ("count" if arr is None or rng.random() < 0.25 else arr)
             options = tw.TEMPLATES["train"][key]
-            text = noun_text(options[int(rng.integers(len(options)))], count, noun)
+            text = prompts.noun_text(options[int(rng.integers(len(options)))], count, noun,
+                                     noun_info(noun)[0])
             if text in seen:
                 continue
             seen.add(text)
@@ -191,9 +188,11 @@ def training_rows(cfg) -> list[dict]:
     return list(SURDDataset(cfg.data_dir, check_images=False).rows) + text_only_rows()
 
 
-def teacher_vectors(variant: str, cfg, rows: list[dict], entropy: float, progress: bool = True) -> dict:
+def teacher_vectors(variant: str, cfg, rows: list[dict], entropy: float, text_dim: int,
+                    progress: bool = True) -> dict:
     """{prompt: vector} of ``variant``'s teacher for every prompt of ``rows``, calibrated
-    (``oracle.calibrate_targets`` with the adapter's W0)."""
+    (``oracle.calibrate_targets`` with the adapter's W0: LLM width -> ``text_dim``, the text
+    encoder's width)."""
     from ..knowledge import KnowledgeProjection
 
     if variant == "smollm2":
@@ -206,7 +205,7 @@ def teacher_vectors(variant: str, cfg, rows: list[dict], entropy: float, progres
         raw = oracle.oracle_knowledge(teacher_rows(variant, rows), width=width)
     else:
         raise ValueError(f"variant {variant!r} has no teacher")
-    w0 = KnowledgeProjection(width, cfg_text_dim(cfg), cfg.w0_seed)
+    w0 = KnowledgeProjection(width, text_dim, cfg.w0_seed)
     return oracle.calibrate_targets(raw, w0, entropy, cfg.temperature)
 
 
@@ -217,15 +216,6 @@ def teacher_rows(variant: str, rows: list[dict]) -> list[dict]:
         return rows
     perm = oracle.permuted_classes({r["noun"]: (r["color"], r["shape"]) for r in rows})
     return [dict(r, color=perm[r["noun"]][0], shape=perm[r["noun"]][1]) for r in rows]
-
-
-def cfg_text_dim(cfg) -> int:
-    return 384  # MiniLM's width: the tiny profile's text encoder (tiny.yaml)
-
-
-def attribute_groups(rows: list[dict]) -> dict[str, tuple]:
-    """{prompt: (count, colour, shape, named arrangement)}: the oracle's code of each prompt."""
-    return dict(oracle.prompt_attributes(rows))
 
 
 # ----------------------------------------------------------------------------- training
@@ -279,10 +269,10 @@ def choose_lambda(cc: ChannelConfig, backbone, model_digest: str) -> dict:
 
     cfg = variant_config(cc, "oracle", 1.0, model_digest)
     rows = training_rows(cfg)
-    groups = attribute_groups(rows)
+    groups = oracle.prompt_attributes(rows)  # {prompt: the oracle's attribute combination}
     llm = runs.knowledge_for_config(cfg, [r["text"] for r in rows], cc.progress)
     width = next(iter(llm.values())).shape[-1]
-    w0 = KnowledgeProjection(width, cfg_text_dim(cfg), cfg.w0_seed)
+    w0 = KnowledgeProjection(width, backbone.text_dim, cfg.w0_seed)
     targets = {"before": {"smollm2 (as used by the re-test)": oracle.target_stats(llm, w0, cfg.temperature),
                           "oracle (re-test: SmolLM2's mean norm)": oracle.target_stats(
                               oracle.oracle_knowledge(rows, width, norm=oracle.mean_norm(llm)), w0,
@@ -290,9 +280,9 @@ def choose_lambda(cc: ChannelConfig, backbone, model_digest: str) -> dict:
                "after": {}}
     knowledge = {}
     for v in ("oracle", "permuted", "smollm2"):
-        vec = teacher_vectors(v, cfg, rows, cc.entropy, cc.progress)
+        vec = teacher_vectors(v, cfg, rows, cc.entropy, backbone.text_dim, cc.progress)
         targets["after"][v] = oracle.target_stats(
-            vec, w0, cfg.temperature, None if v == "smollm2" else attribute_groups(teacher_rows(v, rows)))
+            vec, w0, cfg.temperature, None if v == "smollm2" else oracle.prompt_attributes(teacher_rows(v, rows)))
         knowledge[v] = vec
     torch.manual_seed(cfg.seed)
     adapter = build_adapter(cfg, backbone.text_dim, width)
@@ -314,7 +304,7 @@ def train_variant(cc: ChannelConfig, variant: str, lam: float, backbone, model_d
     cfg = variant_config(cc, variant, lam, model_digest)
     knowledge = None
     if variant != "none":
-        knowledge = teacher_vectors(variant, cfg, training_rows(cfg), cc.entropy, cc.progress)
+        knowledge = teacher_vectors(variant, cfg, training_rows(cfg), cc.entropy, backbone.text_dim, cc.progress)
     folder = recipes.adapter_folder(cfg)
     if (folder / "sur_adapter.json").is_file():
         meta = json.loads((folder / "sur_adapter.json").read_text())
@@ -576,7 +566,7 @@ def verify_channel(doc: dict, backbone, current_digest: str, per_type: int | Non
     var = next((v for v in VARIANTS if v in doc["variants"] and v != "none"), None)
     if var is not None:
         cfg = variant_config(cc, var, doc["lambda"]["lambda_llm"], current_digest)
-        knowledge = teacher_vectors(var, cfg, training_rows(cfg), cc.entropy, progress)
+        knowledge = teacher_vectors(var, cfg, training_rows(cfg), cc.entropy, backbone.text_dim, progress)
         with tempfile.TemporaryDirectory() as tmp:
             rcfg = TrainConfig.from_dict(dict(cfg.to_dict(), max_steps=VERIFY_REPLAY_STEPS, checkpoint_every=10**6,
                                               output_dir=tmp, resume=False, progress=progress))
