@@ -158,6 +158,15 @@ def pct_ci(block: Mapping, digits: int = 1, ci_digits: int | None = None, suffix
     return f"{pct(block['acc'], digits, suffix)} {brackets[0]}{lo}{sep}{hi}{brackets[1]}"
 
 
+def prompt_ci(block: Mapping) -> dict:
+    """A summary block (``analysis.summarize``) re-read at the prompt level: ``acc`` is the mean
+    of the per-prompt accuracies and ``lo``-``hi`` its 95% t interval over prompts, clipped to
+    [0, 1]; ``pct_ci(prompt_ci(block))`` prints it. This interval carries the spread between
+    prompts, which the Wilson interval over images (``block["lo"]``, ``block["hi"]``) ignores."""
+    lo, hi = block["prompt_t_ci"]
+    return {"acc": block["prompt_mean"], "lo": max(0.0, lo), "hi": min(1.0, hi)}
+
+
 def fmt_p(p: float | None, space: bool = True, prefix: bool = False) -> str:
     """A p-value to three decimals, "< 0.001" below that (``space=False``: "<0.001"), "–" for
     None; ``prefix`` writes "p = 0.012" / "p < 0.001"."""

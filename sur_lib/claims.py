@@ -22,7 +22,7 @@ from .fileio import read_json
 ALPHA = 0.05
 VERDICTS = ("supported", "contradicted", "not detected")
 RESULT_FILES = ("failure", "sur", "ablations", "convergence", "probe")
-LATER_FILES = ("tune", "retest", "quality")  # used when they exist (runs that land over sessions)
+LATER_FILES = ("tune", "retest", "quality", "channel")  # used when they exist (runs that land over sessions)
 
 
 @dataclass(frozen=True)
@@ -237,6 +237,37 @@ def quality_row(q: dict, alpha: float = ALPHA) -> dict:
             "verdict": v}
 
 
+CHANNEL_CLAIMS = {  # the channel experiment's reading, oracle vs permuted oracle per noun group
+    "seen": "ours: the distillation channel carries a true teacher's knowledge to the training nouns",
+    "unseen": "ours: the distillation channel carries a true teacher's knowledge to nouns the adapter never trained on",
+    "text_only": "ours: a teacher alone teaches a noun that appears only as text, never in an image",
+}
+
+
+def channel_rows(ch: dict, alpha: float = ALPHA) -> list[dict]:
+    """The channel experiment (``channel.json``, complete): oracle vs permuted oracle in each
+    noun group, at the group's unit (seen: prompts; unseen, text-only: nouns), Holm across the
+    group's four comparisons, with the difference the test could detect."""
+    from .experiments import channel as chx
+
+    steps = ch["settings"]["steps"]
+    rows = []
+    for g, text in CHANNEL_CLAIMS.items():
+        t = ch["table"][g]["tests"]["oracle_vs_permuted"]
+        unit = chx.UNIT[g]
+        lvl = t[unit]
+        lo, hi = (100 * v + 0.0 for v in (lvl["t_ci"] if unit == "nouns" else lvl["paired"]["t_ci"]))
+        n = lvl["n_nouns"] if unit == "nouns" else lvl["paired"]["n"]
+        mde = chx.detectable(ch["variants"], g, "oracle", "permuted")
+        rows.append({"key": f"channel_{g}", "claim": text,
+                     "tested by": (f"`channel.json`: oracle vs permuted oracle, {steps:,} steps, "
+                                   f"{g.replace('_', '-')} nouns, {n} {unit}"),
+                     "evidence": (f"{100 * lvl['diff'] + 0.0:+.1f} points [{lo:+.1f}, {hi:+.1f}] (unadjusted), "
+                                  f"Holm p {fmt_p(lvl['p_holm'])}; detectable {100 * mde:.1f} points"),
+                     "verdict": chx.verdict(t, g, alpha)})
+    return rows
+
+
 def claims_table(res: dict, alpha: float = ALPHA) -> list[dict]:
     """One row per claim: claim, tested by, evidence, verdict (``res``: ``load_results``)."""
     fail, sur, abl, dose, pr = (res[n] for n in RESULT_FILES)
@@ -252,6 +283,8 @@ def claims_table(res: dict, alpha: float = ALPHA) -> list[dict]:
         rows.append(tune_row(res["tune"], alpha))
     if res.get("retest", {}).get("complete"):
         rows += retest_rows(res["retest"], alpha)
+    if res.get("channel", {}).get("complete"):
+        rows += channel_rows(res["channel"], alpha)
     steps = abl["settings"]["budget"]["overrides"]["max_steps"]
     for name, what in TERM_CLAIMS.items():
         if any(r["key"] == name for r in rows):  # the re-test at the plateau answers it

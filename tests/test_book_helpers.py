@@ -32,6 +32,19 @@ def test_pct_and_pct_ci():
     assert book.pct_ci(block, suffix="", brackets="()", sep="–") == "83.5 (80.6–86.0)"
 
 
+def test_prompt_ci_is_the_t_interval_over_prompts_clipped():
+    from sur_lib import analysis
+
+    recs = [{"id": i, "type": "color", "k": k, "n": 4, "acc": k / 4} for i, k in enumerate((4, 4, 3, 1))]
+    block = analysis.summarize(recs)["overall"]
+    got = book.prompt_ci(block)
+    # mean 0.75, sd of (1, 1, .75, .25) = 0.3536, t(0.975, 3) = 3.1824 -> half 0.5626
+    assert got["acc"] == pytest.approx(0.75)
+    assert got["lo"] == pytest.approx(0.75 - 0.5626, abs=1e-4) and got["hi"] == 1.0  # clipped
+    assert got["hi"] - got["lo"] > block["hi"] - block["lo"]  # wider than Wilson over 16 images
+    assert book.pct_ci(got) == "75.0% [18.7, 100.0]"
+
+
 def test_fmt_p():
     assert book.fmt_p(0.0123) == "0.012" and book.fmt_p(0.0004) == "< 0.001"
     assert book.fmt_p(0.0004, space=False) == "<0.001" and book.fmt_p(None) == "–"

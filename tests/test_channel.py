@@ -262,3 +262,28 @@ def test_preliminary_compares_only_finished_pairs():
     assert list(t) == ["oracle_vs_permuted"]
     assert t["oracle_vs_permuted"]["nouns"]["diff"] == pytest.approx((0.25 + 0.25 + 0.5) / 3)
     assert "p_holm" not in t["oracle_vs_permuted"]["nouns"]
+
+
+def test_book_rows_show_every_variant_and_comparison_with_its_detectable_difference():
+    def recs(accs):
+        return {g: [{"id": f"{g}{i}", "type": "color", "noun": f"n{i // 2}", "k": int(4 * a), "n": 4, "acc": a}
+                    for i, a in enumerate(accs)] for g in channel.GROUPS}
+
+    done = {v: {"records": recs([0.25 + 0.25 * ((i + j) % 3) for j in range(6)])}
+            for i, v in enumerate(channel.VARIANTS)}
+    base = {f"{k}/{g}": recs([0.25] * 6)[g] for k in ("simple", "complex") for g in channel.GROUPS}
+    base.update({f"complex/{g}": recs([1.0] * 6)[g] for g in channel.GROUPS})
+    tab = channel.table(done, base)
+    accuracy, tests = channel.book_rows(tab, done)
+    assert [r["variant"] for r in accuracy] == list(channel.VARIANTS)
+    assert len(tests) == len(channel.GROUPS) * len(channel.COMPARISONS)
+    # oracle (i = 0): accuracies 0.25, 0.5, 0.75, 0.25, 0.5, 0.75 -> mean 50.0; gap (0.5 - 0.25) / 0.75
+    assert accuracy[0]["seen: % [CI]"].startswith("50.0 [") and accuracy[0]["seen: gap closed"] == "33%"
+    # seen is tested over prompts, its detectable difference from the 6 paired differences
+    ra, rb = done["permuted"]["records"]["seen"], done["oracle"]["records"]["seen"]
+    mde = minimum_detectable_effect([b["acc"] - a["acc"] for a, b in zip(ra, rb)])
+    row = next(r for r in tests if r["group (unit)"] == "seen (prompts)" and r["comparison"] == "oracle − permuted")
+    assert row["detectable"] == f"{100 * mde:.1f}"
+    nrow = next(r for r in tests if r["group (unit)"] == "unseen (nouns)" and r["comparison"] == "oracle − permuted")
+    assert nrow["detectable"] == f"{100 * noun_level(ra, rb)['mde']:.1f}"
+    assert nrow["verdict"] in ("supported", "contradicted", "not detected")

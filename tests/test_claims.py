@@ -143,3 +143,24 @@ def test_quality_row_uses_tost_at_the_plateau():
     assert claims.quality_row(q(0.8, 0.01, [0.3, 1.3], False, 0.3))["verdict"] == "contradicted"
     assert claims.quality_row(q(0.5, 0.2, [-0.5, 1.5], False, 0.2))["verdict"] == "not detected"
     assert claims.quality_row(q(-1.5, 0.001, [-2.0, -1.1], False, 0.9))["verdict"] == "supported"
+
+
+def test_channel_rows_read_oracle_vs_permuted_at_each_group_s_unit():
+    from sur_lib.experiments import channel as chx
+
+    def recs(accs):  # two prompts per noun
+        return {g: [{"id": f"{g}{i}", "type": "color", "noun": f"n{i // 2}", "k": int(4 * a), "n": 4, "acc": a}
+                    for i, a in enumerate(accs)] for g in chx.GROUPS}
+
+    good, flat = [1.0, 1.0, 0.75, 1.0, 1.0, 0.75, 1.0, 1.0], [0.25] * 8
+    wobbly = [0.5, 0.25, 0.25, 0.5, 0.5, 0.25, 0.25, 0.5]
+    variants = {"oracle": {"records": recs(good)}, "permuted": {"records": recs(flat)},
+                "smollm2": {"records": recs(wobbly)}, "none": {"records": recs(flat)}}
+    base = {f"{k}/{g}": recs(flat if k == "simple" else good)[g] for k in ("simple", "complex") for g in chx.GROUPS}
+    doc = {"complete": True, "settings": {"steps": 2000}, "variants": variants,
+           "table": chx.table(variants, base)}
+    rows = claims.channel_rows(doc)
+    assert [r["key"] for r in rows] == ["channel_seen", "channel_unseen", "channel_text_only"]
+    assert all(r["verdict"] == "supported" for r in rows)  # +69 points on every noun
+    assert "8 prompts" in rows[0]["tested by"] and "4 nouns" in rows[1]["tested by"]
+    assert rows[0]["evidence"].startswith("+68.8 points [") and "detectable" in rows[0]["evidence"]

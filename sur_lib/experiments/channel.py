@@ -58,7 +58,7 @@ import torch
 
 from .. import oracle
 from .. import toyworld as tw
-from ..analysis import compare, holm, noun_level, summarize
+from ..analysis import compare, holm, minimum_detectable_effect, noun_level, summarize
 from ..fileio import atomic_write_text, clean_json, write_json
 from ..provenance import rel_path
 from . import common, jobs, prompts, recipes, runs
@@ -490,6 +490,52 @@ def preliminary(partial: dict) -> dict:
                  for a, b in COMPARISONS if a in done and b in done}
         out["groups"][g] = {"variants": rows, "tests": tests}
     return out
+
+
+def detectable(done: dict, group: str, a: str, b: str) -> float | None:
+    """The smallest difference a - b the group's test could detect (80% power, 5% level), from
+    the spread of the paired differences at the group's unit (``UNIT``): prompts or nouns."""
+    ra, rb = done[b]["records"][group], done[a]["records"][group]
+    if UNIT[group] == "nouns":
+        return noun_level(ra, rb).get("mde")
+    by_id = {r["id"]: r["acc"] for r in ra}
+    return minimum_detectable_effect([r["acc"] - by_id[r["id"]] for r in rb if r["id"] in by_id])
+
+
+def book_rows(tab: dict, done: dict, alpha: float = 0.05) -> tuple[list[dict], list[dict]]:
+    """Chapter 08's two channel tables from ``table``: accuracy per variant and group (mean of
+    the per-prompt accuracies with its 95% t interval over prompts, and the gap closed), and each
+    comparison with its change at the group's unit, p over prompts and over nouns, Holm p, the
+    detectable difference and the verdict. Values in percent, formatted."""
+    def acc(block):
+        lo, hi = (min(1.0, max(0.0, x)) for x in block["prompt_t_ci"])
+        return f"{100 * block['prompt_mean']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+    def gap(x):
+        return "–" if x is None else f"{x:.0%}"
+
+    accuracy = [{"variant": v, **{f"{g}: % [CI]": acc(tab[g]["variants"][v]["summary"]["overall"])
+                                  for g in GROUPS},
+                 **{f"{g}: gap closed": gap(tab[g]["variants"][v]["gap_closed"]) for g in GROUPS}}
+                for v in VARIANTS]
+    tests = []
+    for g in GROUPS:
+        unit = UNIT[g]
+        for a, b in COMPARISONS:
+            t = tab[g]["tests"][f"{a}_vs_{b}"]
+            lvl = t[unit]
+            ci = lvl["t_ci"] if unit == "nouns" else lvl["paired"]["t_ci"]
+            mde = detectable(done, g, a, b)
+            tests.append({"group (unit)": f"{g} ({unit})", "comparison": f"{a} − {b}",
+                          "change, points [95% CI]": f"{100 * lvl['diff']:+.1f} [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]",
+                          "p: prompts / nouns": f"{_p(t['prompts']['paired']['p_t'])} / {_p(t['nouns'].get('p_t'))}",
+                          "Holm p": _p(lvl["p_holm"]), "detectable": "–" if mde is None else f"{100 * mde:.1f}",
+                          "verdict": verdict(t, g, alpha)})
+    return accuracy, tests
+
+
+def _p(p: float | None) -> str:
+    return "–" if p is None else "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 # ----------------------------------------------------------------------------- verify
