@@ -103,3 +103,65 @@ def test_the_redrawn_subset_is_chosen_afresh_covers_every_type_and_follows_the_s
 def test_images_for_power_is_the_stated_size():
     s = verify.images_for_power(0.05, 0.95)
     assert s == 59 and 0.95 ** s <= 0.05 < 0.95 ** (s - 1)
+
+
+# ----------------------------------------------------------------------------- input digests
+
+from sur_lib.experiments import inputs  # noqa: E402
+
+RESULTS = SUR.parent
+
+
+def test_every_committed_result_records_its_inputs_and_they_hold():
+    for name in ("ablations", "compose", "convergence", "failure", "guidance", "neighbours", "probe",
+                 "quality", "retest", "rewrite", "sur", "tune"):
+        res = inputs.input_check(json.loads((RESULTS / f"{name}.json").read_text()))
+        assert res["ok"], (name, res)
+
+
+def copied_inputs(doc, tmp_path, monkeypatch):
+    """The files ``doc`` records, copied under ``tmp_path`` (which stands in for the repository)."""
+    import shutil
+
+    for f in doc["inputs"]:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(inputs.ROOT / f, tmp_path / f)
+    monkeypatch.setattr(inputs, "ROOT", tmp_path)
+    return tmp_path
+
+
+def test_one_line_of_a_loss_log_changed_fails(tmp_path, monkeypatch):
+    # before: no digest of the loss logs; a log edited at step 5 was never compared
+    doc = json.loads((RESULTS / "retest.json").read_text())
+    root = copied_inputs(doc, tmp_path, monkeypatch)
+    assert inputs.input_check(doc)["ok"]
+    log = root / "data/runs/retest/no_llm/log.csv"
+    lines = log.read_text().splitlines(keepends=True)
+    head = lines[0].rstrip("\n").split(",")
+    row = lines[5].rstrip("\n").split(",")
+    row[head.index("loss")] = repr(float(row[head.index("loss")]) * 1.5)
+    lines[5] = ",".join(row) + "\n"
+    log.write_text("".join(lines))
+    res = inputs.input_check(doc)
+    assert not res["ok"] and "data/runs/retest/no_llm/log.csv changed" in res["message"]
+
+
+def test_one_byte_of_an_adapter_changed_fails(tmp_path, monkeypatch):
+    doc = json.loads(SUR.read_text())
+    root = copied_inputs(doc, tmp_path, monkeypatch)
+    w = root / "data/models/sur-adapter-tiny/diffusion_pytorch_model.safetensors"
+    b = bytearray(w.read_bytes())
+    b[-1] ^= 1
+    w.write_bytes(bytes(b))
+    res = inputs.input_check(doc)
+    assert not res["ok"] and "sur-adapter-tiny/diffusion_pytorch_model.safetensors changed" in res["message"]
+
+
+def test_inputs_removed_or_left_out_fail(sur):
+    doc = copy.deepcopy(sur)
+    del doc["inputs"]["data/results/judge.json"]
+    res = inputs.input_check(doc)
+    assert not res["ok"] and "judge.json is named by the result but its digest is not recorded" in res["message"]
+    del doc["inputs"]
+    assert not inputs.input_check(doc)["ok"]
+    assert inputs.input_check(doc, partial=True)["ok"]  # a run under way records them at its end

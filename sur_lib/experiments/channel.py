@@ -60,6 +60,7 @@ from .. import oracle
 from .. import toyworld as tw
 from ..analysis import compare, holm, noun_level, summarize
 from ..fileio import atomic_write_text, clean_json, write_json
+from .inputs import record_inputs
 from ..provenance import rel_path
 from . import common, jobs, prompts, recipes, runs
 from .convergence import _Deadline, gap_closed
@@ -598,7 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"not complete yet ({len(doc['variants'])} of {len(VARIANTS)} variants, "
               f"{len(doc['base'])} of {2 * len(GROUPS)} base conditions): run the same command again")
         return 0
-    path = write_json(doc, Path(cc.out) / ("channel-quick.json" if cc.quick else "channel.json"))
+    path = write_json(record_inputs(doc), Path(cc.out) / ("channel-quick.json" if cc.quick else "channel.json"))
     print(f"wrote {rel_path(path)} ({doc['wall_time_s']:.0f} s)")
     return 0
 

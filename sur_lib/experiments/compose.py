@@ -45,6 +45,7 @@ import torch
 from .. import evaluate
 from ..analysis import compare, quality_tests, summarize
 from ..fileio import write_json
+from .inputs import record_inputs
 from ..guidance import SCFGConfig
 from ..provenance import rel_path, state_digest
 from .common import (ADAPTER_DIR, RESULTS_DIR, SAMPLER_STEPS, ExperimentConfig, GenSettings,
@@ -354,7 +355,7 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
            "command": "python -m sur_lib.experiments.compose " + " ".join(argv_list),
            "versions": versions(), "model": model_info(backbone), "generation": gen.to_dict(),
            "overhead": res, "wall_time_s": round(time.time() - t0, 1)}
-    path = write_json(doc, Path(args.out))
+    path = write_json(record_inputs(doc), Path(args.out))
     print(f"wrote {rel_path(path)}: wall {res['seconds_per_image']}, cpu {res['cpu_seconds_per_image']} s/image")
     return 0
 

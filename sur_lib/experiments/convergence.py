@@ -41,6 +41,7 @@ import torch
 from .. import toyworld as tw
 from ..analysis import compare, gap_closed, minimum_detectable_effect, summarize  # noqa: F401
 from ..fileio import write_json
+from .inputs import record_inputs
 from ..provenance import ROOT, rel_path
 from . import common, images, jobs, prompts, runs
 
@@ -441,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"not complete yet ({n}; adapters at steps {doc['adapter_steps_trained']}): "
               f"progress is in {rel_path(_partial_path(cc))}; run the same command again to go on")
         return 0
-    path = write_json(doc, Path(cc.out) / ("convergence-quick.json" if cc.quick else "convergence.json"))
+    path = write_json(record_inputs(doc), Path(cc.out) / ("convergence-quick.json" if cc.quick else "convergence.json"))
     print(f"wrote {rel_path(path)} ({n}, {doc['wall_time_s']:.0f} s in all)")
     return 0
 

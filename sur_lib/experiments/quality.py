@@ -33,6 +33,7 @@ import numpy as np
 from .. import toyworld as tw
 from ..analysis import paired_test, tost_paired
 from ..fileio import write_json
+from .inputs import record_inputs
 from ..provenance import rel_path
 from . import common, images, runs
 
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     doc = run_quality(a.step, a.images, results=Path(a.out), progress=not a.no_progress)
-    path = write_json(doc, Path(a.out) / "quality.json")
+    path = write_json(record_inputs(doc), Path(a.out) / "quality.json")
     t = doc["table"]["clean_render_distance"]
     print(f"wrote {rel_path(path)} ({doc['wall_time_s']:.0f} s): distance {t['paired']['mean_diff']:+.2f}, "
           f"90% CI {t['tost']['ci']}, equivalent within +-{MARGIN}: {t['tost']['equivalent']}")

@@ -55,6 +55,7 @@ import torch
 
 from ..analysis import compare, holm, summarize
 from ..fileio import clean_json, write_json
+from .inputs import record_inputs
 from ..provenance import rel_path
 from .. import toyworld as tw
 from . import common, jobs, recipes, tune
@@ -452,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "command again to go on")
         return 0
     stem = result_stem(rc)
-    path = write_json(doc, Path(rc.out) / (f"{stem}-quick.json" if rc.quick else f"{stem}.json"))
+    path = write_json(record_inputs(doc), Path(rc.out) / (f"{stem}-quick.json" if rc.quick else f"{stem}.json"))
     print(f"wrote {rel_path(path)} ({doc['wall_time_s']:.0f} s)")
     return 0
 

@@ -50,6 +50,7 @@ import torch
 
 from ..analysis import compare, summarize
 from ..fileio import clean_json, write_json
+from .inputs import record_inputs
 from ..provenance import rel_path
 from . import common, jobs, recipes
 from .convergence import _Deadline, gap_closed, minimum_detectable_effect
@@ -394,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"not complete yet ({len(doc['tried'])} of {tc.configs} configurations): run the same "
               "command again to go on")
         return 0
-    path = write_json(doc, Path(tc.out) / ("tune-quick.json" if tc.quick else "tune.json"))
+    path = write_json(record_inputs(doc), Path(tc.out) / ("tune-quick.json" if tc.quick else "tune.json"))
     print(f"wrote {rel_path(path)} (choice: configuration {doc['choice']['index']}, "
           f"{doc['wall_time_s']:.0f} s)")
     return 0

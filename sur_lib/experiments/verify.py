@@ -44,6 +44,7 @@ from ..provenance import rel_path, state_digest
 from .ablations import VERIFY_TRAIN_STEPS
 from .common import EXPERIMENTS, ExperimentConfig, GenSettings, load_base, result_path, verify_path
 from .images import evaluate_condition
+from .inputs import input_check
 from .runs import load_adapter, surd_mini, train_adapter, train_config
 
 VERIFY_PROMPTS_PER_TYPE = 1  # -> 3 prompts, one per type
@@ -550,7 +551,8 @@ def _verify_names(exp: VerifyConfig, names: list[str], backbone=None) -> dict:
             checks = verify_probe(doc, backbone)
         else:
             checks = verify_images(doc, backbone, digest, per_type, n_images, exp.progress)
-        checks = consistency_checks(name, doc) + checks
+        partial = verify_path(exp.out, name) != result_path(exp.out, name, False)
+        checks = consistency_checks(name, doc) + [input_check(doc, partial)] + checks
         ok = all(c["ok"] for c in checks)
         report[name] = {"status": "ok" if ok else "FAILED", "checks": checks,
                         "seconds": round(time.time() - te, 1)}
