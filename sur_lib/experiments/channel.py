@@ -535,8 +535,8 @@ def backfill(ppath: Path, out_runs: Path) -> list[str]:
     return done
 
 
-def verify_channel(doc: dict, backbone, current_digest: str, per_type: int | None = 1,
-                   n_images: int | None = 4, progress: bool = False) -> list[dict]:
+def verify_channel(doc: dict, backbone, current_digest: str, draws: int | None = 12,
+                   progress: bool = False) -> list[dict]:
     """``verify`` for the channel experiment (its final or partial file): every record's counts,
     the table (when complete) recomputed from the records, the first training steps of the
     first finished teacher variant replayed against its loss log, and the committed adapter's
@@ -588,7 +588,7 @@ def verify_channel(doc: dict, backbone, current_digest: str, per_type: int | Non
                "conditions": {f"channel {v}/{g}": {"records": r, "adapter": {"dir": str(ROOT / d["adapter_dir"]),
                                                                              "digest": d["digest"]}}
                               for g, r in d["records"].items()}}
-        checks += verify_images(sub, backbone, current_digest, per_type, n_images, progress)
+        checks += verify_images(sub, backbone, current_digest, draws, progress)
     return checks
 
 

@@ -72,6 +72,9 @@ def parse_args(argv: Sequence[str] | None = None):
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--full", action="store_true",
                     help="verify: re-draw every image of every checked condition (slow)")
+    ap.add_argument("--power", type=float, default=None, help=(
+        "verify: re-draw enough random images per condition to catch an edit that moves it by 5 "
+        "points with this probability (0.95: 59 images per condition; default: 12, see verify's docstring)"))
     ap.add_argument("--scales", default=None, help="compose: CFG scales, e.g. 2,3,4.5")
     ap.add_argument("--alphas", default=None, help="compose: delayed-conditioning alphas, e.g. 0.3,0.5,0.7")
     ap.add_argument("--complex-scales", default=None, help="compose: scales for the complex prompts")

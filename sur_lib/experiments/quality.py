@@ -117,8 +117,8 @@ if __name__ == "__main__":
     run_cli(main)
 
 
-def verify_quality(doc: dict, backbone, current_digest: str, per_type: int | None = 1,
-                   n_images: int | None = 4, progress: bool = False) -> list[dict]:
+def verify_quality(doc: dict, backbone, current_digest: str, draws: int | None = 12,
+                   progress: bool = False) -> list[dict]:
     """``verify`` for ``quality.json``: the table recomputed from its records, and the stored
     adapter's images of one prompt per type re-drawn (image for image)."""
     from ..analysis import same_numbers
@@ -131,4 +131,4 @@ def verify_quality(doc: dict, backbone, current_digest: str, per_type: int | Non
            "conditions": {"quality adapter": {"records": doc["records"]["adapter"],
                                               "adapter": {"dir": str(ROOT / doc["adapter"]["dir"]),
                                                           "digest": doc["adapter"]["digest"]}}}}
-    return checks + verify_images(sub, backbone, current_digest, per_type, n_images, progress)
+    return checks + verify_images(sub, backbone, current_digest, draws, progress)

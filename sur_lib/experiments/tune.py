@@ -358,12 +358,11 @@ def final_block(recs: dict[str, list[dict]]) -> dict:
     return out
 
 
-def verify_tune(doc: dict, backbone, current_digest: str, per_type: int, n_images: int,
+def verify_tune(doc: dict, backbone, current_digest: str, draws: int | None,
                 progress: bool) -> list[dict]:
     """``verify`` for the tuned recipe: the choice recomputed from the stored tuning-set
     summaries, those summaries from their records, the chosen recipe's first training steps
-    replayed against its stored loss log, and ``per_type`` prompts per type x ``n_images``
-    images of the exported adapter re-drawn on the tuning and the test prompts."""
+    replayed against its stored loss log, and ``draws`` random images of the exported adapter re-drawn on the tuning and the test prompts."""
     from ..provenance import ROOT
     from .verify import verify_images
 
@@ -385,7 +384,7 @@ def verify_tune(doc: dict, backbone, current_digest: str, per_type: int, n_image
     sub = {"experiment": "tune", "versions": doc.get("versions"),
            "model": doc["model"], "seed": doc["seed"], "generation": doc["settings"]["generation"],
            "conditions": conditions}
-    return checks + verify_images(sub, backbone, current_digest, per_type, n_images, progress)
+    return checks + verify_images(sub, backbone, current_digest, draws, progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
