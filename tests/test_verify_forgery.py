@@ -209,3 +209,16 @@ def test_a_single_redrawn_image_is_the_batch_image():
     assert np.abs(one.astype(int) - images[4].astype(int)).max() <= 1
     picks = [(spec, spec["text"], j) for j in (5, 1, 4)]
     assert judge_images(bb, picks, 0, gen, pipe=pipe, batch=2) == [int(scores[j]["correct"]) for j in (5, 1, 4)]
+
+
+def test_two_conditions_share_draws_only_with_the_same_weights(sur):
+    # a first version keyed the shared draws without the adapter: sur's adapter condition was
+    # compared with the base model's verdicts (caught by verify's own run: agreement 11/12)
+    import torch
+
+    from sur_lib.experiments.common import GenSettings
+
+    recs, gen = sur["conditions"]["base"]["records"], GenSettings(**sur["generation"])
+    lin = torch.nn.Linear(2, 2)
+    assert verify.draw_key(recs, 0, gen) == verify.draw_key(copy.deepcopy(recs), 0, gen)
+    assert verify.draw_key(recs, 0, gen) != verify.draw_key(recs, 0, gen, adapter=lin)

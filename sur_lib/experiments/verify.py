@@ -325,14 +325,16 @@ def choose_images(records: list[dict], draws: int | None, key: str) -> list[tupl
     return sorted(random.Random(f"{_draw_seed}/{key}").sample(every, draws))
 
 
-def draw_key(records: list[dict], seed: int, gen, guidance: dict | None = None) -> str:
+def draw_key(records: list[dict], seed: int, gen, guidance: dict | None = None, adapter=None) -> str:
     """The key ``choose_images`` draws with: the same for two conditions that hold the same
-    draws (the same prompts, seed and sampler, e.g. the base model's simple prompts in
-    ``failure`` and ``sur``), so that they get the same images and each is drawn once."""
+    draws (the same prompts, seed, sampler, adapter weights and guidance, e.g. the base model's
+    simple prompts in ``failure`` and ``sur``), so that they get the same images and each is
+    drawn once."""
     import hashlib
     import json
 
-    what = [seed, gen.to_dict(), [[r.get("id"), r.get("text")] for r in records]]
+    what = [seed, gen.to_dict(), [[r.get("id"), r.get("text")] for r in records],
+            state_digest(adapter) if adapter is not None else None]
     if guidance:
         what.append(repr(sorted(guidance.items())))
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
@@ -385,7 +387,7 @@ def redraw_check(cond: str, records: list[dict], draws: int | None, doc: dict, b
     """Choose ``draws`` images of one condition (``choose_images``), re-draw the ones not yet
     drawn in this run (``images.judge_images``, in batches of the stored images per prompt)
     and check them (``image_check``)."""
-    key = draw_key(records, doc["seed"], gen, guidance)
+    key = draw_key(records, doc["seed"], gen, guidance, adapter)
     picks = choose_images(records, draws, key)
     todo = [(i, j) for i, j in picks if (key, i, j) not in _memo]
     live = judge_images(backbone, [(records[i], records[i]["text"], j) for i, j in todo], doc["seed"], gen,
