@@ -204,6 +204,7 @@ def generate(
     scfg_trace: list | None = None,
     delay_alpha: float | None = None,
     delay_order: str = "plain_first",
+    latents: torch.Tensor | None = None,
 ):
     """Generate images for ``prompts``, optionally through a SUR-adapter.
 
@@ -215,6 +216,8 @@ def generate(
     ``torch.Generator`` seeded with ``seed``, so images are the same on any device for a seed.
 
     height, width: image size in pixels (default: the UNet's sample_size times the VAE factor).
+    latents: the initial noise [B, C, h, w] instead of drawing it from ``seed`` (``verify``
+    re-draws single images of a batch with ``images.initial_noise``).
     pipe: a pipeline from ``make_pipeline`` to reuse (else one is built with ``scheduler``).
     Returns a list of PIL images ("pil"), a float tensor [B, 3, H, W] in [0, 1] ("pt"), an array
     [B, H, W, 3] in [0, 1] ("np"), or the final latents ("latent"); B = len(prompts) times
@@ -281,6 +284,7 @@ def generate(
         guidance_scale=pipe_guidance,
         num_images_per_prompt=num_images_per_prompt,
         generator=generator,
+        latents=latents,
         output_type=pipe_output_type,
         **size,
         **extra,

@@ -177,7 +177,7 @@ def test_verify_replays_training_and_redraws_images(standin, trained, cheap, tmp
     doc, complete = conv.run(cc, backbone=standin)
     assert complete
     digest = ex.state_digest(standin.unet)
-    checks = conv.verify_convergence(doc, standin, digest, 1, 2, False)
+    checks = conv.verify_convergence(doc, standin, digest, 6, False)
     names = [c["check"] for c in checks]
     assert names[:2] == ["training: loss at step 1", "training: loss at step 2"]
     assert any(n.startswith("step-4/test") for n in names) and all(c["ok"] for c in checks)
@@ -186,7 +186,7 @@ def test_verify_replays_training_and_redraws_images(standin, trained, cheap, tmp
     head, first = rows[0], rows[1].split(",")
     first[1] = str(float(first[1]) * 1.1)
     log.write_text("\n".join([head, ",".join(first)] + rows[2:]) + "\n")
-    bad = conv.verify_convergence(dict(doc, train_log=str(log)), standin, digest, 1, 2, False)
+    bad = conv.verify_convergence(dict(doc, train_log=str(log)), standin, digest, 6, False)
     assert not bad[0]["ok"] and bad[1]["ok"]
 
 

@@ -122,7 +122,7 @@ def test_retest_end_to_end(standin, monkeypatch, tmp_path):  # noqa: F811
     monkeypatch.setattr(verify, "evaluate_condition", lambda *a, desc="", **k: judge(
         *a, desc=desc.replace("verify/", "retest/"), **k))
     digest = common.model_info(standin)["unet_digest"]
-    checks = retest.verify_retest(doc, standin, digest, 1, 2, False)
+    checks = retest.verify_retest(doc, standin, digest, 6, False)
     assert all(c["ok"] for c in checks), checks
     assert [c["check"].split(":")[0] for c in checks[:4]] == ["recipe"] * 2 + ["teacher_oracle"] * 2
     oracle_log = runs_dir / "teacher_oracle" / "log.csv"
@@ -130,7 +130,7 @@ def test_retest_end_to_end(standin, monkeypatch, tmp_path):  # noqa: F811
     head, row = lines[0].split(","), lines[1].split(",")
     row[head.index("loss")] = str(float(row[head.index("loss")]) + 1.0)
     oracle_log.write_text("\n".join([lines[0], ",".join(row)] + lines[2:]) + "\n")
-    assert [c["ok"] for c in retest.verify_retest(doc, standin, digest, 1, 2, False)[:4]] == [True, True, False, True]
+    assert [c["ok"] for c in retest.verify_retest(doc, standin, digest, 6, False)[:4]] == [True, True, False, True]
 
 
 def test_variant_overrides():

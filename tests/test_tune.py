@@ -160,7 +160,7 @@ def test_verify_tune_replays_the_chosen_recipe_and_fails_on_a_changed_log(standi
     assert doc["tuned_run"]["folder"] == str(folder)
     assert {p.name for p in folder.iterdir()} == {"log.csv", "run.json", "adapter-fp16"}
     digest = common.model_info(standin)["unet_digest"]
-    checks = tune.verify_tune(doc, standin, digest, 1, 2, False)
+    checks = tune.verify_tune(doc, standin, digest, 6, False)
     assert all(c["ok"] for c in checks), checks
     assert sum("training: loss" in c["check"] for c in checks) == 2
     assert sum("prompts x" in c["check"] for c in checks) == 2  # tuning and test records
@@ -169,9 +169,9 @@ def test_verify_tune_replays_the_chosen_recipe_and_fails_on_a_changed_log(standi
     row = log[1].split(",")
     row[head.index("loss")] = str(float(row[head.index("loss")]) * 1.1)
     (folder / "log.csv").write_text("\n".join([log[0], ",".join(row)] + log[2:]) + "\n")
-    assert not tune.verify_tune(doc, standin, digest, 1, 2, False)[2]["ok"]  # the first replayed step
+    assert not tune.verify_tune(doc, standin, digest, 6, False)[2]["ok"]  # the first replayed step
     doc["choice"]["index"] = 0
-    assert not tune.verify_tune(doc, standin, digest, 1, 2, False)[0]["ok"]
+    assert not tune.verify_tune(doc, standin, digest, 6, False)[0]["ok"]
 
 
 def test_redo_judges_a_configuration_again_and_keeps_the_old_records(standin, monkeypatch, tmp_path):  # noqa: F811

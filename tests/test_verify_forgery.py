@@ -58,48 +58,167 @@ def flip(doc, cond, images, prompts=None):
     return doc
 
 
+def live_verdicts(doc, cond, picks):
+    """What a seeded re-draw on the same versions gives: the stored verdicts of ``doc``."""
+    recs = doc["conditions"][cond]["records"]
+    return [recs[i]["correct"][j] for i, j in picks]
+
+
 def test_flipped_verdicts_with_recomputed_summaries_pass_consistency_but_fail_the_redraw(sur, monkeypatch):
     # before: the chapter's asserts passed and verify said OK (a tolerance of 0.534)
     doc = flip(copy.deepcopy(sur), "adapter", range(4, 16))
     assert ok(verify.consistency_checks("sur", doc))  # a careful forgery: self-consistent
     monkeypatch.setattr(verify, "same_versions", lambda d: True)
-    true = sur["conditions"]["adapter"]["records"]
-    stored = verify.choose_records(doc["conditions"]["adapter"]["records"], None, "sur/adapter")  # --full
-    res = verify.image_check("adapter", true, stored, 16, doc)
+    recs = doc["conditions"]["adapter"]["records"]
+    picks = verify.choose_images(recs, None, "sur/adapter")  # --full
+    res = verify.image_check("adapter", live_verdicts(sur, "adapter", picks), recs, picks, doc)
     assert not res["ok"] and "NO" in res["message"]
 
 
 def test_changed_verdicts_of_the_redrawn_images_fail(sur, monkeypatch):
     # before: verify printed "image-for-image agreement 2/12" and still passed
     monkeypatch.setattr(verify, "same_versions", lambda d: True)
-    verify._draw_seed = 7
-    try:
-        chosen = verify.choose_records(sur["conditions"]["adapter"]["records"], 1, "sur/adapter")
-    finally:
-        verify._draw_seed = None
-    ids = {r["id"] for r in chosen}
-    doc = flip(copy.deepcopy(sur), "adapter", range(0, 4),
-               prompts={i for i, r in enumerate(sur["conditions"]["adapter"]["records"]) if r["id"] in ids})
-    stored = [r for r in doc["conditions"]["adapter"]["records"] if r["id"] in ids]
-    true = [r for r in sur["conditions"]["adapter"]["records"] if r["id"] in ids]
-    res = verify.image_check("adapter", true, stored, 4, doc)
+    monkeypatch.setattr(verify, "_draw_seed", 7)
+    recs = sur["conditions"]["adapter"]["records"]
+    picks = verify.choose_images(recs, 12, "sur/adapter")
+    doc = copy.deepcopy(sur)
+    for i, j in picks:
+        doc["conditions"]["adapter"]["records"][i]["correct"][j] ^= 1
+    res = verify.image_check("adapter", live_verdicts(sur, "adapter", picks), doc["conditions"]["adapter"]["records"],
+                             picks, doc)
     assert not res["ok"] and res["same_images"] == 0 and res["compared_images"] == 12
-    assert verify.image_check("adapter", true, true, 4, sur)["ok"]
+    assert verify.image_check("adapter", live_verdicts(sur, "adapter", picks), recs, picks, sur)["ok"]
 
 
-def test_the_redrawn_subset_is_chosen_afresh_covers_every_type_and_follows_the_seed(sur):
+def test_the_redrawn_images_are_chosen_afresh_among_all_and_follow_the_seed(sur, monkeypatch):
     recs = sur["conditions"]["adapter"]["records"]
     picks = []
     for seed in (1, 2, 1):
-        verify._draw_seed = seed
-        try:
-            picks.append([r["id"] for r in verify.choose_records(recs, 1, "sur/adapter")])
-        finally:
-            verify._draw_seed = None
-    assert picks[0] == picks[2] and picks[0] != picks[1]
-    assert sorted(i.split("-")[0] for i in picks[0]) == ["action", "color", "counting"]
+        monkeypatch.setattr(verify, "_draw_seed", seed)
+        picks.append(verify.choose_images(recs, 12, "sur/adapter"))
+    assert picks[0] == picks[2] and picks[0] != picks[1] and len(set(picks[0])) == 12
+    monkeypatch.setattr(verify, "_draw_seed", 3)
+    seen = {j for s in range(50) for _, j in verify.choose_images(recs, 12, f"sur/adapter/{s}")}
+    assert seen == set(range(16))  # every image index can be drawn, not only the first 4
+
+
+def test_an_edit_beyond_the_first_images_is_caught_at_the_stated_rate(sur, monkeypatch):
+    # before: the default re-drew images 1-4 of 3 prompts: an edit of images 5-16 was never caught
+    recs = sur["conditions"]["adapter"]["records"]
+    total = sum(r["n"] for r in recs)
+    changed = {(i, j) for i in range(0, 45, 5) for j in range(12, 16)}  # 36 verdicts: 5 points of 720
+    assert len(changed) == 36 and total == 720
+    runs, caught = 2000, 0
+    for seed in range(runs):
+        monkeypatch.setattr(verify, "_draw_seed", seed)
+        caught += bool(changed & set(verify.choose_images(recs, verify.VERIFY_DRAWS, "sur/adapter")))
+    p = verify.detection_probability(total, verify.VERIFY_DRAWS)
+    assert 0.45 < p < 0.47
+    assert abs(caught / runs - p) < 4 * (p * (1 - p) / runs) ** 0.5
 
 
 def test_images_for_power_is_the_stated_size():
     s = verify.images_for_power(0.05, 0.95)
     assert s == 59 and 0.95 ** s <= 0.05 < 0.95 ** (s - 1)
+    assert verify.images_for_power(0.05, 0.95, total=720) == 57
+    assert verify.detection_probability(720, 57) >= 0.95 > verify.detection_probability(720, 56)
+    assert verify.detection_probability(720, None or 720) == 1.0
+
+
+# ----------------------------------------------------------------------------- input digests
+
+from sur_lib.experiments import inputs  # noqa: E402
+
+RESULTS = SUR.parent
+
+
+def test_every_committed_result_records_its_inputs_and_they_hold():
+    for name in ("ablations", "compose", "convergence", "failure", "guidance", "neighbours", "probe",
+                 "quality", "retest", "rewrite", "sur", "tune"):
+        res = inputs.input_check(json.loads((RESULTS / f"{name}.json").read_text()))
+        assert res["ok"], (name, res)
+
+
+def copied_inputs(doc, tmp_path, monkeypatch):
+    """The files ``doc`` records, copied under ``tmp_path`` (which stands in for the repository)."""
+    import shutil
+
+    for f in doc["inputs"]:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(inputs.ROOT / f, tmp_path / f)
+    monkeypatch.setattr(inputs, "ROOT", tmp_path)
+    return tmp_path
+
+
+def test_one_line_of_a_loss_log_changed_fails(tmp_path, monkeypatch):
+    # before: no digest of the loss logs; a log edited at step 5 was never compared
+    doc = json.loads((RESULTS / "retest.json").read_text())
+    root = copied_inputs(doc, tmp_path, monkeypatch)
+    assert inputs.input_check(doc)["ok"]
+    log = root / "data/runs/retest/no_llm/log.csv"
+    lines = log.read_text().splitlines(keepends=True)
+    head = lines[0].rstrip("\n").split(",")
+    row = lines[5].rstrip("\n").split(",")
+    row[head.index("loss")] = repr(float(row[head.index("loss")]) * 1.5)
+    lines[5] = ",".join(row) + "\n"
+    log.write_text("".join(lines))
+    res = inputs.input_check(doc)
+    assert not res["ok"] and "data/runs/retest/no_llm/log.csv changed" in res["message"]
+
+
+def test_one_byte_of_an_adapter_changed_fails(tmp_path, monkeypatch):
+    doc = json.loads(SUR.read_text())
+    root = copied_inputs(doc, tmp_path, monkeypatch)
+    w = root / "data/models/sur-adapter-tiny/diffusion_pytorch_model.safetensors"
+    b = bytearray(w.read_bytes())
+    b[-1] ^= 1
+    w.write_bytes(bytes(b))
+    res = inputs.input_check(doc)
+    assert not res["ok"] and "sur-adapter-tiny/diffusion_pytorch_model.safetensors changed" in res["message"]
+
+
+def test_inputs_removed_or_left_out_fail(sur):
+    doc = copy.deepcopy(sur)
+    del doc["inputs"]["data/results/judge.json"]
+    res = inputs.input_check(doc)
+    assert not res["ok"] and "judge.json is named by the result but its digest is not recorded" in res["message"]
+    del doc["inputs"]
+    assert not inputs.input_check(doc)["ok"]
+    assert inputs.input_check(doc, partial=True)["ok"]  # a run under way records them at its end
+
+
+def test_a_single_redrawn_image_is_the_batch_image():
+    # image j re-drawn alone from its own initial noise (images.initial_noise) is image j of the
+    # seeded batch the experiments draw (to the pixel level: a batch of another size may differ
+    # in the last float bit)
+    import numpy as np
+
+    from sur_lib.experiments.common import GenSettings, load_base
+    from sur_lib.experiments.images import draw_and_judge, initial_noise, judge_images, make_pipe
+    from sur_lib.pipeline import generate
+
+    bb, gen = load_base(), GenSettings(steps=3, guidance=2.0)
+    pipe = make_pipe(bb, gen)
+    spec = json.loads(SUR.read_text())["conditions"]["base"]["records"][3]
+    images, scores = draw_and_judge(bb, spec, spec["text"], 6, 0, gen, pipe=pipe)
+    from sur_lib.experiments.common import prompt_seed
+
+    one = generate(bb, [spec["text"]], num_inference_steps=gen.steps, guidance_scale=gen.guidance,
+                   latents=initial_noise(bb, pipe, prompt_seed(0, spec["id"]), 4), output_type="np", pipe=pipe)
+    one = np.clip(np.rint(np.asarray(one) * 255.0), 0, 255).astype(np.uint8)[0]
+    assert np.abs(one.astype(int) - images[4].astype(int)).max() <= 1
+    picks = [(spec, spec["text"], j) for j in (5, 1, 4)]
+    assert judge_images(bb, picks, 0, gen, pipe=pipe, batch=2) == [int(scores[j]["correct"]) for j in (5, 1, 4)]
+
+
+def test_two_conditions_share_draws_only_with_the_same_weights(sur):
+    # a first version keyed the shared draws without the adapter: sur's adapter condition was
+    # compared with the base model's verdicts (caught by verify's own run: agreement 11/12)
+    import torch
+
+    from sur_lib.experiments.common import GenSettings
+
+    recs, gen = sur["conditions"]["base"]["records"], GenSettings(**sur["generation"])
+    lin = torch.nn.Linear(2, 2)
+    assert verify.draw_key(recs, 0, gen) == verify.draw_key(copy.deepcopy(recs), 0, gen)
+    assert verify.draw_key(recs, 0, gen) != verify.draw_key(recs, 0, gen, adapter=lin)

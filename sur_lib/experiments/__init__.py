@@ -94,5 +94,5 @@ from .rewrite import (FEW_SHOT, SYSTEM_REWRITE, RewriteConfig, few_shot_examples
 from .runs import (LATER_KEYS, PATH_KEYS, knowledge_for_config, knowledge_stats, load_adapter,
                    save_adapter, surd_mini, train_adapter, train_config)
 from .sur import SurConfig, run_sur
-from .verify import (VERIFY_IMAGES, VERIFY_LOSS_RTOL, VERIFY_PROMPTS_PER_TYPE, VerifyConfig,
+from .verify import (VERIFY_DRAWS, VERIFY_LOSS_RTOL, VerifyConfig,
                      run_verify, verify_ablations, verify_images)

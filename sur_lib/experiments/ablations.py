@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..analysis import compare, summarize
 from ..fileio import clean_json, write_json
+from .inputs import record_inputs
 from . import common
 from .common import (ABLATION_IMAGES, ABLATION_STEPS, QUICK, SURD_MINI_ROWS,
                      TrainingExperimentConfig, header, judge_info, load_base, model_info,
@@ -145,6 +146,6 @@ def run_ablations(exp: AblationsConfig, backbone=None) -> dict:
     doc.update({"complete": True, "groups": groups, "variants": done,
                 "verify": {"variant": verify_variant, "steps": VERIFY_TRAIN_STEPS},
                 "wall_time_s": round(time.time() - t0, 1)})
-    write_json(doc, final)
+    write_json(record_inputs(doc), final)
     partial.unlink(missing_ok=True)
     return doc

@@ -60,6 +60,7 @@ from .. import oracle
 from .. import toyworld as tw
 from ..analysis import compare, holm, minimum_detectable_effect, noun_level, summarize
 from ..fileio import atomic_write_text, clean_json, write_json
+from .inputs import record_inputs
 from ..provenance import rel_path
 from . import common, jobs, prompts, recipes, runs
 from .convergence import _Deadline, gap_closed
@@ -580,8 +581,8 @@ def backfill(ppath: Path, out_runs: Path) -> list[str]:
     return done
 
 
-def verify_channel(doc: dict, backbone, current_digest: str, per_type: int | None = 1,
-                   n_images: int | None = 4, progress: bool = False) -> list[dict]:
+def verify_channel(doc: dict, backbone, current_digest: str, draws: int | None = 12,
+                   progress: bool = False) -> list[dict]:
     """``verify`` for the channel experiment (its final or partial file): every record's counts,
     the table (when complete) recomputed from the records, the first training steps of the
     first finished teacher variant replayed against its loss log, and the committed adapter's
@@ -633,7 +634,7 @@ def verify_channel(doc: dict, backbone, current_digest: str, per_type: int | Non
                "conditions": {f"channel {v}/{g}": {"records": r, "adapter": {"dir": str(ROOT / d["adapter_dir"]),
                                                                              "digest": d["digest"]}}
                               for g, r in d["records"].items()}}
-        checks += verify_images(sub, backbone, current_digest, per_type, n_images, progress)
+        checks += verify_images(sub, backbone, current_digest, draws, progress)
     return checks
 
 
@@ -644,7 +645,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"not complete yet ({len(doc['variants'])} of {len(VARIANTS)} variants, "
               f"{len(doc['base'])} of {2 * len(GROUPS)} base conditions): run the same command again")
         return 0
-    path = write_json(doc, Path(cc.out) / ("channel-quick.json" if cc.quick else "channel.json"))
+    path = write_json(record_inputs(doc), Path(cc.out) / ("channel-quick.json" if cc.quick else "channel.json"))
     print(f"wrote {rel_path(path)} ({doc['wall_time_s']:.0f} s)")
     return 0
 

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from ..fileio import write_json
+from .inputs import record_inputs
 from ..provenance import rel_path
 from .ablations import AblationsConfig, run_ablations
 from .common import GUIDANCE, RESULTS_DIR, SAMPLER_STEPS, SURD_MINI_ROWS, result_path
@@ -28,7 +29,8 @@ OWN_COMMAND_LINE = {"convergence": "sur_lib.experiments.convergence",
                     "tune": "sur_lib.experiments.tune", "retest": "sur_lib.experiments.retest",
                     "channel": "sur_lib.experiments.channel",
                     "neighbours": "sur_lib.experiments.neighbours",
-                    "quality": "sur_lib.experiments.quality"}
+                    "quality": "sur_lib.experiments.quality",
+                    "inputs": "sur_lib.experiments.inputs"}  # not an experiment: records a result's input digests
 
 RUNNERS = {"failure": run_failure, "sur": run_sur, "ablations": run_ablations,
            "rewrite": run_rewrite, "guidance": run_guidance, "compose": run_compose}
@@ -70,6 +72,9 @@ def parse_args(argv: Sequence[str] | None = None):
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--full", action="store_true",
                     help="verify: re-draw every image of every checked condition (slow)")
+    ap.add_argument("--power", type=float, default=None, help=(
+        "verify: re-draw enough random images per condition to catch an edit that moves it by 5 "
+        "points with this probability (0.95: 59 images per condition; default: 12, see verify's docstring)"))
     ap.add_argument("--scales", default=None, help="compose: CFG scales, e.g. 2,3,4.5")
     ap.add_argument("--alphas", default=None, help="compose: delayed-conditioning alphas, e.g. 0.3,0.5,0.7")
     ap.add_argument("--complex-scales", default=None, help="compose: scales for the complex prompts")
@@ -112,7 +117,7 @@ def main(argv: Sequence[str] | None = None, backbone=None) -> int:
                   f"replace {rel_path(RESULTS_DIR / 'ablations.json')}", file=sys.stderr)
             return 2
         doc = RUNNERS[args.name](exp, backbone=backbone)
-        path = write_json(doc, result_path(exp.out, args.name, exp.quick))
+        path = write_json(record_inputs(doc), result_path(exp.out, args.name, exp.quick))
         print(f"wrote {rel_path(path)} ({doc['wall_time_s']:.0f} s)")
         return 0
     finally:

@@ -45,6 +45,7 @@ import torch
 from .. import evaluate
 from ..analysis import compare, quality_tests, summarize
 from ..fileio import write_json
+from .inputs import record_inputs
 from ..guidance import SCFGConfig
 from ..provenance import rel_path, state_digest
 from .common import (ADAPTER_DIR, RESULTS_DIR, SAMPLER_STEPS, ExperimentConfig, GenSettings,
@@ -297,11 +298,11 @@ def verify_conditions(conds: dict, k: int = VERIFY_CONDITIONS) -> list[str]:
     return picks[:k]
 
 
-def verify_compose(doc: dict, backbone, current_digest: str, per_type: int, n_images: int,
+def verify_compose(doc: dict, backbone, current_digest: str, draws: int | None,
                    progress: bool) -> list[dict]:
-    """Re-generate the first images of a few conditions (``doc["verify"]``) and compare with
-    the stored verdicts (``experiments.agreement``)."""
-    from .verify import choose_records, image_check
+    """Re-draw ``draws`` random images of a few conditions (``doc["verify"]``) with their
+    guidance options and compare with the stored verdicts (``verify.redraw_check``)."""
+    from .verify import redraw_check
 
     if doc["model"]["unet_digest"] != current_digest:
         return [{"check": "base model", "ok": False, "message": (
@@ -316,15 +317,9 @@ def verify_compose(doc: dict, backbone, current_digest: str, per_type: int, n_im
             if state_digest(adapter) != ref["digest"]:
                 return checks + [{"check": f"{name}: adapter", "ok": False,
                                   "message": f"{ref['dir']} is not the adapter compose.json was made with"}]
-        gen = GenSettings(**block["generation"])
-        stored = choose_records(block["records"], per_type, f"compose/{name}")
-        m = min(n_images or 10**9, min(r["n"] for r in stored))
-        live = evaluate_composed(backbone, stored, [r["text"] for r in stored], m, doc["seed"], gen,
-                                 adapter=adapter if block.get("adapter") else None,
-                                 guidance=guidance_kwargs(block, SCFGConfig(**doc["scfg"])),
-                                 quality=False, progress=progress, desc=f"verify/{name}")
-        res = image_check(name, live, stored, m, doc)
-        checks.append(res)
+        checks.append(redraw_check(name, block["records"], draws, doc, backbone, GenSettings(**block["generation"]),
+                                   adapter=adapter if block.get("adapter") else None,
+                                   guidance=guidance_kwargs(block, SCFGConfig(**doc["scfg"]))))
     return checks
 
 
@@ -354,7 +349,7 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
            "command": "python -m sur_lib.experiments.compose " + " ".join(argv_list),
            "versions": versions(), "model": model_info(backbone), "generation": gen.to_dict(),
            "overhead": res, "wall_time_s": round(time.time() - t0, 1)}
-    path = write_json(doc, Path(args.out))
+    path = write_json(record_inputs(doc), Path(args.out))
     print(f"wrote {rel_path(path)}: wall {res['seconds_per_image']}, cpu {res['cpu_seconds_per_image']} s/image")
     return 0
 

@@ -41,6 +41,7 @@ import torch
 from .. import toyworld as tw
 from ..analysis import compare, gap_closed, minimum_detectable_effect, summarize  # noqa: F401
 from ..fileio import write_json
+from .inputs import record_inputs
 from ..provenance import ROOT, rel_path
 from . import common, images, jobs, prompts, runs
 
@@ -393,12 +394,11 @@ VERIFY_TRAIN_STEPS = 2  # verify replays this many training steps (without the s
 VERIFY_UNITS = ("base-simple/test", f"step-{STEPS}/test")  # and re-draws a few of these images
 
 
-def verify_convergence(doc: dict, backbone, current_digest: str, per_type: int, n_images: int,
+def verify_convergence(doc: dict, backbone, current_digest: str, draws: int | None,
                        progress: bool) -> list[dict]:
     """``verify`` for the dose-response: replay the first ``VERIFY_TRAIN_STEPS`` training
     steps without the step cache and compare them with the stored loss log (the cached path
-    gives the same losses, ``tests/test_step_cache.py``), then re-draw ``per_type`` prompts per
-    type x ``n_images`` images of the base model and of the last adapter on the test prompts."""
+    gives the same losses, ``tests/test_step_cache.py``), then re-draw ``draws`` random images of the base model and of the last adapter on the test prompts."""
     import csv
     import tempfile
 
@@ -430,7 +430,7 @@ def verify_convergence(doc: dict, backbone, current_digest: str, per_type: int, 
     sub = {"experiment": "convergence", "versions": doc.get("versions"),
            "model": doc["model"], "seed": doc["seed"], "generation": doc["generation"],
            "conditions": conditions}
-    return checks + verify_images(sub, backbone, current_digest, per_type, n_images, progress)
+    return checks + verify_images(sub, backbone, current_digest, draws, progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -441,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"not complete yet ({n}; adapters at steps {doc['adapter_steps_trained']}): "
               f"progress is in {rel_path(_partial_path(cc))}; run the same command again to go on")
         return 0
-    path = write_json(doc, Path(cc.out) / ("convergence-quick.json" if cc.quick else "convergence.json"))
+    path = write_json(record_inputs(doc), Path(cc.out) / ("convergence-quick.json" if cc.quick else "convergence.json"))
     print(f"wrote {rel_path(path)} ({n}, {doc['wall_time_s']:.0f} s in all)")
     return 0
 

@@ -72,6 +72,36 @@ def draw_and_judge(backbone, spec: dict, text: str, n_images: int, seed: int, ge
                     for img, j in zip(images, judged)]
 
 
+def initial_noise(backbone, pipe, seed: int, index: int) -> torch.Tensor:
+    """The initial noise of image ``index`` of a ``pipeline.generate`` call seeded by ``seed``,
+    [1, C, h, w]: the call draws one tensor for all its images from a CPU generator, row by
+    row, so image ``index``'s noise is row ``index`` of a draw of ``index + 1`` rows."""
+    side = backbone.image_size if backbone.vae is None else backbone.image_size // pipe.vae_scale_factor
+    shape = (index + 1, pipe.unet.config.in_channels, side, side)
+    g = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn(shape, generator=g, dtype=backbone.unet.dtype)[index:index + 1]
+
+
+def judge_images(backbone, picks: Sequence[tuple[dict, str, int]], seed: int, gen: GenSettings,
+                 adapter=None, pipe=None, guidance: dict | None = None, batch: int = 16) -> list[int]:
+    """The verdict (0/1) of single images, each ``(spec, text, j)``: image j of that prompt as
+    ``draw_and_judge`` draws it (its own initial noise, ``initial_noise``), made ``batch`` at a
+    time whatever their prompts, so image j costs one image, not the j before it."""
+    from ..pipeline import generate
+
+    pipe = pipe if pipe is not None else make_pipe(backbone, gen)
+    verdicts = []
+    for at in range(0, len(picks), batch):
+        part = picks[at:at + batch]
+        noise = torch.cat([initial_noise(backbone, pipe, prompt_seed(seed, spec["id"]), j) for spec, _, j in part])
+        images = generate(backbone, [text for _, text, _ in part], adapter=adapter, num_inference_steps=gen.steps,
+                          guidance_scale=gen.guidance, latents=noise, output_type="np", pipe=pipe,
+                          **(guidance or {}))
+        images = np.clip(np.rint(np.asarray(images) * 255.0), 0, 255).astype(np.uint8)
+        verdicts += [int(evaluate.score(img, spec)["correct"]) for img, (spec, _, _) in zip(images, part)]
+    return verdicts
+
+
 def evaluate_condition(backbone, specs: Sequence[dict], texts: Sequence[str], n_images: int,
                        seed: int, gen: GenSettings, adapter=None, quality: bool = False,
                        pipe=None, progress: bool = True, desc: str = "",

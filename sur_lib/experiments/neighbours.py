@@ -37,6 +37,7 @@ from scipy import stats
 
 from .. import toyworld as tw
 from ..fileio import write_json
+from .inputs import record_inputs
 from ..provenance import rel_path
 from . import common
 
@@ -199,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     doc = run_neighbours(a.k, Path(a.out))
-    path = write_json(doc, Path(a.out) / "neighbours.json")
+    path = write_json(record_inputs(doc), Path(a.out) / "neighbours.json")
     print(f"wrote {rel_path(path)} ({doc['wall_time_s']:.0f} s)")
     return 0
 

@@ -41,6 +41,7 @@ import torch
 
 from .. import toyworld as tw
 from ..fileio import write_json
+from .inputs import record_inputs
 from ..provenance import rel_path
 from . import common
 
@@ -219,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     doc = run(a.per_noun, [x for x in a.llms.split(",") if x], a.seed, not a.no_progress, argv=argv)
-    path = write_json(doc, Path(a.out) / "probe.json")
+    path = write_json(record_inputs(doc), Path(a.out) / "probe.json")
     for key, r in doc["features"].items():
         print(f"{key:16s} " + "  ".join(
             f"{t}: {r[t]['all']['prompt_acc']:.0%} (held-out nouns {r[t]['heldout']['prompt_acc']:.0%},"

@@ -33,6 +33,7 @@ import numpy as np
 from .. import toyworld as tw
 from ..analysis import paired_test, tost_paired
 from ..fileio import write_json
+from .inputs import record_inputs
 from ..provenance import rel_path
 from . import common, images, runs
 
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     doc = run_quality(a.step, a.images, results=Path(a.out), progress=not a.no_progress)
-    path = write_json(doc, Path(a.out) / "quality.json")
+    path = write_json(record_inputs(doc), Path(a.out) / "quality.json")
     t = doc["table"]["clean_render_distance"]
     print(f"wrote {rel_path(path)} ({doc['wall_time_s']:.0f} s): distance {t['paired']['mean_diff']:+.2f}, "
           f"90% CI {t['tost']['ci']}, equivalent within +-{MARGIN}: {t['tost']['equivalent']}")
@@ -116,8 +117,8 @@ if __name__ == "__main__":
     run_cli(main)
 
 
-def verify_quality(doc: dict, backbone, current_digest: str, per_type: int | None = 1,
-                   n_images: int | None = 4, progress: bool = False) -> list[dict]:
+def verify_quality(doc: dict, backbone, current_digest: str, draws: int | None = 12,
+                   progress: bool = False) -> list[dict]:
     """``verify`` for ``quality.json``: the table recomputed from its records, and the stored
     adapter's images of one prompt per type re-drawn (image for image)."""
     from ..analysis import same_numbers
@@ -130,4 +131,4 @@ def verify_quality(doc: dict, backbone, current_digest: str, per_type: int | Non
            "conditions": {"quality adapter": {"records": doc["records"]["adapter"],
                                               "adapter": {"dir": str(ROOT / doc["adapter"]["dir"]),
                                                           "digest": doc["adapter"]["digest"]}}}}
-    return checks + verify_images(sub, backbone, current_digest, per_type, n_images, progress)
+    return checks + verify_images(sub, backbone, current_digest, draws, progress)

@@ -55,6 +55,7 @@ import torch
 
 from ..analysis import compare, holm, summarize
 from ..fileio import clean_json, write_json
+from .inputs import record_inputs
 from ..provenance import rel_path
 from .. import toyworld as tw
 from . import common, jobs, recipes, tune
@@ -420,10 +421,10 @@ def preliminary(partial: dict) -> dict:
 VERIFY_REPLAY = ("recipe", "teacher_oracle")  # the LLM and the oracle knowledge paths
 
 
-def verify_retest(doc: dict, backbone, current_digest: str, per_type: int, n_images: int,
+def verify_retest(doc: dict, backbone, current_digest: str, draws: int | None,
                   progress: bool) -> list[dict]:
     """``verify`` for the re-test: the first training steps of ``VERIFY_REPLAY`` replayed
-    against their stored loss logs, and ``per_type`` prompts per type x ``n_images`` images
+    against their stored loss logs, and ``draws`` random images
     of the recipe's exported adapter re-drawn on the test prompts."""
     from ..provenance import ROOT
     from .verify import verify_images
@@ -441,7 +442,7 @@ def verify_retest(doc: dict, backbone, current_digest: str, per_type: int, n_ima
     sub = {"experiment": "retest", "versions": doc.get("versions"),
            "model": doc["model"], "seed": doc["seed"], "generation": doc["settings"]["generation"],
            "conditions": {"recipe/test": {"records": rec["records"]["test"], "adapter": ref}}}
-    return checks + verify_images(sub, backbone, current_digest, per_type, n_images, progress)
+    return checks + verify_images(sub, backbone, current_digest, draws, progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -452,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "command again to go on")
         return 0
     stem = result_stem(rc)
-    path = write_json(doc, Path(rc.out) / (f"{stem}-quick.json" if rc.quick else f"{stem}.json"))
+    path = write_json(record_inputs(doc), Path(rc.out) / (f"{stem}-quick.json" if rc.quick else f"{stem}.json"))
     print(f"wrote {rel_path(path)} ({doc['wall_time_s']:.0f} s)")
     return 0
 

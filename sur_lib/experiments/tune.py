@@ -50,6 +50,7 @@ import torch
 
 from ..analysis import compare, summarize
 from ..fileio import clean_json, write_json
+from .inputs import record_inputs
 from ..provenance import rel_path
 from . import common, jobs, recipes
 from .convergence import _Deadline, gap_closed, minimum_detectable_effect
@@ -357,12 +358,11 @@ def final_block(recs: dict[str, list[dict]]) -> dict:
     return out
 
 
-def verify_tune(doc: dict, backbone, current_digest: str, per_type: int, n_images: int,
+def verify_tune(doc: dict, backbone, current_digest: str, draws: int | None,
                 progress: bool) -> list[dict]:
     """``verify`` for the tuned recipe: the choice recomputed from the stored tuning-set
     summaries, those summaries from their records, the chosen recipe's first training steps
-    replayed against its stored loss log, and ``per_type`` prompts per type x ``n_images``
-    images of the exported adapter re-drawn on the tuning and the test prompts."""
+    replayed against its stored loss log, and ``draws`` random images of the exported adapter re-drawn on the tuning and the test prompts."""
     from ..provenance import ROOT
     from .verify import verify_images
 
@@ -384,7 +384,7 @@ def verify_tune(doc: dict, backbone, current_digest: str, per_type: int, n_image
     sub = {"experiment": "tune", "versions": doc.get("versions"),
            "model": doc["model"], "seed": doc["seed"], "generation": doc["settings"]["generation"],
            "conditions": conditions}
-    return checks + verify_images(sub, backbone, current_digest, per_type, n_images, progress)
+    return checks + verify_images(sub, backbone, current_digest, draws, progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -394,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"not complete yet ({len(doc['tried'])} of {tc.configs} configurations): run the same "
               "command again to go on")
         return 0
-    path = write_json(doc, Path(tc.out) / ("tune-quick.json" if tc.quick else "tune.json"))
+    path = write_json(record_inputs(doc), Path(tc.out) / ("tune-quick.json" if tc.quick else "tune.json"))
     print(f"wrote {rel_path(path)} (choice: configuration {doc['choice']['index']}, "
           f"{doc['wall_time_s']:.0f} s)")
     return 0

@@ -9,28 +9,39 @@ Per result, in this order:
    ``rewrite`` and ``guidance`` (with ``failure``'s claim and ``guidance``'s pick), and in
    every result each ``summary`` that sits beside its ``records``. An edited headline fails
    here without drawing anything;
-3. **re-drawn images** (``verify_images`` and the experiments' hooks): a subset of prompts of
-   every checked condition, chosen at random afresh in each run (``choose_records``: the seed
-   is printed, and ``verify --seed N`` chooses the same subset again), ``VERIFY_IMAGES``
-   images each; ``verify --full`` re-draws every image. On the package versions that wrote
-   the result (``same_versions``) the seeded draws must give every stored verdict again, image
-   for image (``image_check``); on other versions the accuracies must agree within
+3. **re-drawn images** (``verify_images``, ``redraw_check`` and the experiments' hooks):
+   ``VERIFY_DRAWS`` images of every checked condition, chosen uniformly at random among all its
+   images (every prompt, every image index) afresh in each run (``choose_images``: the seed is
+   printed, and ``verify --seed N`` chooses the same again); ``verify --power P`` draws enough
+   for probability P (below), ``verify --full`` every image. Image j of a prompt is drawn alone
+   from its own initial noise (``images.initial_noise``: row j of the seeded draw), so it costs
+   one image, not the j before it. On the package versions that wrote the result
+   (``same_versions``) the seeded draws must give every stored verdict again, image for image
+   (``image_check``); on other versions the accuracies must agree within
    ``analysis.agreement``'s tolerance;
 4. loss replays (``ablations``: the first training steps of one variant; ``convergence``,
-   ``tune`` and ``retest`` replay their own logs).
+   ``tune`` and ``retest`` replay their own logs);
+5. **inputs** (``inputs.input_check``): every committed file the result depends on (loss logs,
+   adapters, the base model, prompt sets) still has the SHA-256 the result recorded.
 
 How likely is an edit caught? An edit that moves a condition of N images by 5 points changes
-at least f = ceil(0.05 N) verdicts. Checking s images drawn uniformly at random from the N
-misses all of them with probability C(N - f, s) / C(N, s) <= (1 - 0.05)^s, which is <= 0.05
-for s >= 59 (``images_for_power``). The default subset does NOT reach that: it draws the
-first ``VERIFY_IMAGES`` images of ``VERIFY_PROMPTS_PER_TYPE`` random prompt(s) per type
-(12 images per condition), because a seeded draw of image j of a prompt costs the j images
-before it (they share one generator) and 59 random images per condition would put the
-default run far beyond its 3-minute budget. An edit confined to images the subset never
-reaches (e.g. images 5-16) passes the default run unless it changes a summary (step 2);
-``verify --full`` catches any edited verdict. Within one run, a draw that several results
-share (the base model's images of the same simple prompts, with the same seed and sampler)
-is made live once and compared with each of them.
+at least f = ceil(0.05 N) verdicts, whichever they are. s images drawn uniformly at random
+without replacement miss all of them with probability C(N - f, s) / C(N, s) (hypergeometric,
+``miss_probability``), which is below (1 - 0.05)^s. 95% needs s = 59 for a large N
+(``images_for_power``; 57 for the usual N = 45 x 16 = 720). Measured cost: one image of the
+tiny model at 25 DDIM steps takes about 0.7 s on one core of an idle machine (1.1-1.3 s on a
+busy one), and the default run checks about twenty conditions; 59 per condition would be
+about 1,200 images, some 7 minutes on two cores, beyond the 3-minute budget of the default.
+So the default draws ``VERIFY_DRAWS`` = 12 per condition, and says in each condition's line
+what that achieves: 1 - C(684, 12) / C(720, 12) = 0.46 for N = 720 (0.49 for the 30 x 2
+images of a ``compose`` condition; each line prints its own). Before, the default drew the
+first 4 images of 3 prompts, so an edit of images 5-16 was never caught (probability 0).
+``verify --power 0.95`` reaches 95% per condition (about 7 minutes warm on two cores);
+``verify --full`` checks every image (probability 1 on the same versions; hours). The
+consistency checks (1, 2) catch every edit that leaves records, verdicts and summaries out
+of step, at any size, and the input digests (5) every edit of a file the result names.
+Within one run, a draw that several results share (the base model's images of the same
+simple prompts, with the same seed and sampler) is made live once and compared with each.
 """
 from __future__ import annotations
 
@@ -43,11 +54,12 @@ from ..analysis import agreement
 from ..provenance import rel_path, state_digest
 from .ablations import VERIFY_TRAIN_STEPS
 from .common import EXPERIMENTS, ExperimentConfig, GenSettings, load_base, result_path, verify_path
-from .images import evaluate_condition
+from .images import judge_images
+from .inputs import input_check
 from .runs import load_adapter, surd_mini, train_adapter, train_config
 
-VERIFY_PROMPTS_PER_TYPE = 1  # -> 3 prompts, one per type
-VERIFY_IMAGES = 4
+VERIFY_DRAWS = 12  # random images re-drawn per condition by default (the 3-minute budget)
+VERIFY_QUICK_DRAWS = 4
 VERIFY_LOSS_RTOL = 1e-3
 
 
@@ -59,6 +71,7 @@ class VerifyConfig(ExperimentConfig):
     only: str | None = None
     jobs: int = 2
     full: bool = False  # re-draw every image of every condition verify checks
+    power: float | None = None  # re-draw enough images per condition to catch a 5-point edit this often
     draw_seed: int | None = None  # chooses the re-drawn subset (None: a fresh one each run)
 
     @classmethod
@@ -99,9 +112,6 @@ def read_result(path: Path, name: str) -> dict:
                          f"{', '.join(map(repr, lacking))} (restore it with git, or re-run "
                          f"python -m sur_lib.experiments {name})")
     return doc
-
-
-_shared: Path | None = None  # inside a verify process: a fresh folder for this run's draws
 
 
 # ----------------------------------------------------------------------------- consistency
@@ -267,40 +277,66 @@ def consistency_checks(name: str, doc: dict) -> list[dict]:
 _draw_seed: int | None = None  # inside a verify process: the seed that chose this run's subset
 
 
-def images_for_power(shift: float = 0.05, power: float = 0.95) -> int:
-    """The number s of images drawn uniformly at random that catches, with probability at least
-    ``power``, an edit that changed a share ``shift`` of a condition's verdicts:
-    the smallest s with (1 - shift)^s <= 1 - power (59 for 5 points and 95%)."""
+def miss_probability(total: int, changed: int, draws: int) -> float:
+    """The chance that ``draws`` images drawn uniformly at random without replacement from
+    ``total`` miss every one of ``changed`` edited ones: C(total - changed, draws) / C(total, draws)
+    (hypergeometric; 0 when the draws cannot avoid them)."""
     import math
 
-    return math.ceil(math.log(1 - power) / math.log(1 - shift))
+    if draws > total - changed:
+        return 0.0
+    return math.comb(total - changed, draws) / math.comb(total, draws)
 
 
-def choose_records(records: list[dict], per_type: int | None, key: str) -> list[dict]:
-    """The records to re-draw: ``per_type`` prompts of each type, chosen at random afresh in each
-    run (``random.Random`` seeded by the run's draw seed and ``key``, the result and condition:
-    ``verify --seed N`` chooses the same again), in their stored order; every record when
-    ``per_type`` is None (``verify --full``)."""
+def detection_probability(total: int, draws: int, shift: float = 0.05) -> float:
+    """The chance that ``draws`` random images of a condition of ``total`` images catch an edit
+    that moves its accuracy by ``shift``: such an edit changes at least ceil(shift * total)
+    verdicts, whichever it changes."""
+    import math
+
+    return 1.0 - miss_probability(total, math.ceil(shift * total - 1e-9), draws)
+
+
+def images_for_power(shift: float = 0.05, power: float = 0.95, total: int | None = None) -> int:
+    """The number of images drawn uniformly at random that catches, with probability at least
+    ``power``, an edit that moves a condition's accuracy by ``shift``. For a large condition
+    (``total`` None) the smallest s with (1 - shift)^s <= 1 - power: 59 for 5 points and 95%;
+    for ``total`` images the exact hypergeometric count (fewer: 57 of 720)."""
+    import math
+
+    if total is None:
+        return math.ceil(math.log(1 - power) / math.log(1 - shift))
+    s = 0
+    while detection_probability(total, s, shift) < power:
+        s += 1
+    return s
+
+
+def choose_images(records: list[dict], draws: int | None, key: str) -> list[tuple[int, int]]:
+    """The images to re-draw, as (record index, image index), sorted: ``draws`` of all the
+    condition's images, chosen uniformly at random without replacement and afresh in each run
+    (``random.Random`` seeded by the run's draw seed and ``key``: ``verify --seed N`` chooses the
+    same again); every image when ``draws`` is None (``verify --full``)."""
     import random
 
-    if per_type is None:
-        return list(records)
-    rng = random.Random(f"{_draw_seed}/{key}")
-    by_type: dict[str, list[int]] = {}
-    for i, r in enumerate(records):
-        by_type.setdefault(r.get("type"), []).append(i)
-    chosen = sorted(i for idx in by_type.values() for i in rng.sample(idx, min(per_type, len(idx))))
-    return [records[i] for i in chosen]
+    every = [(i, j) for i, r in enumerate(records) for j in range(r["n"])]
+    if draws is None or draws >= len(every):
+        return every
+    return sorted(random.Random(f"{_draw_seed}/{key}").sample(every, draws))
 
 
-def draw_key(records: list[dict], seed: int, gen) -> str:
-    """The key ``choose_records`` draws with: the same for two conditions that hold the same
-    draws (the same prompts, seed and sampler, e.g. the base model's simple prompts in
-    ``failure`` and ``sur``), so that they get the same subset and it is drawn once."""
+def draw_key(records: list[dict], seed: int, gen, guidance: dict | None = None, adapter=None) -> str:
+    """The key ``choose_images`` draws with: the same for two conditions that hold the same
+    draws (the same prompts, seed, sampler, adapter weights and guidance, e.g. the base model's
+    simple prompts in ``failure`` and ``sur``), so that they get the same images and each is
+    drawn once."""
     import hashlib
     import json
 
-    what = [seed, gen.to_dict(), [[r.get("id"), r.get("text")] for r in records]]
+    what = [seed, gen.to_dict(), [[r.get("id"), r.get("text")] for r in records],
+            state_digest(adapter) if adapter is not None else None]
+    if guidance:
+        what.append(repr(sorted(guidance.items())))
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -315,27 +351,51 @@ def same_versions(doc: dict) -> bool:
     return bool(stored) and all(stored.get(k) == now.get(k) for k in keys)
 
 
-def image_check(cond: str, live: list[dict], stored: list[dict], m: int, doc: dict) -> dict:
-    """The check of one condition's re-drawn images. On the code and versions that wrote the
-    result (``same_versions``) every re-drawn image must have its stored verdict (the draws are
-    seeded): one image that differs fails. Elsewhere (another machine's floating point) the
-    accuracies must agree within ``analysis.agreement``'s tolerance."""
-    res = agreement(sum(r["k"] for r in live), sum(r["n"] for r in live),
-                    sum(r["k"] for r in stored), sum(r["n"] for r in stored))
-    same = sum(int(x == y) for lr, sr in zip(live, stored) for x, y in zip(lr["correct"], sr["correct"][:m]))
-    total = len(stored) * m
+def image_check(cond: str, live: list[int], records: list[dict], picks: list[tuple[int, int]],
+                doc: dict) -> dict:
+    """The check of one condition's re-drawn images: ``live`` verdicts of the images ``picks``
+    of ``records``. On the code and versions that wrote the result (``same_versions``) every
+    re-drawn image must have its stored verdict (the draws are seeded): one image that differs
+    fails. Elsewhere (another machine's floating point) the accuracies must agree within
+    ``analysis.agreement``'s tolerance. The message states the chance that these draws catch an
+    edit moving the condition by 5 points (``detection_probability``)."""
+    stored = [int(records[i]["correct"][j]) for i, j in picks]
+    res = agreement(sum(live), len(live), sum(stored), len(stored))
+    same = sum(int(a == b) for a, b in zip(live, stored))
+    total = sum(r["n"] for r in records)
+    power = detection_probability(total, len(picks))
     exact = same_versions(doc)
-    res.update(check=f"{cond}: {len(stored)} prompts x {m} images", same_images=same,
-               compared_images=total, image_for_image=exact)
+    res.update(check=f"{cond}: {len(picks)} of {total} images", same_images=same,
+               compared_images=len(picks), image_for_image=exact, power_5_points=power)
     if exact:
-        res["ok"] = same == total
-        res["message"] = (f"image-for-image agreement {same}/{total} (same versions: every verdict must "
-                          f"agree) {'yes' if res['ok'] else 'NO'}; prompts "
-                          f"{', '.join(r.get('id', '?') for r in stored)}")
+        res["ok"] = same == len(picks)
+        res["message"] = (f"image-for-image agreement {same}/{len(picks)} (same versions: every verdict must "
+                          f"agree) {'yes' if res['ok'] else 'NO'}")
     else:
         res["message"] = (f"live {res['live']:.3f} vs stored {res['stored']:.3f} (other versions than the "
                           f"result's), |diff| {abs(res['diff']):.3f} <= tol {res['tol']:.3f}? "
-                          f"{'yes' if res['ok'] else 'NO'}; image-for-image agreement {same}/{total}")
+                          f"{'yes' if res['ok'] else 'NO'}; image-for-image agreement {same}/{len(picks)}")
+    res["message"] += f"; catches a 5-point edit of this condition with probability {power:.2f}"
+    return res
+
+
+_memo: dict = {}  # inside a verify process: verdicts drawn in this run, by (draw key, prompt, image)
+
+
+def redraw_check(cond: str, records: list[dict], draws: int | None, doc: dict, backbone, gen,
+                 adapter=None, guidance: dict | None = None, pipe=None) -> dict:
+    """Choose ``draws`` images of one condition (``choose_images``), re-draw the ones not yet
+    drawn in this run (``images.judge_images``, in batches of the stored images per prompt)
+    and check them (``image_check``)."""
+    key = draw_key(records, doc["seed"], gen, guidance, adapter)
+    picks = choose_images(records, draws, key)
+    todo = [(i, j) for i, j in picks if (key, i, j) not in _memo]
+    live = judge_images(backbone, [(records[i], records[i]["text"], j) for i, j in todo], doc["seed"], gen,
+                        adapter=adapter, pipe=pipe, guidance=guidance, batch=max(r["n"] for r in records))
+    _memo.update({(key, i, j): v for (i, j), v in zip(todo, live)})
+    res = image_check(cond, [_memo[(key, i, j)] for i, j in picks], records, picks, doc)
+    if len(todo) < len(picks):
+        res["message"] += f"; {len(picks) - len(todo)}/{len(picks)} images drawn once in this run"
     return res
 
 
@@ -355,15 +415,14 @@ def loss_checks(live: list[dict], stored: list[dict]) -> list[dict]:
     return checks
 
 
-def verify_images(doc: dict, backbone, current_digest: str, per_type: int, n_images: int,
-                   progress: bool) -> list[dict]:
-    """Re-generate a subset of every condition of a stored result and compare."""
+def verify_images(doc: dict, backbone, current_digest: str, draws: int | None, progress: bool) -> list[dict]:
+    """Re-draw ``draws`` random images of every condition of a stored result (every image when
+    None) and compare (``redraw_check``)."""
     if doc["model"]["unet_digest"] != current_digest:
         return [{"check": "base model", "ok": False, "message": (
             f"the result was made with base model step {doc['model'].get('pretrain_step')} "
             f"(UNet digest {doc['model']['unet_digest'][:12]}), but the model now loaded has "
             f"digest {current_digest[:12]}: re-run the experiment")}]
-    seed = doc["seed"]
     checks = []
     for cond, block in doc["conditions"].items():
         if block.get("generation") not in (None, doc["generation"]):
@@ -382,16 +441,7 @@ def verify_images(doc: dict, backbone, current_digest: str, per_type: int, n_ima
                 checks.append({"check": f"{cond}: adapter", "ok": False, "message": (
                     f"{ref['dir']} is not the adapter the result was made with (digest differs)")})
                 continue
-        stored = choose_records(block["records"], per_type, draw_key(block["records"], seed, gen))
-        m = min(n_images or 10**9, min(r["n"] for r in stored))
-        shared = []  # ids of the prompts drawn earlier in this run (images.evaluate_condition's cache)
-        live = evaluate_condition(backbone, stored, [r["text"] for r in stored], m, seed, gen,
-                                  adapter=adapter, progress=progress, desc=f"verify/{cond}",
-                                  cache=_shared, hits=shared)
-        res = image_check(cond, live, stored, m, doc)
-        if shared:
-            res["message"] += f"; {len(shared)}/{len(stored)} prompts drawn once in this run"
-        checks.append(res)
+        checks.append(redraw_check(cond, block["records"], draws, doc, backbone, gen, adapter=adapter))
     return checks
 
 
@@ -487,26 +537,40 @@ def run_verify(exp: VerifyConfig, backbone=None) -> dict:
 
 def _verify_part(exp: VerifyConfig, names: list[str], backbone=None) -> dict:
     """Verify ``names`` (results that exist) one after the other in this process; a draw two
-    of them share is made once (a fresh ``images.evaluate_condition`` cache folder). Returns
-    the report of each."""
-    global _shared, _draw_seed
+    of them share is made once (``_memo``, emptied for each part). Returns the report of each."""
+    global _draw_seed
     import torch
 
     threads = torch.get_num_threads()
     if exp.threads:
         torch.set_num_threads(exp.threads)
     try:
-        with tempfile.TemporaryDirectory(prefix="verify-draws-") as tmp:
-            _shared, _draw_seed = Path(tmp), exp.draw_seed
-            return _verify_names(exp, names, backbone)
+        _memo.clear()
+        _draw_seed = exp.draw_seed
+        return _verify_names(exp, names, backbone)
     finally:
-        _shared, _draw_seed = None, None
+        _memo.clear()
+        _draw_seed = None
         torch.set_num_threads(threads)
 
 
+def draws_per_condition(exp: VerifyConfig) -> int | None:
+    """Images re-drawn per condition: every one (None) with ``--full``, enough for ``--power P``
+    (``images_for_power``: 59 for 0.95), else ``VERIFY_DRAWS`` (``VERIFY_QUICK_DRAWS`` with
+    ``--quick``)."""
+    if exp.full:
+        return None
+    if exp.power is not None:
+        if not 0 < exp.power < 1:
+            from ..cli import UsageError
+
+            raise UsageError(f"verify --power must be between 0 and 1, got {exp.power}")
+        return images_for_power(0.05, exp.power)
+    return VERIFY_QUICK_DRAWS if exp.quick else VERIFY_DRAWS
+
+
 def _verify_names(exp: VerifyConfig, names: list[str], backbone=None) -> dict:
-    per_type = None if exp.full else 1 if exp.quick else VERIFY_PROMPTS_PER_TYPE
-    n_images = None if exp.full else 2 if exp.quick else VERIFY_IMAGES
+    draws = draws_per_condition(exp)
     report = {}
     for name in names:
         doc = read_result(verify_path(exp.out, name), name)
@@ -519,27 +583,27 @@ def _verify_names(exp: VerifyConfig, names: list[str], backbone=None) -> dict:
         elif name == "compose":  # S-CFG and delayed conditioning (experiments/compose.py)
             from .compose import verify_compose
 
-            checks = verify_compose(doc, backbone, digest, per_type, n_images, exp.progress)
+            checks = verify_compose(doc, backbone, digest, draws, exp.progress)
         elif name == "convergence":  # the dose-response (experiments/convergence.py)
             from .convergence import verify_convergence
 
-            checks = verify_convergence(doc, backbone, digest, per_type, n_images, exp.progress)
+            checks = verify_convergence(doc, backbone, digest, draws, exp.progress)
         elif name == "tune":  # the tuned recipe (experiments/tune.py)
             from .tune import verify_tune
 
-            checks = verify_tune(doc, backbone, digest, per_type, n_images, exp.progress)
+            checks = verify_tune(doc, backbone, digest, draws, exp.progress)
         elif name == "retest":  # the claims re-tested at the plateau (experiments/retest.py)
             from .retest import verify_retest
 
-            checks = verify_retest(doc, backbone, digest, per_type, n_images, exp.progress)
+            checks = verify_retest(doc, backbone, digest, draws, exp.progress)
         elif name == "channel":  # the distillation channel (experiments/channel.py)
             from .channel import verify_channel
 
-            checks = verify_channel(doc, backbone, digest, per_type, n_images, exp.progress)
+            checks = verify_channel(doc, backbone, digest, draws, exp.progress)
         elif name == "quality":  # Table 3 at the plateau (experiments/quality.py)
             from .quality import verify_quality
 
-            checks = verify_quality(doc, backbone, digest, per_type, n_images, exp.progress)
+            checks = verify_quality(doc, backbone, digest, draws, exp.progress)
         elif name == "neighbours":  # transfer by neighbourhood (experiments/neighbours.py)
             from .neighbours import verify_neighbours
 
@@ -549,8 +613,9 @@ def _verify_names(exp: VerifyConfig, names: list[str], backbone=None) -> dict:
 
             checks = verify_probe(doc, backbone)
         else:
-            checks = verify_images(doc, backbone, digest, per_type, n_images, exp.progress)
-        checks = consistency_checks(name, doc) + checks
+            checks = verify_images(doc, backbone, digest, draws, exp.progress)
+        partial = verify_path(exp.out, name) != result_path(exp.out, name, False)
+        checks = consistency_checks(name, doc) + [input_check(doc, partial)] + checks
         ok = all(c["ok"] for c in checks)
         report[name] = {"status": "ok" if ok else "FAILED", "checks": checks,
                         "seconds": round(time.time() - te, 1)}
