@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from sur_lib.analysis import compare_block
-from sur_lib.experiments import verify
-from sur_lib.fileio import clean_json
+from sur_lib.study.statistics import compare_block
+from sur_lib.study.experiments import verify
+from sur_lib.infra.fileio import clean_json
 
 SUR = Path(__file__).parents[1] / "data" / "results" / "sur.json"
 
@@ -42,7 +42,7 @@ def test_headline_raised_by_005_fails(sur):
 def flip(doc, cond, images, prompts=None):
     """Flip the verdicts of ``images`` (0-based) of ``prompts`` (all when None) of ``cond``, and
     make the records and every summary agree with the new verdicts (as a careful forger would)."""
-    from sur_lib.analysis import wilson_interval
+    from sur_lib.study.statistics import wilson_interval
 
     for i, r in enumerate(doc["conditions"][cond]["records"]):
         if prompts is not None and i not in prompts:

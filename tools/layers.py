@@ -31,11 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "sur_lib"
 LAYERS = ("method", "world", "study", "infrastructure")
 FOLDERS = {"infra": "infrastructure", "world": "world", "study": "study"}
-# what each layer may import (besides itself); an alias may import anything
+# what each layer may import besides itself and the package root ``sur_lib`` (its version);
+# an alias may import anything
 ALLOWED = {"infrastructure": set(), "method": {"infrastructure"},
            "world": {"method", "infrastructure"}, "study": {"method", "world", "infrastructure"}}
-# the old command names that results in data/results store (python -m ...): thin forwarders
-ALIASES = ("sur_lib.experiments", "sur_lib.bench", "sur_lib.step_cache", "sur_lib.evaluate")
+# the old command names that stored results record (python -m ...): thin forwarders, folders
+# with a __main__.py and no __init__.py
+ALIASES = ("sur_lib.experiments", "sur_lib.bench", "sur_lib.step_cache", "sur_lib.evaluate",
+           "sur_lib.pretrain")
 # the tree before the layers (the modules' names then -> their layer)
 BEFORE = {
     "fileio": "infrastructure", "checkpoints": "infrastructure", "config": "infrastructure",
@@ -65,7 +68,7 @@ def layer_of(name: str) -> str:
     """The layer of a module (``sur_lib.x.y``): by its folder, or ``BEFORE`` in an old tree."""
     parts = name.split(".")[1:]
     if not parts:
-        return "method"  # sur_lib/__init__.py
+        return "package"  # sur_lib/__init__.py: the docstring and __version__
     if (PACKAGE / "study").is_dir():  # the layered tree
         if parts[0] in FOLDERS:
             return FOLDERS[parts[0]]
@@ -129,7 +132,7 @@ def table() -> str:
         rows.append(f"{layer_of(name):15} {name:45} {n:6}")
     total = sum(n_lines.values())
     rows.append("")
-    for layer in (*LAYERS, "alias"):
+    for layer in (*LAYERS, "package", "alias"):
         if per_layer[layer]:
             rows.append(f"{layer:15} {'(all)':45} {per_layer[layer]:6}  {per_layer[layer] / total:4.0%}")
     rows.append(f"{'total':15} {'':45} {total:6}")

@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterable
 
-ROOT = Path(__file__).resolve().parents[1]  # the repository root (sur_lib's parent)
+ROOT = Path(__file__).resolve().parents[2]  # the repository root (sur_lib's parent)
 
 BASE_PACKAGES = ("numpy", "scipy", "pillow", "torch", "sur_lib")
 
@@ -30,7 +30,7 @@ def package_version(name: str) -> str | None:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         if name == "sur_lib":
-            from . import __version__
+            from .. import __version__
 
             return __version__
         return None

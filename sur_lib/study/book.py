@@ -2,7 +2,7 @@
 
 Every chapter starts with the Colab install lines and::
 
-    from sur_lib.book import glue, setup
+    from sur_lib.study.book import glue, setup
     env = setup(seed=0, threads=1)
 
 ``setup`` seeds Python, numpy and torch, fixes the torch thread count (the experiments ran with
@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .provenance import ROOT
+from ..infra.provenance import ROOT
 
 try:
     from myst_nb import glue  # puts numbers from cells into the book's prose

@@ -23,7 +23,7 @@ raw text. ``export_chapter`` takes the notebook the book build executed
 Anything else in MyST syntax (an unknown directive or role, a glue name with no value) is an
 error naming the chapter and the construct, never left in the text.
 
-    python -m sur_lib.book_export [--build _build] [--out _build/notebooks/book]
+    python -m sur_lib.study.book_export [--build _build] [--out _build/notebooks/book]
 
 The repository URL is one setting, ``[project.urls] Repository`` in ``pyproject.toml``
 (``repository_url``); ``_config.yml`` and the README must agree with it (tests/test_book_export.py).
@@ -41,7 +41,7 @@ from types import SimpleNamespace
 
 import nbformat
 
-from .provenance import ROOT
+from ..infra.provenance import ROOT
 
 #: the branch that holds the exported notebooks (``colab_branch`` in _config.yml)
 NOTEBOOKS_BRANCH = "notebooks"
@@ -319,7 +319,7 @@ def _directive(ch: Chapter, name: str, arg: str, body: str) -> str:
         return (f"**{arg}**\n\n" if arg else "") + markdown(ch, body)
     if name == "bibliography":
         return ""  # the notebook's own References list stands for it
-    raise ch.error(f"directive {{{name}}} cannot be exported (add it to sur_lib.book_export)")
+    raise ch.error(f"directive {{{name}}} cannot be exported (add it to sur_lib.study.book_export)")
 
 
 def _role(ch: Chapter, name: str, content: str) -> str:
@@ -359,7 +359,7 @@ def _role(ch: Chapter, name: str, content: str) -> str:
         return f"`{content}`"
     if name in ("abbr",):
         return text or content
-    raise ch.error(f"role {{{name}}}`{content}` cannot be exported (add it to sur_lib.book_export)")
+    raise ch.error(f"role {{{name}}}`{content}` cannot be exported (add it to sur_lib.study.book_export)")
 
 
 def _roles(ch: Chapter, text: str) -> str:

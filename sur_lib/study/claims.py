@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .book import fmt_p, pct
-from .fileio import read_json
+from ..infra.fileio import read_json
 
 ALPHA = 0.05
 VERDICTS = ("supported", "contradicted", "not detected")
@@ -153,7 +153,7 @@ def noun_evidence(part: dict) -> str:
 def split_evidence(a: list[dict], b: list[dict]) -> str:
     """'seen nouns +x.x (p), unseen nouns +y.y over n nouns (p)': b - a split by noun kind,
     the unseen part with nouns as the unit."""
-    from .analysis import compare, noun_level, split_by_noun
+    from .statistics import compare, noun_level, split_by_noun
 
     sa, sb = split_by_noun(a), split_by_noun(b)
     seen = compare(sa["seen"], sb["seen"])["overall"]
@@ -176,7 +176,7 @@ def adapter_rows(dose: dict, alpha: float = ALPHA) -> list[dict]:
     by noun: prompts of training nouns in new phrasings (the prompt is the unit) and prompts of
     nouns the adapter never trained on (the noun is the unit, prompts nested in nouns). The
     verdict is on the 150 extended prompts (the larger set); the 45 test prompts beside it."""
-    from .analysis import seen_unseen
+    from .statistics import seen_unseen
 
     last = str(dose["settings"]["eval_steps"][-1])
     rec = dose["records"]
@@ -306,7 +306,7 @@ def noun_split_rows(res: dict) -> list[dict]:
     """The headline adapters on seen-noun and unseen-noun prompts, one row each: accuracy base ->
     adapter (ceiling), the gap closed, and the change with its test (seen: over prompts; unseen:
     over nouns, prompts nested in nouns)."""
-    from .analysis import seen_unseen
+    from .statistics import seen_unseen
 
     rows = []
     for name, s, base, adapter, ceiling in noun_split_sources(res):

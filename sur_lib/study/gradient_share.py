@@ -22,8 +22,8 @@ from typing import Sequence
 
 import torch
 
-from .data import collate
-from .train import batch_indices, compute_losses, micro_step_seed
+from ..data import collate
+from ..train import batch_indices, compute_losses, micro_step_seed
 
 TERMS = ("l_simple", "l_llm", "l_cp")
 MEASURE_SEED_OFFSET = 7_777  # the measurement's batches: not the training run's own

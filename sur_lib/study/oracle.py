@@ -18,7 +18,7 @@ colour and shape follow from the prompt (the number word and the noun) and must 
 every row with the same text. ``norm``: every vector rescaled to this length (the retest
 matches the mean norm of SmolLM2's vectors, so the KL term's scale is comparable).
 
-    from sur_lib.oracle import oracle_knowledge
+    from sur_lib.study.oracle import oracle_knowledge
     knowledge = oracle_knowledge(SURDDataset(root, check_images=False).rows, width=576)
     train(cfg, knowledge=knowledge)       # the same {prompt: vector} form as knowledge_for
 """
@@ -29,7 +29,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from . import toyworld as tw
+from ..world import toyworld as tw
 
 SMOLLM2_WIDTH = 576  # hidden size of SmolLM2-135M, the LLM of tiny.yaml
 COUNTS = tuple(range(1, tw.MAX_COUNT + 1))

@@ -3,13 +3,13 @@
     SURD-mini (toyworld) -> SmolLM2 knowledge vectors -> train a SUR-adapter (Algorithm 1)
     -> generate with and without it -> outputs/quickstart/{grid.png, summary.json}
 
-    python -m sur_lib.quickstart [--out outputs/quickstart] [--steps 30] [--n 64] [--seed 0]
+    python -m sur_lib.study.quickstart [--out outputs/quickstart] [--steps 30] [--n 64] [--seed 0]
                                  [--threads 1] [--images 4]
 
 A 30-step adapter has barely moved from where it starts (its output map g starts at zero, so
 an untrained adapter only scales the prompt by 1 - eta), and its images look like the base
 model's. The grid therefore also shows the adapter the book evaluates,
-``data/models/sur-adapter-tiny`` (trained by ``python -m sur_lib.experiments sur``), on the
+``data/models/sur-adapter-tiny`` (trained by ``python -m sur_lib.study.experiments sur``), on the
 three held-out test prompts where ``data/results/sur.json`` measured its largest gain, with
 the judge's verdict under every image; the sentence printed at the end says what to look for
 and how large the gain is over all test prompts. Images are sampled as in that evaluation
@@ -33,12 +33,13 @@ from pathlib import Path
 
 import torch
 
-from . import models, toyworld
-from .data import SURDDataset
-from .fileio import write_json
-from .pipeline import generate, make_pipeline
-from .provenance import ROOT, versions
-from .train import TrainConfig, train
+from .. import models
+from ..world import toyworld
+from ..data import SURDDataset
+from ..infra.fileio import write_json
+from ..pipeline import generate, make_pipeline
+from ..infra.provenance import ROOT, versions
+from ..train import TrainConfig, train
 
 STORED_ADAPTER = ROOT / "data" / "models" / "sur-adapter-tiny"
 STORED_RESULT = ROOT / "data" / "results" / "sur.json"
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = train(cfg, backbone=backbone)  # computes (or reuses) the SmolLM2 knowledge cache first
     t_train = time.time() - t_train
 
-    from .adapter import SURAdapter
+    from ..adapter import SURAdapter
 
     stored = json.loads(STORED_RESULT.read_text())
     stored_adapter = SURAdapter.from_pretrained(STORED_ADAPTER).float().eval()
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
               num_images_per_prompt=args.images, pipe=pipe)
     models_shown = [("base model", None), (f"your adapter ({args.steps} steps)", result.adapter),
                     (f"stored adapter ({stored['train']['steps']:,} steps)", stored_adapter)]
-    from .evaluate import score
+    from ..world.evaluate import score
 
     t_gen = time.time()
     rows, labels, captions, hits = [], [], [], {name: 0 for name, _ in models_shown}
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{100 * gain:+.1f} points (the evaluation chapter)."
     )
     summary = {
-        "command": "python -m sur_lib.quickstart " + " ".join(argv or []),
+        "command": "python -m sur_lib.study.quickstart " + " ".join(argv or []),
         "versions": versions(("torch", "diffusers", "transformers", "sur_lib")),
         "torch_threads": torch.get_num_threads(),
         "backbone": backbone_name, "rows": len(SURDDataset(data_dir, check_images=False)),
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _last_log_row(run_dir: Path) -> dict:
-    from .train import read_log
+    from ..train import read_log
 
     return read_log(run_dir)[-1]
 

@@ -1,7 +1,7 @@
 """The statistics the experiments and the chapters report: intervals, tests, summaries.
 
 Nothing here draws or judges an image; every function takes numbers or the per-prompt records
-that ``sur_lib.experiments`` stores (``{"id", "type", "k", "n", "acc", "correct", "hits", ...}``).
+that ``sur_lib.study.experiments`` stores (``{"id", "type", "k", "n", "acc", "correct", "hits", ...}``).
 
 * proportions: ``wilson_interval`` (Wilson score interval), ``accuracy_with_ci``;
 * tests: ``paired_test`` (paired t-test and Wilcoxon signed-rank over prompts, with t and
@@ -19,8 +19,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from scipy import stats
 
-from . import toyworld as tw
-from .fileio import clean_json
+from ..world import toyworld as tw
+from ..infra.fileio import clean_json
 
 VERIFY_Z = 3.0  # agreement: the z of the two-proportion test (two-sided ~0.3%)
 
@@ -161,7 +161,7 @@ def compare(a: Sequence[dict], b: Sequence[dict]) -> dict:
 def quality_tests(a: Sequence[dict], b: Sequence[dict]) -> dict:
     """Table 3 analogue: two-sample t-tests (b versus a) of per-image BRISQUE and clean-render
     distance (both: lower is better). BRISQUE caveat: it was fitted to natural photographs;
-    on 32 x 32 flat synthetic images it is erratic (see ``sur_lib.evaluate.brisque_scores``)."""
+    on 32 x 32 flat synthetic images it is erratic (see ``sur_lib.world.evaluate.brisque_scores``)."""
     out = {}
     for key in ("brisque", "clean_render_distance"):
         xa = [x for r in a for x in r.get(key, [])]
@@ -172,7 +172,7 @@ def quality_tests(a: Sequence[dict], b: Sequence[dict]) -> dict:
 
 
 def hit_rate(records: Sequence[dict], attr: str, type_: str | None = None) -> float | None:
-    """Share of images whose ``attr`` (one of ``sur_lib.experiments.HIT_KEYS``) the judge found
+    """Share of images whose ``attr`` (one of ``sur_lib.study.experiments.HIT_KEYS``) the judge found
     right, pooled over ``records`` (of one test type when ``type_`` is given). ``arrangement_ok``
     counts only prompts that ask for an arrangement; None when no image is scored."""
     recs = [r for r in records if (type_ is None or r["type"] == type_)

@@ -27,7 +27,7 @@ run were identical, at 0.95 against 1.78 seconds per step (batch 32, 2 threads);
 (``tests/test_step_cache.py``) allows a relative difference of 1e-5. The experiments that use
 the cache say so in their results (``"step_cache": true``).
 
-    python -m sur_lib.step_cache bench --batch 32 --threads 2 --steps 8   # s/step before/after
+    python -m sur_lib.study.step_cache bench --batch 32 --threads 2 --steps 8   # s/step before/after
 """
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file
 
-from .fileio import atomic_write_bytes
-from .models import Backbone
+from ..infra.fileio import atomic_write_bytes
+from ..models import Backbone
 
 FORMAT = "sur-prompt-states-v1"
 
@@ -217,15 +217,15 @@ def bench(steps: int = 8, batch: int = 32, threads: int = 2, warmup: int = 2,
     import statistics
     import tempfile
 
-    from . import experiments
-    from .data import SURDDataset
-    from .train import TrainConfig, read_log, train
+    from .experiments import common, runs
+    from ..data import SURDDataset
+    from ..train import TrainConfig, read_log, train
 
     torch.set_num_threads(threads)
-    backbone = experiments.load_base()
-    data_dir = experiments.surd_mini(rows, seed, progress=False)
-    base = TrainConfig.from_yaml(experiments.TINY_CONFIG, seed=seed)
-    kcfg = experiments.knowledge_for_config
+    backbone = common.load_base()
+    data_dir = runs.surd_mini(rows, seed, progress=False)
+    base = TrainConfig.from_yaml(common.TINY_CONFIG, seed=seed)
+    kcfg = runs.knowledge_for_config
     prompts = SURDDataset(data_dir, check_images=False).prompts()
     knowledge = kcfg(base, prompts, progress=False)
     out: dict[str, Any] = {"batch": batch, "threads": threads, "steps": steps, "warmup": warmup}
@@ -250,7 +250,7 @@ def bench(steps: int = 8, batch: int = 32, threads: int = 2, warmup: int = 2,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sur_lib.step_cache", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m sur_lib.study.step_cache", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bench", help="seconds per step without and with the cache")
     b.add_argument("--steps", type=int, default=8)
@@ -268,14 +268,14 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{max(abs(a - b) for a, b in zip(res['uncached']['losses'], res['cached']['losses'])):.2e}")
     if a.out:
         from .experiments.common import versions
-        from .fileio import write_json
+        from ..infra.fileio import write_json
 
-        write_json({"command": "python -m sur_lib.step_cache " + " ".join(argv_list),
+        write_json({"command": "python -m sur_lib.study.step_cache " + " ".join(argv_list),
                     "versions": versions(), "cpu_count": os.cpu_count(),
                     "load_average_after": os.getloadavg(), **res}, a.out)
     return 0
 
 
 if __name__ == "__main__":
-    from .cli import run
+    from ..infra.cli import run
     run(main)

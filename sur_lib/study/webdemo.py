@@ -1,6 +1,6 @@
 """The SUR world in the reader's browser: the files behind the book's demo page (book/demo.md).
 
-``python -m sur_lib.webdemo export OUT_DIR`` writes everything the page loads, next to its
+``python -m sur_lib.study.webdemo export OUT_DIR`` writes everything the page loads, next to its
 vendored ONNX Runtime Web (book/_extra/demo/):
 
 * ``text_encoder.onnx``: the frozen all-MiniLM-L6-v2 (token ids [1, 48] -> states [1, 48, 384]);
@@ -40,8 +40,8 @@ from typing import Sequence
 
 import numpy as np
 
-from . import toyworld as tw
-from .provenance import ROOT, rel_path
+from ..world import toyworld as tw
+from ..infra.provenance import ROOT, rel_path
 
 RUN_ADAPTERS = ROOT / "data" / "runs" / "convergence" / "adapters"
 DEMO_STEPS = (0, 500, 2000, 5000)  # adapter steps on the page's slider (convergence run)
@@ -204,7 +204,7 @@ class OrtDemo:
         self.unet = load(files["unet"])
         self.adapters = {int(s): load(f) for s, f in files["adapters"].items()}
         if tokenizer is None:
-            from .models import load_minilm
+            from ..models import load_minilm
 
             tokenizer, _ = load_minilm()
         self.tokenizer = tokenizer
@@ -360,7 +360,7 @@ def export_adapter(adapter, backbone, path: Path) -> None:
 
 
 def load_adapter(step: int, run_dir: Path = RUN_ADAPTERS):
-    from .adapter import SURAdapter
+    from ..adapter import SURAdapter
 
     folder = Path(run_dir) / f"step-{int(step):05d}"
     if not (folder / "config.json").is_file():
@@ -552,7 +552,7 @@ def reference_images(backbone, adapters: dict, prompts=CHECK_PROMPTS, seeds=CHEC
     """PyTorch's images of the check set: {(prompt, seed, step or None): uint8 [H, W, 3]}, one
     ``pipeline.generate`` call per image, with the experiments' sampler (DDIM, trailing, 25
     steps, CFG 2.0)."""
-    from .pipeline import generate, make_pipeline
+    from ..pipeline import generate, make_pipeline
 
     pipe = make_pipeline(backbone, "ddim", {"timestep_spacing": TIMESTEP_SPACING})
     out = {}
@@ -584,8 +584,8 @@ def export(out_dir: str | os.PathLike, steps: Sequence[int] = DEMO_STEPS, quanti
     import onnx
     import torch
 
-    from .models import load_tiny_backbone
-    from .provenance import state_digest
+    from ..models import load_tiny_backbone
+    from ..infra.provenance import state_digest
 
     torch.set_num_threads(1)
     t0 = time.time()
@@ -686,7 +686,7 @@ def export(out_dir: str | os.PathLike, steps: Sequence[int] = DEMO_STEPS, quanti
 
 
 def _version(pkg: str) -> str | None:
-    from .provenance import package_version
+    from ..infra.provenance import package_version
 
     return package_version(pkg)
 
@@ -710,8 +710,8 @@ def _noun_vectors(demo: OrtDemo) -> dict:
 
 
 def _manifest(backbone, adapters, steps, run_dir, model_dir) -> dict:
-    from .models import TINY_MODEL_DIR
-    from .provenance import state_digest
+    from ..models import TINY_MODEL_DIR
+    from ..infra.provenance import state_digest
 
     tok = backbone.tokenizer
     special = {name: int(tok.convert_tokens_to_ids(getattr(tok, f"{name}_token")))
@@ -728,7 +728,7 @@ def _manifest(backbone, adapters, steps, run_dir, model_dir) -> dict:
                 world["complex"][f"{noun}|{count}|{arr or ''}"] = _spec(count, noun, arr)["complex"]
     return {
         "format": 1,
-        "made_by": "python -m sur_lib.webdemo export",
+        "made_by": "python -m sur_lib.study.webdemo export",
         "onnxruntime_web": ORT_WEB_VERSION,
         "image_size": int(backbone.image_size),
         "guidance": GUIDANCE,
@@ -813,7 +813,7 @@ def download_size(site: str | os.PathLike, prompts: Sequence[str] = CHECK_PROMPT
              site / "demo" / (WASM + ".gz"), models / DEMO_JSON]
     files += [models / name for name in manifest["sizes"]]
     if tokenizer is None:
-        from .models import load_minilm
+        from ..models import load_minilm
 
         tokenizer, _ = load_minilm()
     emb = manifest["embeddings"]
@@ -867,9 +867,9 @@ def bench(site: str | os.PathLike | None = None, prompt: str = "four tomatoes", 
     download size and how often the page ran the text encoder."""
     import torch
 
-    from .headless import Chromium, serve
-    from .models import load_tiny_backbone
-    from .pipeline import generate, make_pipeline
+    from ..infra.headless import Chromium, serve
+    from ..models import load_tiny_backbone
+    from ..pipeline import generate, make_pipeline
 
     tmp = None
     if site is None:
@@ -880,7 +880,7 @@ def bench(site: str | os.PathLike | None = None, prompt: str = "four tomatoes", 
         backbone = load_tiny_backbone()
         pipe = make_pipeline(backbone, "ddim", {"timestep_spacing": TIMESTEP_SPACING})
         cond, uncond = None, None
-        from .pipeline import prompt_embeddings
+        from ..pipeline import prompt_embeddings
 
         cond, uncond = prompt_embeddings(backbone, [prompt])
 
@@ -942,7 +942,7 @@ def screenshots(out_dir: str | os.PathLike, site: str | os.PathLike | None = Non
                 seed: int = 0, width: int = 1400, log=print) -> list[Path]:
     """PNG screenshots of the page (headless Chromium, ``width`` px) for each prompt at each
     adapter step, drawn through the page's own controls."""
-    from .headless import Chromium, serve
+    from ..infra.headless import Chromium, serve
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -989,7 +989,7 @@ def export_cached(out_dir: str | os.PathLike, log=print) -> Path:
     """``export`` into a cache folder keyed by the inputs (this module, the weights, the
     package versions) and copy the files to ``out_dir``: a book build exports only when
     something changed."""
-    from .models import TINY_MODEL_DIR, cache_dir
+    from ..models import TINY_MODEL_DIR, cache_dir
 
     h = hashlib.sha256(Path(__file__).read_bytes())
     files = [TINY_MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors"]
@@ -1007,9 +1007,9 @@ def export_cached(out_dir: str | os.PathLike, log=print) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .cli import UsageError
+    from ..infra.cli import UsageError
 
-    ap = argparse.ArgumentParser(prog="python -m sur_lib.webdemo", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sur_lib.study.webdemo", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export", help="write the demo page's model files into OUT_DIR")
     e.add_argument("out_dir")
@@ -1062,6 +1062,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import run
+    from ..infra.cli import run
 
     run(main)

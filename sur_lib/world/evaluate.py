@@ -2,7 +2,7 @@
 
 The judge
 ---------
-``judge(image)`` reads a picture of the SUR world (``sur_lib.toyworld``) by rule, no
+``judge(image)`` reads a picture of the SUR world (``sur_lib.world.toyworld``) by rule, no
 learning involved:
 
 1. **Background**: the median colour of the image's border pixels.
@@ -37,30 +37,22 @@ number the experiments report, is defined per prompt type:
 * action: ``arrangement_ok and color_ok`` -- the asked arrangement, made of objects of the
   noun's colour (the count is not required).
 
-``judge_accuracy`` measures the judge on fresh ground-truth renders, clean and degraded;
-``python -m sur_lib.evaluate judge-accuracy --out data/results/judge.json`` stores it.
+How often the judge is right is measured on fresh ground-truth renders by
+``sur_lib.study.judge_accuracy``. ``ATTRIBUTES`` names what it reads.
 
 Quality: ``brisque_scores`` (the PyPI ``brisque`` package) and ``clean_render_distance``.
-The statistics of the numbers (intervals, paired tests, summaries) are in ``sur_lib.analysis``.
+The statistics of the numbers (intervals, paired tests, summaries) are in ``sur_lib.study.statistics``.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
-import time
 from collections import Counter
 from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from sur_lib import toyworld as tw
-from sur_lib.analysis import accuracy_with_ci
-from sur_lib import cli
-from sur_lib.fileio import atomic_write_text
-from sur_lib.provenance import versions
+from sur_lib.world import toyworld as tw
 
 FG_COVERAGE = 0.6  # a pixel is foreground when more than half covered
 MIN_AREA_PX32 = 3.0  # an object covers at least this many pixels (at 32 x 32)
@@ -250,55 +242,8 @@ def score(image, spec: Mapping, judgement: Mapping | None = None) -> dict:
             "object_ok": object_ok, "arrangement_ok": arrangement_ok, "correct": bool(correct)}
 
 
-# --------------------------------------------------------------------------- judge accuracy
+# what the judge's accuracy is reported for (sur_lib.study.judge_accuracy)
 ATTRIBUTES = ("count", "color", "shape", "object", "arrangement", "scene")
-
-
-def judge_accuracy(n: int = 1000, seed: int = 2024, size: int = tw.SIZE,
-                   progress: bool = False) -> dict:
-    """The judge's accuracy on ``n`` fresh ground-truth scenes, each rendered clean and
-    degraded.
-
-    Scenes: uniform over all 7 x 3 classes, counts 1-6 and (3+ objects) the 4 arrangements,
-    from ``default_rng([seed, i])``; these seeds were not used to set the judge's
-    thresholds. Attributes: ``count``, ``color`` (all objects), ``shape`` (majority),
-    ``object`` (colour and shape), ``arrangement`` (scenes with 3+ objects only),
-    ``scene`` (everything right). Returns accuracies with Wilson 95% intervals, overall,
-    per count and per arrangement, for "clean" and "degraded".
-    """
-    from tqdm import tqdm
-
-    rec = {"clean": [], "degraded": []}
-    for i in tqdm(range(n), desc="judge", disable=not progress):
-        rng = np.random.default_rng([seed, i])
-        scene = tw.sample_scene(rng, nouns=None, p_clean=1.0)
-        objects = tw.place(scene, rng)
-        clean = tw.draw(objects, size)
-        for quality, img in (("clean", clean), ("degraded", tw.degrade(clean, rng))):
-            s = score(img, {"count": scene.count, "color": scene.color,
-                            "shape": scene.shape, "arrangement": scene.arrangement})
-            rec[quality].append((scene, s))
-    out = {}
-    for quality, rows in rec.items():
-        res = {}
-        for attr in ATTRIBUTES:
-            if attr == "scene":
-                vals = [s["correct"] for _, s in rows]
-            elif attr == "arrangement":
-                vals = [s["arrangement_ok"] for _, s in rows if s["arrangement_ok"] is not None]
-            else:
-                vals = [s[f"{attr}_ok"] for _, s in rows]
-            res[attr] = accuracy_with_ci(vals)
-        res["count_by_count"] = {str(c): accuracy_with_ci([s["count_ok"] for sc, s in rows
-                                                          if sc.count == c])
-                                 for c in range(1, tw.MAX_COUNT + 1)}
-        res["shape_by_shape"] = {sh: accuracy_with_ci([s["shape_ok"] for sc, s in rows
-                                                       if sc.shape == sh]) for sh in tw.SHAPES}
-        res["arrangement_by_arrangement"] = {
-            a: accuracy_with_ci([s["arrangement_ok"] for sc, s in rows if sc.arrangement == a])
-            for a in tw.ARRANGEMENTS}
-        out[quality] = res
-    return out
 
 
 # --------------------------------------------------------------------------- quality
@@ -370,49 +315,3 @@ def clean_render_distance(images) -> np.ndarray:
         ref = tw.draw(objs, size)
         out.append(float(np.sqrt(np.mean((img.astype(np.float64) - ref) ** 2))))
     return np.array(out)
-
-
-# --------------------------------------------------------------------------- CLI
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sur_lib.evaluate")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    ja = sub.add_parser("judge-accuracy", help="measure the judge on fresh ground-truth renders")
-    ja.add_argument("--out", default=None, help="write the result JSON here")
-    ja.add_argument("--n", type=int, default=1000, help="number of scenes (each clean + degraded)")
-    ja.add_argument("--seed", type=int, default=2024)
-    ja.add_argument("--size", type=int, default=tw.SIZE)
-    args = ap.parse_args(argv)
-    if args.cmd == "judge-accuracy":
-        from .cli import UsageError
-
-        if args.n < 1:
-            raise UsageError(f"--n must be >= 1, got {args.n}")
-        if not 8 <= args.size <= 4096:
-            raise UsageError(f"--size must be from 8 to 4096 pixels, got {args.size}")
-        from .config import check_seed
-
-        check_seed("--seed", args.seed)
-        t0 = time.perf_counter()
-        res = judge_accuracy(args.n, args.seed, args.size, progress=True)
-        wall = time.perf_counter() - t0
-        doc = {
-            "command": "python -m sur_lib.evaluate " + " ".join(
-                sys.argv[1:] if argv is None else list(argv)),
-            "seed": args.seed, "n_scenes": args.n, "size": args.size,
-            "versions": versions(), "wall_time_s": round(wall, 2),
-            "thresholds": {"FG_COVERAGE": FG_COVERAGE, "MIN_AREA_PX32": MIN_AREA_PX32,
-                           "REGION_RADIUS_PX32": REGION_RADIUS_PX32,
-                           "BLUR_GRID_PX32": list(BLUR_GRID_PX32)},
-            "results": res,
-        }
-        for q in ("clean", "degraded"):
-            print(q, "  ".join(f"{a} {res[q][a]['acc']:.3f}" for a in ATTRIBUTES))
-        text = json.dumps(doc, indent=2)
-        if args.out:
-            atomic_write_text(args.out, text + "\n")
-            print(f"wrote {args.out} ({wall:.1f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    cli.run(main)

@@ -17,7 +17,7 @@ prompt repeats a fixed test prompt or another extended one. The set is generated
 checks that the file equals what ``build`` makes and that its SHA-256 is ``EXTENDED_DIGEST``
 (pinned before any training that is evaluated on it), so it cannot drift.
 
-    python -m sur_lib.extended_prompts write   # (re)writes the JSON file; the digest test pins it
+    python -m sur_lib.world.extended_prompts write   # (re)writes the JSON file; the digest test pins it
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import numpy as np
 
 from . import toyworld as tw
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXTENDED_FILE = ROOT / "data" / "prompts" / "extended_heldout.json"
 EXTENDED_SEED = 20261201
 PER_TYPE = 50
@@ -124,10 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv != ["write"]:
         print(__doc__)
         return 2
-    from .fileio import write_json
+    from ..infra.fileio import write_json
 
     prompts = build()
-    write_json({"made_by": "python -m sur_lib.extended_prompts write", "seed": EXTENDED_SEED,
+    write_json({"made_by": "python -m sur_lib.world.extended_prompts write", "seed": EXTENDED_SEED,
                 "per_type": PER_TYPE, "sha256": digest(prompts), "prompts": prompts},
                EXTENDED_FILE)
     print(f"wrote {len(prompts)} prompts to {EXTENDED_FILE} (sha256 {digest(prompts)})")

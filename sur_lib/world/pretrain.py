@@ -19,7 +19,7 @@ Resumable: a checkpoint (UNet, EMA, optimizer, step) is written atomically every
 resume a run that an earlier one started) and the EMA weights are exported to ``--out``
 (data/models/tiny-sur-world) with the command, seed, versions, wall time and loss log.
 
-    python -m sur_lib.pretrain --steps 3000 --batch 128 --seed 0
+    python -m sur_lib.world.pretrain --steps 3000 --batch 128 --seed 0
 """
 from __future__ import annotations
 
@@ -37,10 +37,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, toyworld
-from .cli import UsageError
-from .fileio import atomic_write_text
-from .models import TINY_MODEL_DIR, load_minilm
+from .. import __version__
+from . import toyworld
+from ..infra.cli import UsageError
+from ..infra.fileio import atomic_write_text
+from ..models import TINY_MODEL_DIR, load_minilm
 
 MAX_LENGTH = 48  # MiniLM tokens per prompt: covers 90% of complex prompts whole; the object phrase ends by token 25 in 99%
 
@@ -104,8 +105,8 @@ def save_state(folder: Path, unet, ema, opt, lr_sched, step: int, seconds: float
     old or the new state whole)."""
     from safetensors.torch import save_file
 
-    from . import checkpoints
-    from .fileio import atomic_folder, write_json
+    from ..infra import checkpoints
+    from ..infra.fileio import atomic_folder, write_json
 
     with atomic_folder(folder) as tmp:
         tensors = {f"unet.{k}": v.contiguous() for k, v in unet.state_dict().items()}
@@ -134,7 +135,7 @@ def load_state(folder: Path, unet, ema, opt, lr_sched) -> tuple[int, float, list
     next save. A damaged state (a file not as its manifest says) is an error naming the file."""
     from safetensors.torch import load_file
 
-    from . import checkpoints
+    from ..infra import checkpoints
 
     found = _state_folder(folder)
     if found is None:
@@ -166,7 +167,7 @@ def export(unet_ema, scheduler, out: Path, info: dict, loss_log: Path | None = N
     sur_backbone.json telling ``load_tiny_backbone`` to pair it with MiniLM from its package;
     pretrain.json (``info``) and loss_log.csv (a copy of ``loss_log``, else the old folder's).
     Replaces ``out`` atomically."""
-    from .fileio import atomic_folder
+    from ..infra.fileio import atomic_folder
 
     with atomic_folder(out) as tmp:
         unet_ema.save_pretrained(tmp / "unet", safe_serialization=True)
@@ -186,7 +187,7 @@ def resave_state(folder: str | os.PathLike) -> int:
     current one; returns its step. This is how the committed states went from optimizer.pt
     (a torch pickle) to optimizer.safetensors + optimizer.json:
 
-        python -c "from sur_lib.pretrain import resave_state; resave_state('data/models/tiny-sur-world-state/state')"
+        python -c "from sur_lib.world.pretrain import resave_state; resave_state('data/models/tiny-sur-world-state/state')"
     """
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=1e-2)
     lr_sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=args.warmup)
     step, seconds_before, sessions = load_state(work / "state", unet, ema, opt, lr_sched)
-    command = "python -m sur_lib.pretrain " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m sur_lib.world.pretrain " + " ".join(argv if argv is not None else sys.argv[1:])
     sessions.append({"command": command, "from_step": step, "to_step": step, "seconds": 0.0,
                      "threads": torch.get_num_threads()})
     if step:
@@ -329,6 +330,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from .cli import run
+    from ..infra.cli import run
 
     run(main)

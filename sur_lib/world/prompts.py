@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import toyworld as tw
+from . import toyworld as tw
 
 
 def select_prompts(prompts: Sequence[dict], per_type: int | None) -> list[dict]:

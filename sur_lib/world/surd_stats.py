@@ -23,7 +23,7 @@ Everything here works offline and needs no language model or tagger download:
 The CLIP cleaning rule (paper Sec. 3.1): a scraped (image, simple, complex) triple is kept
 if CLIP(image, simple) >= CLIP(image, complex). The SUR world has no CLIP; its stand-in is
 ``attribute_support(judgement, prompt_attributes(prompt))``: the share of the attributes a
-prompt states (count, colour, shape, arrangement) that the judge (``sur_lib.evaluate``)
+prompt states (count, colour, shape, arrangement) that the judge (``sur_lib.world.evaluate``)
 confirms in the image. ``prompt_attributes`` reads both prompt styles of the SUR world:
 explicit ("4 red circles, horizontal row, ...") and narrative ("four tomatoes lined up on a
 table", where the noun implies colour and shape by the world's commonsense table
@@ -37,7 +37,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from sur_lib import toyworld as tw
+from sur_lib.world import toyworld as tw
 
 WORD_RE = re.compile(r"[a-z0-9]+(?:['\u2019-][a-z0-9]+)*")
 CLIP_AT = 300  # Fig. 4 of the paper clips complex-prompt lengths at 300 words

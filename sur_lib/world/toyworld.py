@@ -49,7 +49,7 @@ the tolerances of ``arrangement_of`` (the world's definition of each arrangement
 scattered layouts are redrawn until they are clearly none of the other three.
 
 Everything random comes from a ``numpy.random.Generator`` passed in, so a seed fixes every
-image and prompt. ``python -m sur_lib.toyworld build DIR --n N --seed S`` writes SURD-mini.
+image and prompt. ``python -m sur_lib.world.toyworld build DIR --n N --seed S`` writes SURD-mini.
 """
 from __future__ import annotations
 
@@ -647,14 +647,14 @@ def build_dataset(root, n: int, seed: int = 0, size: int = SIZE, p_clean: float 
     """
     from tqdm import tqdm
 
-    from .cli import UsageError
-    from .data import write_metadata
+    from ..infra.cli import UsageError
+    from ..data import write_metadata
 
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise UsageError(f"n (the number of examples) must be a positive whole number, got {n!r}")
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 8 <= size <= 4096:
         raise UsageError(f"size (image side in pixels) must be a whole number from 8 to 4096, got {size!r}")
-    from .config import check_seed
+    from ..infra.config import check_seed
 
     check_seed("seed", int(seed) if isinstance(seed, np.integer) else seed)
     if not 0.0 <= float(p_clean) <= 1.0:
@@ -792,7 +792,7 @@ def template_regex(template: str) -> re.Pattern:
 
 # --------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sur_lib.toyworld", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sur_lib.world.toyworld", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="write SURD-mini (PNG images + metadata.jsonl) to DIR")
     b.add_argument("dir")
@@ -811,6 +811,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from sur_lib.cli import run
+    from sur_lib.infra.cli import run
 
     run(main)

@@ -1,7 +1,7 @@
 """What training the SUR-adapter costs at paper scale, measured.
 
-    python -m sur_lib.bench --profile paper --cap-gib 24     # one GPU: SD 1.5, batch 16, 512 px
-    python -m sur_lib.bench --profile tiny                   # CPU, tiny random shapes, < 1 minute
+    python -m sur_lib.study.bench --profile paper --cap-gib 24     # one GPU: SD 1.5, batch 16, 512 px
+    python -m sur_lib.study.bench --profile tiny                   # CPU, tiny random shapes, < 1 minute
 
 One *step* is one optimizer step on one batch, data loading left out (a synthetic batch sits on
 the device). The configurations timed in one run, each after ``--warmup`` untimed steps:
@@ -55,8 +55,8 @@ pure-Python wheels it lacks without their dependencies (``diffusers`` and ``open
 which only supplies the CLIP vocabulary file) and run from the repository root, e.g.::
 
     pip install --no-deps diffusers==0.42.1 open_clip_torch==3.3.0
-    PYTHONUNBUFFERED=1 python3 -m sur_lib.bench --profile paper               # ratios at batch 16
-    PYTHONUNBUFFERED=1 python3 -m sur_lib.bench --profile paper --cap-gib 24  # what fits a 3090
+    PYTHONUNBUFFERED=1 python3 -m sur_lib.study.bench --profile paper               # ratios at batch 16
+    PYTHONUNBUFFERED=1 python3 -m sur_lib.study.bench --profile paper --cap-gib 24  # what fits a 3090
 
 Each run writes its JSON after every configuration (``"partial": true`` until the end), so a
 run stopped by a time limit keeps what it measured; ``--only`` runs a subset of configurations.

@@ -1,5 +1,5 @@
-"""``python -m sur_lib.bench ...`` (see ``sur_lib.bench``)."""
-from ..cli import run
+"""``python -m sur_lib.study.bench ...`` (see ``sur_lib.study.bench``)."""
+from sur_lib.infra.cli import run
 from .run import main
 
 

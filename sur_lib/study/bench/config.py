@@ -41,7 +41,7 @@ COMPLEX_TAGS = ("masterpiece, best quality, ultra detailed, sharp focus, 8k, stu
 
 @dataclass
 class BenchConfig:
-    """Options of ``python -m sur_lib.bench`` (None = the profile's default, see PROFILE_DEFAULTS)."""
+    """Options of ``python -m sur_lib.study.bench`` (None = the profile's default, see PROFILE_DEFAULTS)."""
 
     profile: str = "paper"  # "paper" (SD 1.5) or "tiny" (tiny_random_backbone, CPU)
     pretrained: str | None = None  # paper: SD 1.x folder or repo id; None = random weights

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from ..train import TrainConfig, build_adapter
+from sur_lib.train import TrainConfig, build_adapter
 from .config import StepSpec
 from .hardware import RTX3090, RTX3090_UTILISATION, peak_tflops
 from .step import BenchState, TrainingStep, synthetic_batch
@@ -60,7 +60,7 @@ def paper_shape_flops(llm_dim: int = 5120, batch: int = 16, resolution: int = 51
 _PAPER_FLOPS_CACHE: dict[tuple, dict] = {}
 
 def _paper_shape_flops(llm_dim: int, batch: int, resolution: int, specs: tuple[str, ...]) -> dict[str, dict]:
-    from ..models import paper_backbone
+    from sur_lib.models import paper_backbone
 
     device = torch.device("meta")
     backbone = paper_backbone(None, random_weights=True, device=device)

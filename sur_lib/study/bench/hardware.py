@@ -7,7 +7,7 @@ import re
 import torch
 from diffusers import training_utils
 
-from ..provenance import versions as package_versions
+from sur_lib.infra.provenance import versions as package_versions
 
 
 PEAK_TFLOPS: list[tuple[str, str, float, float]] = [

@@ -30,7 +30,7 @@ def llama_config(name: str = "llama-7b", **overrides):
     """A LlamaConfig of the LLaMA-1 shape ``name`` (hidden size and depth from sur_lib.knowledge)."""
     from transformers import LlamaConfig
 
-    from ..knowledge import LLM_NUM_LAYERS, LLM_WIDTHS
+    from sur_lib.knowledge import LLM_NUM_LAYERS, LLM_WIDTHS
 
     width = LLM_WIDTHS[name]
     ffn = {4096: 11008, 5120: 13824, 6656: 17920}.get(width, 4 * width)
@@ -64,7 +64,7 @@ def random_llm(config, device: str | torch.device, dtype: torch.dtype, seed: int
 def llm_throughput(model, tokenizer, n_prompts: int, batch_size: int = 32, layer: int = -1,
                    seed: int = 0) -> dict:
     """Prompts/s of ``knowledge_vectors`` (one warm-up batch first, then ``n_prompts`` timed)."""
-    from ..knowledge import knowledge_vectors
+    from sur_lib.knowledge import knowledge_vectors
 
     prompts, _ = synthetic_prompts(n_prompts, seed)
     device = next(model.parameters()).device
@@ -108,7 +108,7 @@ def knowledge_throughput(cfg: BenchConfig, device: torch.device, log: Callable[[
                                  **llm_throughput(model, WordTokenizer(config.vocab_size), min(n, 64), 32,
                                                   seed=cfg.seed)}
     if cfg.smollm2:
-        from ..knowledge import load_smollm2
+        from sur_lib.knowledge import load_smollm2
 
         log("knowledge vectors: SmolLM2-135M-Instruct on the CPU")
         t0 = time.perf_counter()

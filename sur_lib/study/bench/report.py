@@ -118,7 +118,7 @@ def default_out(cfg: BenchConfig, device: torch.device) -> str:
 
 def command_line(cfg: BenchConfig) -> str:
     """The CLI command that reproduces ``cfg``."""
-    args = ["python", "-m", "sur_lib.bench", "--profile", cfg.profile]
+    args = ["python", "-m", "sur_lib.study.bench", "--profile", cfg.profile]
     for name in ("pretrained", "llm_dim", "batch", "resolution", "steps", "warmup", "precision", "cap_gib",
                  "device", "threads", "seed", "llm_prompts", "out"):
         value = getattr(cfg, name)

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from ..fileio import write_json
+from sur_lib.infra.fileio import write_json
 from .config import BASE_SPECS, BenchConfig, LEVER_CHOICES, PRECISIONS, PROFILE_DEFAULTS, specs_for
 from .estimate import paper_shape_flops, rtx3090_estimate
 from .flops import MFU_DEFINITION, unet_forward_flops
@@ -147,7 +147,7 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
-    p = argparse.ArgumentParser(prog="python -m sur_lib.bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m sur_lib.study.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=sorted(PROFILE_DEFAULTS), default="paper")
     p.add_argument("--pretrained", default=None,
@@ -181,7 +181,7 @@ def parse_args(argv: list[str] | None = None) -> BenchConfig:
     p.add_argument("--out", default=None, help="results JSON (default: data/results/bench_<device>.json)")
     args = p.parse_args(argv)
     cfg = BenchConfig(**vars(args))
-    cfg.command = shlex.join(["python", "-m", "sur_lib.bench", *(sys.argv[1:] if argv is None else argv)])
+    cfg.command = shlex.join(["python", "-m", "sur_lib.study.bench", *(sys.argv[1:] if argv is None else argv)])
     return cfg
 
 def main(argv: list[str] | None = None) -> dict:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..train import TrainConfig, build_adapter, compute_losses, diffusion_inputs
+from sur_lib.train import TrainConfig, build_adapter, compute_losses, diffusion_inputs
 from .config import BenchConfig, COMPLEX_TAGS, FULL_FINETUNE, PRECISIONS, PRECISION_NAMES, SIMPLE_WORDS, StepSpec
 from .flops import count_flops
 from .hardware import _sync, free_memory, is_oom
@@ -316,7 +316,7 @@ def run_config(state: BenchState, spec: StepSpec, cfg: BenchConfig) -> dict:
     return {**head, **record, "wall_s": time.perf_counter() - t0}
 
 def _build_state(cfg: BenchConfig, device: torch.device, log: Callable[[str], None]) -> BenchState:
-    from .. import models
+    from sur_lib import models
 
     dtype = PRECISIONS[cfg.precision]
     t0 = time.perf_counter()

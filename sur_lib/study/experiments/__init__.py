@@ -1,6 +1,6 @@
 """The SUR world's experiments: each one writes ``data/results/NAME.json``.
 
-    python -m sur_lib.experiments NAME [--quick] [--seed S] [--out data/results] [options]
+    python -m sur_lib.study.experiments NAME [--quick] [--seed S] [--out data/results] [options]
 
 NAME is one of
 
@@ -67,15 +67,15 @@ Layout: one module per experiment (``failure``, ``sur``, ``rewrite``, ``guidance
 sampling defaults, the shared options, result headers), ``prompts`` (which prompts),
 ``images`` (drawing and judging, the record cache), ``recipes`` (one recipe trained with
 step_cache and evaluated on a named prompt set), ``runs`` (adapter training runs, the run
-hash and ``LATER_KEYS``) and ``command`` (the command line). The statistics are in
-``sur_lib.analysis``.
+hash) and ``command`` (the command line). The statistics are in
+``sur_lib.study.statistics``.
 """
 from __future__ import annotations
 
-from ..analysis import (VERIFY_Z, agreement, compare, compare_block, hit_rate, quality_tests,
+from ..statistics import (VERIFY_Z, agreement, compare, compare_block, hit_rate, quality_tests,
                         same_numbers, summarize)
-from ..fileio import clean_json, write_json
-from ..provenance import state_digest
+from sur_lib.infra.fileio import clean_json, write_json
+from sur_lib.infra.provenance import state_digest
 from .ablations import (VERIFY_TRAIN_STEPS, AblationsConfig, ablation_variants,
                         run_ablations)
 from .command import CONFIGS, RUNNERS, config_from_args, main, parse_args
@@ -88,10 +88,10 @@ from .common import (ABLATION_IMAGES, ABLATION_STEPS, ADAPTER_DIR, EXPERIMENTS, 
 from .failure import FailureConfig, run_failure
 from .guidance import GUIDANCE_GRID, GuidanceConfig, run_guidance
 from .images import HIT_KEYS, SPEC_KEYS, code_digest, draw_and_judge, evaluate_condition, make_pipe
-from .prompts import select_prompts, train_distribution_prompts
+from sur_lib.world.prompts import select_prompts, train_distribution_prompts
 from .rewrite import (FEW_SHOT, SYSTEM_REWRITE, RewriteConfig, few_shot_examples,
                       rewrite_messages, rewrite_prompts, run_rewrite)
-from .runs import (LATER_KEYS, PATH_KEYS, knowledge_for_config, knowledge_stats, load_adapter,
+from .runs import (PATH_KEYS, knowledge_for_config, knowledge_stats, load_adapter,
                    save_adapter, surd_mini, train_adapter, train_config)
 from .sur import SurConfig, run_sur
 from .verify import (VERIFY_IMAGES, VERIFY_LOSS_RTOL, VERIFY_PROMPTS_PER_TYPE, VerifyConfig,

@@ -1,5 +1,5 @@
-"""``python -m sur_lib.experiments NAME ...`` (see ``sur_lib.experiments``)."""
-from ..cli import run
+"""``python -m sur_lib.study.experiments NAME ...`` (see ``sur_lib.study.experiments``)."""
+from sur_lib.infra.cli import run
 from .command import main
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..analysis import compare, summarize
-from ..fileio import clean_json, write_json
+from ..statistics import compare, summarize
+from sur_lib.infra.fileio import clean_json, write_json
 from . import common
 from .common import (ABLATION_IMAGES, ABLATION_STEPS, QUICK, SURD_MINI_ROWS,
                      TrainingExperimentConfig, header, judge_info, load_base, model_info,
@@ -26,7 +26,7 @@ VERIFY_TRAIN_STEPS = 2  # verify replays this many training steps of one variant
 
 @dataclass
 class AblationsConfig(TrainingExperimentConfig):
-    """``python -m sur_lib.experiments ablations``: plus ``only`` (variants to run; the
+    """``python -m sur_lib.study.experiments ablations``: plus ``only`` (variants to run; the
     reference is always run)."""
 
     only: str | None = None

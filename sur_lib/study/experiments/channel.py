@@ -57,11 +57,12 @@ import numpy as np
 import torch
 
 from .. import oracle
-from .. import toyworld as tw
-from ..analysis import compare, holm, noun_level, summarize
-from ..fileio import atomic_write_text, clean_json, write_json
-from ..provenance import rel_path
-from . import common, jobs, prompts, recipes, runs
+from sur_lib.world import toyworld as tw
+from ..statistics import compare, holm, noun_level, summarize
+from sur_lib.infra.fileio import atomic_write_text, clean_json, write_json
+from sur_lib.infra.provenance import rel_path
+from sur_lib.world import prompts
+from . import common, jobs, recipes, runs
 from .convergence import _Deadline, gap_closed
 
 VARIANTS = ("oracle", "permuted", "smollm2", "none")
@@ -183,7 +184,7 @@ class ChannelConfig:
 
 def training_rows(cfg) -> list[dict]:
     """SURD-mini's rows and the text-only rows: every prompt a teacher is asked about."""
-    from ..data import SURDDataset
+    from sur_lib.data import SURDDataset
 
     return list(SURDDataset(cfg.data_dir, check_images=False).rows) + text_only_rows()
 
@@ -193,7 +194,7 @@ def teacher_vectors(variant: str, cfg, rows: list[dict], entropy: float, text_di
     """{prompt: vector} of ``variant``'s teacher for every prompt of ``rows``, calibrated
     (``oracle.calibrate_targets`` with the adapter's W0: LLM width -> ``text_dim``, the text
     encoder's width)."""
-    from ..knowledge import KnowledgeProjection
+    from sur_lib.knowledge import KnowledgeProjection
 
     if variant == "smollm2":
         raw = runs.knowledge_for_config(cfg, [r["text"] for r in rows], progress)
@@ -241,7 +242,7 @@ def variant_config(cc: ChannelConfig, variant: str, lam: float | None, model_dig
 
 
 def inputs(cfg, backbone, knowledge: dict | None, progress: bool):
-    from ..data import SURDDataset
+    from sur_lib.data import SURDDataset
     from ..step_cache import cached_inputs
 
     ds = SURDDataset(cfg.data_dir, resolution=backbone.image_size, knowledge=knowledge)
@@ -263,9 +264,9 @@ def shares_of(cfg, backbone, adapter, knowledge: dict, batches: int) -> dict:
 def choose_lambda(cc: ChannelConfig, backbone, model_digest: str) -> dict:
     """lambda_LLM at which L_LLM's gradient is ``llm_ratio`` of L_simple's, at the untrained
     adapter (the training seed's init) on the oracle target; the targets' statistics too."""
-    from ..knowledge import KnowledgeProjection
+    from sur_lib.knowledge import KnowledgeProjection
     from ..gradient_share import lambda_to_match
-    from ..train import build_adapter
+    from sur_lib.train import build_adapter
 
     cfg = variant_config(cc, "oracle", 1.0, model_digest)
     rows = training_rows(cfg)
@@ -299,7 +300,7 @@ def choose_lambda(cc: ChannelConfig, backbone, model_digest: str) -> dict:
 
 def train_variant(cc: ChannelConfig, variant: str, lam: float, backbone, model_digest: str):
     """Train one variant (resuming a stopped run); its fp16 adapter and knowledge."""
-    from ..train import train
+    from sur_lib.train import train
 
     cfg = variant_config(cc, variant, lam, model_digest)
     knowledge = None
@@ -335,7 +336,7 @@ def runs_dir(cc: ChannelConfig) -> Path:
 
 
 def run_channel(cc: ChannelConfig, backbone=None) -> tuple[dict, bool]:
-    from ..train import read_log
+    from sur_lib.train import read_log
     from .images import make_pipe
 
     t0, deadline = time.time(), _Deadline(cc.max_minutes)
@@ -512,7 +513,7 @@ def backfill(ppath: Path, out_runs: Path) -> list[str]:
     the committed adapter of ``VERIFY_ADAPTERS`` from the run folder and record the package
     versions of this environment, marked as recorded after the run. Run it only while no
     channel job is running (the jobs rewrite the partial file from memory)."""
-    from ..provenance import ROOT
+    from sur_lib.infra.provenance import ROOT
 
     partial = jobs.read(ppath)
     done = []
@@ -542,9 +543,9 @@ def verify_channel(doc: dict, backbone, current_digest: str, per_type: int | Non
     images re-drawn (one prompt per group, image for image)."""
     import tempfile
 
-    from ..analysis import same_numbers
-    from ..provenance import ROOT
-    from ..train import TrainConfig, read_log, train
+    from ..statistics import same_numbers
+    from sur_lib.infra.provenance import ROOT
+    from sur_lib.train import TrainConfig, read_log, train
     from .verify import loss_checks, verify_images
 
     if doc["settings"]["model_digest"] != current_digest:
@@ -604,5 +605,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ..cli import run as run_cli
+    from sur_lib.infra.cli import run as run_cli
     run_cli(main)

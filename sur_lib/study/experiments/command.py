@@ -1,4 +1,4 @@
-"""The command line: ``python -m sur_lib.experiments NAME [options]`` (the command stored in
+"""The command line: ``python -m sur_lib.study.experiments NAME [options]`` (the command stored in
 every results file). The options are parsed once and turned into the experiment's config
 dataclass (``CONFIGS``); the runner (``RUNNERS``) takes that dataclass."""
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Sequence
 
 import torch
 
-from ..fileio import write_json
-from ..provenance import rel_path
+from sur_lib.infra.fileio import write_json
+from sur_lib.infra.provenance import rel_path
 from .ablations import AblationsConfig, run_ablations
 from .common import GUIDANCE, RESULTS_DIR, SAMPLER_STEPS, SURD_MINI_ROWS, result_path
 from .compose import ComposeConfig, run_compose
@@ -22,13 +22,13 @@ from .rewrite import RewriteConfig, run_rewrite
 from .sur import SurConfig, run_sur
 from .verify import VerifyConfig, run_verify
 
-# experiments with command lines of their own: ``python -m sur_lib.experiments NAME --help``
-OWN_COMMAND_LINE = {"convergence": "sur_lib.experiments.convergence",
-                    "probe": "sur_lib.experiments.probe",
-                    "tune": "sur_lib.experiments.tune", "retest": "sur_lib.experiments.retest",
-                    "channel": "sur_lib.experiments.channel",
-                    "neighbours": "sur_lib.experiments.neighbours",
-                    "quality": "sur_lib.experiments.quality"}
+# experiments with command lines of their own: ``python -m sur_lib.study.experiments NAME --help``
+OWN_COMMAND_LINE = {"convergence": "sur_lib.study.experiments.convergence",
+                    "probe": "sur_lib.study.experiments.probe",
+                    "tune": "sur_lib.study.experiments.tune", "retest": "sur_lib.study.experiments.retest",
+                    "channel": "sur_lib.study.experiments.channel",
+                    "neighbours": "sur_lib.study.experiments.neighbours",
+                    "quality": "sur_lib.study.experiments.quality"}
 
 RUNNERS = {"failure": run_failure, "sur": run_sur, "ablations": run_ablations,
            "rewrite": run_rewrite, "guidance": run_guidance, "compose": run_compose}
@@ -40,9 +40,9 @@ CONFIGS = {"failure": FailureConfig, "sur": SurConfig, "ablations": AblationsCon
 def parse_args(argv: Sequence[str] | None = None):
     """The argparse namespace (every option is accepted by every experiment, as before; each
     config takes the fields it has), with ``argv``: the command line after NAME."""
-    import sur_lib.experiments as package
+    import sur_lib.study.experiments as package
 
-    ap = argparse.ArgumentParser(prog="python -m sur_lib.experiments",
+    ap = argparse.ArgumentParser(prog="python -m sur_lib.study.experiments",
                                  description=package.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name", choices=list(RUNNERS) + ["verify"] + list(OWN_COMMAND_LINE))

@@ -1,6 +1,6 @@
 """What every experiment shares: paths, sampling defaults, the typed options, result headers.
 
-The options of ``python -m sur_lib.experiments NAME ...`` become an ``ExperimentConfig``
+The options of ``python -m sur_lib.study.experiments NAME ...`` become an ``ExperimentConfig``
 (or the subclass of one experiment, which adds its own fields); runners take that dataclass.
 ``WORK_DIR`` is read at call time (``common.WORK_DIR``), so a test can point it elsewhere.
 """
@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
-from .. import evaluate
-from .. import toyworld as tw
-from ..provenance import ROOT, rel_path, state_digest
-from ..provenance import versions as _versions
+from sur_lib.world import evaluate
+from sur_lib.world import toyworld as tw
+from sur_lib.infra.provenance import ROOT, rel_path, state_digest
+from sur_lib.infra.provenance import versions as _versions
 
 RESULTS_DIR = ROOT / "data" / "results"
 ADAPTER_DIR = ROOT / "data" / "models" / "sur-adapter-tiny"
 WORK_DIR = ROOT / "outputs" / "experiments"  # datasets, runs, knowledge caches (not committed)
-TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 JUDGE_FILE = RESULTS_DIR / "judge.json"
 
 # Sampling. Scouting runs on this base model found CFG 1.5-2 best (3 costs 5-10 count points,
@@ -71,7 +71,7 @@ class GenSettings:
 
 @dataclass
 class ExperimentConfig:
-    """The options every experiment reads (``python -m sur_lib.experiments NAME --help``).
+    """The options every experiment reads (``python -m sur_lib.study.experiments NAME --help``).
 
     ``None`` means the experiment's default (``--quick``: the ``QUICK`` sizes). ``argv`` is the
     command line after NAME, stored in the result's ``command``.
@@ -91,7 +91,7 @@ class ExperimentConfig:
     argv: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
-        from ..config import check_seed
+        from sur_lib.infra.config import check_seed
 
         check_seed("--seed", self.seed)
 
@@ -115,7 +115,7 @@ class ExperimentConfig:
         return int(self.images or (QUICK["images"] if self.quick else default))
 
     def test_specs(self) -> list[dict]:
-        from .prompts import select_prompts
+        from sur_lib.world.prompts import select_prompts
 
         per_type = self.prompts_per_type or (QUICK["prompts_per_type"] if self.quick else None)
         return select_prompts(tw.test_prompts(), per_type)
@@ -167,7 +167,7 @@ def verify_path(out: Path | str, name: str) -> Path:
 
 def header(name: str, exp: ExperimentConfig) -> dict:
     """The first keys of every result: experiment, the command that made it, seed, versions."""
-    cmd = "python -m sur_lib.experiments " + " ".join([name] + list(exp.argv))
+    cmd = "python -m sur_lib.study.experiments " + " ".join([name] + list(exp.argv))
     return {"experiment": name, "command": cmd, "seed": int(exp.seed), "quick": bool(exp.quick),
             "versions": versions()}
 
@@ -175,7 +175,7 @@ def header(name: str, exp: ExperimentConfig) -> dict:
 def load_base(model_dir: str | Path | None = None, retries: int = 1):
     """The base model (``models.load_tiny_backbone``). The pretraining job replaces its export
     folder by a rename every 100 steps; a load that hits the swap is retried once."""
-    from ..models import load_tiny_backbone
+    from sur_lib.models import load_tiny_backbone
 
     for attempt in range(retries + 1):
         try:
@@ -189,7 +189,7 @@ def load_base(model_dir: str | Path | None = None, retries: int = 1):
 def model_info(backbone, model_dir: str | Path | None = None) -> dict:
     """Which base model made a result: folder, pretraining step (pretrain.json) and the exact
     weights (``state_digest`` of the UNet)."""
-    from ..models import TINY_MODEL_DIR
+    from sur_lib.models import TINY_MODEL_DIR
 
     folder = Path(model_dir) if model_dir is not None else TINY_MODEL_DIR
     info = {"dir": rel_path(folder), "unet_digest": state_digest(backbone.unet),

@@ -1,6 +1,6 @@
 """The ``compose`` experiment: the SUR-adapter composed with S-CFG and delayed conditioning.
 
-    python -m sur_lib.experiments compose [--scales 2,3,4.5] [--alphas 0.3,0.5,0.7]
+    python -m sur_lib.study.experiments compose [--scales 2,3,4.5] [--alphas 0.3,0.5,0.7]
         [--complex-scales 2,3] [--images N] [--prompts-per-type N] [--threads 1]
 
 Conditions, each on the held-out simple test prompts (``toyworld.test_prompts``) with the same
@@ -42,15 +42,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import evaluate
-from ..analysis import compare, quality_tests, summarize
-from ..fileio import write_json
-from ..guidance import SCFGConfig
-from ..provenance import rel_path, state_digest
+from sur_lib.world import evaluate
+from ..statistics import compare, quality_tests, summarize
+from sur_lib.infra.fileio import write_json
+from sur_lib.guidance import SCFGConfig
+from sur_lib.infra.provenance import rel_path, state_digest
 from .common import (ADAPTER_DIR, RESULTS_DIR, SAMPLER_STEPS, ExperimentConfig, GenSettings,
                      header, judge_info, load_base, model_info, prompt_seed, versions)
 from .images import evaluate_condition, make_pipe
-from .prompts import select_prompts
+from sur_lib.world.prompts import select_prompts
 from .runs import load_adapter
 
 SCALES = (2.0, 3.0, 4.5)
@@ -133,7 +133,7 @@ def measure_overhead(backbone, gen: GenSettings, n_images: int = 4, repeats: int
     the median per variant, and S-CFG / CFG. Both wall-clock seconds and this process's CPU
     seconds (``time.process_time``) are kept: on a shared machine the wall clock also counts
     the other jobs, the CPU time much less so (with one torch thread it is the work done)."""
-    from ..pipeline import generate
+    from sur_lib.pipeline import generate
 
     pipe = make_pipe(backbone, gen)
     variants = {"cfg": {}, "scfg": {"scfg": SCFGConfig()},
@@ -194,7 +194,7 @@ def table(conditions: dict) -> list[dict]:
 
 @dataclass
 class ComposeConfig(ExperimentConfig):
-    """``python -m sur_lib.experiments compose``: the common options, the adapter folder, and
+    """``python -m sur_lib.study.experiments compose``: the common options, the adapter folder, and
     the grid (comma-separated lists; None: ``SCALES``, ``ALPHAS``, ``COMPLEX_SCALES``)."""
 
     adapter_dir: str | None = None
@@ -206,7 +206,7 @@ class ComposeConfig(ExperimentConfig):
 
 def run_compose(args: ComposeConfig, backbone=None, adapter=None) -> dict:
     """The compose experiment (see the module docstring)."""
-    from .. import toyworld as tw
+    from sur_lib.world import toyworld as tw
 
     t0 = time.time()
     backbone = backbone if backbone is not None else load_base(args.model_dir)
@@ -332,13 +332,13 @@ def verify_compose(doc: dict, backbone, current_digest: str, per_type: int, n_im
 
 
 def bench_main(argv: Sequence[str] | None = None) -> int:
-    """``python -m sur_lib.experiments.compose [--repeats R] [--threads T] [--out FILE]``:
+    """``python -m sur_lib.study.experiments.compose [--repeats R] [--threads T] [--out FILE]``:
     ``measure_overhead`` on the shipped base model (25 DDIM steps, CFG 2, 4 images per call),
     written to data/results/compose_bench.json (a benchmark: its seconds are this machine's)."""
     import argparse
     import sys
 
-    ap = argparse.ArgumentParser(prog="python -m sur_lib.experiments.compose", description=bench_main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m sur_lib.study.experiments.compose", description=bench_main.__doc__)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--images", type=int, default=4)
@@ -351,7 +351,7 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     res = measure_overhead(backbone, gen, n_images=args.images, repeats=args.repeats)
     argv_list = list(sys.argv[1:] if argv is None else argv)
     doc = {"experiment": "compose_bench",
-           "command": "python -m sur_lib.experiments.compose " + " ".join(argv_list),
+           "command": "python -m sur_lib.study.experiments.compose " + " ".join(argv_list),
            "versions": versions(), "model": model_info(backbone), "generation": gen.to_dict(),
            "overhead": res, "wall_time_s": round(time.time() - t0, 1)}
     path = write_json(doc, Path(args.out))

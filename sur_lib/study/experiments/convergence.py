@@ -1,6 +1,6 @@
 """Dose-response: the SUR-adapter trained to the paper's 5,000 steps, evaluated along the way.
 
-    python -m sur_lib.experiments convergence [--steps 5000] [--images 8] [--phase all]
+    python -m sur_lib.study.experiments convergence [--steps 5000] [--images 8] [--phase all]
 
 The paper trains the adapter for 5,000 steps (appendix B.1); ``sur`` trains 500. This
 experiment trains ``tiny.yaml`` exactly as it is (lambdas 1e-5, eta 0.1, lr 1e-4 constant
@@ -38,11 +38,12 @@ from typing import Sequence
 
 import torch
 
-from .. import toyworld as tw
-from ..analysis import compare, gap_closed, minimum_detectable_effect, summarize  # noqa: F401
-from ..fileio import write_json
-from ..provenance import ROOT, rel_path
-from . import common, images, jobs, prompts, runs
+from sur_lib.world import toyworld as tw
+from ..statistics import compare, gap_closed, minimum_detectable_effect, summarize  # noqa: F401
+from sur_lib.infra.fileio import write_json
+from sur_lib.infra.provenance import ROOT, rel_path
+from sur_lib.world import prompts
+from . import common, images, jobs, runs
 
 EVAL_STEPS = (0, 250, 500, 1000, 2000, 3500, 5000)
 STEPS = 5000
@@ -87,7 +88,7 @@ class ConvergenceConfig:
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None) -> "ConvergenceConfig":
-        ap = argparse.ArgumentParser(prog="python -m sur_lib.experiments convergence",
+        ap = argparse.ArgumentParser(prog="python -m sur_lib.study.experiments convergence",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
         ap.add_argument("--steps", type=int, default=None)
@@ -147,9 +148,9 @@ def run_training(cc: ConvergenceConfig, backbone, minfo: dict, deadline: _Deadli
     """Train to every step of ``eval_steps`` in turn (each call of ``train`` resumes from the
     last checkpoint) and store the adapter of each as fp16 in ``adapters/step-N``. Returns the
     steps whose adapters exist."""
-    from ..data import SURDDataset
+    from sur_lib.data import SURDDataset
     from ..step_cache import cached_inputs
-    from ..train import build_adapter, train
+    from sur_lib.train import build_adapter, train
 
     data_dir = runs.surd_mini(cc.rows, cc.seed, cc.progress)
     run = Path(cc.run_dir)
@@ -177,7 +178,7 @@ def run_training(cc: ConvergenceConfig, backbone, minfo: dict, deadline: _Deadli
     # ~300 MB for SURD-mini's ~4,100 distinct prompts: kept under outputs/, never committed
     states = common.WORK_DIR / "prompt_states" / f"{data_dir.name}.safetensors"
     cached_bb, cached_ds = cached_inputs(backbone, ds, states, progress=cc.progress)
-    info = {"made_by": "python -m sur_lib.experiments convergence", "seed": cc.seed,
+    info = {"made_by": "python -m sur_lib.study.experiments convergence", "seed": cc.seed,
             "base_model": minfo, "surd_mini": {"rows": cc.rows, "seed": cc.seed},
             "step_cache": True}
     for step in todo:
@@ -202,7 +203,7 @@ def run_training(cc: ConvergenceConfig, backbone, minfo: dict, deadline: _Deadli
 
 
 def prompt_sets(cc: ConvergenceConfig) -> dict[str, list[dict]]:
-    from ..extended_prompts import extended_prompts
+    from sur_lib.world.extended_prompts import extended_prompts
 
     sets = {"tuning": prompts.train_distribution_prompts(cc.val_per_type, cc.seed + 1),
             "test": prompts.select_prompts(tw.test_prompts(), cc.prompts_per_type)}
@@ -366,7 +367,7 @@ def run(cc: ConvergenceConfig, backbone=None) -> tuple[dict, bool]:
     records = partial.get("records", {})
     complete = all(u[0] in records for u in _units(cc))
     doc = {"experiment": "convergence",
-           "command": "python -m sur_lib.experiments convergence " + " ".join(cc.argv),
+           "command": "python -m sur_lib.study.experiments convergence " + " ".join(cc.argv),
            "seed": cc.seed, "quick": cc.quick, "versions": common.versions(),
            "settings": {k: v for k, v in dataclasses.asdict(cc).items()
                         if k not in ("argv", "out", "run_dir", "progress", "cache", "phase",
@@ -447,5 +448,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ..cli import run as run_cli
+    from sur_lib.infra.cli import run as run_cli
     run_cli(main)

@@ -8,14 +8,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ..analysis import compare, quality_tests, summarize
+from ..statistics import compare, quality_tests, summarize
 from .common import IMAGES, ExperimentConfig, header, judge_info, load_base, model_info
 from .images import evaluate_condition, make_pipe
 
 
 @dataclass
 class FailureConfig(ExperimentConfig):
-    """``python -m sur_lib.experiments failure``: the common options only."""
+    """``python -m sur_lib.study.experiments failure``: the common options only."""
 
 
 def run_failure(exp: FailureConfig, backbone=None) -> dict:

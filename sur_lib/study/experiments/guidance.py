@@ -6,16 +6,16 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
-from ..analysis import summarize
+from ..statistics import summarize
 from .common import (GUIDANCE, QUICK, VAL_IMAGES, VAL_PER_TYPE, ExperimentConfig, header,
                      judge_info, load_base, model_info)
 from .images import evaluate_condition, make_pipe
-from .prompts import train_distribution_prompts
+from sur_lib.world.prompts import train_distribution_prompts
 
 
 @dataclass
 class GuidanceConfig(ExperimentConfig):
-    """``python -m sur_lib.experiments guidance``: the common options only."""
+    """``python -m sur_lib.study.experiments guidance``: the common options only."""
 
 
 GUIDANCE_GRID = (1.0, 1.5, 2.0, 3.0)

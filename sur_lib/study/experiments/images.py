@@ -16,9 +16,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .. import analysis, evaluate
-from ..fileio import clean_json, write_json
-from ..provenance import state_digest
+from .. import statistics as analysis
+from sur_lib.world import evaluate
+from sur_lib.infra.fileio import clean_json, write_json
+from sur_lib.infra.provenance import state_digest
 from .common import GenSettings, prompt_seed
 
 SPEC_KEYS = ("id", "type", "count", "color", "shape", "arrangement", "noun")
@@ -28,7 +29,7 @@ HIT_KEYS = ("count_ok", "color_ok", "shape_ok", "arrangement_ok")  # per-attribu
 
 
 def make_pipe(backbone, gen: GenSettings):
-    from ..pipeline import make_pipeline
+    from sur_lib.pipeline import make_pipeline
 
     return make_pipeline(backbone, gen.scheduler, {"timestep_spacing": gen.timestep_spacing})
 
@@ -36,8 +37,8 @@ def make_pipe(backbone, gen: GenSettings):
 def code_digest() -> str:
     """Hash of the code and versions that decide a record (judge, renderer, sampling)."""
     h = hashlib.sha256()
-    for mod in ("evaluate.py", "analysis.py", "pipeline.py", "toyworld.py"):
-        h.update((Path(__file__).resolve().parents[1] / mod).read_bytes())
+    for mod in ("world/evaluate.py", "study/statistics.py", "pipeline.py", "world/toyworld.py"):
+        h.update((Path(__file__).resolve().parents[2] / mod).read_bytes())
     for pkg in ("torch", "diffusers", "numpy", "scipy", "brisque"):
         try:
             h.update(f"{pkg}={metadata.version(pkg)}".encode())
@@ -49,7 +50,7 @@ def code_digest() -> str:
 
 def _file_digest(name: str) -> str:
     """SHA-256 of one module of sur_lib (``guidance.py``: part of the key of composed records)."""
-    return hashlib.sha256((Path(__file__).resolve().parents[1] / name).read_bytes()).hexdigest()
+    return hashlib.sha256((Path(__file__).resolve().parents[2] / name).read_bytes()).hexdigest()
 
 
 def draw_and_judge(backbone, spec: dict, text: str, n_images: int, seed: int, gen: GenSettings,
@@ -59,7 +60,7 @@ def draw_and_judge(backbone, spec: dict, text: str, n_images: int, seed: int, ge
     the judge's score of each against ``spec`` (``evaluate.score``: the verdict ``correct``,
     the per-attribute hits and the judge's reading under ``judgement``). ``guidance``: extra
     options of ``pipeline.generate`` (S-CFG, delayed conditioning; the ``compose`` experiment)."""
-    from ..pipeline import generate
+    from sur_lib.pipeline import generate
 
     pipe = pipe if pipe is not None else make_pipe(backbone, gen)
     images = generate(backbone, [text], adapter=adapter, num_inference_steps=gen.steps,

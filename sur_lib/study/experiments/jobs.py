@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..fileio import write_json
+from sur_lib.infra.fileio import write_json
 
 
 @contextlib.contextmanager

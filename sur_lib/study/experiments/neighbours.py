@@ -1,7 +1,7 @@
 """Transfer by neighbourhood: does an adapter help an unseen noun when the text encoder puts it
 near training nouns of the same class?
 
-    python -m sur_lib.experiments neighbours [--k 3]
+    python -m sur_lib.study.experiments neighbours [--k 3]
 
 At inference the SUR-adapter sees only the frozen text encoder's token states of the prompt,
 so for a noun it never trained on, it can only treat the noun's states as it learned to treat
@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from scipy import stats
 
-from .. import toyworld as tw
-from ..fileio import write_json
-from ..provenance import rel_path
+from sur_lib.world import toyworld as tw
+from sur_lib.infra.fileio import write_json
+from sur_lib.infra.provenance import rel_path
 from . import common
 
 PER_NOUN = 24
@@ -137,7 +137,7 @@ def per_noun_gain(pairs: dict[str, tuple[list[dict], list[dict]]], nouns: Sequen
 
 def unseen_texts() -> dict[str, list[str]]:
     """The evaluated prompts of every unseen noun (test and extended sets)."""
-    from ..extended_prompts import extended_prompts
+    from sur_lib.world.extended_prompts import extended_prompts
 
     out: dict[str, list[str]] = {n: [] for n in tw.HELDOUT_NOUNS}
     for p in list(tw.test_prompts()) + list(extended_prompts()):
@@ -149,7 +149,7 @@ def unseen_texts() -> dict[str, list[str]]:
 def train_texts(rows: int = common.SURD_MINI_ROWS, seed: int = 0, per_noun: int = PER_NOUN) -> dict[str, list[str]]:
     """Up to ``per_noun`` distinct SURD-mini training prompts of every training noun."""
     from .runs import surd_mini
-    from ..data import SURDDataset
+    from sur_lib.data import SURDDataset
 
     out: dict[str, list[str]] = {n: [] for n in tw.TRAIN_NOUNS}
     for r in SURDDataset(surd_mini(rows, seed, progress=False), check_images=False).rows:
@@ -182,7 +182,7 @@ def run_neighbours(k: int = K, results: Path = common.RESULTS_DIR, backbone=None
         tests[a] = {key: spearman_permutation([nouns[n]["agreement"][key] for n in order], y)
                     for key in ("class", "color", "shape")}
         tests[a]["crude_class"] = spearman_permutation([nouns[n]["crude_agreement"]["class"] for n in order], y)
-    return {"experiment": "neighbours", "command": "python -m sur_lib.experiments neighbours " + f"--k {k}",
+    return {"experiment": "neighbours", "command": "python -m sur_lib.study.experiments neighbours " + f"--k {k}",
             "versions": common.versions(), "k": k, "per_noun_train_prompts": PER_NOUN,
             "representation": "MiniLM final token states at the noun's word pieces, in context, "
                               "mean over the noun's prompts",
@@ -192,7 +192,7 @@ def run_neighbours(k: int = K, results: Path = common.RESULTS_DIR, backbone=None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sur_lib.experiments neighbours", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m sur_lib.study.experiments neighbours", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, default=K)
     ap.add_argument("--out", default=str(common.RESULTS_DIR))
@@ -205,14 +205,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ..cli import run as run_cli
+    from sur_lib.infra.cli import run as run_cli
     run_cli(main)
 
 
 def verify_neighbours(doc: dict, backbone, progress: bool = False, results: Path = common.RESULTS_DIR) -> list[dict]:
     """``verify`` for ``neighbours.json``: everything recomputed live (a few seconds: MiniLM on
     a few hundred prompts, the gains from the stored results) and compared to 1e-6."""
-    from ..analysis import same_numbers
+    from ..statistics import same_numbers
 
     live = run_neighbours(doc["k"], Path(results), backbone)
     checks = []

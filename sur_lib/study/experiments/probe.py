@@ -1,6 +1,6 @@
 """What the teacher knows: leave-one-noun-out linear probes of colour and shape.
 
-    python -m sur_lib.experiments probe [--per-noun 24] [--llms smollm2,gemma3-270m]
+    python -m sur_lib.study.experiments probe [--per-noun 24] [--llms smollm2,gemma3-270m]
 
 The SUR world's nouns stand for a look that only commonsense gives: a cherry is a red circle,
 a sugar cube a white square. L_LLM (Eq. 5) can only pass on what the LLM's knowledge vectors
@@ -39,9 +39,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .. import toyworld as tw
-from ..fileio import write_json
-from ..provenance import rel_path
+from sur_lib.world import toyworld as tw
+from sur_lib.infra.fileio import write_json
+from sur_lib.infra.provenance import rel_path
 from . import common
 
 PER_NOUN = 24
@@ -88,7 +88,7 @@ def text_encoder_features(backbone, texts: Sequence[str], batch: int = 64) -> np
 def llm_features(name: str, texts: Sequence[str], drop_first: bool = False,
                  progress: bool = True) -> np.ndarray:
     """Knowledge vectors as the tiny recipe computes them (last block, mean over tokens)."""
-    from ..knowledge import knowledge_vectors, load_llm
+    from sur_lib.knowledge import knowledge_vectors, load_llm
 
     model, tok = load_llm(name)
     return knowledge_vectors(model, tok, list(texts), layer=-1, include_bos=True,
@@ -124,7 +124,7 @@ def leave_one_noun_out(X: np.ndarray, prompts: Sequence[dict], target: str) -> d
 def _summary(per_noun: dict, which: str) -> dict:
     from scipy import stats
 
-    from ..analysis import wilson_interval
+    from ..statistics import wilson_interval
 
     rows = [r for r in per_noun.values() if which == "all" or r["split"] == which]
     accs = np.array([r["acc"] for r in rows])
@@ -170,7 +170,7 @@ def run(per_noun: int = PER_NOUN, llms: Sequence[str] = ("smollm2", "gemma3-270m
             results[key][target] = {"all": _summary(per, "all"), "heldout": _summary(per, "heldout"),
                                     "per_noun": per}
     return {"experiment": "probe",
-            "command": "python -m sur_lib.experiments probe " + " ".join(argv),
+            "command": "python -m sur_lib.study.experiments probe " + " ".join(argv),
             "seed": seed, "versions": common.versions(), "per_noun": per_noun,
             "n_prompts": len(prompts), "classifier": "sklearn LogisticRegression(C=1.0) on "
             "StandardScaler features, leave one noun out, not tuned",
@@ -203,7 +203,7 @@ def verify_probe(doc: dict, backbone, targets: Sequence[str] = TARGETS) -> list[
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sur_lib.experiments probe", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m sur_lib.study.experiments probe", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-noun", type=int, default=PER_NOUN)
     ap.add_argument("--llms", default="smollm2,gemma3-270m")
@@ -214,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = ap.parse_args(argv)
     if a.per_noun < 2:
-        from ..cli import UsageError
+        from sur_lib.infra.cli import UsageError
         raise UsageError(f"--per-noun must be >= 2, got {a.per_noun}")
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -229,5 +229,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ..cli import run as run_cli
+    from sur_lib.infra.cli import run as run_cli
     run_cli(main)

@@ -1,6 +1,6 @@
 """Table 3 at the plateau: does image quality hold, tested for equivalence, paired over prompts?
 
-    python -m sur_lib.experiments quality [--step 2000] [--images 16]
+    python -m sur_lib.study.experiments quality [--step 2000] [--images 16]
 
 The paper claims the adapter keeps image quality (Table 3). ``sur.json`` tested a 500-step
 adapter with a two-sample t-test over 720 + 720 images, although the images are paired by prompt
@@ -30,10 +30,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import toyworld as tw
-from ..analysis import paired_test, tost_paired
-from ..fileio import write_json
-from ..provenance import rel_path
+from sur_lib.world import toyworld as tw
+from ..statistics import paired_test, tost_paired
+from sur_lib.infra.fileio import write_json
+from sur_lib.infra.provenance import rel_path
 from . import common, images, runs
 
 MARGIN = 1.0  # clean-render distance units (0-255 RMS); fixed before the run, see the docstring
@@ -84,7 +84,7 @@ def run_quality(step: int = 2000, n_images: int = 16, seed: int = 0, backbone=No
     recs = images.evaluate_condition(backbone, specs, [s["text"] for s in specs], n_images, seed, gen,
                                      adapter=adapter, quality=True, progress=progress,
                                      desc=f"quality/step-{step}")
-    return {"experiment": "quality", "command": f"python -m sur_lib.experiments quality --step {step} "
+    return {"experiment": "quality", "command": f"python -m sur_lib.study.experiments quality --step {step} "
             f"--images {n_images}", "seed": seed, "versions": common.versions(), "model": minfo,
             "generation": gen.to_dict(), "images_per_prompt": n_images, "margin": MARGIN,
             "adapter": {"step": step, "dir": rel_path(folder), "digest": meta["digest"]},
@@ -95,7 +95,7 @@ def run_quality(step: int = 2000, n_images: int = 16, seed: int = 0, backbone=No
 def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
-    ap = argparse.ArgumentParser(prog="python -m sur_lib.experiments quality", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m sur_lib.study.experiments quality", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--step", type=int, default=2000)
     ap.add_argument("--images", type=int, default=16)
@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ..cli import run as run_cli
+    from sur_lib.infra.cli import run as run_cli
     run_cli(main)
 
 
@@ -120,8 +120,8 @@ def verify_quality(doc: dict, backbone, current_digest: str, per_type: int | Non
                    n_images: int | None = 4, progress: bool = False) -> list[dict]:
     """``verify`` for ``quality.json``: the table recomputed from its records, and the stored
     adapter's images of one prompt per type re-drawn (image for image)."""
-    from ..analysis import same_numbers
-    from ..provenance import ROOT
+    from ..statistics import same_numbers
+    from sur_lib.infra.provenance import ROOT
     from .verify import verify_images
 
     ok = same_numbers(quality_table(doc["records"]["base"], doc["records"]["adapter"], doc["margin"]), doc["table"])

@@ -24,7 +24,7 @@ weights. The paper's settings at 2,000 steps (``tune``'s ``paper_settings`` and
 that step's records from ``convergence.json`` likewise, when the adapter digests match.
 
 Knowledge source (``knowledge``): ``"llm"`` (the default: ``cfg.llm``'s vectors, cached by
-``runs.knowledge_for_config``) or ``"oracle"`` (not in the paper: ``sur_lib.oracle``, the
+``runs.knowledge_for_config``) or ``"oracle"`` (not in the paper: ``sur_lib.study.oracle``, the
 prompt's true attributes projected to the width of tiny.yaml's LLM vectors and matched to
 their mean norm). The source enters the run hash through ``TrainConfig.extra``.
 
@@ -43,8 +43,8 @@ from typing import Sequence
 
 import torch
 
-from .. import analysis
-from ..fileio import write_json
+from .. import statistics as analysis
+from sur_lib.infra.fileio import write_json
 from . import common, images, runs
 
 KNOWLEDGE_SOURCES = ("llm", "oracle")
@@ -96,7 +96,7 @@ def knowledge_vectors(cfg, rows: Sequence[dict], source: str = "llm", progress: 
 
 def training_inputs(cfg, backbone, source: str = "llm", progress: bool = True):
     """(cached backbone, cached dataset, knowledge or None) of a recipe, as ``train`` takes them."""
-    from ..data import SURDDataset
+    from sur_lib.data import SURDDataset
     from ..step_cache import cached_inputs
 
     knowledge = None
@@ -133,7 +133,7 @@ def stored_step(cfg, reuse: Path | None, model_digest: str, source: str = "llm")
     if not meta_file.is_file() or not (Path(reuse) / "train" / "log.csv").is_file():
         return None
     meta = json.loads(meta_file.read_text())
-    from ..train import RESUME_FREE_KEYS
+    from sur_lib.train import RESUME_FREE_KEYS
 
     rows, seed = _surd_mini_of(cfg)
     same = (source == meta.get("knowledge", "llm") and meta.get("step") == cfg.max_steps
@@ -150,8 +150,8 @@ def _copy_stored(cfg, source_folder: Path, folder: Path) -> None:
     rows of that run's loss log into the recipe's run folder."""
     import json
 
-    from ..fileio import atomic_folder, atomic_write_bytes
-    from ..provenance import rel_path
+    from sur_lib.infra.fileio import atomic_folder, atomic_write_bytes
+    from sur_lib.infra.provenance import rel_path
 
     log = (Path(source_folder).parent.parent / "train" / "log.csv").read_bytes().splitlines(keepends=True)
     atomic_write_bytes(Path(cfg.output_dir) / "log.csv", b"".join(log[:int(cfg.max_steps) + 1]))
@@ -172,7 +172,7 @@ def train_recipe(cfg, backbone, source: str = "llm", info: dict | None = None,
     steps is copied from it instead of trained (see the module docstring)."""
     import json
 
-    from ..train import train
+    from sur_lib.train import train
 
     folder = adapter_folder(cfg)
     meta = folder / "sur_adapter.json"
@@ -182,7 +182,7 @@ def train_recipe(cfg, backbone, source: str = "llm", info: dict | None = None,
     if meta.is_file():
         knowledge = None
         if cfg.lambda_llm:
-            from ..data import SURDDataset
+            from sur_lib.data import SURDDataset
 
             knowledge = knowledge_vectors(cfg, SURDDataset(cfg.data_dir, check_images=False).rows,
                                           source, progress)
@@ -216,8 +216,8 @@ def export_run(rr: RecipeRun, dest: Path, with_adapter: bool = True) -> dict:
     fp16 adapter (for a recipe copied from the dose-response run, ``dir`` names that run's
     committed adapter instead of a second copy). Returns where they are (paths relative to the
     repository)."""
-    from ..fileio import atomic_folder
-    from ..provenance import rel_path
+    from sur_lib.infra.fileio import atomic_folder
+    from sur_lib.infra.provenance import rel_path
 
     log = Path(rr.cfg.output_dir) / "log.csv"
     if not log.is_file():
@@ -247,7 +247,7 @@ def replay(export: Path, backbone, steps: int = VERIFY_TRAIN_STEPS, progress: bo
     import json
     import tempfile
 
-    from ..train import TrainConfig, read_log, train
+    from sur_lib.train import TrainConfig, read_log, train
     from .verify import loss_checks
 
     export = Path(export)
@@ -273,7 +273,7 @@ def prompt_set(name: str, seed: int = 0, quick: bool = False,
     """The prompts of ``convergence.prompt_sets`` named ``name`` (tuning, test, extended);
     ``quick`` (or ``prompts_per_type``) keeps the first prompts of each type."""
     from . import convergence as conv
-    from .prompts import select_prompts
+    from sur_lib.world.prompts import select_prompts
 
     if name not in PROMPT_SETS:
         raise ValueError(f"prompt set must be one of {PROMPT_SETS}, got {name!r}")

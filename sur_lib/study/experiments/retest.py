@@ -1,6 +1,6 @@
 """The paper's loss-weight and teacher claims re-tested around a recipe that has trained enough.
 
-    python -m sur_lib.experiments retest --recipe paper|tuned --steps N [--images 8]
+    python -m sur_lib.study.experiments retest --recipe paper|tuned --steps N [--images 8]
         [--extended-images 4] [--max-minutes M] [--quick]
 
 Around a recipe (``paper``: tiny.yaml as it is; ``tuned``: the choice in ``tune.json``, ours),
@@ -11,14 +11,14 @@ run with 8 would draw):
 
 * ``no_llm`` (lambda_LLM = 0: no teacher), ``no_cp`` (lambda_CP = 0: no alignment);
 * ``strong_llm``, ``strong_cp``: the lambda at which that term's gradient is as large as
-  L_simple's. It is read off the gradient-share measurement (``sur_lib.gradient_share``) of the
+  L_simple's. It is read off the gradient-share measurement (``sur_lib.study.gradient_share``) of the
   trained recipe on training batches: lambda = ||grad L_simple|| / ||grad L_term|| (rounded to
   two significant digits, never below the recipe's own lambda: then the variant is the recipe
   itself, trained once and marked ``same_as``). The shares of every term, for
   the recipe and for every variant's own trained adapter, are in the results;
 * ``path_official``: the authors' detached gradient path (L_simple does not reach the adapter);
 * ``teacher_gemma`` (Gemma 3 270M), ``teacher_no_sink`` (SmolLM2 without its first token, an
-  attention sink), ``teacher_oracle`` (not in the paper: ``sur_lib.oracle``, the prompt's true
+  attention sink), ``teacher_oracle`` (not in the paper: ``sur_lib.study.oracle``, the prompt's true
   count, colour, shape and arrangement, projected to SmolLM2's width). Deviation: the teacher
   variants use ``strong_llm``'s lambda, so that the teacher is heard whatever share L_LLM has
   at the recipe's lambda (if that share is small, any teacher would give nearly the same
@@ -53,10 +53,10 @@ from typing import Sequence
 
 import torch
 
-from ..analysis import compare, holm, summarize
-from ..fileio import clean_json, write_json
-from ..provenance import rel_path
-from .. import toyworld as tw
+from ..statistics import compare, holm, summarize
+from sur_lib.infra.fileio import clean_json, write_json
+from sur_lib.infra.provenance import rel_path
+from sur_lib.world import toyworld as tw
 from . import common, jobs, recipes, tune
 from .convergence import _Deadline, gap_closed
 
@@ -89,7 +89,7 @@ class RetestConfig:
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None) -> "RetestConfig":
-        ap = argparse.ArgumentParser(prog="python -m sur_lib.experiments retest", description=__doc__,
+        ap = argparse.ArgumentParser(prog="python -m sur_lib.study.experiments retest", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
         ap.add_argument("--recipe", default="paper", choices=("paper", "tuned"))
         ap.add_argument("--steps", type=int, default=None, help="training steps (2000; quick 3)")
@@ -140,7 +140,7 @@ def recipe_knobs(rc: RetestConfig) -> dict:
     if doc is None:
         if not (path.is_file() or part.is_file()):
             raise FileNotFoundError(f"--recipe tuned needs {path} or {part.name} "
-                                    "(python -m sur_lib.experiments tune)")
+                                    "(python -m sur_lib.study.experiments tune)")
         raise ValueError(f"{path.name} has no choice yet: tune has not judged every configuration")
     knobs = {k: doc["choice"]["knobs"][k] for k in tune.PAPER}
     return dict(knobs, steps=rc.steps)
@@ -155,7 +155,7 @@ def better_recipe(tune_partial: dict, convergence: dict) -> dict:
     the same 30 prompts and seeds), paired over prompts: ``tuned`` only if the 95% interval of
     the overall difference lies above 0, else ``paper`` (the paper's claims are about its own
     settings, so a tie goes to them)."""
-    from ..analysis import compare
+    from ..statistics import compare
 
     if "choice" not in tune_partial:
         raise ValueError("tune has no choice yet: it has not judged every configuration")
@@ -207,7 +207,7 @@ def measure_shares(cfg, backbone, adapter, source: str, batches: int) -> dict:
     is measured with its lambda set to 1 when ``cfg``'s is 0 (an adapter without W0 gets the
     fixed W0 of ``w0_seed``), then reweighted to ``cfg``'s lambdas."""
     from ..gradient_share import measure, reweight
-    from ..train import build_adapter
+    from sur_lib.train import build_adapter
 
     cfg_m = dataclasses.replace(cfg, lambda_llm=cfg.lambda_llm or 1.0, lambda_cp=cfg.lambda_cp or 1.0)
     bb, ds, knowledge = recipes.training_inputs(cfg_m, backbone, source, progress=False)
@@ -249,7 +249,7 @@ def run_retest(rc: RetestConfig, backbone=None, convergence_file: Path | None = 
                                      rc.seed, source, batch_size=8 if rc.quick else None,
                                      progress=rc.progress)
 
-    info = {"made_by": "python -m sur_lib.experiments retest"}
+    info = {"made_by": "python -m sur_lib.study.experiments retest"}
     reuse = Path(rc.reuse) if rc.reuse else None
     base_units = [f"{u}/{s}" for s in SETS for u in ("base_simple", "base_complex")]
     done = partial["variants"]
@@ -349,7 +349,7 @@ def run_retest(rc: RetestConfig, backbone=None, convergence_file: Path | None = 
     lam = partial.get("lambdas")
     complete = all(v in done for v in VARIANTS) and all(
         f"{u}/{s}" in partial for u in ("base_simple", "base_complex") for s in SETS)
-    doc = {"experiment": "retest", "command": "python -m sur_lib.experiments retest " + " ".join(rc.argv),
+    doc = {"experiment": "retest", "command": "python -m sur_lib.study.experiments retest " + " ".join(rc.argv),
            "seed": rc.seed, "quick": rc.quick, "versions": common.versions(), "recipe": rc.recipe,
            "label": "tiny.yaml as it is" if rc.recipe == "paper" else "ours: the tuned recipe (tune.json)",
            "where": "CPU (1 torch thread)", "step_cache": True, "model": minfo,
@@ -425,7 +425,7 @@ def verify_retest(doc: dict, backbone, current_digest: str, per_type: int, n_ima
     """``verify`` for the re-test: the first training steps of ``VERIFY_REPLAY`` replayed
     against their stored loss logs, and ``per_type`` prompts per type x ``n_images`` images
     of the recipe's exported adapter re-drawn on the test prompts."""
-    from ..provenance import ROOT
+    from sur_lib.infra.provenance import ROOT
     from .verify import verify_images
 
     if doc["model"]["unet_digest"] != current_digest:
@@ -458,5 +458,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ..cli import run as run_cli
+    from sur_lib.infra.cli import run as run_cli
     run_cli(main)

@@ -10,15 +10,15 @@ from typing import Callable, Sequence
 
 import torch
 
-from .. import toyworld as tw
-from ..analysis import compare_block
+from sur_lib.world import toyworld as tw
+from ..statistics import compare_block
 from .common import IMAGES, ExperimentConfig, header, judge_info, load_base, model_info
 from .images import evaluate_condition, make_pipe
 
 
 @dataclass
 class RewriteConfig(ExperimentConfig):
-    """``python -m sur_lib.experiments rewrite``: the common options only."""
+    """``python -m sur_lib.study.experiments rewrite``: the common options only."""
 
 
 SYSTEM_REWRITE = (
@@ -86,7 +86,7 @@ def rewrite_prompts(texts: Sequence[str], model, tokenizer, max_new_tokens: int 
 
 def run_rewrite(exp: RewriteConfig, backbone=None, rewriter: Callable | None = None) -> dict:
     """SmolLM2-Instruct rewrites each simple test prompt; the base model draws the rewrite."""
-    from .. import knowledge
+    from sur_lib import knowledge
 
     t0 = time.time()
     backbone = backbone if backbone is not None else load_base(exp.model_dir)

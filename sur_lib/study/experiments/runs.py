@@ -1,10 +1,10 @@
 """Adapter training runs for the experiments: SURD-mini, knowledge vectors, run folders.
 
 A run folder is named by a hash of everything that determines its result (``train_config``),
-so an interrupted run resumes and a changed one starts afresh. ``LATER_KEYS`` lists the
+so an interrupted run resumes and a changed one starts afresh. ``train.LATER_KEYS`` lists the
 ``TrainConfig`` options added after results were stored, with their defaults: an option enters
 the hash only when it is not at its default, so the runs behind the stored results keep their
-folder names (and twins). A new ``TrainConfig`` field goes into ``LATER_KEYS`` with its default.
+folder names (and twins). A new ``TrainConfig`` field goes into ``train.LATER_KEYS``.
 """
 from __future__ import annotations
 
@@ -17,16 +17,12 @@ from typing import Sequence
 
 import torch
 
-from .. import toyworld as tw
-from ..fileio import atomic_folder, write_json
-from ..provenance import abs_path, state_digest
+from sur_lib.world import toyworld as tw
+from sur_lib.infra.fileio import atomic_folder, write_json
+from sur_lib.infra.provenance import abs_path, state_digest
 from . import common
 
 PATH_KEYS = ("data_dir", "output_dir", "knowledge_file", "progress", "resume")  # not results
-# options added after results were stored: they enter the run hash only when not at their
-# default, so that the runs behind the stored results keep their folder names (and twins)
-LATER_KEYS = {"llm_drop_first": False, "dataloader_num_workers": 0, "report_to": "none",
-              "text_only_prompts": None, "text_only_batch": 0}
 
 
 def surd_mini(rows: int, seed: int, progress: bool = True) -> Path:
@@ -42,7 +38,7 @@ def surd_mini(rows: int, seed: int, progress: bool = True) -> Path:
 def knowledge_for_config(cfg, prompts: Sequence[str], progress: bool = True) -> dict:
     """``train.knowledge_for`` with one shared cache per LLM, layer and BOS setting:
     outputs/experiments/knowledge/<llm>-layer<L>-bos<0|1>[-nofirst].safetensors."""
-    from ..train import knowledge_for
+    from sur_lib.train import knowledge_for
 
     name = (f"{cfg.llm}-layer{cfg.llm_layer}-bos{int(cfg.llm_include_bos)}"
             f"{'-nofirst' if cfg.llm_drop_first else ''}.safetensors")
@@ -65,6 +61,8 @@ def knowledge_stats(vectors: dict) -> dict:
 def config_key(config: dict, skip: tuple[str, ...] = ()) -> dict:
     """The part of a ``TrainConfig`` dict that decides a result: without ``PATH_KEYS`` and
     ``skip``, and without a ``LATER_KEYS`` option at its default."""
+    from sur_lib.train import LATER_KEYS
+
     return {k: v for k, v in config.items() if k not in PATH_KEYS and k not in skip
             and not (k in LATER_KEYS and v == LATER_KEYS[k])}
 
@@ -73,7 +71,7 @@ def train_config(overrides: dict, data_dir: Path, seed: int, run_root: Path, mod
                  progress: bool):
     """``TrainConfig`` = tiny.yaml + overrides, in a run folder named by a hash of everything
     that determines the result (so an interrupted run resumes, and a changed one does not)."""
-    from ..train import TrainConfig
+    from sur_lib.train import TrainConfig
 
     cfg = TrainConfig.from_yaml(common.TINY_CONFIG, **{"seed": seed, **overrides})
     key = config_key(cfg.to_dict())
@@ -89,8 +87,8 @@ def train_config(overrides: dict, data_dir: Path, seed: int, run_root: Path, mod
 def train_adapter(cfg, backbone, progress: bool = True):
     """Train one adapter with ``sur_lib.train.train`` (knowledge vectors from the cache).
     Returns (adapter, per-step log without wall times, knowledge statistics or None)."""
-    from ..data import SURDDataset
-    from ..train import read_log, train
+    from sur_lib.data import SURDDataset
+    from sur_lib.train import read_log, train
 
     knowledge = None
     if cfg.lambda_llm:
@@ -106,7 +104,7 @@ def train_adapter(cfg, backbone, progress: bool = True):
 def save_adapter(adapter, folder: Path, info: dict):
     """Store the adapter as fp16 safetensors (+ config.json, sur_adapter.json) and return the
     stored copy loaded back in fp32: what is evaluated is exactly what ships."""
-    from ..adapter import SURAdapter
+    from sur_lib.adapter import SURAdapter
 
     half = copy.deepcopy(adapter)
     torch.nn.Module.to(half, torch.float16)  # plain cast (ModelMixin.to warns about fp32 modules)
@@ -119,6 +117,6 @@ def save_adapter(adapter, folder: Path, info: dict):
 
 
 def load_adapter(folder: Path | str):
-    from ..adapter import SURAdapter
+    from sur_lib.adapter import SURAdapter
 
     return SURAdapter.from_pretrained(abs_path(folder)).float().eval()

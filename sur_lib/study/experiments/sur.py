@@ -13,19 +13,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..analysis import compare, compare_block, summarize
-from ..provenance import rel_path
+from ..statistics import compare, compare_block, summarize
+from sur_lib.infra.provenance import rel_path
 from . import common
 from .common import (ADAPTER_DIR, IMAGES, QUICK, SURD_MINI_ROWS, VAL_IMAGES, VAL_PER_TYPE,
                      TrainingExperimentConfig, header, judge_info, load_base, model_info)
 from .images import evaluate_condition, make_pipe
-from .prompts import train_distribution_prompts
+from sur_lib.world.prompts import train_distribution_prompts
 from .runs import PATH_KEYS, save_adapter, surd_mini, train_adapter, train_config
 
 
 @dataclass
 class SurConfig(TrainingExperimentConfig):
-    """``python -m sur_lib.experiments sur``: plus where the adapter is stored."""
+    """``python -m sur_lib.study.experiments sur``: plus where the adapter is stored."""
 
     adapter_dir: str | None = None  # data/models/sur-adapter-tiny (quick: OUT/sur-adapter-quick)
 
@@ -61,7 +61,7 @@ def run_sur(exp: SurConfig, backbone=None) -> dict:
     adapter_dir = Path(exp.adapter_dir) if exp.adapter_dir else (
         Path(exp.out) / "sur-adapter-quick" if exp.quick else ADAPTER_DIR)
     adapter, digest = save_adapter(adapter, adapter_dir, {
-        "made_by": "python -m sur_lib.experiments sur", "seed": seed, "quick": exp.quick,
+        "made_by": "python -m sur_lib.study.experiments sur", "seed": seed, "quick": exp.quick,
         "base_model": minfo,
         "train_config": {k: v for k, v in cfg.to_dict().items() if k not in PATH_KEYS},
         "overrides": budget["overrides"], "surd_mini": {"rows": budget["rows"], "seed": seed}})

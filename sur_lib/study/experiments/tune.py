@@ -1,6 +1,6 @@
 """A tuned recipe (ours, labelled as ours): the method's own knobs searched on the tuning set.
 
-    python -m sur_lib.experiments tune [--configs 24] [--images 8] [--max-minutes M] [--quick]
+    python -m sur_lib.study.experiments tune [--configs 24] [--images 8] [--max-minutes M] [--quick]
 
 Not in the paper (the paper gives one setting, appendix B.1). A seeded random search over the
 knobs the SUR-adapter itself has (``SPACE``): training steps, learning rate, eta, lambda_LLM,
@@ -48,9 +48,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..analysis import compare, summarize
-from ..fileio import clean_json, write_json
-from ..provenance import rel_path
+from ..statistics import compare, summarize
+from sur_lib.infra.fileio import clean_json, write_json
+from sur_lib.infra.provenance import rel_path
 from . import common, jobs, recipes
 from .convergence import _Deadline, gap_closed, minimum_detectable_effect
 
@@ -82,7 +82,7 @@ class TuneConfig:
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None) -> "TuneConfig":
-        ap = argparse.ArgumentParser(prog="python -m sur_lib.experiments tune", description=__doc__,
+        ap = argparse.ArgumentParser(prog="python -m sur_lib.study.experiments tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
         ap.add_argument("--configs", type=int, default=None, help="configurations (24; quick 3)")
         ap.add_argument("--images", type=int, default=None, help="images per prompt (8; quick 2)")
@@ -198,7 +198,7 @@ def _config(tc: TuneConfig, knobs: dict, minfo: dict):
 
 def _train(tc: TuneConfig, knobs: dict, backbone, minfo: dict):
     return recipes.train_recipe(_config(tc, knobs, minfo), backbone,
-                                info={"made_by": "python -m sur_lib.experiments tune"},
+                                info={"made_by": "python -m sur_lib.study.experiments tune"},
                                 progress=tc.progress, reuse=tc.reuse and Path(tc.reuse))
 
 
@@ -254,7 +254,7 @@ def run_tune(tc: TuneConfig, backbone=None, convergence_file: Path | None = None
         jobs.run_unit(partial, ppath, sync, tried, key, f"config-{key}", judged)
     with jobs.locked(ppath):
         sync()
-    doc = {"experiment": "tune", "command": "python -m sur_lib.experiments tune " + " ".join(tc.argv),
+    doc = {"experiment": "tune", "command": "python -m sur_lib.study.experiments tune " + " ".join(tc.argv),
            "seed": tc.seed, "quick": tc.quick, "versions": common.versions(),
            "label": "ours: a recipe tuned by this book, not the paper's",
            "where": "CPU (1 torch thread)", "step_cache": True, "model": minfo,
@@ -363,7 +363,7 @@ def verify_tune(doc: dict, backbone, current_digest: str, per_type: int, n_image
     summaries, those summaries from their records, the chosen recipe's first training steps
     replayed against its stored loss log, and ``per_type`` prompts per type x ``n_images``
     images of the exported adapter re-drawn on the tuning and the test prompts."""
-    from ..provenance import ROOT
+    from sur_lib.infra.provenance import ROOT
     from .verify import verify_images
 
     if doc["model"]["unet_digest"] != current_digest:
@@ -401,5 +401,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ..cli import run as run_cli
+    from sur_lib.infra.cli import run as run_cli
     run_cli(main)

@@ -39,8 +39,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..analysis import agreement
-from ..provenance import rel_path, state_digest
+from ..statistics import agreement
+from sur_lib.infra.provenance import rel_path, state_digest
 from .ablations import VERIFY_TRAIN_STEPS
 from .common import EXPERIMENTS, ExperimentConfig, GenSettings, load_base, result_path, verify_path
 from .images import evaluate_condition
@@ -87,8 +87,8 @@ IMAGE_RESULT_KEYS = ("experiment", "model", "seed", "generation", "conditions")
 def read_result(path: Path, name: str) -> dict:
     """The stored result ``name`` at ``path``, or a UsageError naming the file when it is not
     readable JSON (damaged, nested too deeply) or lacks what verify reads."""
-    from ..cli import UsageError
-    from ..fileio import read_json
+    from sur_lib.infra.cli import UsageError
+    from sur_lib.infra.fileio import read_json
 
     doc = read_json(path, "result file")
     if not isinstance(doc, dict):
@@ -145,7 +145,7 @@ def record_problems(doc) -> list[str]:
     """Every record of ``doc`` (a dict with ``correct``, ``k``, ``n``) checked against its own
     verdicts: k = sum(correct), n = len(correct), acc = k / n and the Wilson interval (lo, hi),
     exactly; the per-attribute ``hits`` cannot exceed n. Returns one line per problem."""
-    from ..analysis import wilson_interval
+    from ..statistics import wilson_interval
 
     problems = []
 
@@ -176,7 +176,7 @@ def record_problems(doc) -> list[str]:
 
 
 def _block(base, other, names):
-    from ..analysis import compare_block
+    from ..statistics import compare_block
 
     b = compare_block(base, other)
     return {names[0]: b["base"], names[1]: b["other"], names[2]: b["change"], "quality": b["quality"]}
@@ -186,7 +186,7 @@ def expected_summaries(name: str, doc: dict) -> list[tuple[str, object, object]]
     """[(where, stored, recomputed)] for every summary of ``doc`` that verify recomputes from
     the records: the experiment's own summaries (``failure``, ``sur``, ``rewrite``,
     ``guidance``) and, in every result, each ``summary`` that sits beside its ``records``."""
-    from ..analysis import compare, quality_tests, summarize
+    from ..statistics import compare, quality_tests, summarize
 
     out = []
     conds = doc.get("conditions") or {}
@@ -244,7 +244,7 @@ def consistency_checks(name: str, doc: dict) -> list[dict]:
     """Two checks that need no drawing: the records agree with their own verdicts
     (``record_problems``), and every summary equals the one recomputed from the records
     (``expected_summaries``), exactly (as stored: NaN as null)."""
-    from ..fileio import clean_json
+    from sur_lib.infra.fileio import clean_json
 
     probs = record_problems(doc)
     checks = [{"check": "records agree with their verdicts", "ok": not probs,
