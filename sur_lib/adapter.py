@@ -37,7 +37,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .cli import UsageError
+from .infra.cli import UsageError
 from .knowledge import KnowledgeProjection
 
 G_INITS = ("zeros", "kaiming_normal", "normal", "uniform")
@@ -225,7 +225,7 @@ class SURAdapter(ModelMixin, ConfigMixin):
         folder = Path(save_directory)
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
                  for p in sorted(folder.iterdir()) if p.is_file() and p.name in ("config.json", *WEIGHTS_FILES)}
-        from .fileio import atomic_write_text
+        from .infra.fileio import atomic_write_text
 
         atomic_write_text(folder / MANIFEST, json.dumps({"files": files}, indent=1) + "\n")
         return out

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cli import UsageError
-from .fileio import atomic_write_text
+from .infra.cli import UsageError
+from .infra.fileio import atomic_write_text
 
 METADATA_NAME = "metadata.jsonl"
 REQUIRED_KEYS = ("file_name", "text", "prompt")

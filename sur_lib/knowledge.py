@@ -31,8 +31,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .cli import UsageError
-from .fileio import atomic_write_bytes, clean_stale_temps
+from .infra.cli import UsageError
+from .infra.fileio import atomic_write_bytes, clean_stale_temps
 
 
 class KnowledgeProjection(nn.Module):
@@ -679,7 +679,7 @@ def load_authors_prompt2vec(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(data)
 
 
-# --- a second LLM size for the ablation: Gemma 3 270M (added for sur_lib.experiments) ------------
+# --- a second LLM size for the ablation: Gemma 3 270M (added for sur_lib.study.experiments) ------------
 
 GEMMA3_WIDTH = 640  # hidden size of Gemma 3 270M (LLM_WIDTHS lists the paper's LLMs and SmolLM2)
 GEMMA3_NUM_LAYERS = 18
@@ -970,6 +970,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import run
+    from .infra.cli import run
 
     run(main)

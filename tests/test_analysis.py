@@ -1,10 +1,10 @@
-"""sur_lib.analysis: intervals and tests against hand-computed values, the per-prompt record
+"""sur_lib.study.statistics: intervals and tests against hand-computed values, the per-prompt record
 helpers (hit rates, stored-equals-recomputed) and verify's agreement tolerance."""
 import math
 
 import pytest
 
-from sur_lib import analysis as an
+from sur_lib.study import statistics as an
 
 
 # ------------------------------------------------------------------ intervals and tests
@@ -85,7 +85,7 @@ def test_agreement_tolerance():
 
 
 def test_tost_by_hand_and_its_errors():
-    from sur_lib.analysis import tost_paired
+    from sur_lib.study.statistics import tost_paired
 
     # differences 0.1, 0.2, 0.3: mean 0.2, se 0.1 / sqrt 3; margin 1 -> t = -13.86 and +20.78, df 2
     r = tost_paired([0, 0, 0], [0.1, 0.2, 0.3], 1.0)
@@ -101,7 +101,7 @@ def test_tost_by_hand_and_its_errors():
 
 
 def test_seen_unseen_splits_by_training_noun():
-    from sur_lib.analysis import seen_unseen, split_by_noun
+    from sur_lib.study.statistics import seen_unseen, split_by_noun
 
     def recs(accs):  # lemon is a training noun, plum and pearl are held out
         return [{"id": f"r{i}", "type": "color", "noun": n, "acc": a}

@@ -19,7 +19,7 @@ import torch
 import yaml
 from PIL import Image
 
-from sur_lib import cli
+from sur_lib.infra import cli
 from sur_lib.data import SURDDataset, SURDError, write_metadata
 from sur_lib.train import TrainConfig, _parse_overrides, read_log, train
 
@@ -291,7 +291,7 @@ def test_kill_while_the_log_is_rewritten_on_resume_loses_nothing(surd, run4, tmp
     which empties it, then rewritten; a kill in between left it empty.)"""
     import csv
 
-    from sur_lib import fileio
+    from sur_lib.infra import fileio
 
     out = copy_run(run4, tmp_path)
     shutil.rmtree(out / "checkpoints" / "step-000004")  # killed after step 4, before its checkpoint
@@ -337,7 +337,7 @@ def _accelerated(tmp_path, keep):
 def test_pruning_never_deletes_the_last_good_checkpoint(tmp_path):
     """A run whose weights went NaN keeps saving; pruning to keep_checkpoints=1 must not delete
     the last checkpoint with finite weights, and resume picks that one."""
-    from sur_lib import checkpoints
+    from sur_lib.infra import checkpoints
     from sur_lib.train import _save_checkpoint, resume_checkpoint
 
     acc, adapter, cfg = _accelerated(tmp_path, keep=1)
@@ -358,7 +358,7 @@ def test_pruning_never_deletes_the_last_good_checkpoint(tmp_path):
 
 
 def test_pruning_keeps_the_last_good_checkpoint_when_the_newest_are_damaged(tmp_path):
-    from sur_lib import checkpoints
+    from sur_lib.infra import checkpoints
 
     root = tmp_path / "checkpoints"
     for step in (2, 4, 6):
@@ -382,7 +382,7 @@ def test_crafted_optimizer_pt_does_not_run_code(tmp_path):
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from sur_lib import pretrain
+    from sur_lib.world import pretrain
 
     def objects():
         unet = pretrain.build_unet()
@@ -429,7 +429,7 @@ def test_no_pickle_files_shipped_in_data_models():
 
 def test_toyworld_build_into_an_existing_dataset_is_refused(tmp_path, capsys):
     # before: metadata.jsonl was replaced without asking
-    from sur_lib import toyworld
+    from sur_lib.world import toyworld
 
     (tmp_path / "ds").mkdir()
     meta = tmp_path / "ds" / "metadata.jsonl"
@@ -444,22 +444,22 @@ def test_toyworld_build_into_an_existing_dataset_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("n", ["-3", "0"])
 def test_toyworld_n_must_be_positive(tmp_path, capsys, n):
     # before: --n -3 printed "wrote -3 examples"
-    from sur_lib import toyworld
+    from sur_lib.world import toyworld
 
     code, out, err = run_cli(toyworld.main, ["build", str(tmp_path / "ds"), "--n", n], capsys)
     assert code == 2 and "wrote" not in out
     assert err.startswith(f"error: n (the number of examples) must be a positive whole number, got {n}")
 
 
-def test_evaluate_n_must_be_positive(capsys):
-    from sur_lib import evaluate
+def test_judge_accuracy_n_must_be_positive(capsys):
+    from sur_lib.study import judge_accuracy
 
-    code, _, err = run_cli(evaluate.main, ["judge-accuracy", "--n", "0"], capsys)
+    code, _, err = run_cli(judge_accuracy.main, ["--n", "0"], capsys)
     assert code == 2 and err.startswith("error: --n must be >= 1, got 0")
 
 
 def test_pretrain_bad_argument_is_a_usage_error(capsys):
-    from sur_lib import pretrain
+    from sur_lib.world import pretrain
 
     code, _, err = run_cli(pretrain.main, ["--steps", "0"], capsys)
     assert code == 2 and err.startswith("error: --steps must be >= 1, got 0")
@@ -610,7 +610,7 @@ def test_extract_save_every_s_must_be_finite_and_not_negative(tmp_path, capsys, 
 
 def test_a_second_train_on_a_locked_output_dir_is_refused_and_its_temporaries_kept(surd, run4, tmp_path):
     # before: both runs wrote the same folder, and startup deleted the other run's .*.tmp folders
-    from sur_lib.fileio import folder_lock
+    from sur_lib.infra.fileio import folder_lock
 
     out = copy_run(run4, tmp_path)
     live_tmp = out / "checkpoints" / f".step-000006.{os.getpid()}-abc.tmp"
@@ -774,14 +774,14 @@ def test_cli_max_steps_1e12_is_refused_at_once():
 
 def test_generation_and_experiment_seeds_out_of_range(backbone, capsys):
     # before: "Overflow when unpacking long long"
-    from sur_lib.experiments.common import ExperimentConfig
+    from sur_lib.study.experiments.common import ExperimentConfig
     from sur_lib.pipeline import generate
 
     with pytest.raises(ValueError, match=r"seed must be a whole number from 0 to 2\*\*63 - 1, got 18446744073709551616"):
         generate(backbone, ["a"], seed=2**64, num_inference_steps=1, output_type="pt")
     with pytest.raises(ValueError, match=r"--seed must be a whole number from 0 to 2\*\*63 - 1"):
         ExperimentConfig(seed=2**70)
-    from sur_lib import toyworld
+    from sur_lib.world import toyworld
 
     code, _, err = run_cli(toyworld.main, ["build", "/nonexistent/ds", "--n", "2", "--seed", str(2**70)], capsys)
     assert code == 2 and "seed must be a whole number from 0 to 2**63 - 1" in err
@@ -791,7 +791,7 @@ def test_disk_full_names_the_file(tmp_path, monkeypatch):
     # before: "[Errno 28] No space left on device" naming no file
     import errno
 
-    from sur_lib import fileio
+    from sur_lib.infra import fileio
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -912,8 +912,8 @@ def test_deeply_nested_state_json_is_a_damaged_checkpoint(surd, run4, tmp_path, 
 
 
 def test_deeply_nested_result_file_is_named_as_damaged(tmp_path):
-    from sur_lib import claims
-    from sur_lib.experiments.verify import read_result
+    from sur_lib.study import claims
+    from sur_lib.study.experiments.verify import read_result
 
     (tmp_path / "sur.json").write_text(_deep())
     with pytest.raises(ValueError, match=rf"result file {tmp_path / 'sur.json'} is damaged \(nested too deeply"):
@@ -926,7 +926,7 @@ def test_deeply_nested_result_file_is_named_as_damaged(tmp_path):
 
 def test_verify_on_an_empty_result_is_a_clear_error(tmp_path, capsys):
     # before: KeyError: 'model'
-    from sur_lib.experiments import command
+    from sur_lib.study.experiments import command
 
     (tmp_path / "sur.json").write_text("{}")
     code, _, err = run_cli(command.main, ["verify", "--only", "sur", "--out", str(tmp_path)], capsys)

@@ -1,4 +1,4 @@
-"""sur_lib.bench: the CPU tiny profile end to end, FLOP bookkeeping, the RTX 3090 estimate, the
+"""sur_lib.study.bench: the CPU tiny profile end to end, FLOP bookkeeping, the RTX 3090 estimate, the
 OOM / memory-cap logic (with a fake out-of-memory error) and the SD 1.5 FLOP count on meta tensors.
 
 FLOP ratios used below, derived. Let F be one UNet forward. A weight layer's backward costs one
@@ -16,9 +16,9 @@ import math
 import pytest
 import torch
 
-from sur_lib import bench
-from sur_lib.bench import step as bench_step
-from sur_lib.bench import (
+from sur_lib.study import bench
+from sur_lib.study.bench import step as bench_step
+from sur_lib.study.bench import (
     BenchConfig,
     StepSpec,
     find_largest_batch,
@@ -119,7 +119,7 @@ def test_json_has_the_required_keys(tiny):
     for key in ("command", "date", "versions", "device", "config", "configs", "flops", "mfu_definition",
                 "summary", "rtx3090_estimate", "knowledge_throughput", "notes", "wall_time_s", "cpu_time_s"):
         assert key in data, key
-    assert data["command"].startswith("python -m sur_lib.bench") and "--profile tiny" in data["command"]
+    assert data["command"].startswith("python -m sur_lib.study.bench") and "--profile tiny" in data["command"]
     for pkg in ("python", "torch", "diffusers", "transformers", "sur_lib"):
         assert data["versions"][pkg]
     assert data["device"]["name"] and data["device"]["slug"] == "cpu"

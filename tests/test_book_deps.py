@@ -1,5 +1,5 @@
 """Rebuilds execute a chapter again when a file it read changes (book/_ext/sur_book_deps.py,
-sur_lib.book.record_reads): the decision on its own, then a small Sphinx build (myst-nb,
+sur_lib.study.book.record_reads): the decision on its own, then a small Sphinx build (myst-nb,
 execution forced, as the book) of a two-page book, rebuilt after its results file changes."""
 import json
 import os
@@ -41,7 +41,7 @@ def test_record_reads_logs_reads_under_the_folders_only(tmp_path):
     log = tmp_path / "reads.txt"
     code = textwrap.dedent(f"""
         import json, pathlib
-        from sur_lib.book import record_reads
+        from sur_lib.study.book import record_reads
         record_reads({str(log)!r}, [{str(data)!r}])
         name = "r"
         json.loads((pathlib.Path({str(data)!r}) / f"{{name}}.json").read_text())
@@ -80,7 +80,7 @@ def _write_book(src: Path, results: Path):
 
         ```{code-cell} ipython3
         import json
-        from sur_lib.book import setup
+        from sur_lib.study.book import setup
         env = setup(seed=0, threads=1)
         name = "acc"  # the path is built at run time: no file name in the source
         print("accuracy is", json.loads((env.results / f"{name}.json").read_text())["value"])

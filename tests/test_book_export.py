@@ -1,4 +1,4 @@
-"""The Colab notebooks (sur_lib.book_export, `make notebooks`): MyST turned into plain Jupyter
+"""The Colab notebooks (sur_lib.study.book_export, `make notebooks`): MyST turned into plain Jupyter
 Markdown, glue values resolved from the executed notebook, the install cell, and the one
 setting that holds the repository URL.
 
@@ -17,7 +17,7 @@ import nbformat
 import pytest
 import yaml
 
-from sur_lib import book_export as be
+from sur_lib.study import book_export as be
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = Path(os.environ.get("SUR_BOOK_BUILD", ROOT / "_build"))
@@ -134,9 +134,9 @@ def test_what_cannot_be_exported_is_an_error_naming_it(tmp_path, text, message):
 
 def test_drop_colab_block_keeps_the_rest():
     src = ('import sys\n\nif "google.colab" in sys.modules:  # Colab\n    run("git clone")\n'
-           '    sys.path.insert(0, "/content")\n\nfrom sur_lib.book import setup\nenv = setup()')
+           '    sys.path.insert(0, "/content")\n\nfrom sur_lib.study.book import setup\nenv = setup()')
     out = be.drop_colab_block(src)
-    assert out == "import sys\n\nfrom sur_lib.book import setup\nenv = setup()"
+    assert out == "import sys\n\nfrom sur_lib.study.book import setup\nenv = setup()"
     assert be.drop_colab_block("x = 1") == "x = 1"
 
 

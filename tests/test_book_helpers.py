@@ -1,9 +1,9 @@
-"""sur_lib.book: the chapters' setup call and formatting helpers, against hand-made values."""
+"""sur_lib.study.book: the chapters' setup call and formatting helpers, against hand-made values."""
 import numpy as np
 import pytest
 import torch
 
-from sur_lib import book
+from sur_lib.study import book
 
 
 def test_setup_seeds_threads_and_paths(monkeypatch, tmp_path):
@@ -17,7 +17,7 @@ def test_setup_seeds_threads_and_paths(monkeypatch, tmp_path):
         assert (np.random.rand(), torch.rand(1).item()) == a  # same seed, same numbers
         assert ch.threads == torch.get_num_threads() == 1 and ch.seed == 3
         assert ch.results == tmp_path and ch.model_dir is None
-        assert (ch.root / "sur_lib" / "book.py").is_file()
+        assert (ch.root / "sur_lib" / "study" / "book.py").is_file()
         assert ch.device in ("cpu", "cuda") and ch.elapsed() >= 0
     finally:
         torch.set_num_threads(threads)
@@ -33,7 +33,7 @@ def test_pct_and_pct_ci():
 
 
 def test_prompt_ci_is_the_t_interval_over_prompts_clipped():
-    from sur_lib import analysis
+    from sur_lib.study import statistics as analysis
 
     recs = [{"id": i, "type": "color", "k": k, "n": 4, "acc": k / 4} for i, k in enumerate((4, 4, 3, 1))]
     block = analysis.summarize(recs)["overall"]

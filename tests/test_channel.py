@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from sur_lib import oracle
-from sur_lib import toyworld as tw
-from sur_lib.analysis import minimum_detectable_effect, noun_level, sign_flip_p
-from sur_lib.cli import UsageError
-from sur_lib.experiments import channel
+from sur_lib.study import oracle
+from sur_lib.world import toyworld as tw
+from sur_lib.study.statistics import minimum_detectable_effect, noun_level, sign_flip_p
+from sur_lib.infra.cli import UsageError
+from sur_lib.study.experiments import channel
 from sur_lib.knowledge import KnowledgeProjection, load_knowledge
 from sur_lib.losses import llm_distillation_loss
 from sur_lib.models import tiny_random_backbone
@@ -184,7 +184,7 @@ def test_noun_groups_are_disjoint_and_no_evaluated_text_was_trained_on():
 
 
 def test_neighbour_agreement_and_rank_test_by_hand():
-    from sur_lib.experiments import neighbours as nb
+    from sur_lib.study.experiments import neighbours as nb
 
     # christmas tree (green triangle): pine tree agrees in class, lime in colour only, die in neither
     near = [("pine tree", 0.6), ("lime", 0.3), ("die", 0.1)]
@@ -204,7 +204,7 @@ def test_neighbour_agreement_and_rank_test_by_hand():
 def test_noun_token_positions_find_the_word_pieces():
     from transformers import AutoTokenizer
 
-    from sur_lib.experiments import neighbours as nb
+    from sur_lib.study.experiments import neighbours as nb
     from sur_lib.models import minilm_folder
 
     tok = AutoTokenizer.from_pretrained(minilm_folder())
@@ -219,7 +219,7 @@ def test_channel_prompts_are_pinned_and_the_validation_nouns_are_new():
     import hashlib
     import json
 
-    from sur_lib.experiments import prompts
+    from sur_lib.world import prompts
 
     digest = lambda x: hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()  # noqa: E731
     assert digest(channel.group_prompts()) == channel.GROUP_PROMPTS_DIGEST

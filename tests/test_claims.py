@@ -1,7 +1,7 @@
-"""The verdict rule of sur_lib.claims and the table built from the committed results."""
+"""The verdict rule of sur_lib.study.claims and the table built from the committed results."""
 import pytest
 
-from sur_lib import claims
+from sur_lib.study import claims
 
 
 def _c(diff, p, lo, hi, n=45):
@@ -39,7 +39,7 @@ def test_no_negative_zero():
 def test_the_table_from_the_committed_results():
     """Every row of the committed results gets one of the three verdicts; the SUR failure
     itself is supported (chapter 2 asserts the same)."""
-    from sur_lib.provenance import ROOT
+    from sur_lib.infra.provenance import ROOT
 
     folder = ROOT / "data" / "results"
     if not (folder / "convergence.json").is_file():
@@ -86,7 +86,7 @@ def _retest_doc(no_llm, no_cp, oracle):
 
 
 def test_retest_rows_use_holm_and_replace_the_short_budget():
-    from sur_lib.provenance import ROOT
+    from sur_lib.infra.provenance import ROOT
 
     folder = ROOT / "data" / "results"
     if not (folder / "convergence.json").is_file():
@@ -123,7 +123,7 @@ def test_tune_row_reads_the_extended_set():
 
 
 def test_every_retest_variant_states_its_claim_once():
-    from sur_lib.experiments import retest as rt
+    from sur_lib.study.experiments import retest as rt
 
     assert set(claims.RETEST_CLAIMS) == set(rt.VARIANTS) - {"recipe"}
     assert {c.against for c in claims.RETEST_CLAIMS.values()} == {"recipe", "strong_llm"}
@@ -146,7 +146,7 @@ def test_quality_row_uses_tost_at_the_plateau():
 
 
 def test_channel_rows_read_oracle_vs_permuted_at_each_group_s_unit():
-    from sur_lib.experiments import channel as chx
+    from sur_lib.study.experiments import channel as chx
 
     def recs(accs):  # two prompts per noun
         return {g: [{"id": f"{g}{i}", "type": "color", "noun": f"n{i // 2}", "k": int(4 * a), "n": 4, "acc": a}

@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from sur_lib import experiments as ex
-from sur_lib.experiments import common, images, jobs, runs
-from sur_lib.experiments import convergence as conv
+from sur_lib.study import experiments as ex
+from sur_lib.study.experiments import common, images, jobs, runs
+from sur_lib.study.experiments import convergence as conv
 from sur_lib.adapter import SURAdapter
 
 
@@ -167,7 +167,7 @@ def test_two_evaluation_jobs_share_the_work(standin, trained, cheap, tmp_path, m
 
 def test_verify_replays_training_and_redraws_images(standin, trained, cheap, tmp_path,
                                                     monkeypatch):
-    from sur_lib.experiments import verify
+    from sur_lib.study.experiments import verify
 
     cc = _cfg(tmp_path, phase="eval", run_dir=trained.run_dir)
     monkeypatch.setattr(conv._Deadline, "passed", lambda self: False)

@@ -4,8 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from sur_lib import evaluate as ev
-from sur_lib import toyworld as tw
+from sur_lib.study import judge_accuracy as ja
+from sur_lib.world import evaluate as ev
+from sur_lib.world import toyworld as tw
 
 
 def _spec(scene):
@@ -125,16 +126,16 @@ def test_score_definitions():
 
 
 def test_judge_accuracy_function_and_cli(tmp_path):
-    res = ev.judge_accuracy(n=40, seed=5)
+    res = ja.judge_accuracy(n=40, seed=5)
     assert set(res) == {"clean", "degraded"}
     assert res["clean"]["count"]["n"] == 40 and res["clean"]["count"]["acc"] >= 0.97
     assert set(res["clean"]["count_by_count"]) == {"1", "2", "3", "4", "5", "6"}
     out = tmp_path / "judge.json"
-    assert ev.main(["judge-accuracy", "--n", "10", "--seed", "3", "--out", str(out)]) == 0
+    assert ja.main(["--n", "10", "--seed", "3", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["seed"] == 3 and doc["n_scenes"] == 10 and doc["wall_time_s"] > 0
     assert {"python", "numpy", "torch", "sur_lib"} <= set(doc["versions"])
-    assert "judge-accuracy" in doc["command"]
+    assert doc["command"].startswith("python -m sur_lib.study.judge_accuracy --n 10")
 
 
 # ------------------------------------------------------------------ quality

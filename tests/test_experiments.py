@@ -1,4 +1,4 @@
-"""sur_lib.experiments: determinism, the JSON schema, verify's tolerance, the rewrite prompts and
+"""sur_lib.study.experiments: determinism, the JSON schema, verify's tolerance, the rewrite prompts and
 the resumable ablations -- all at --quick scale (a few prompts, images and sampler steps).
 
 The base model is a copy of data/models/tiny-sur-world (taken once, so the pretraining job that
@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from sur_lib import experiments as ex
-from sur_lib.experiments import ablations, common
-from sur_lib import toyworld as tw
+from sur_lib.study import experiments as ex
+from sur_lib.study.experiments import ablations, common
+from sur_lib.world import toyworld as tw
 
 COMMON = ["--quick", "--no-progress", "--no-cache"]
 
 
 def _write_standin(folder):
-    from sur_lib.pretrain import MAX_LENGTH, build_scheduler, build_unet
+    from sur_lib.world.pretrain import MAX_LENGTH, build_scheduler, build_unet
 
     torch.manual_seed(0)
     build_unet(384).save_pretrained(folder / "unet")
@@ -85,7 +85,7 @@ def test_failure_json_schema(failure_quick):
                 "judge", "generation", "images_per_prompt", "conditions", "summary", "claim"):
         assert key in doc, key
     assert doc["experiment"] == "failure" and doc["quick"] is True and doc["seed"] == 0
-    assert doc["command"].startswith("python -m sur_lib.experiments failure")
+    assert doc["command"].startswith("python -m sur_lib.study.experiments failure")
     assert doc["generation"] == {"steps": ex.QUICK["sampler_steps"], "guidance": ex.GUIDANCE,
                                  "scheduler": "ddim", "timestep_spacing": "trailing"}
     assert len(doc["model"]["unet_digest"]) == 64
@@ -161,8 +161,8 @@ def test_verify_draws_a_shared_condition_once_per_run(failure_quick, model, tmp_
     """Two results holding the same draws (here: the same file as `failure` and as `sur`):
     each prompt of each condition is generated once, both results are compared with it, and a
     later run draws it live again."""
-    from sur_lib.experiments import images
-    from sur_lib.experiments.prompts import select_prompts
+    from sur_lib.study.experiments import images
+    from sur_lib.world.prompts import select_prompts
 
     shutil.copy(failure_quick, tmp_path / "failure.json")
     shutil.copy(failure_quick, tmp_path / "sur.json")
@@ -181,7 +181,7 @@ def test_verify_draws_a_shared_condition_once_per_run(failure_quick, model, tmp_
 
 
 def test_verify_parts_keep_shared_draws_together_and_cover_every_result():
-    from sur_lib.experiments.verify import PARTS, parts_of
+    from sur_lib.study.experiments.verify import PARTS, parts_of
 
     names = list(ex.EXPERIMENTS)
     groups = parts_of(names, 2)
@@ -208,7 +208,7 @@ def test_verify_skips_missing_results(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_verify_the_committed_results(capsys):
-    """`python -m sur_lib.experiments verify` on data/results (skips what is not there yet)."""
+    """`python -m sur_lib.study.experiments verify` on data/results (skips what is not there yet)."""
     assert ex.main(["verify", "--no-progress"]) == 0, capsys.readouterr()
 
 

@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from sur_lib import extended_prompts as xp
-from sur_lib import toyworld as tw
+from sur_lib.world import extended_prompts as xp
+from sur_lib.world import toyworld as tw
 
 
 def test_stored_file_is_what_build_makes_and_is_pinned():

@@ -1,4 +1,4 @@
-"""sur_lib.fileio (atomic writes) and sur_lib.cli (one-line errors)."""
+"""sur_lib.infra.fileio (atomic writes) and sur_lib.infra.cli (one-line errors)."""
 import json
 import math
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from sur_lib import cli, fileio
+from sur_lib.infra import cli, fileio
 
 
 def test_atomic_write_text_replaces_and_leaves_no_temp(tmp_path):
@@ -96,7 +96,7 @@ def test_cli_passes_argv_without_debug_and_status():
 
 def test_cli_subprocess_prints_no_traceback(tmp_path):
     script = tmp_path / "t.py"
-    script.write_text("from sur_lib import cli\n"
+    script.write_text("from sur_lib.infra import cli\n"
                       "def main(argv):\n    raise cli.UsageError('bad value for --n: -3')\n"
                       "cli.run(main)\n")
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)

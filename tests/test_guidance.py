@@ -348,7 +348,7 @@ def test_defaults_leave_generate_unchanged(pixel_backbone, adapter):
 
 
 def test_compose_plan_pairs_every_condition_with_plain_cfg_at_its_scale():
-    from sur_lib.experiments.compose import plan
+    from sur_lib.study.experiments.compose import plan
 
     conds = plan((2.0, 3.0), (0.3,), (2.0,))
     names = [c["name"] for c in conds]
@@ -366,7 +366,7 @@ def test_compose_plan_pairs_every_condition_with_plain_cfg_at_its_scale():
 def test_compose_quick_run_and_verify(tmp_path, capsys):
     """The quick compose experiment on the shipped base model and adapter; verify re-runs part
     of it and agrees; a tampered record makes verify fail."""
-    from sur_lib import experiments as ex
+    from sur_lib.study import experiments as ex
     from sur_lib.models import TINY_MODEL_DIR
 
     if not (TINY_MODEL_DIR / "sur_backbone.json").is_file() or not (ex.ADAPTER_DIR / "config.json").is_file():
@@ -397,8 +397,8 @@ def test_compose_quick_run_and_verify(tmp_path, capsys):
 def test_composed_records_are_cached_by_their_guidance_options(pixel_backbone, tmp_path):
     """images.evaluate_condition with guidance options: a second call reads every record back,
     other options miss the cache, and the records without options keep their own keys."""
-    from sur_lib.experiments.common import GenSettings
-    from sur_lib.experiments.images import evaluate_condition
+    from sur_lib.study.experiments.common import GenSettings
+    from sur_lib.study.experiments.images import evaluate_condition
 
     spec = {"id": "counting-00", "type": "counting", "count": 2, "color": "red",
             "shape": "circle", "arrangement": None, "noun": "cherry"}

@@ -1,6 +1,6 @@
-"""Jobs side by side on one partial results file (sur_lib/experiments/jobs.py)."""
-from sur_lib.experiments import jobs
-from sur_lib.fileio import write_json
+"""Jobs side by side on one partial results file (sur_lib/study/experiments/jobs.py)."""
+from sur_lib.study.experiments import jobs
+from sur_lib.infra.fileio import write_json
 
 
 def test_merge_keeps_the_other_jobs_entries_and_the_job_time_sum(tmp_path):

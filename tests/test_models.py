@@ -235,7 +235,7 @@ def test_load_tiny_backbone_says_what_is_missing(tmp_path, monkeypatch):
     for call in (M.load_tiny_backbone, lambda: M.load_backbone("tiny")):
         with pytest.raises(FileNotFoundError) as err:
             call()
-        assert str(folder) in str(err.value) and "python -m sur_lib.pretrain" in str(err.value)
+        assert str(folder) in str(err.value) and "python -m sur_lib.world.pretrain" in str(err.value)
     assert M.TINY_MODEL_DIR.parts[-3:] == ("data", "models", "tiny-sur-world")
 
 
@@ -255,11 +255,11 @@ def test_load_backbone_dispatch():
 
 
 def test_load_tiny_backbone_pairs_a_pretrain_folder_with_minilm(tmp_path):
-    """The folder `python -m sur_lib.pretrain` exports: unet/ + scheduler/ + sur_backbone.json."""
+    """The folder `python -m sur_lib.world.pretrain` exports: unet/ + scheduler/ + sur_backbone.json."""
     import json
 
     from sur_lib.models import load_tiny_backbone
-    from sur_lib.pretrain import build_scheduler, build_unet
+    from sur_lib.world.pretrain import build_scheduler, build_unet
 
     unet = build_unet(384)
     unet.save_pretrained(tmp_path / "unet")

@@ -4,9 +4,9 @@ import dataclasses
 import pytest
 import torch
 
-from sur_lib import gradient_share as gs
-from sur_lib import oracle
-from sur_lib.analysis import holm
+from sur_lib.study import gradient_share as gs
+from sur_lib.study import oracle
+from sur_lib.study.statistics import holm
 from sur_lib.models import tiny_random_backbone
 from sur_lib.train import build_adapter
 from tests.test_train import LLM_DIM, _one_batch, cfg_for, surd  # noqa: F401 (fixture)
@@ -61,7 +61,7 @@ def test_vectors_deterministic_distinct_and_of_the_llm_width():
 
 
 def test_oracle_reads_surd_mini_metadata(tmp_path):
-    from sur_lib import toyworld as tw
+    from sur_lib.world import toyworld as tw
     from sur_lib.data import SURDDataset
 
     tw.build_dataset(tmp_path, 40, seed=3, progress=False)

@@ -154,7 +154,7 @@ def test_tiny_world_sampler_clips_x0_inside_the_stock_pipeline():
     clip_sample to False: a wild noise prediction still gives pred_original_sample in [-1, 1]."""
     from sur_lib.models import tiny_random_backbone
     from sur_lib.pipeline import make_pipeline
-    from sur_lib.pretrain import build_scheduler
+    from sur_lib.world.pretrain import build_scheduler
 
     bb = tiny_random_backbone(with_vae=False, seed=0)
     bb.scheduler = build_scheduler()

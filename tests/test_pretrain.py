@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sur_lib import pretrain
+from sur_lib.world import pretrain
 
 ARGS = ["--batch", "4", "--pool", "16", "--seed", "3", "--warmup", "2", "--threads", "1",
         "--checkpoint-every", "1"]
@@ -46,7 +46,7 @@ def test_sessions_and_loss_log_are_recorded(runs):
     info = json.loads((resumed / "out" / "pretrain.json").read_text())
     assert info["step"] == 3
     assert [(s["from_step"], s["to_step"]) for s in info["sessions"]] == [(0, 2), (2, 3)]
-    assert all(s["command"].startswith("python -m sur_lib.pretrain") for s in info["sessions"])
+    assert all(s["command"].startswith("python -m sur_lib.world.pretrain") for s in info["sessions"])
     one = json.loads((straight / "out" / "pretrain.json").read_text())
     assert [(s["from_step"], s["to_step"]) for s in one["sessions"]] == [(0, 3)]
     log = (resumed / "out" / "loss_log.csv").read_text().splitlines()

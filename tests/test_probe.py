@@ -1,8 +1,8 @@
 """The leave-one-noun-out probe of what a representation knows about colour and shape."""
 import numpy as np
 
-from sur_lib.experiments import probe
-from sur_lib import toyworld as tw
+from sur_lib.study.experiments import probe
+from sur_lib.world import toyworld as tw
 
 
 def test_probe_prompts_are_deterministic_distinct_and_cover_every_noun():
@@ -48,7 +48,7 @@ def test_verify_probe_passes_on_the_stored_result_and_fails_on_a_changed_one():
     import copy
     import json
 
-    from sur_lib.experiments.common import RESULTS_DIR, load_base
+    from sur_lib.study.experiments.common import RESULTS_DIR, load_base
 
     doc = json.loads((RESULTS_DIR / "probe.json").read_text())
     backbone = load_base()

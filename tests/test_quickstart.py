@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sur_lib import quickstart as qs
+from sur_lib.study import quickstart as qs
 
 
 def _record(i, base, adapter):

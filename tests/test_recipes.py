@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from sur_lib import experiments as ex
-from sur_lib.experiments import common, recipes
-from sur_lib.experiments import convergence as conv
+from sur_lib.study import experiments as ex
+from sur_lib.study.experiments import common, recipes
+from sur_lib.study.experiments import convergence as conv
 from tests.test_convergence import _cheap, standin, trained  # noqa: F401 (fixture)
 
 
@@ -50,7 +50,7 @@ def test_the_knowledge_source_and_knobs_change_the_run_folder(standin, cheap, tm
 
 
 def test_oracle_recipe_trains_with_the_llm_width_and_norm(standin, cheap, tmp_path):  # noqa: F811
-    from sur_lib.oracle import mean_norm
+    from sur_lib.study.oracle import mean_norm
 
     cfg = _cfg(standin, tmp_path, source="oracle", steps=2)
     rr = recipes.train_recipe(cfg, standin, "oracle", progress=False)

@@ -5,9 +5,9 @@ import zlib
 
 import pytest
 
-from sur_lib.analysis import holm
-from sur_lib.experiments import images, retest
-from sur_lib.gradient_share import lambda_to_match
+from sur_lib.study.statistics import holm
+from sur_lib.study.experiments import images, retest
+from sur_lib.study.gradient_share import lambda_to_match
 from tests.test_convergence import _cheap, standin  # noqa: F401 (fixture)
 
 
@@ -116,7 +116,7 @@ def test_retest_end_to_end(standin, monkeypatch, tmp_path):  # noqa: F811
     runs_dir = tmp_path / "runs" / "retest-quick"
     assert {p.name for p in (runs_dir / "recipe").iterdir()} == {"log.csv", "run.json", "adapter-fp16"}
     assert {p.name for p in (runs_dir / "no_llm").iterdir()} == {"log.csv", "run.json"}
-    from sur_lib.experiments import common, verify
+    from sur_lib.study.experiments import common, verify
 
     judge = images.evaluate_condition  # the same fake scores for the same unit name
     monkeypatch.setattr(verify, "evaluate_condition", lambda *a, desc="", **k: judge(

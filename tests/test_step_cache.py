@@ -7,7 +7,7 @@ import torch
 from sur_lib.data import SURDDataset
 from sur_lib.knowledge import load_knowledge
 from sur_lib.models import tiny_random_backbone
-from sur_lib.step_cache import (CachedTextBackbone, DecodedImages, PromptStates, cached_inputs,
+from sur_lib.study.step_cache import (CachedTextBackbone, DecodedImages, PromptStates, cached_inputs,
                                 encoder_digest)
 from sur_lib.train import TrainConfig, read_log, train
 

@@ -1,9 +1,9 @@
-"""sur_lib.surd_stats: word counts, the noun heuristic, prompt attributes, the CLIP rule."""
+"""sur_lib.world.surd_stats: word counts, the noun heuristic, prompt attributes, the CLIP rule."""
 import numpy as np
 import pytest
 
-from sur_lib import surd_stats as stats
-from sur_lib import toyworld as tw
+from sur_lib.world import surd_stats as stats
+from sur_lib.world import toyworld as tw
 
 
 def test_word_count_and_clip():

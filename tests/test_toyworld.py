@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sur_lib import toyworld as tw
+from sur_lib.world import toyworld as tw
 
 # Pinned: the test prompts are fixed once written. Changing them, or anything
 # their canonical complex prompts are made of, must be a deliberate edit of this line.

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from sur_lib.experiments import images, recipes
-from sur_lib.experiments import tune
+from sur_lib.study.experiments import images, recipes
+from sur_lib.study.experiments import tune
 from tests.test_convergence import _cheap, standin  # noqa: F401 (fixture)
 
 
@@ -95,19 +95,19 @@ def test_tune_end_to_end_choice_ignores_the_test_prompts(standin, monkeypatch, t
 
 
 def test_tune_and_retest_have_their_own_command_lines(capsys):
-    from sur_lib.experiments import command
+    from sur_lib.study.experiments import command
 
     for name in ("tune", "retest"):
         with pytest.raises(SystemExit) as e:
             command.main([name, "--help"])
-        assert e.value.code == 0 and f"python -m sur_lib.experiments {name}" in capsys.readouterr().out
+        assert e.value.code == 0 and f"python -m sur_lib.study.experiments {name}" in capsys.readouterr().out
 
 
 def test_two_tune_jobs_share_the_search(standin, monkeypatch, tmp_path):  # noqa: F811
     """A configuration another job has claimed is left to it, and what that job stores while
     this one works is merged, not overwritten."""
-    from sur_lib.experiments import jobs
-    from sur_lib.fileio import write_json
+    from sur_lib.study.experiments import jobs
+    from sur_lib.infra.fileio import write_json
 
     _cheap(monkeypatch, tmp_path)
     tc = _tc(tmp_path)
@@ -141,7 +141,7 @@ def test_two_tune_jobs_share_the_search(standin, monkeypatch, tmp_path):  # noqa
 def test_verify_tune_replays_the_chosen_recipe_and_fails_on_a_changed_log(standin, monkeypatch, tmp_path):  # noqa: F811
     """The tuned recipe is exported (loss log, run.json, fp16 adapter) beside the results;
     verify recomputes the choice, replays 2 training steps and re-draws images of it."""
-    from sur_lib.experiments import common, verify
+    from sur_lib.study.experiments import common, verify
 
     _cheap(monkeypatch, tmp_path)
     tc = _tc(tmp_path, configs=2)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from sur_lib.analysis import compare_block
-from sur_lib.experiments import verify
-from sur_lib.fileio import clean_json
+from sur_lib.study.statistics import compare_block
+from sur_lib.study.experiments import verify
+from sur_lib.infra.fileio import clean_json
 
 SUR = Path(__file__).parents[1] / "data" / "results" / "sur.json"
 
@@ -42,7 +42,7 @@ def test_headline_raised_by_005_fails(sur):
 def flip(doc, cond, images, prompts=None):
     """Flip the verdicts of ``images`` (0-based) of ``prompts`` (all when None) of ``cond``, and
     make the records and every summary agree with the new verdicts (as a careful forger would)."""
-    from sur_lib.analysis import wilson_interval
+    from sur_lib.study.statistics import wilson_interval
 
     for i, r in enumerate(doc["conditions"][cond]["records"]):
         if prompts is not None and i not in prompts:
@@ -127,7 +127,7 @@ def test_images_for_power_is_the_stated_size():
 
 # ----------------------------------------------------------------------------- input digests
 
-from sur_lib.experiments import inputs  # noqa: E402
+from sur_lib.study.experiments import inputs  # noqa: E402
 
 RESULTS = SUR.parent
 
@@ -193,15 +193,15 @@ def test_a_single_redrawn_image_is_the_batch_image():
     # in the last float bit)
     import numpy as np
 
-    from sur_lib.experiments.common import GenSettings, load_base
-    from sur_lib.experiments.images import draw_and_judge, initial_noise, judge_images, make_pipe
+    from sur_lib.study.experiments.common import GenSettings, load_base
+    from sur_lib.study.experiments.images import draw_and_judge, initial_noise, judge_images, make_pipe
     from sur_lib.pipeline import generate
 
     bb, gen = load_base(), GenSettings(steps=3, guidance=2.0)
     pipe = make_pipe(bb, gen)
     spec = json.loads(SUR.read_text())["conditions"]["base"]["records"][3]
     images, scores = draw_and_judge(bb, spec, spec["text"], 6, 0, gen, pipe=pipe)
-    from sur_lib.experiments.common import prompt_seed
+    from sur_lib.study.experiments.common import prompt_seed
 
     one = generate(bb, [spec["text"]], num_inference_steps=gen.steps, guidance_scale=gen.guidance,
                    latents=initial_noise(bb, pipe, prompt_seed(0, spec["id"]), 4), output_type="np", pipe=pipe)
@@ -216,7 +216,7 @@ def test_two_conditions_share_draws_only_with_the_same_weights(sur):
     # compared with the base model's verdicts (caught by verify's own run: agreement 11/12)
     import torch
 
-    from sur_lib.experiments.common import GenSettings
+    from sur_lib.study.experiments.common import GenSettings
 
     recs, gen = sur["conditions"]["base"]["records"], GenSettings(**sur["generation"])
     lin = torch.nn.Linear(2, 2)

@@ -1,4 +1,4 @@
-"""The browser demo (book/demo.md, sur_lib.webdemo): the exported ONNX files, the page's
+"""The browser demo (book/demo.md, sur_lib.study.webdemo): the exported ONNX files, the page's
 JavaScript (tokenizer, torch's noise, the world's complex prompts) against Python, and the
 page itself in headless Chromium against PyTorch, pixel for pixel within the stated tolerance.
 
@@ -6,7 +6,7 @@ The JavaScript checks run it in Node (skipped without ``node``); the page checks
 Chromium (Debian ``chromium``; skipped without it). The exported files come from the built
 book (``_build/html/demo/models``, or $SUR_BOOK_HTML) when it is there, else from
 ``webdemo.export_cached`` (the first export takes minutes on 2 CPU cores; later runs reuse it).
-Timings are not tested here: ``python -m sur_lib.webdemo bench`` measures them.
+Timings are not tested here: ``python -m sur_lib.study.webdemo bench`` measures them.
 """
 import base64
 import json
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from sur_lib import evaluate
-from sur_lib import toyworld as tw
-from sur_lib import webdemo
+from sur_lib.world import evaluate
+from sur_lib.world import toyworld as tw
+from sur_lib.study import webdemo
 
 ROOT = Path(__file__).resolve().parents[1]
 HTML = Path(os.environ.get("SUR_BOOK_HTML", ROOT / "_build" / "html"))
@@ -98,7 +98,7 @@ def _text_cfg(tokenizer):
 def test_read_prompt_gives_the_test_prompts_specs():
     """Every fixed and extended held-out prompt is read as its spec, and its complex prompt
     is the canonical one stored with it."""
-    from sur_lib.extended_prompts import extended_prompts
+    from sur_lib.world.extended_prompts import extended_prompts
 
     specs = tw.test_prompts() + extended_prompts()
     for spec in specs:
@@ -192,7 +192,7 @@ def test_sampler_mirror_equals_generate(backbone):
 
 
 def test_cli_rejects_bad_arguments(capsys):
-    from sur_lib.cli import UsageError
+    from sur_lib.infra.cli import UsageError
 
     with pytest.raises(UsageError, match="--steps \\[7\\]"):
         webdemo.main(["export", "/tmp/never-written", "--steps", "7"])
@@ -294,7 +294,7 @@ def test_js_complex_prompts_equal_python(tmp_path, manifest):
 def page(models, tmp_path_factory):
     """The demo page open in headless Chromium, served from a local HTTP server: the built
     book's page if there is one, else the same markup and scripts in a bare page."""
-    from sur_lib.headless import Chromium, chromium_path, serve
+    from sur_lib.infra.headless import Chromium, chromium_path, serve
 
     if chromium_path() is None:
         pytest.skip("chromium not installed (apt-get install chromium)")

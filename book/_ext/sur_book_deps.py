@@ -8,8 +8,8 @@ the build executed it, that chapter's dependencies:
 
 - *which files*: those the chapter's kernel opened for reading under ``data/`` or the
   results folder. Before a chapter is executed, the extension sets ``SUR_BOOK_READS_LOG``;
-  ``sur_lib.book.setup`` (every chapter's first cell) then records each such file in that log
-  (``sur_lib.book.record_reads``), whatever code built its path (``sur_lib.claims``,
+  ``sur_lib.study.book.setup`` (every chapter's first cell) then records each such file in that log
+  (``sur_lib.study.book.record_reads``), whatever code built its path (``sur_lib.study.claims``,
   ``f"{name}.json"``, a glob). Files opened outside Python (safetensors' native reader) are
   not seen;
 - *when they changed*: Sphinx's own check (``env.note_dependency``: a file newer than the

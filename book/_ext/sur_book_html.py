@@ -3,14 +3,14 @@
 1. The Colab launch button: sphinx-book-theme builds it from ``repository.branch`` and the
    source suffix (``.md`` here; Colab opens only ``.ipynb``). It is rewritten to
    ``.../blob/<colab_branch>/book/<chapter>.ipynb``: the notebooks that ``make notebooks``
-   exports (``sur_lib.book_export``) and that are published on the branch ``colab_branch``
+   exports (``sur_lib.study.book_export``) and that are published on the branch ``colab_branch``
    (README, "Opening a chapter in Colab"). The other buttons (repository, issues, download) are left alone.
 2. sphinx-thebe puts a CDN address (``THEBE_JS_URL``) and its loader script on every page,
    even with thebe switched off (``launch_buttons.thebe: false``), when nothing can use
    them. They are dropped from such pages, so the built site names no CDN at all (widget JS
    and MathJax are vendored in book/_extra, see _config.yml).
 3. The browser demo (demo.md): when the build has finished, the model files the page loads
-   are written into ``_build/html/demo/models`` by ``sur_lib.webdemo.export_cached`` (ONNX
+   are written into ``_build/html/demo/models`` by ``sur_lib.study.webdemo.export_cached`` (ONNX
    files made from ``data/models`` and the installed packages; an export of the same inputs
    is reused from the sur_lib cache), and ONNX Runtime's wasm is gzipped next to the vendored
    one (``demo/ort-wasm-simd.wasm.gz``). Nothing of this is committed. ``sur_demo_export =
@@ -53,7 +53,7 @@ def _demo_files(app, exception):
         return
     from sphinx.util import logging
 
-    from sur_lib import webdemo
+    from sur_lib.study import webdemo
 
     log = logging.getLogger(__name__)
     webdemo.write_wasm_gz(out / "demo")

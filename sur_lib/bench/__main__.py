@@ -1,12 +1,6 @@
-"""``python -m sur_lib.bench ...`` (see ``sur_lib.bench``)."""
-from ..cli import run
-from .run import main
-
-
-def _main(argv: list[str]) -> int:
-    main(argv)  # returns the result dict; the JSON is written to --out
-    return 0
-
+"""Alias: ``python -m sur_lib.bench ...`` (recorded in data/results/bench_*.json) runs
+``python -m sur_lib.study.bench ...``."""
+import runpy
 
 if __name__ == "__main__":
-    run(_main)
+    runpy.run_module("sur_lib.study.bench", run_name="__main__", alter_sys=True)

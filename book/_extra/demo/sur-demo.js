@@ -1,13 +1,13 @@
 /* The SUR world in the browser (book/demo.md): the base model and the SUR-adapter, side by side.
  *
- * Loads the files that `python -m sur_lib.webdemo export` writes into demo/models/ and runs
+ * Loads the files that `python -m sur_lib.study.webdemo export` writes into demo/models/ and runs
  * them with ONNX Runtime Web (WebAssembly, SIMD, one thread; ort.wasm-core.min.js, vendored
  * next to this file). What happens for one image is sur_lib.pipeline.generate, step by step:
  *   tokenizer (WordPiece, as Hugging Face's BertTokenizer) -> MiniLM text encoder (once per
  *   prompt) -> SUR-adapter (once per prompt and step) -> initial noise from torch's CPU
  *   generator (mt19937 + Box-Muller, as torch.randn) -> 25 DDIM steps with classifier-free
  *   guidance (the UNet sees [empty prompt, prompt]) -> pixels.
- * Python mirror: sur_lib.webdemo (OrtDemo, sample); tests/test_webdemo.py compares the two.
+ * Python mirror: sur_lib.study.webdemo (OrtDemo, sample); tests/test_webdemo.py compares the two.
  */
 (function () {
   "use strict";
@@ -182,7 +182,7 @@
   // ------------------------------------------------------------------ prompts of the SUR world
   function norm(text) { return text.toLowerCase().split(/\s+/).filter(Boolean).join(" "); }
 
-  /* The complex prompt of a simple prompt about a world noun, as sur_lib.webdemo.read_prompt:
+  /* The complex prompt of a simple prompt about a world noun, as sur_lib.study.webdemo.read_prompt:
      an exact template match, else <number 2-6> <plural> or <a/an/one/single> <singular>. */
   function readPrompt(world, text) {
     var t = norm(text);

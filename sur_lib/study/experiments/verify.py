@@ -1,0 +1,625 @@
+"""``verify``: checks every stored result against its own records and against live re-draws.
+
+Per result, in this order:
+
+1. **records against their verdicts** (``record_problems``): each record's k, n, acc, lo and
+   hi are what its per-image verdicts give, exactly;
+2. **summaries recomputed from the records** (``expected_summaries``), compared exactly (as
+   stored: NaN as null): the experiment's own summaries for ``failure``, ``sur``,
+   ``rewrite`` and ``guidance`` (with ``failure``'s claim and ``guidance``'s pick), and in
+   every result each ``summary`` that sits beside its ``records``. An edited headline fails
+   here without drawing anything;
+3. **re-drawn images** (``verify_images``, ``redraw_check`` and the experiments' hooks):
+   ``VERIFY_DRAWS`` images of every checked condition, chosen uniformly at random among all its
+   images (every prompt, every image index) afresh in each run (``choose_images``: the seed is
+   printed, and ``verify --seed N`` chooses the same again); ``verify --power P`` draws enough
+   for probability P (below), ``verify --full`` every image. Image j of a prompt is drawn alone
+   from its own initial noise (``images.initial_noise``: row j of the seeded draw), so it costs
+   one image, not the j before it. On the package versions that wrote the result
+   (``same_versions``) the seeded draws must give every stored verdict again, image for image
+   (``image_check``); on other versions the accuracies must agree within
+   ``analysis.agreement``'s tolerance;
+4. loss replays (``ablations``: the first training steps of one variant; ``convergence``,
+   ``tune`` and ``retest`` replay their own logs);
+5. **inputs** (``inputs.input_check``): every committed file the result depends on (loss logs,
+   adapters, the base model, prompt sets) still has the SHA-256 the result recorded.
+
+How likely is an edit caught? An edit that moves a condition of N images by 5 points changes
+at least f = ceil(0.05 N) verdicts, whichever they are. s images drawn uniformly at random
+without replacement miss all of them with probability C(N - f, s) / C(N, s) (hypergeometric,
+``miss_probability``), which is below (1 - 0.05)^s. 95% needs s = 59 for a large N
+(``images_for_power``; 57 for the usual N = 45 x 16 = 720). Measured cost: one image of the
+tiny model at 25 DDIM steps takes about 0.7 s on one core of an idle machine (1.1-1.3 s on a
+busy one), and the default run checks about twenty conditions; 59 per condition would be
+about 1,200 images, some 7 minutes on two cores, beyond the 3-minute budget of the default.
+So the default draws ``VERIFY_DRAWS`` = 12 per condition, and says in each condition's line
+what that achieves: 1 - C(684, 12) / C(720, 12) = 0.46 for N = 720 (0.49 for the 30 x 2
+images of a ``compose`` condition; each line prints its own). Before, the default drew the
+first 4 images of 3 prompts, so an edit of images 5-16 was never caught (probability 0).
+``verify --power 0.95`` reaches 95% per condition (about 7 minutes warm on two cores);
+``verify --full`` checks every image (probability 1 on the same versions; hours). The
+consistency checks (1, 2) catch every edit that leaves records, verdicts and summaries out
+of step, at any size, and the input digests (5) every edit of a file the result names.
+Within one run, a draw that several results share (the base model's images of the same
+simple prompts, with the same seed and sampler) is made live once and compared with each.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..statistics import agreement
+from sur_lib.infra.provenance import rel_path, state_digest
+from .ablations import VERIFY_TRAIN_STEPS
+from .common import EXPERIMENTS, ExperimentConfig, GenSettings, load_base, result_path, verify_path
+from .images import judge_images
+from .inputs import input_check
+from .runs import load_adapter, surd_mini, train_adapter, train_config
+
+VERIFY_DRAWS = 12  # random images re-drawn per condition by default (the 3-minute budget)
+VERIFY_QUICK_DRAWS = 4
+VERIFY_LOSS_RTOL = 1e-3
+
+
+@dataclass
+class VerifyConfig(ExperimentConfig):
+    """``python -m sur_lib.experiments verify``: plus ``only`` (experiments to verify) and
+    ``jobs`` (processes side by side, see ``run_verify``)."""
+
+    only: str | None = None
+    jobs: int = 2
+    full: bool = False  # re-draw every image of every condition verify checks
+    power: float | None = None  # re-draw enough images per condition to catch a 5-point edit this often
+    draw_seed: int | None = None  # chooses the re-drawn subset (None: a fresh one each run)
+
+    @classmethod
+    def from_args(cls, args) -> "VerifyConfig":
+        """``--seed N`` given on the command line chooses the re-drawn subset (the same N, the
+        same subset); without it a fresh subset is chosen in each run (and printed)."""
+        exp = super().from_args(args)
+        argv = list(getattr(args, "argv", None) or ())
+        if any(a == "--seed" or a.startswith("--seed=") for a in argv):
+            exp.draw_seed = exp.seed
+        return exp
+
+
+# the keys verify reads from each result (a file without them is not that result)
+RESULT_KEYS = {"probe": ("experiment", "seed", "features", "prompts"),
+               "ablations": ("experiment", "model", "seed", "variants", "surd_mini", "settings"),
+               "convergence": ("experiment", "model", "seed", "settings"),
+               "tune": ("experiment", "model", "seed", "settings"),
+               "retest": ("experiment", "model", "seed", "settings"),
+               "channel": ("settings", "variants", "base"),
+               "neighbours": ("experiment", "k", "nouns", "tests"),
+               "quality": ("experiment", "model", "seed", "generation", "margin", "table", "records")}
+IMAGE_RESULT_KEYS = ("experiment", "model", "seed", "generation", "conditions")
+
+
+def read_result(path: Path, name: str) -> dict:
+    """The stored result ``name`` at ``path``, or a UsageError naming the file when it is not
+    readable JSON (damaged, nested too deeply) or lacks what verify reads."""
+    from sur_lib.infra.cli import UsageError
+    from sur_lib.infra.fileio import read_json
+
+    doc = read_json(path, "result file")
+    if not isinstance(doc, dict):
+        raise UsageError(f"result file {rel_path(path)} is not a JSON object: not a result of `{name}`")
+    lacking = [k for k in RESULT_KEYS.get(name, IMAGE_RESULT_KEYS) if k not in doc]
+    if lacking:
+        raise UsageError(f"result file {rel_path(path)} is not a result of `{name}`: it lacks "
+                         f"{', '.join(map(repr, lacking))} (restore it with git, or re-run "
+                         f"python -m sur_lib.experiments {name})")
+    return doc
+
+
+# ----------------------------------------------------------------------------- consistency
+
+
+def _is_record(r) -> bool:
+    return isinstance(r, dict) and isinstance(r.get("correct"), list) and "k" in r and "n" in r
+
+
+def _is_records(x) -> bool:
+    return isinstance(x, list) and bool(x) and all(_is_record(r) for r in x)
+
+
+def first_difference(stored, live, path: str = "") -> str | None:
+    """The first place where ``stored`` and ``live`` (plain JSON, ``fileio.clean_json``) differ,
+    as 'path: stored X, recomputed Y'; None if they are exactly equal."""
+    if isinstance(stored, dict) and isinstance(live, dict):
+        for k in sorted(set(stored) | set(live), key=str):
+            if k not in stored or k not in live:
+                return f"{path}/{k}: {'missing in the result' if k not in stored else 'not recomputed'}"
+            d = first_difference(stored[k], live[k], f"{path}/{k}")
+            if d:
+                return d
+        return None
+    if isinstance(stored, list) and isinstance(live, list):
+        if len(stored) != len(live):
+            return f"{path}: {len(stored)} entries stored, {len(live)} recomputed"
+        for i, (a, b) in enumerate(zip(stored, live)):
+            d = first_difference(a, b, f"{path}[{i}]")
+            if d:
+                return d
+        return None
+    if stored == live and type(stored) is type(live) or (
+            isinstance(stored, (int, float)) and isinstance(live, (int, float))
+            and not isinstance(stored, bool) and not isinstance(live, bool) and stored == live):
+        return None
+    return f"{path}: stored {stored!r}, recomputed {live!r}"
+
+
+def record_problems(doc) -> list[str]:
+    """Every record of ``doc`` (a dict with ``correct``, ``k``, ``n``) checked against its own
+    verdicts: k = sum(correct), n = len(correct), acc = k / n and the Wilson interval (lo, hi),
+    exactly; the per-attribute ``hits`` cannot exceed n. Returns one line per problem."""
+    from ..statistics import wilson_interval
+
+    problems = []
+
+    def walk(x, path):
+        if _is_record(x):
+            c = x["correct"]
+            want = {"k": sum(int(v) for v in c), "n": len(c)}
+            if want["n"]:
+                want["acc"] = want["k"] / want["n"]
+                want["lo"], want["hi"] = wilson_interval(want["k"], want["n"])
+            for key, v in want.items():
+                if key in x and first_difference(x[key], v) is not None:
+                    problems.append(f"{path} ({x.get('id', '?')}): {key} is {x[key]!r}, its verdicts "
+                                    f"give {v!r}")
+                    return
+            if any(int(v) not in (0, 1) for v in c):
+                problems.append(f"{path} ({x.get('id', '?')}): verdicts must be 0 or 1")
+            return
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{path}/{k}")
+        elif isinstance(x, list):
+            for i, v in enumerate(x):
+                walk(v, f"{path}[{i}]")
+
+    walk(doc, "")
+    return problems
+
+
+def _block(base, other, names):
+    from ..statistics import compare_block
+
+    b = compare_block(base, other)
+    return {names[0]: b["base"], names[1]: b["other"], names[2]: b["change"], "quality": b["quality"]}
+
+
+def expected_summaries(name: str, doc: dict) -> list[tuple[str, object, object]]:
+    """[(where, stored, recomputed)] for every summary of ``doc`` that verify recomputes from
+    the records: the experiment's own summaries (``failure``, ``sur``, ``rewrite``,
+    ``guidance``) and, in every result, each ``summary`` that sits beside its ``records``."""
+    from ..statistics import compare, quality_tests, summarize
+
+    out = []
+    conds = doc.get("conditions") or {}
+    name = doc.get("experiment", name)  # what the file says it is (a copy may stand in for another)
+
+    def recs(c):
+        return conds[c]["records"]
+    if name == "failure":
+        s, c = recs("simple"), recs("complex")
+        live = {"simple": summarize(s), "complex": summarize(c), "complex_minus_simple": compare(s, c),
+                "quality": quality_tests(s, c)}
+        out.append(("summary", doc.get("summary"), live))
+        acc_s, acc_c = live["simple"]["overall"]["acc"], live["complex"]["overall"]["acc"]
+        claim = dict(doc.get("claim") or {}, complex=acc_c, simple=acc_s, gap=acc_c - acc_s,
+                     met=bool(acc_c >= 0.80 and acc_c - acc_s >= 0.25))
+        out.append(("claim", doc.get("claim"), claim))
+    elif name in ("sur", "rewrite"):
+        other = "adapter" if name == "sur" else "rewrite"
+        out.append(("summary", doc.get("summary"),
+                    _block(recs("base"), recs(other), ("base", other, f"{other}_minus_base"))))
+        td = doc.get("train_distribution")
+        if td and isinstance(td.get("records"), dict):
+            vb, va = td["records"]["base"], td["records"]["adapter"]
+            for key, live in (("base", summarize(vb)), ("adapter", summarize(va)),
+                              ("adapter_minus_base", compare(vb, va))):
+                out.append((f"train_distribution/{key}", td.get(key), live))
+    elif name == "guidance":
+        table = {}
+        for g in doc.get("grid") or []:
+            for cond in ("simple", "complex"):
+                c = f"{cond}@cfg{g:g}"
+                if c in conds:
+                    table.setdefault(f"{g:g}", {})[cond] = summarize(recs(c))
+        out.append(("summary", doc.get("summary"), table))
+        if table:
+            grid = doc["grid"]
+            best = max(grid, key=lambda g: (round(table[f"{g:g}"]["complex"]["overall"]["acc"], 12), -g))
+            out.append(("pick/guidance", (doc.get("pick") or {}).get("guidance"), best))
+
+    def walk(x, path):
+        if isinstance(x, dict):
+            if _is_records(x.get("records")) and isinstance(x.get("summary"), dict):
+                out.append((f"{path}/summary", x["summary"], summarize(x["records"])))
+            for k, v in x.items():
+                if k != "records":
+                    walk(v, f"{path}/{k}")
+        elif isinstance(x, list):
+            for i, v in enumerate(x):
+                walk(v, f"{path}[{i}]")
+    walk(doc, "")
+    return out
+
+
+def consistency_checks(name: str, doc: dict) -> list[dict]:
+    """Two checks that need no drawing: the records agree with their own verdicts
+    (``record_problems``), and every summary equals the one recomputed from the records
+    (``expected_summaries``), exactly (as stored: NaN as null)."""
+    from sur_lib.infra.fileio import clean_json
+
+    probs = record_problems(doc)
+    checks = [{"check": "records agree with their verdicts", "ok": not probs,
+               "message": "every record's k, n, acc, lo, hi as its verdicts give" if not probs
+               else f"{len(probs)} record(s) disagree: {probs[0]}"}]
+    diffs, n = [], 0
+    for where, stored, live in expected_summaries(name, doc):
+        n += 1
+        d = first_difference(stored, clean_json(live), where)
+        if d:
+            diffs.append(d)
+    checks.append({"check": "summaries recomputed from the records", "ok": not diffs,
+                   "message": (f"{n} summaries, each exactly as recomputed" if not diffs else
+                               f"{len(diffs)} of {n} differ from their records: {diffs[0]}")})
+    return checks
+
+
+# ----------------------------------------------------------------------------- re-drawn images
+
+_draw_seed: int | None = None  # inside a verify process: the seed that chose this run's subset
+
+
+def miss_probability(total: int, changed: int, draws: int) -> float:
+    """The chance that ``draws`` images drawn uniformly at random without replacement from
+    ``total`` miss every one of ``changed`` edited ones: C(total - changed, draws) / C(total, draws)
+    (hypergeometric; 0 when the draws cannot avoid them)."""
+    import math
+
+    if draws > total - changed:
+        return 0.0
+    return math.comb(total - changed, draws) / math.comb(total, draws)
+
+
+def detection_probability(total: int, draws: int, shift: float = 0.05) -> float:
+    """The chance that ``draws`` random images of a condition of ``total`` images catch an edit
+    that moves its accuracy by ``shift``: such an edit changes at least ceil(shift * total)
+    verdicts, whichever it changes."""
+    import math
+
+    return 1.0 - miss_probability(total, math.ceil(shift * total - 1e-9), draws)
+
+
+def images_for_power(shift: float = 0.05, power: float = 0.95, total: int | None = None) -> int:
+    """The number of images drawn uniformly at random that catches, with probability at least
+    ``power``, an edit that moves a condition's accuracy by ``shift``. For a large condition
+    (``total`` None) the smallest s with (1 - shift)^s <= 1 - power: 59 for 5 points and 95%;
+    for ``total`` images the exact hypergeometric count (fewer: 57 of 720)."""
+    import math
+
+    if total is None:
+        return math.ceil(math.log(1 - power) / math.log(1 - shift))
+    s = 0
+    while detection_probability(total, s, shift) < power:
+        s += 1
+    return s
+
+
+def choose_images(records: list[dict], draws: int | None, key: str) -> list[tuple[int, int]]:
+    """The images to re-draw, as (record index, image index), sorted: ``draws`` of all the
+    condition's images, chosen uniformly at random without replacement and afresh in each run
+    (``random.Random`` seeded by the run's draw seed and ``key``: ``verify --seed N`` chooses the
+    same again); every image when ``draws`` is None (``verify --full``)."""
+    import random
+
+    every = [(i, j) for i, r in enumerate(records) for j in range(r["n"])]
+    if draws is None or draws >= len(every):
+        return every
+    return sorted(random.Random(f"{_draw_seed}/{key}").sample(every, draws))
+
+
+def draw_key(records: list[dict], seed: int, gen, guidance: dict | None = None, adapter=None) -> str:
+    """The key ``choose_images`` draws with: the same for two conditions that hold the same
+    draws (the same prompts, seed, sampler, adapter weights and guidance, e.g. the base model's
+    simple prompts in ``failure`` and ``sur``), so that they get the same images and each is
+    drawn once."""
+    import hashlib
+    import json
+
+    what = [seed, gen.to_dict(), [[r.get("id"), r.get("text")] for r in records],
+            state_digest(adapter) if adapter is not None else None]
+    if guidance:
+        what.append(repr(sorted(guidance.items())))
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def same_versions(doc: dict) -> bool:
+    """Whether this process runs the package versions (and Python) that wrote ``doc``: then the
+    seeded draws must give the stored images exactly, verdict for verdict."""
+    from .common import versions
+
+    stored = doc.get("versions") or {}
+    now = versions()
+    keys = [k for k in now if k not in ("platform", "torch_threads")]
+    return bool(stored) and all(stored.get(k) == now.get(k) for k in keys)
+
+
+def image_check(cond: str, live: list[int], records: list[dict], picks: list[tuple[int, int]],
+                doc: dict) -> dict:
+    """The check of one condition's re-drawn images: ``live`` verdicts of the images ``picks``
+    of ``records``. On the code and versions that wrote the result (``same_versions``) every
+    re-drawn image must have its stored verdict (the draws are seeded): one image that differs
+    fails. Elsewhere (another machine's floating point) the accuracies must agree within
+    ``analysis.agreement``'s tolerance. The message states the chance that these draws catch an
+    edit moving the condition by 5 points (``detection_probability``)."""
+    stored = [int(records[i]["correct"][j]) for i, j in picks]
+    res = agreement(sum(live), len(live), sum(stored), len(stored))
+    same = sum(int(a == b) for a, b in zip(live, stored))
+    total = sum(r["n"] for r in records)
+    power = detection_probability(total, len(picks))
+    exact = same_versions(doc)
+    res.update(check=f"{cond}: {len(picks)} of {total} images", same_images=same,
+               compared_images=len(picks), image_for_image=exact, power_5_points=power)
+    if exact:
+        res["ok"] = same == len(picks)
+        res["message"] = (f"image-for-image agreement {same}/{len(picks)} (same versions: every verdict must "
+                          f"agree) {'yes' if res['ok'] else 'NO'}")
+    else:
+        res["message"] = (f"live {res['live']:.3f} vs stored {res['stored']:.3f} (other versions than the "
+                          f"result's), |diff| {abs(res['diff']):.3f} <= tol {res['tol']:.3f}? "
+                          f"{'yes' if res['ok'] else 'NO'}; image-for-image agreement {same}/{len(picks)}")
+    res["message"] += f"; catches a 5-point edit of this condition with probability {power:.2f}"
+    return res
+
+
+_memo: dict = {}  # inside a verify process: verdicts drawn in this run, by (draw key, prompt, image)
+
+
+def redraw_check(cond: str, records: list[dict], draws: int | None, doc: dict, backbone, gen,
+                 adapter=None, guidance: dict | None = None, pipe=None) -> dict:
+    """Choose ``draws`` images of one condition (``choose_images``), re-draw the ones not yet
+    drawn in this run (``images.judge_images``, in batches of the stored images per prompt)
+    and check them (``image_check``)."""
+    key = draw_key(records, doc["seed"], gen, guidance, adapter)
+    picks = choose_images(records, draws, key)
+    todo = [(i, j) for i, j in picks if (key, i, j) not in _memo]
+    live = judge_images(backbone, [(records[i], records[i]["text"], j) for i, j in todo], doc["seed"], gen,
+                        adapter=adapter, pipe=pipe, guidance=guidance, batch=max(r["n"] for r in records))
+    _memo.update({(key, i, j): v for (i, j), v in zip(todo, live)})
+    res = image_check(cond, [_memo[(key, i, j)] for i, j in picks], records, picks, doc)
+    if len(todo) < len(picks):
+        res["message"] += f"; {len(picks) - len(todo)}/{len(picks)} images drawn once in this run"
+    return res
+
+
+def loss_checks(live: list[dict], stored: list[dict]) -> list[dict]:
+    """One check per replayed training step: the live loss against the stored one, within
+    ``VERIFY_LOSS_RTOL`` (relative); a stored log shorter than the replay is a failure."""
+    if len(stored) < len(live):
+        return [{"check": "training: stored log", "ok": False,
+                 "message": f"the stored log has {len(stored)} steps, {len(live)} were replayed"}]
+    checks = []
+    for row_live, row in zip(live, stored):
+        a, b = float(row_live["loss"]), float(row["loss"])
+        tol = VERIFY_LOSS_RTOL * abs(b) + 1e-6
+        checks.append({"check": f"training: loss at step {int(float(row['step']))}", "ok": abs(a - b) <= tol,
+                       "live": a, "stored": b, "tol": tol,
+                       "message": f"live {a:.6f} vs stored {b:.6f} (tol {tol:.2e})"})
+    return checks
+
+
+def verify_images(doc: dict, backbone, current_digest: str, draws: int | None, progress: bool) -> list[dict]:
+    """Re-draw ``draws`` random images of every condition of a stored result (every image when
+    None) and compare (``redraw_check``)."""
+    if doc["model"]["unet_digest"] != current_digest:
+        return [{"check": "base model", "ok": False, "message": (
+            f"the result was made with base model step {doc['model'].get('pretrain_step')} "
+            f"(UNet digest {doc['model']['unet_digest'][:12]}), but the model now loaded has "
+            f"digest {current_digest[:12]}: re-run the experiment")}]
+    checks = []
+    for cond, block in doc["conditions"].items():
+        if block.get("generation") not in (None, doc["generation"]):
+            continue  # `guidance`: only the conditions sampled with the main settings
+        gen = GenSettings(**doc["generation"])
+        adapter = None
+        if block.get("adapter"):
+            ref = block["adapter"]
+            try:
+                adapter = load_adapter(ref["dir"])
+            except (OSError, ValueError) as e:
+                checks.append({"check": f"{cond}: adapter", "ok": False,
+                               "message": f"cannot load the stored adapter {ref['dir']}: {e}"})
+                continue
+            if state_digest(adapter) != ref["digest"]:
+                checks.append({"check": f"{cond}: adapter", "ok": False, "message": (
+                    f"{ref['dir']} is not the adapter the result was made with (digest differs)")})
+                continue
+        checks.append(redraw_check(cond, block["records"], draws, doc, backbone, gen, adapter=adapter))
+    return checks
+
+
+def verify_ablations(doc: dict, backbone, current_digest: str, progress: bool) -> list[dict]:
+    """Replay the first training steps of one variant and compare the per-step loss log."""
+    if doc["model"]["unet_digest"] != current_digest:
+        return [{"check": "base model", "ok": False, "message": (
+            "the ablations were made with another base model: re-run them")}]
+    spec = doc.get("verify") or {"variant": "reference", "steps": VERIFY_TRAIN_STEPS}
+    var = doc["variants"][spec["variant"]]
+    steps = int(min(spec["steps"], len(var["log"])))
+    rows, seed = doc["surd_mini"]["rows"], doc["seed"]
+    data_dir = surd_mini(rows, seed, progress)
+    over = {**doc["settings"]["budget"]["overrides"], **var["overrides"],
+            "max_steps": steps, "checkpoint_every": 10**6}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = train_config(over, data_dir, seed, Path(tmp), current_digest, progress)
+        _, log, _ = train_adapter(cfg, backbone, progress)
+    checks = []
+    for live, stored in zip(log[:steps], var["log"][:steps]):
+        a, b = float(live["loss"]), float(stored["loss"])
+        tol = VERIFY_LOSS_RTOL * abs(b) + 1e-6
+        checks.append({"check": f"{spec['variant']}: loss at step {int(stored['step'])}",
+                       "ok": abs(a - b) <= tol, "live": a, "stored": b, "tol": tol,
+                       "message": f"live {a:.6f} vs stored {b:.6f} (tol {tol:.2e})"})
+    return checks
+
+
+# Two groups of results that run side by side; the first holds every result that shares the base
+# model's simple-prompt draws, so that they are still made once. Measured in one run on 2 cores
+# (2026-12-06, the machine nearly idle): 90 s and 164 s, 170 s in all; tune's replay builds its
+# 6,000-row SURD-mini and its caches when they are missing (117 s of the 164).
+PARTS = (("failure", "sur", "rewrite", "convergence", "ablations", "probe", "neighbours", "channel"),
+         ("guidance", "compose", "tune", "retest", "quality"))
+
+
+def parts_of(names: list[str], jobs: int) -> list[list[str]]:
+    """``names`` split into at most ``jobs`` groups that run side by side (``PARTS``; a name in
+    no part joins the last), each in the order given; one group when ``jobs`` is 1."""
+    if jobs <= 1:
+        return [list(names)]
+    groups = [[n for n in names if n in part] for part in PARTS]
+    groups[-1] += [n for n in names if not any(n in part for part in PARTS)]
+    groups = [g for g in groups if g]
+    while len(groups) > jobs:  # fewer processes than parts: merge the last two
+        groups[-2:] = [groups[-2] + groups[-1]]
+    return groups
+
+
+def run_verify(exp: VerifyConfig, backbone=None) -> dict:
+    """Verify every stored result in ``--out`` (missing ones are skipped, with a message).
+
+    With ``exp.jobs`` > 1 and no ``backbone`` passed in, the results are verified in that many
+    processes side by side (``PARTS``), each with ``exp.threads`` torch threads: the tiny
+    profile's UNet does not run faster on a second thread (measured: 243 s for every result at
+    1 thread, 245 s at 2), so two processes use two cores where one cannot. Each process loads
+    the base model itself; its lines are printed when it finishes a result."""
+    t0 = time.time()
+    if exp.draw_seed is None:
+        import secrets
+
+        exp = replace(exp, draw_seed=secrets.randbits(31))
+    print(f"verify: {'every image re-drawn (--full)' if exp.full else 'a random subset re-drawn'}; "
+          f"subset seed {exp.draw_seed} (verify --seed {exp.draw_seed} chooses the same again)", flush=True)
+    names = [n for n in (exp.only or "").split(",") if n] or list(EXPERIMENTS)
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown:
+        raise ValueError(f"verify --only: unknown result(s) {unknown}; known: {list(EXPERIMENTS)}")
+    present = [n for n in names if verify_path(exp.out, n).is_file()]
+    for n in names:
+        if n not in present:
+            print(f"SKIP {n}: {rel_path(result_path(exp.out, n, False))} does not exist yet", flush=True)
+        elif verify_path(exp.out, n) != result_path(exp.out, n, False):
+            print(f"{n}: checking {rel_path(verify_path(exp.out, n))} (the run is not complete)", flush=True)
+    groups = parts_of(present, exp.jobs if backbone is None else 1)
+    if len(groups) <= 1:
+        done = [_verify_part(exp, g, backbone) for g in groups]
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        print(f"verify: {len(groups)} processes side by side, {exp.threads} torch thread(s) each: "
+              + " | ".join(", ".join(g) for g in groups), flush=True)
+        with ProcessPoolExecutor(len(groups), mp_context=mp.get_context("spawn")) as pool:
+            done = list(pool.map(_verify_part, [replace(exp, progress=False)] * len(groups), groups))
+    by_name = {k: v for d in done for k, v in d.items()}
+    report = {n: by_name.get(n, {"status": "skipped"}) for n in names}
+    return {"experiment": "verify", "draw_seed": exp.draw_seed, "full": exp.full,
+            "failed": [n for n in names if report[n]["status"] == "FAILED"],
+            "report": report, "tolerance": agreement.__doc__.split("\n\n")[1].strip(),
+            "wall_time_s": round(time.time() - t0, 1)}
+
+
+def _verify_part(exp: VerifyConfig, names: list[str], backbone=None) -> dict:
+    """Verify ``names`` (results that exist) one after the other in this process; a draw two
+    of them share is made once (``_memo``, emptied for each part). Returns the report of each."""
+    global _draw_seed
+    import torch
+
+    threads = torch.get_num_threads()
+    if exp.threads:
+        torch.set_num_threads(exp.threads)
+    try:
+        _memo.clear()
+        _draw_seed = exp.draw_seed
+        return _verify_names(exp, names, backbone)
+    finally:
+        _memo.clear()
+        _draw_seed = None
+        torch.set_num_threads(threads)
+
+
+def draws_per_condition(exp: VerifyConfig) -> int | None:
+    """Images re-drawn per condition: every one (None) with ``--full``, enough for ``--power P``
+    (``images_for_power``: 59 for 0.95), else ``VERIFY_DRAWS`` (``VERIFY_QUICK_DRAWS`` with
+    ``--quick``)."""
+    if exp.full:
+        return None
+    if exp.power is not None:
+        if not 0 < exp.power < 1:
+            from sur_lib.infra.cli import UsageError
+
+            raise UsageError(f"verify --power must be between 0 and 1, got {exp.power}")
+        return images_for_power(0.05, exp.power)
+    return VERIFY_QUICK_DRAWS if exp.quick else VERIFY_DRAWS
+
+
+def _verify_names(exp: VerifyConfig, names: list[str], backbone=None) -> dict:
+    draws = draws_per_condition(exp)
+    report = {}
+    for name in names:
+        doc = read_result(verify_path(exp.out, name), name)
+        if backbone is None:
+            backbone = load_base(exp.model_dir)
+        digest = state_digest(backbone.unet)
+        te = time.time()
+        if name == "ablations":
+            checks = verify_ablations(doc, backbone, digest, exp.progress)
+        elif name == "compose":  # S-CFG and delayed conditioning (experiments/compose.py)
+            from .compose import verify_compose
+
+            checks = verify_compose(doc, backbone, digest, draws, exp.progress)
+        elif name == "convergence":  # the dose-response (experiments/convergence.py)
+            from .convergence import verify_convergence
+
+            checks = verify_convergence(doc, backbone, digest, draws, exp.progress)
+        elif name == "tune":  # the tuned recipe (experiments/tune.py)
+            from .tune import verify_tune
+
+            checks = verify_tune(doc, backbone, digest, draws, exp.progress)
+        elif name == "retest":  # the claims re-tested at the plateau (experiments/retest.py)
+            from .retest import verify_retest
+
+            checks = verify_retest(doc, backbone, digest, draws, exp.progress)
+        elif name == "channel":  # the distillation channel (experiments/channel.py)
+            from .channel import verify_channel
+
+            checks = verify_channel(doc, backbone, digest, draws, exp.progress)
+        elif name == "quality":  # Table 3 at the plateau (experiments/quality.py)
+            from .quality import verify_quality
+
+            checks = verify_quality(doc, backbone, digest, draws, exp.progress)
+        elif name == "neighbours":  # transfer by neighbourhood (experiments/neighbours.py)
+            from .neighbours import verify_neighbours
+
+            checks = verify_neighbours(doc, backbone, exp.progress, Path(exp.out))
+        elif name == "probe":  # the text encoder's part of the probe (experiments/probe.py)
+            from .probe import verify_probe
+
+            checks = verify_probe(doc, backbone)
+        else:
+            checks = verify_images(doc, backbone, digest, draws, exp.progress)
+        partial = verify_path(exp.out, name) != result_path(exp.out, name, False)
+        checks = consistency_checks(name, doc) + [input_check(doc, partial)] + checks
+        ok = all(c["ok"] for c in checks)
+        report[name] = {"status": "ok" if ok else "FAILED", "checks": checks,
+                        "seconds": round(time.time() - te, 1)}
+        lines = [f"{'OK  ' if ok else 'FAIL'} {name} ({time.time() - te:.0f} s)"]
+        lines += [f"     {'ok  ' if c['ok'] else 'FAIL'} {c['check']}: {c['message']}" for c in checks]
+        print("\n".join(lines), flush=True)  # one write: a result's lines stay together
+    return report
