@@ -38,11 +38,37 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from .infra.cli import UsageError
-from .knowledge import KnowledgeProjection
 
 G_INITS = ("zeros", "kaiming_normal", "normal", "uniform")
 WEIGHTS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 MANIFEST = "sur_manifest.json"  # {"files": {name: {"size", "sha256"}}}, written by save_pretrained
+
+
+class KnowledgeProjection(nn.Module):
+    """The fixed random matrix W0 of Eq. 5, mapping an LLM vector (llm_dim) to text width.
+
+    The paper calls W0 "fixed random Kaiming"; the authors' code uses an ``nn.Linear`` with
+    default init that is never seeded and never saved, so their W0 changes from run to run.
+    Here W0 is drawn from a seeded generator (Kaiming-uniform, the same law as ``nn.Linear``'s
+    default weight), has no bias, is stored as a persistent buffer (saved with the adapter)
+    and never trained.
+    """
+
+    def __init__(self, llm_dim: int, text_dim: int, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(int(seed))
+        bound = 1.0 / math.sqrt(llm_dim)  # kaiming_uniform_(a=sqrt(5)) as nn.Linear does
+        weight = (torch.rand(text_dim, llm_dim, generator=gen) * 2 - 1) * bound
+        self.register_buffer("weight", weight, persistent=True)
+
+    def forward(self, k: torch.Tensor) -> torch.Tensor:
+        """[..., llm_dim] -> [..., text_dim]."""
+        if k.shape[-1] != self.weight.shape[1]:
+            raise ValueError(
+                f"knowledge vectors have width {k.shape[-1]}, but W0 expects {self.weight.shape[1]} "
+                "(the LLM's hidden size the adapter was built with: SURAdapter(llm_dim=...))"
+            )
+        return k.to(self.weight.dtype) @ self.weight.T
 
 
 class AdapterError(UsageError):

@@ -1,4 +1,6 @@
-"""LLM knowledge vectors (paper Sec. 3.3) and the fixed projection W0 of Eq. 5.
+"""LLM knowledge vectors (paper Sec. 3.3): the f_LLM(p_s) that W0 of Eq. 5 projects.
+
+W0 itself belongs to the adapter (:class:`sur_lib.adapter.KnowledgeProjection`).
 
 A knowledge vector of a simple prompt is the mean over tokens of one layer's hidden states of
 a causal LM (the authors: LLaMA (v1) 13B, layer 39 = the last block, before the final norm,
@@ -34,37 +36,6 @@ from tqdm.auto import tqdm
 from .infra.cli import UsageError
 from .infra.fileio import atomic_write_bytes, clean_stale_temps
 
-
-class KnowledgeProjection(nn.Module):
-    """The fixed random matrix W0 of Eq. 5, mapping an LLM vector (llm_dim) to text width.
-
-    The paper calls W0 "fixed random Kaiming"; the authors' code uses an ``nn.Linear`` with
-    default init that is never seeded and never saved, so their W0 changes from run to run.
-    Here W0 is drawn from a seeded generator (Kaiming-uniform, the same law as ``nn.Linear``'s
-    default weight), has no bias, is stored as a persistent buffer (saved with the adapter)
-    and never trained.
-    """
-
-    def __init__(self, llm_dim: int, text_dim: int, seed: int = 0):
-        super().__init__()
-        gen = torch.Generator().manual_seed(int(seed))
-        bound = 1.0 / math.sqrt(llm_dim)  # kaiming_uniform_(a=sqrt(5)) as nn.Linear does
-        weight = (torch.rand(text_dim, llm_dim, generator=gen) * 2 - 1) * bound
-        self.register_buffer("weight", weight, persistent=True)
-
-    def forward(self, k: torch.Tensor) -> torch.Tensor:
-        """[..., llm_dim] -> [..., text_dim]."""
-        if k.shape[-1] != self.weight.shape[1]:
-            raise ValueError(
-                f"knowledge vectors have width {k.shape[-1]}, but W0 expects {self.weight.shape[1]} "
-                "(the LLM's hidden size the adapter was built with: SURAdapter(llm_dim=...))"
-            )
-        return k.to(self.weight.dtype) @ self.weight.T
-
-
-# ---------------------------------------------------------------------------------------------
-# Everything below builds and stores the knowledge vectors f_LLM(p_s) that W0 projects (Sec. 3.3).
-# ---------------------------------------------------------------------------------------------
 
 #: Hidden width of the LLMs the paper uses (Sec. 4, Table 4) and of the tiny profile's LLM.
 #: The knowledge vector of a prompt has this many numbers; W0 maps it to the text width (768).

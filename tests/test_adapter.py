@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sur_lib.adapter import SURAdapter, count_parameters
+from sur_lib.adapter import KnowledgeProjection, SURAdapter, count_parameters
 
 SD15_WIDTH, CLIP_TOKENS = 768, 77
 MINILM_WIDTH, MINILM_TOKENS = 384, 16
@@ -191,3 +191,19 @@ def test_official_unused_modules_are_frozen_but_stored():
     (out.c.square().mean() + out.student.square().mean()).backward()
     unused = {n for n, p in adapter.named_parameters() if p.requires_grad and p.grad is None}
     assert unused == set()
+
+
+# --- W0 -------------------------------------------------------------------------------------------
+
+
+def test_knowledge_projection_seeded_buffer():
+    a, b, c = KnowledgeProjection(20, 8, seed=1), KnowledgeProjection(20, 8, seed=1), KnowledgeProjection(20, 8, seed=2)
+    assert torch.equal(a.weight, b.weight)
+    assert not torch.allclose(a.weight, c.weight)
+    assert a.weight.shape == (8, 20)
+    assert "weight" in a.state_dict() and list(a.parameters()) == []
+    assert a.weight.abs().max() <= 1 / 20**0.5
+    k = torch.randn(3, 20)
+    torch.testing.assert_close(a(k), k @ a.weight.T)
+    with pytest.raises(ValueError, match="width 21"):
+        a(torch.randn(3, 21))

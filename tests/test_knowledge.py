@@ -15,7 +15,6 @@ from torch import nn
 from sur_lib import knowledge as kn
 from sur_lib.knowledge import (
     LLM_WIDTHS,
-    KnowledgeProjection,
     cached_knowledge_vectors,
     knowledge_meta,
     knowledge_vectors,
@@ -304,22 +303,6 @@ def test_unsafe_pickle_is_refused(tmp_path):
     torch.save({"a": _NotAllowed()}, path)
     with pytest.raises(ValueError, match="evil.pt"):
         load_authors_prompt2vec(path)
-
-
-# --- W0 -------------------------------------------------------------------------------------------
-
-
-def test_knowledge_projection_seeded_buffer():
-    a, b, c = KnowledgeProjection(20, 8, seed=1), KnowledgeProjection(20, 8, seed=1), KnowledgeProjection(20, 8, seed=2)
-    assert torch.equal(a.weight, b.weight)
-    assert not torch.allclose(a.weight, c.weight)
-    assert a.weight.shape == (8, 20)
-    assert "weight" in a.state_dict() and list(a.parameters()) == []
-    assert a.weight.abs().max() <= 1 / 20**0.5
-    k = torch.randn(3, 20)
-    torch.testing.assert_close(a(k), k @ a.weight.T)
-    with pytest.raises(ValueError, match="width 21"):
-        a(torch.randn(3, 21))
 
 
 def test_llm_widths():

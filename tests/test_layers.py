@@ -110,3 +110,11 @@ def test_no_new_import_circle():
 
 def test_circles_finds_a_circle():
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+
+
+def test_adapter_owns_w0_and_imports_no_knowledge_file_code():
+    """W0 (Eq. 5) is the adapter's: ``sur_lib.adapter`` builds it itself and does not import
+    ``sur_lib.knowledge`` (the LLM loading, extraction and knowledge-file formats)."""
+    deps = layers.graph()["sur_lib.adapter"]
+    assert "sur_lib.knowledge" not in deps, sorted(deps)
+    assert deps <= {"sur_lib.infra.cli", "sur_lib.infra.fileio"}, sorted(deps)

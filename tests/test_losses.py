@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from sur_lib.knowledge import KnowledgeProjection
+from sur_lib.adapter import KnowledgeProjection
 from sur_lib.losses import (
     kl_distillation,
     llm_distillation_loss,

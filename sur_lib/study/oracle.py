@@ -133,7 +133,7 @@ def calibrate_targets(vectors: Mapping[str, torch.Tensor], projection, entropy: 
                       temperature: float = 1.0, iters: int = 60) -> dict[str, torch.Tensor]:
     """{prompt: vector} centred over ``vectors`` and rescaled, one norm per vector, so that
     softmax(W0 k / T) has entropy ``entropy`` nats. ``projection``: W0 (a callable llm_dim ->
-    D, e.g. ``knowledge.KnowledgeProjection``)."""
+    D, e.g. ``adapter.KnowledgeProjection``)."""
     keys = sorted(vectors)
     if not keys:
         raise ValueError("calibrate_targets: no vectors given")

@@ -195,7 +195,7 @@ def teacher_vectors(variant: str, cfg, rows: list[dict], entropy: float, text_di
     """{prompt: vector} of ``variant``'s teacher for every prompt of ``rows``, calibrated
     (``oracle.calibrate_targets`` with the adapter's W0: LLM width -> ``text_dim``, the text
     encoder's width)."""
-    from sur_lib.knowledge import KnowledgeProjection
+    from sur_lib.adapter import KnowledgeProjection
 
     if variant == "smollm2":
         raw = runs.knowledge_for_config(cfg, [r["text"] for r in rows], progress)
@@ -265,7 +265,7 @@ def shares_of(cfg, backbone, adapter, knowledge: dict, batches: int) -> dict:
 def choose_lambda(cc: ChannelConfig, backbone, model_digest: str) -> dict:
     """lambda_LLM at which L_LLM's gradient is ``llm_ratio`` of L_simple's, at the untrained
     adapter (the training seed's init) on the oracle target; the targets' statistics too."""
-    from sur_lib.knowledge import KnowledgeProjection
+    from sur_lib.adapter import KnowledgeProjection
     from ..gradient_share import lambda_to_match
     from sur_lib.train import build_adapter
 
