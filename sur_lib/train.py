@@ -692,10 +692,10 @@ def _stop_on_non_finite(values: torch.Tensor, step: int, micro: int, accum: int,
 
 def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = None,
           knowledge: dict | None = None, allow_config_change: bool = False) -> TrainResult:
-    """Train a SUR-adapter (Algorithm 1). ``backbone``/``dataset``/``knowledge`` may be passed in
-    (notebooks, tests); otherwise they are built from the config. Resuming from a checkpoint
-    whose config differs in more than the run length is refused unless
-    ``allow_config_change`` (see ``_resume``).
+    """Train a SUR-adapter: the paper's Algorithm 1, read top to bottom (the bookkeeping is in
+    the helpers below). ``backbone``/``dataset``/``knowledge`` may be passed in (notebooks,
+    tests); otherwise they are built from the config. Resuming from a checkpoint whose config
+    differs in more than the run length is refused unless ``allow_config_change`` (``_resume``).
 
     With several processes (``torchrun --nproc_per_node N -m sur_lib.train ...`` or
     ``accelerate launch``) the knowledge vectors are computed by the main process while the
@@ -708,20 +708,60 @@ def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = 
     folders of killed runs. ``resume: false`` removes the checkpoints of an earlier run (with a
     note), so that a later default run cannot resume from them.
     """
-    if isinstance(cfg, dict):
-        cfg = TrainConfig.from_dict(cfg)
+    cfg = TrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # one run per output_dir: the main process holds its lock (fileio.folder_lock) until the end
-    main_rank = int(os.environ.get("RANK", "0")) == 0
-    with _run_lock(out_dir) if main_rank else contextlib.nullcontext():
-        return _train(cfg, out_dir, backbone, dataset, knowledge, allow_config_change)
+    with _run_lock(out_dir):  # the main process holds output_dir's lock until the end
+        t0 = time.time()
+        accelerator = _accelerator(cfg, out_dir)  # CPU, one GPU or several processes; precision
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+        # frozen: the text encoder fEn, the UNet and the VAE; precomputed: fLLM(p_s) (Sec. 3.3)
+        backbone = _frozen_backbone(cfg, backbone, accelerator.device, weight_dtype)
+        dataset, knowledge, text_only = _data_and_knowledge(cfg, backbone, dataset, knowledge, accelerator)
+        # trained: the adapter only (Eq. 4-7), with AdamW; then continue from a checkpoint if any
+        adapter, optimizer, lr_scheduler = _adapter_and_optimizer(cfg, backbone, knowledge, accelerator)
+        start = _resume(cfg, out_dir, accelerator, optimizer, lr_scheduler, allow_config_change)
+        run = _Bookkeeping(cfg, out_dir, accelerator, start, t0)  # log.csv, trackers, checkpoints
+        accum, n_proc = cfg.gradient_accumulation_steps, accelerator.num_processes
+        rank = accelerator.process_index  # micro-step m = (step * accum + micro) * n_proc + rank
+        batches = _micro_batches(cfg, dataset, start, accelerator)
+        try:
+            for step in run.progress_bar():
+                terms = [0.0] * len(LOSS_TERMS)
+                for micro in range(accum):
+                    # draw a batch (images, simple and complex prompt) and seed its noise
+                    batch = _next_batch(batches, cfg, (step * accum + micro) * n_proc + rank, text_only)
+                    with accelerator.accumulate(adapter), accelerator.autocast():
+                        # encode, add noise, adapter, L = L_simple + l1 L_LLM + l2 L_CP (Eq. 5-10)
+                        losses = compute_losses(cfg, backbone, adapter, batch, weight_dtype, knowledge)
+                        values = _gather_losses(losses, accelerator)  # [processes, terms]
+                        _stop_on_non_finite(values, step, micro, accum, cfg)  # before any update
+                        accelerator.backward(losses["loss"])
+                        grad_norm = _clip_gradients(cfg, accelerator, adapter, values, step, micro)
+                        optimizer.step()
+                        lr_scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    for j, v in enumerate(values.mean(0).tolist()):  # the mean over the processes
+                        terms[j] += v / accum
+                run.log(step + 1, terms, grad_norm, lr_scheduler.get_last_lr()[0])
+                run.checkpoint_if_due(step + 1, adapter)
+        finally:
+            del batches  # stops the loader's workers
+            run.close()
+        return _finish(accelerator, adapter, out_dir, cfg.max_steps, start, t0)
+
+
+# ----------------------------------------------------------------------------- train's helpers
 
 
 def _run_lock(out_dir: Path):
     """The lock of ``out_dir`` (``fileio.folder_lock``), refused with a UsageError naming the
-    folder and the process that holds it."""
+    folder and the process that holds it. Only the main process (RANK 0) takes it; the others
+    get a context that does nothing."""
     from .infra.fileio import FolderLocked, folder_lock
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
 
     @contextlib.contextmanager
     def lock():
@@ -747,22 +787,23 @@ def _clear_temporaries(ckpt_root: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _train(cfg: TrainConfig, out_dir: Path, backbone, dataset, knowledge,
-           allow_config_change: bool) -> TrainResult:
-    from diffusers.optimization import get_scheduler
-
-    t0 = time.time()
-    accelerator = _accelerator(cfg, out_dir)
-    main_process = accelerator.is_main_process
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
-
+def _frozen_backbone(cfg: TrainConfig, backbone, device, weight_dtype):
+    """The frozen text encoder, UNet and VAE (built from the config unless passed in), on
+    ``device`` in the run's precision; gradient checkpointing in the UNet if asked."""
     if backbone is None:
         backbone = load_backbone_for(cfg)
     backbone.freeze()
-    backbone.to(accelerator.device, dtype=None if weight_dtype == torch.float32 else weight_dtype)
+    backbone.to(device, dtype=None if weight_dtype == torch.float32 else weight_dtype)
     if cfg.gradient_checkpointing:
         backbone.unet.enable_gradient_checkpointing()
+    return backbone
 
+
+def _data_and_knowledge(cfg: TrainConfig, backbone, dataset, knowledge, accelerator):
+    """(dataset, knowledge vectors, text-only prompts): each built from the config unless passed
+    in. Every prompt of the data (and every text-only prompt) must have a knowledge vector, all
+    of one width; errors name them. With several processes one computes the vectors and the
+    others read its cache."""
     progress = cfg.progress and accelerator.is_local_main_process
     text_only = read_text_only_prompts(cfg.text_only_prompts) if cfg.text_only_batch else []
     if dataset is None:
@@ -787,8 +828,15 @@ def _train(cfg: TrainConfig, out_dir: Path, backbone, dataset, knowledge,
         from .knowledge import select_knowledge
 
         select_knowledge(knowledge, text_only, source="the knowledge vectors (text-only prompts)")
-    llm_dim = next(iter(knowledge.values())).shape[-1] if cfg.lambda_llm else None
+    return dataset, knowledge, text_only
 
+
+def _adapter_and_optimizer(cfg: TrainConfig, backbone, knowledge, accelerator):
+    """The adapter (initialised after seeding torch with ``cfg.seed``), AdamW over its
+    parameters and the constant-with-warmup LR schedule, prepared by accelerate."""
+    from diffusers.optimization import get_scheduler
+
+    llm_dim = next(iter(knowledge.values())).shape[-1] if cfg.lambda_llm else None
     torch.manual_seed(cfg.seed)  # adapter init
     adapter = build_adapter(cfg, backbone.text_dim, llm_dim).to(accelerator.device)
     adapter.train()
@@ -798,84 +846,114 @@ def _train(cfg: TrainConfig, out_dir: Path, backbone, dataset, knowledge,
     )
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes)
-    adapter, optimizer, lr_scheduler = accelerator.prepare(adapter, optimizer, lr_scheduler)
+    return accelerator.prepare(adapter, optimizer, lr_scheduler)
 
-    start = _resume(cfg, out_dir, accelerator, optimizer, lr_scheduler, allow_config_change)
-    if main_process:
-        _clear_temporaries(out_dir / "checkpoints")
-    if main_process:
-        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    log_file, log = _open_log(out_dir / "log.csv", start) if main_process else (None, None)
 
-    if accelerator.log_with:
-        accelerator.init_trackers("sur-adapter", config=_tracker_config(cfg))
+def _micro_batches(cfg: TrainConfig, dataset, start: int, accelerator):
+    """This process's micro-batches from step ``start`` on (an iterator over
+    :func:`micro_batch_loader`). Micro-step m of this process fixes its batch (batch_indices)
+    and its seed (micro_step_seed); process p of P takes m = (step * accum + micro) * P + p, so
+    no two share a batch or a seed."""
     accum, n_proc = cfg.gradient_accumulation_steps, accelerator.num_processes
-    # micro-step m of this process: its batch (batch_indices) and its seed (micro_step_seed);
-    # process p of P takes m = (step * accum + micro) * P + p, so no two share a batch or a seed
     micro_steps = [(step * accum + micro) * n_proc + accelerator.process_index
                    for step in range(start, cfg.max_steps) for micro in range(accum)]
     loader = micro_batch_loader(dataset, cfg, micro_steps, pin_memory=accelerator.device.type == "cuda")
-    batches = iter(loader)
-    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="SUR-adapter",
-               disable=not progress)
-    try:
-        for step in bar:
-            terms = [0.0] * len(LOSS_TERMS)
-            for micro in range(accum):
-                batch = next(batches)
-                micro_step = (step * accum + micro) * n_proc + accelerator.process_index
-                assert batch["micro_step"] == micro_step, (batch["micro_step"], micro_step)
-                torch.manual_seed(micro_step_seed(cfg.seed, micro_step))  # every device's generator
-                torch.set_rng_state(batch["rng_state"])  # CPU: continue after the rows' crops/flips
-                if text_only and cfg.lambda_llm:  # not in the paper: prompts seen only by L_LLM
-                    batch["text_only"] = text_only_draw(text_only, cfg.text_only_batch, cfg.seed,
-                                                        micro_step)
-                with accelerator.accumulate(adapter), accelerator.autocast():
-                    losses = compute_losses(cfg, backbone, adapter, batch, weight_dtype, knowledge)
-                    values = torch.stack([losses[k].detach().float() for k in LOSS_TERMS])
-                    values = accelerator.gather(values).reshape(n_proc, len(LOSS_TERMS)).cpu().double()
-                    _stop_on_non_finite(values, step, micro, accum, cfg)  # before backward and update
-                    accelerator.backward(losses["loss"])
-                    grad_norm = None
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(adapter.parameters(), cfg.max_grad_norm)
-                        # fp16's loss scaler skips a step with inf gradients by design; otherwise
-                        # a non-finite norm would write NaN into the weights
-                        if cfg.mixed_precision != "fp16":
-                            _stop_on_non_finite(values, step, micro, accum, cfg, float(grad_norm))
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                for j, v in enumerate(values.mean(0).tolist()):  # the mean over the processes
-                    terms[j] += v / accum
-            row = {"step": step + 1, **dict(zip(LOSS_TERMS, terms)),
-                   "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-                   "lr": lr_scheduler.get_last_lr()[0], "seconds": time.time() - t0}
-            if main_process:
-                with naming_file(out_dir / "log.csv"):
-                    log.writerow(row)
-                    log_file.flush()
-            accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)
-            bar.set_postfix(loss=f"{terms[0]:.4f}")
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps:
-                accelerator.wait_for_everyone()
-                if main_process:
-                    path = _save_checkpoint(accelerator, adapter, step + 1, cfg)
-                    accelerator.print(f"checkpoint saved: {path.name}", flush=True)
-    finally:
-        del batches  # stops the loader's workers
-        if log_file is not None:
-            log_file.close()
-        for tracker in accelerator.trackers:
+    return iter(loader)
+
+
+def _next_batch(batches, cfg: TrainConfig, micro_step: int, text_only: list[str]) -> dict:
+    """The next micro-batch, with torch's generators where a run that never stopped has them:
+    every device's seeded by (seed, micro-step), the CPU's continued after the rows' random
+    crops and flips. With text-only prompts (not in the paper), this micro-step's draw of them."""
+    batch = next(batches)
+    assert batch["micro_step"] == micro_step, (batch["micro_step"], micro_step)
+    torch.manual_seed(micro_step_seed(cfg.seed, micro_step))  # every device's generator
+    torch.set_rng_state(batch["rng_state"])  # CPU: continue after the rows' crops/flips
+    if text_only and cfg.lambda_llm:  # not in the paper: prompts seen only by L_LLM
+        batch["text_only"] = text_only_draw(text_only, cfg.text_only_batch, cfg.seed, micro_step)
+    return batch
+
+
+def _gather_losses(losses: dict, accelerator) -> torch.Tensor:
+    """The loss terms (``LOSS_TERMS``) of every process, [processes, terms], float64 on the CPU."""
+    values = torch.stack([losses[k].detach().float() for k in LOSS_TERMS])
+    return accelerator.gather(values).reshape(accelerator.num_processes, len(LOSS_TERMS)).cpu().double()
+
+
+def _clip_gradients(cfg: TrainConfig, accelerator, adapter, values: torch.Tensor, step: int,
+                    micro: int):
+    """At the last micro-step of an accumulation: clip the gradient norm to ``max_grad_norm``
+    and return it (else None). A non-finite norm stops the run (:func:`_stop_on_non_finite`)
+    except under fp16, whose loss scaler skips a step with inf gradients by design; otherwise
+    it would write NaN into the weights."""
+    if not accelerator.sync_gradients:
+        return None
+    grad_norm = accelerator.clip_grad_norm_(adapter.parameters(), cfg.max_grad_norm)
+    if cfg.mixed_precision != "fp16":
+        _stop_on_non_finite(values, step, micro, cfg.gradient_accumulation_steps, cfg, float(grad_norm))
+    return grad_norm
+
+
+class _Bookkeeping:
+    """What a run writes besides its adapter. On creation (after the resume): the temporaries of
+    killed runs removed and config.yaml written (main process), log.csv opened (rows after the
+    checkpoint dropped), the trackers started. Then the progress bar, one log row per step
+    (log.csv, trackers, bar), a checkpoint every ``checkpoint_every`` steps and at the end."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: Path, accelerator, start: int, t0: float):
+        self.cfg, self.out_dir, self.accelerator, self.start, self.t0 = cfg, out_dir, accelerator, start, t0
+        main = accelerator.is_main_process
+        if main:
+            _clear_temporaries(out_dir / "checkpoints")
+            atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.log_file, self.writer = _open_log(out_dir / "log.csv", start) if main else (None, None)
+        if accelerator.log_with:
+            accelerator.init_trackers("sur-adapter", config=_tracker_config(cfg))
+        self.bar = None
+
+    def progress_bar(self):
+        """The steps still to run, start .. max_steps - 1, behind a tqdm bar (the main process
+        of each machine draws it, if ``progress``)."""
+        shown = self.cfg.progress and self.accelerator.is_local_main_process
+        self.bar = tqdm(range(self.start, self.cfg.max_steps), initial=self.start,
+                        total=self.cfg.max_steps, desc="SUR-adapter", disable=not shown)
+        return self.bar
+
+    def log(self, step: int, terms: list[float], grad_norm, lr: float) -> None:
+        row = {"step": step, **dict(zip(LOSS_TERMS, terms)),
+               "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+               "lr": lr, "seconds": time.time() - self.t0}
+        if self.writer is not None:
+            with naming_file(self.out_dir / "log.csv"):
+                self.writer.writerow(row)
+                self.log_file.flush()
+        self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        self.bar.set_postfix(loss=f"{terms[0]:.4f}")
+
+    def checkpoint_if_due(self, step: int, adapter) -> None:
+        if step % self.cfg.checkpoint_every == 0 or step == self.cfg.max_steps:
+            self.accelerator.wait_for_everyone()
+            if self.accelerator.is_main_process:
+                path = _save_checkpoint(self.accelerator, adapter, step, self.cfg)
+                self.accelerator.print(f"checkpoint saved: {path.name}", flush=True)
+
+    def close(self) -> None:
+        if self.log_file is not None:
+            self.log_file.close()
+        for tracker in self.accelerator.trackers:
             tracker.finish()
 
-    final = accelerator.unwrap_model(adapter, keep_fp32_wrapper=False)  # no autocast left in forward
+
+def _finish(accelerator, adapter, out_dir: Path, steps: int, start: int, t0: float) -> TrainResult:
+    """Unwrap the adapter (no autocast left in its forward), record every process's digest
+    (processes.json), save the adapter (main process) and return the run's result."""
+    final = accelerator.unwrap_model(adapter, keep_fp32_wrapper=False)
     _record_processes(accelerator, final, out_dir)
-    if main_process:
+    if accelerator.is_main_process:
         final.save_pretrained(out_dir / "adapter")
     accelerator.wait_for_everyone()
-    return TrainResult(final, out_dir, cfg.max_steps, start, time.time() - t0,
-                       num_processes=n_proc, is_main_process=main_process)
+    return TrainResult(final, out_dir, steps, start, time.time() - t0,
+                       num_processes=accelerator.num_processes, is_main_process=accelerator.is_main_process)
 
 
 def _record_processes(accelerator, adapter, out_dir: Path) -> None:
