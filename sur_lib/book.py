@@ -448,7 +448,8 @@ def deviation_rows() -> list[dict]:
              authors="`torch.tensor(...)` re-wrap detaches c: only the two KL terms (x 1e-5) "
                      "train the adapter",
              sur_lib=f"`gradient_path={cfg.gradient_path!r}` (`'official'` = `c.detach()`)",
-             why="the paper's method; the paper path still fits a 24 GB card at batch 16"),
+             why="the paper's method; an H100 run quoted in the training chapter (not reproduced) "
+                 "puts it within 24 GB at batch 16"),
         dict(topic="η (Eq. 7)", paper="a mixing weight",
              authors="0.1 in the run script, 0.01 class default, 1e-4 argparse default",
              sur_lib=f"{E(cfg.eta)} (default and both configs)", why="the value the authors ran"),
@@ -456,7 +457,7 @@ def deviation_rows() -> list[dict]:
              sur_lib=f"{E(cfg.lambda_llm)}, {E(cfg.lambda_cp)}", why="as the paper"),
         dict(topic="batch", paper="16", authors="1 x gradient accumulation 4",
              sur_lib=f"{paper_cfg.batch_size} (rtx3090.yaml), {tiny.batch_size} (tiny.yaml)",
-             why="the paper's recipe; the training chapter measures that it fits"),
+             why="the paper's recipe; no GPU run in this repository measures its memory yet"),
         dict(topic="learning rate", paper="1e-5", authors="1e-5 constant, AdamW (wd 1e-2), clip 1",
              sur_lib=f"{E(paper_cfg.learning_rate)} (rtx3090.yaml); {E(tiny.learning_rate)} with "
                      f"{tiny.lr_warmup_steps} warm-up steps (tiny.yaml)",
@@ -569,3 +570,44 @@ def peer_rows() -> list[dict]:
              evidence=f"overall {g['overall']}; counting {g['counting']}, colours {g['colors']}, "
                       f"position {g['position']}, colour attribution {g['attribution']}"),
     ]
+
+
+# =============================================================================== benchmark tables
+
+
+def bench_table(res: Mapping) -> tuple[str, list[str]]:
+    """A ``python -m sur_lib.bench`` result (``data/results/bench_*.json``) as the training
+    chapter shows it: a Markdown table of the configurations that were measured, and a list of
+    sentences for those that were not (skipped or failed: no blank rows). The memory columns
+    appear only when the file has memory numbers (a GPU run); an ``oom`` configuration is shown
+    at its largest fitting batch, with the accumulation that restores the asked batch."""
+    from .bench import usable
+
+    measured, not_run = [], []
+    for name, rec in res["configs"].items():
+        own = usable(rec)
+        if own is None:
+            why = " ".join((rec.get("reason") or rec.get("error") or "no reason given").split())
+            not_run.append(f"`{name}` was {rec.get('status', 'not run')}: {why}")
+            continue
+        measured.append((name, rec, own))
+    memory = any(own.get("peak_allocated_gib") is not None for _, _, own in measured)
+    columns = ["configuration", "batch", "precision", "s / step", "samples / s", "vs full fine-tune"]
+    if memory:
+        columns[5:5] = ["peak allocated GiB", "peak reserved GiB"]
+    rows = []
+    for name, rec, own in measured:
+        ratio = (rec.get("vs_full") or {}).get("samples_per_s")
+        batch = str(own["batch"])
+        if rec.get("status") == "oom":
+            batch += f" (out of memory at {rec['batch']}; × {rec['gradient_accumulation']} accumulation)"
+        row = {"configuration": f"`{name}`", "batch": batch, "precision": own["precision"],
+               "s / step": f"{own['step_time_s']:.3f}", "samples / s": f"{own['samples_per_s']:.1f}",
+               "vs full fine-tune": "–" if ratio is None else f"{ratio:.2f}"}
+        if memory:
+            for key, col in (("peak_allocated_gib", "peak allocated GiB"),
+                             ("peak_reserved_gib", "peak reserved GiB")):
+                v = own.get(key)
+                row[col] = "–" if v is None else f"{v:.1f}"
+        rows.append(row)
+    return md_table(rows, columns), not_run

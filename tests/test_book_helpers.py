@@ -163,3 +163,26 @@ def test_peer_rows():
     assert len(rows) >= 5 and all(set(r) == {"method", "changes", "evidence"} for r in rows)
     assert "28.6% -> 45.9%" in rows[0]["evidence"]
     assert "DPG-Bench 63.18 -> 74.91" in rows[1]["evidence"]
+
+
+def test_bench_table_has_no_blank_rows():
+    import json
+
+    res = json.loads((book.ROOT / "data" / "results" / "bench_cpu-tiny.json").read_text())
+    table, not_run = book.bench_table(res)
+    lines = table.splitlines()
+    assert "peak allocated" not in lines[0]  # a CPU file has no memory numbers: no such columns
+    assert "| `paper` | 4 | fp32 | 0.100 |" in table
+    assert not any("`paper+compile`" in line for line in lines)  # skipped: a sentence, not a row
+    assert len(not_run) == 1 and not_run[0].startswith("`paper+compile` was skipped: torch.compile")
+    assert all("–" not in line.split("|")[4] for line in lines[2:])  # every shown row has a time
+    gpu = {"configs": {
+        "paper": {"status": "ok", "batch": 16, "precision": "fp16", "step_time_s": 0.25, "samples_per_s": 64.0,
+                  "peak_allocated_gib": 17.2, "peak_reserved_gib": 18.0, "vs_full": {"samples_per_s": 1.3}},
+        "full": {"status": "oom", "batch": 16, "gradient_accumulation": 2,
+                 "at_largest_batch": {"batch": 8, "precision": "fp16", "step_time_s": 0.2, "samples_per_s": 40.0,
+                                      "peak_allocated_gib": 23.0, "peak_reserved_gib": None}}}}
+    table, not_run = book.bench_table(gpu)
+    assert not not_run and "peak allocated GiB" in table.splitlines()[0]
+    assert "| `paper` | 16 | fp16 | 0.250 | 64.0 | 17.2 | 18.0 | 1.30 |" in table
+    assert "| `full` | 8 (out of memory at 16; × 2 accumulation) | fp16 | 0.200 | 40.0 | 23.0 | – | – |" in table
