@@ -611,3 +611,13 @@ def bench_table(res: Mapping) -> tuple[str, list[str]]:
                 row[col] = "–" if v is None else f"{v:.1f}"
         rows.append(row)
     return md_table(rows, columns), not_run
+
+
+def deviation_table(rows: Sequence[Mapping]) -> str:
+    """``deviation_rows()`` as a Markdown table of three columns that fits the page: the
+    topic; what the paper and the authors' code do; what ``sur_lib`` does by default, and why."""
+    return md_table([{"topic": r["topic"],
+                      "theirs": f"**paper:** {r['paper']}<br>**authors' code:** {r['authors']}",
+                      "ours": f"{r['sur_lib']}<br>**why:** {r['why']}"} for r in rows],
+                    ["topic", "theirs", "ours"],
+                    ["topic", "the paper and the authors' code", "`sur_lib` default, and why"])

@@ -186,3 +186,10 @@ def test_bench_table_has_no_blank_rows():
     assert not not_run and "peak allocated GiB" in table.splitlines()[0]
     assert "| `paper` | 16 | fp16 | 0.250 | 64.0 | 17.2 | 18.0 | 1.30 |" in table
     assert "| `full` | 8 (out of memory at 16; × 2 accumulation) | fp16 | 0.200 | 40.0 | 23.0 | – | – |" in table
+
+
+def test_deviation_table_has_three_columns():
+    rows = [{"topic": "t", "paper": "p", "authors": "a|b", "sur_lib": "s", "why": "w"}]
+    lines = book.deviation_table(rows).splitlines()
+    assert lines[0] == "| topic | the paper and the authors' code | `sur_lib` default, and why |"
+    assert lines[2] == "| t | **paper:** p<br>**authors' code:** a\\|b | s<br>**why:** w |"
