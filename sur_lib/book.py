@@ -588,6 +588,7 @@ def bench_table(res: Mapping) -> tuple[str, list[str]]:
         own = usable(rec)
         if own is None:
             why = " ".join((rec.get("reason") or rec.get("error") or "no reason given").split())
+            why = re.sub(r"(--[\w-]+)", r"`\1`", why)  # command-line options as code
             not_run.append(f"`{name}` was {rec.get('status', 'not run')}: {why}")
             continue
         measured.append((name, rec, own))

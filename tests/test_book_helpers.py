@@ -175,6 +175,7 @@ def test_bench_table_has_no_blank_rows():
     assert "| `paper` | 4 | fp32 | 0.100 |" in table
     assert not any("`paper+compile`" in line for line in lines)  # skipped: a sentence, not a row
     assert len(not_run) == 1 and not_run[0].startswith("`paper+compile` was skipped: torch.compile")
+    assert "pass `--compile-on-cpu` to run it" in not_run[0]
     assert all("–" not in line.split("|")[4] for line in lines[2:])  # every shown row has a time
     gpu = {"configs": {
         "paper": {"status": "ok", "batch": 16, "precision": "fp16", "step_time_s": 0.25, "samples_per_s": 64.0,
