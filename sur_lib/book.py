@@ -507,7 +507,8 @@ def deviation_rows() -> list[dict]:
              why="needed to rebuild the vectors for any LLM"),
         dict(topic="base model", paper="SD 1.5",
              authors="the public checkpoint targets Realistic_Vision_V2.0",
-             sur_lib=f"`{sm.SD15_REPO}`; tiny: the SUR world's UNet",
+             # the Hub id on two lines (one piece of code too long for the table's column)
+             sur_lib="`" + sm.SD15_REPO.replace("/", "/`<br>`") + "`; tiny: the SUR world's UNet",
              why="runwayml/stable-diffusion-v1-5 left the Hub in 2024; this is its mirror"),
         dict(topic="image space", paper="VAE latents, 4 x 64 x 64 at 512 px", authors="the same",
              sur_lib=f"paper profile: the same; tiny: pixel space, {tw.SIZE} x {tw.SIZE}",
