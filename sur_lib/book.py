@@ -168,6 +168,20 @@ def fmt_p(p: float | None, space: bool = True, prefix: bool = False) -> str:
     return f"p = {p:.3f}" if prefix else f"{p:.3f}"
 
 
+def code_value(value, width: int = 24) -> str:
+    """A value as inline code for a table cell; a path or Hub id longer than ``width`` is split
+    after each "/" onto lines of its own (inline code does not wrap inside a word, and one long
+    piece would widen its column past the page): "`runs/`<br>`sd15`"."""
+    text = str(value)
+    if len(text) <= width or "/" not in text:
+        return f"`{text}`"
+    pieces = text.split("/")
+    lines = [p + "/" for p in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
+    if lines[0] == "/":  # an absolute path: its first line is "/tmp/", not "/"
+        lines[:2] = ["/" + lines[1]]
+    return "<br>".join(f"`{line}`" for line in lines)
+
+
 def md_escape(text) -> str:
     """Text (a prompt, an LLM's rewrite) as literal text inside a Markdown table cell."""
     return re.sub(r"([\\`*_|<>\[\]])", r"\\\1", str(text))

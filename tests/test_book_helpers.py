@@ -194,3 +194,11 @@ def test_deviation_table_has_three_columns():
     lines = book.deviation_table(rows).splitlines()
     assert lines[0] == "| topic | the paper and the authors' code | `sur_lib` default, and why |"
     assert lines[2] == "| t | **paper:** p<br>**authors' code:** a\\|b | s<br>**why:** w |"
+
+
+def test_code_value_splits_long_paths():
+    assert book.code_value(16) == "`16`" and book.code_value("runs/sd15") == "`runs/sd15`"
+    assert book.code_value("stable-diffusion-v1-5/stable-diffusion-v1-5") == (
+        "`stable-diffusion-v1-5/`<br>`stable-diffusion-v1-5`")
+    assert book.code_value("/tmp/tmpab12cd34/surd-mini/") == "`/tmp/`<br>`tmpab12cd34/`<br>`surd-mini/`"
+    assert book.code_value("a" * 30) == "`" + "a" * 30 + "`"  # no slash: one piece
