@@ -93,3 +93,125 @@ def test_every_equation_label_is_a_target_in_the_book():
     text = "".join(p.read_text() for p in (book.ROOT / "book").glob("*.md"))
     for label, *_ in book.EQUATIONS:
         assert f"({label})=" in text, label
+
+
+def test_md_table_labels():
+    t = book.md_table([{"a": 1, "b": 2}], ["a", "b"], ["first", "`second`"])
+    assert t.splitlines()[0] == "| first | `second` |" and t.splitlines()[2] == "| 1 | 2 |"
+    with pytest.raises(ValueError):
+        book.md_table([], ["a", "b"], ["one"])
+
+
+# ------------------------------------------------------------------ the limitations chapter's tables
+
+
+def test_paper_prompt_tests_recovers_counts_fisher_and_holm():
+    from scipy import stats
+
+    res = book.paper_prompt_tests()
+    rows = res["rows"]
+    assert len(rows) == len(book.PAPER_TABLE1) == 9
+    assert rows[2]["base"] == "0/130" and rows[2]["adapter"] == "48/130"  # 36.92 % of 130
+    assert rows[0]["p"] == pytest.approx(stats.fisher_exact([[96, 34], [82, 48]]).pvalue)
+    # Holm by hand: sorted p times (m - i), stop at the first that is not below 0.05
+    ps = sorted(r["p"] for r in rows)
+    ok = [p * (len(ps) - i) < 0.05 for i, p in enumerate(ps)]
+    assert res["n_holm"] == (ok.index(False) if False in ok else len(ok))
+    assert res["n_sig"] == sum(p < 0.05 for p in ps)
+    assert 0 < res["n_holm"] <= res["n_sig"] < len(rows)
+    assert res["mean_table1"] == pytest.approx(np.mean([r[2] for r in book.PAPER_TABLE1]))
+
+
+def test_sd15_vs_sur_world_rows():
+    counts = {"sd_unet": 859_520_964, "tiny_unet": 1_973_795, "clip_text": 123_060_480, "minilm": 22_713_216}
+    rows = book.sd15_vs_sur_world(counts)
+    by = {r["what"]: r for r in rows}
+    assert set(rows[0]) == {"what", "sd", "toy"} and len(by) == len(rows) == 10
+    assert "123.1M" in by["text encoder"]["sd"] and "22.7M" in by["text encoder"]["toy"]
+    assert "859.5M" in by["diffusion model"]["sd"] and "2.0M" in by["diffusion model"]["toy"]
+    assert by["test prompts"]["toy"].startswith("15 per type")
+
+
+def test_parameter_counts_from_configs():
+    c = book.parameter_counts()  # meta device: shapes only
+    assert round(c["sd_unet"] / 1e6, 1) == 859.5 and round(c["clip_text"] / 1e6, 1) == 123.1
+    assert c["sd_unet"] > 300 * c["tiny_unet"] and c["clip_text"] > 4 * c["minilm"]
+
+
+def test_deviation_rows_agree_with_the_code():
+    from sur_lib import pipeline
+    from sur_lib.train import TrainConfig
+
+    rows = book.deviation_rows()
+    columns = {"topic", "paper", "authors", "sur_lib", "why"}
+    assert len(rows) >= 25
+    assert all(set(d) == columns and all(str(d[c]).strip() for c in columns) for d in rows)
+    assert len({d["topic"] for d in rows}) == len(rows)
+    by = {d["topic"]: d for d in rows}
+    # what the sur_lib column says is what the library does
+    cfg = TrainConfig()
+    paper_cfg = TrainConfig.from_yaml(book.ROOT / "sur_lib" / "configs" / "rtx3090.yaml")
+    assert (cfg.eta, cfg.lambda_llm, cfg.lambda_cp, cfg.temperature) == (0.1, 1e-5, 1e-5, 1.0)
+    assert (paper_cfg.batch_size, paper_cfg.learning_rate, paper_cfg.max_steps) == (16, 1e-5, 5000)
+    assert cfg.gradient_path == "paper" and cfg.kl_direction == "authors" and cfg.g_init == "zeros"
+    assert cfg.llm_include_bos
+    assert "adapt_unconditional=False" in by["unconditional branch at inference"]["sur_lib"]
+    import inspect
+    assert inspect.signature(pipeline.generate).parameters["adapt_unconditional"].default is False
+    assert by["η (Eq. 7)"]["sur_lib"].startswith("0.1 ") and by["λ1, λ2"]["sur_lib"] == "1e-5, 1e-5"
+    assert "`official=True` stores 20.1M" in by["parameters"]["sur_lib"]
+    import dataclasses
+
+    from sur_lib.adapter import count_parameters
+    from sur_lib.train import build_adapter
+    n768 = {o: count_parameters(build_adapter(dataclasses.replace(paper_cfg, official_adapter=o), 768, None))
+            for o in (False, True)}  # the authors' column: ~20.1M stored, ~14.0M used
+    assert round(n768[True]["stored"] / 1e6, 1) == 20.1 and round(n768[True]["used"] / 1e6, 1) == 14.0
+    assert n768[False]["stored"] == n768[False]["used"]
+    assert by["batch"]["sur_lib"].startswith("16 (rtx3090.yaml)")
+
+
+def test_peer_rows():
+    rows = book.peer_rows()
+    assert len(rows) >= 5 and all(set(r) == {"method", "changes", "evidence"} for r in rows)
+    assert "28.6% -> 45.9%" in rows[0]["evidence"]
+    assert "DPG-Bench 63.18 -> 74.91" in rows[1]["evidence"]
+
+
+def test_bench_table_has_no_blank_rows():
+    import json
+
+    res = json.loads((book.ROOT / "data" / "results" / "bench_cpu-tiny.json").read_text())
+    table, not_run = book.bench_table(res)
+    lines = table.splitlines()
+    assert "peak allocated" not in lines[0]  # a CPU file has no memory numbers: no such columns
+    assert "| `paper` | 4 | fp32 | 0.100 |" in table
+    assert not any("`paper+compile`" in line for line in lines)  # skipped: a sentence, not a row
+    assert len(not_run) == 1 and not_run[0].startswith("`paper+compile` was skipped: torch.compile")
+    assert "pass `--compile-on-cpu` to run it" in not_run[0]
+    assert all("–" not in line.split("|")[4] for line in lines[2:])  # every shown row has a time
+    gpu = {"configs": {
+        "paper": {"status": "ok", "batch": 16, "precision": "fp16", "step_time_s": 0.25, "samples_per_s": 64.0,
+                  "peak_allocated_gib": 17.2, "peak_reserved_gib": 18.0, "vs_full": {"samples_per_s": 1.3}},
+        "full": {"status": "oom", "batch": 16, "gradient_accumulation": 2,
+                 "at_largest_batch": {"batch": 8, "precision": "fp16", "step_time_s": 0.2, "samples_per_s": 40.0,
+                                      "peak_allocated_gib": 23.0, "peak_reserved_gib": None}}}}
+    table, not_run = book.bench_table(gpu)
+    assert not not_run and "peak allocated GiB" in table.splitlines()[0]
+    assert "| `paper` | 16 | fp16 | 0.250 | 64.0 | 17.2 | 18.0 | 1.30 |" in table
+    assert "| `full` | 8 (out of memory at 16; × 2 accumulation) | fp16 | 0.200 | 40.0 | 23.0 | – | – |" in table
+
+
+def test_deviation_table_has_three_columns():
+    rows = [{"topic": "t", "paper": "p", "authors": "a|b", "sur_lib": "s", "why": "w"}]
+    lines = book.deviation_table(rows).splitlines()
+    assert lines[0] == "| topic | the paper and the authors' code | `sur_lib` default, and why |"
+    assert lines[2] == "| t | **paper:** p<br>**authors' code:** a\\|b | s<br>**why:** w |"
+
+
+def test_code_value_splits_long_paths():
+    assert book.code_value(16) == "`16`" and book.code_value("runs/sd15") == "`runs/sd15`"
+    assert book.code_value("stable-diffusion-v1-5/stable-diffusion-v1-5") == (
+        "`stable-diffusion-v1-5/`<br>`stable-diffusion-v1-5`")
+    assert book.code_value("/tmp/tmpab12cd34/surd-mini/") == "`/tmp/`<br>`tmpab12cd34/`<br>`surd-mini/`"
+    assert book.code_value("a" * 30) == "`" + "a" * 30 + "`"  # no slash: one piece
