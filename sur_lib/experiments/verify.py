@@ -415,6 +415,49 @@ def loss_checks(live: list[dict], stored: list[dict]) -> list[dict]:
     return checks
 
 
+def replay_from_states(cfg, backbone, states: dict, log: list[dict], label: str,
+                       knowledge: dict | None = None) -> list[dict]:
+    """Loss replays beyond the start of a run: for every stored adapter ``states`` {step k:
+    {"dir", "digest"}} with 0 < k < len(log), the adapter is loaded and log row k + 1 is
+    recomputed from it (``train.replay_step``: one forward pass of that step's seeded batch,
+    noise and dropout; no optimizer state is needed, the row is computed before the step's
+    update) and compared with the stored row (``loss_checks``, within ``VERIFY_LOSS_RTOL``: the
+    stored adapters are fp16, which moves the loss by up to 4e-4 relative, measured on the
+    dose-response run). A forged loss at a later step is caught here, not only by the file's
+    digest. A few seconds each."""
+    from ..data import SURDDataset
+    from ..train import replay_step
+
+    checks, dataset = [], None
+    for k in sorted(int(s) for s in states):
+        if k == 0 or k >= len(log):  # step 1 is replayed from the start; no row after the last
+            continue
+        ref = states[k] if k in states else states[str(k)]
+        row = log[k]
+        if int(float(row["step"])) != k + 1:
+            checks.append({"check": f"{label}: loss at step {k + 1}", "ok": False,
+                           "message": f"row {k + 1} of the stored log is step {row['step']}"})
+            continue
+        try:
+            adapter = load_adapter(ref["dir"])
+        except (OSError, ValueError) as e:
+            checks.append({"check": f"{label}: adapter after step {k}", "ok": False,
+                           "message": f"cannot load the stored adapter {ref['dir']}: {e}"})
+            continue
+        if state_digest(adapter) != ref["digest"]:
+            checks.append({"check": f"{label}: adapter after step {k}", "ok": False,
+                           "message": f"{ref['dir']} is not the adapter the run stored (digest differs)"})
+            continue
+        if dataset is None:
+            dataset = SURDDataset(cfg.data_dir, knowledge=knowledge if cfg.lambda_llm else None,
+                                  resolution=cfg.resolution or backbone.image_size, center_crop=cfg.center_crop,
+                                  random_flip=cfg.random_flip, max_samples=cfg.max_samples)
+        live = replay_step(cfg, backbone, adapter, k + 1, dataset=dataset, knowledge=knowledge)
+        checks += [dict(c, check=f"{label}: {c['check']} (from the stored adapter after step {k})")
+                   for c in loss_checks([{"step": k + 1, **live}], [row])]
+    return checks
+
+
 def verify_images(doc: dict, backbone, current_digest: str, draws: int | None, progress: bool) -> list[dict]:
     """Re-draw ``draws`` random images of every condition of a stored result (every image when
     None) and compare (``redraw_check``)."""
