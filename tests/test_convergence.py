@@ -28,6 +28,12 @@ def _cfg(tmp_path, **kw):
     return conv.ConvergenceConfig(**base)
 
 
+def stored_verdicts(backbone, picks, *args, **kwargs):
+    """verify's re-draw under the fake judge: the stored verdict of each picked image (spec, text,
+    j), which is what a seeded re-draw on the same versions gives."""
+    return [int(spec["correct"][j]) for spec, _, j in picks]
+
+
 @pytest.fixture
 def cheap(monkeypatch, tmp_path):
     """Random knowledge vectors and a fake judge (the real ones are tested elsewhere)."""
@@ -173,13 +179,15 @@ def test_verify_replays_training_and_redraws_images(standin, trained, cheap, tmp
     monkeypatch.setattr(conv._Deadline, "passed", lambda self: False)
     monkeypatch.setattr(conv, "STEPS", 4)
     monkeypatch.setattr(conv, "VERIFY_UNITS", ("base-simple/test", "step-4/test"))
-    monkeypatch.setattr(verify, "evaluate_condition", images.evaluate_condition)  # the fake judge
+    monkeypatch.setattr(verify, "judge_images", stored_verdicts)  # the fake judge draws no images
     doc, complete = conv.run(cc, backbone=standin)
     assert complete
     digest = ex.state_digest(standin.unet)
     checks = conv.verify_convergence(doc, standin, digest, 6, False)
     names = [c["check"] for c in checks]
     assert names[:2] == ["training: loss at step 1", "training: loss at step 2"]
+    # and the step after the stored adapter of step 2 (step 4 is the last logged step)
+    assert names[2] == "convergence: training: loss at step 3 (from the stored adapter after step 2)"
     assert any(n.startswith("step-4/test") for n in names) and all(c["ok"] for c in checks)
     log = tmp_path / "log.csv"  # a stored log that the code no longer reproduces
     rows = (conv.Path(trained.run_dir) / "train" / "log.csv").read_text().splitlines()

@@ -8,7 +8,7 @@ import pytest
 from sur_lib.study.statistics import holm
 from sur_lib.study.experiments import images, retest
 from sur_lib.study.gradient_share import lambda_to_match
-from tests.test_convergence import _cheap, standin  # noqa: F401 (fixture)
+from tests.test_convergence import _cheap, standin, stored_verdicts  # noqa: F401 (fixture)
 
 
 def _fake_judge(monkeypatch, log):
@@ -118,9 +118,7 @@ def test_retest_end_to_end(standin, monkeypatch, tmp_path):  # noqa: F811
     assert {p.name for p in (runs_dir / "no_llm").iterdir()} == {"log.csv", "run.json"}
     from sur_lib.study.experiments import common, verify
 
-    judge = images.evaluate_condition  # the same fake scores for the same unit name
-    monkeypatch.setattr(verify, "evaluate_condition", lambda *a, desc="", **k: judge(
-        *a, desc=desc.replace("verify/", "retest/"), **k))
+    monkeypatch.setattr(verify, "judge_images", stored_verdicts)  # the fake judge draws no images
     digest = common.model_info(standin)["unet_digest"]
     checks = retest.verify_retest(doc, standin, digest, 6, False)
     assert all(c["ok"] for c in checks), checks

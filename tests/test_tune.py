@@ -6,7 +6,7 @@ import pytest
 
 from sur_lib.study.experiments import images, recipes
 from sur_lib.study.experiments import tune
-from tests.test_convergence import _cheap, standin  # noqa: F401 (fixture)
+from tests.test_convergence import _cheap, standin, stored_verdicts  # noqa: F401 (fixture)
 
 
 def _fake_judge(monkeypatch, tuning_acc, test_acc, ppath, log):
@@ -147,12 +147,7 @@ def test_verify_tune_replays_the_chosen_recipe_and_fails_on_a_changed_log(standi
     tc = _tc(tmp_path, configs=2)
     ppath = tmp_path / "out" / "tune-quick.partial.json"
     _fake_judge(monkeypatch, lambda i: 0.5 + 0.5 * i, lambda d: 0.5, ppath, [])
-    judge = images.evaluate_condition  # the fake judge: tuning prompts scored by config index
-
-    def redraw(*a, desc="", **k):
-        return judge(*a, desc="tune/1" if desc == "verify/tuned/tuning" else desc, **k)
-
-    monkeypatch.setattr(verify, "evaluate_condition", redraw)
+    monkeypatch.setattr(verify, "judge_images", stored_verdicts)  # the fake judge draws no images
     monkeypatch.setattr(tune._Deadline, "passed", lambda self: False)
     doc, complete = tune.run_tune(tc, backbone=standin, convergence_file=tmp_path / "none.json")
     assert complete and doc["choice"]["index"] == 1
@@ -163,7 +158,7 @@ def test_verify_tune_replays_the_chosen_recipe_and_fails_on_a_changed_log(standi
     checks = tune.verify_tune(doc, standin, digest, 6, False)
     assert all(c["ok"] for c in checks), checks
     assert sum("training: loss" in c["check"] for c in checks) == 2
-    assert sum("prompts x" in c["check"] for c in checks) == 2  # tuning and test records
+    assert sum("compared_images" in c for c in checks) == 2  # re-drawn images: tuning and test records
     log = (folder / "log.csv").read_text().splitlines()
     head = log[0].split(",")
     row = log[1].split(",")

@@ -222,3 +222,61 @@ def test_two_conditions_share_draws_only_with_the_same_weights(sur):
     lin = torch.nn.Linear(2, 2)
     assert verify.draw_key(recs, 0, gen) == verify.draw_key(copy.deepcopy(recs), 0, gen)
     assert verify.draw_key(recs, 0, gen) != verify.draw_key(recs, 0, gen, adapter=lin)
+
+
+# ----------------------------------------------------------------------------- loss replays beyond the start
+
+
+def test_a_loss_forged_at_a_later_step_fails_the_replay_from_a_stored_adapter(tmp_path):
+    """A small synthetic run of 5 steps with its adapter stored (fp16, as the experiments store
+    them) after step 3: ``replay_from_states`` recomputes row 4 from that adapter alone (no
+    optimizer state) and matches the log; the same log with the loss of step 4 raised by 2%
+    fails (before: only the first two steps were replayed, so no replay could see it)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from sur_lib.data import write_metadata
+    from sur_lib.study.experiments.runs import save_adapter
+    from sur_lib.knowledge import load_knowledge, save_knowledge
+    from sur_lib.models import tiny_random_backbone
+    from sur_lib.train import TrainConfig, read_log, train
+
+    surd = tmp_path / "surd"
+    surd.mkdir()
+    rng = np.random.default_rng(0)
+    prompts = ["four tomatoes in a row", "a stack of three dice", "one lemon"]
+    rows = []
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(surd / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": prompts[i % 3], "prompt": f"{i} red circles"})
+    write_metadata(surd, rows)
+    save_knowledge(surd / "k.safetensors", prompts, torch.randn(3, 24, generator=torch.Generator().manual_seed(0)),
+                   meta={"llm": "random", "layer": -1, "include_bos": True, "batch_size": 1})
+    knowledge = load_knowledge(surd / "k.safetensors")
+    out = tmp_path / "run"
+
+    def cfg(steps):
+        return TrainConfig(profile="tiny-random", data_dir=str(surd), knowledge_file=str(surd / "k.safetensors"),
+                           llm="random", llm_layer=-1, output_dir=str(out), num_layers=1, num_heads=4,
+                           ffn_dim=32, batch_size=4, max_steps=steps, checkpoint_every=3, learning_rate=1e-3,
+                           progress=False)
+
+    backbone = tiny_random_backbone(seed=0)
+    res = train(cfg(3), backbone=backbone, knowledge=knowledge)
+    _, digest = save_adapter(res.adapter, tmp_path / "step-00003", {})
+    train(cfg(5), backbone=backbone, knowledge=knowledge)  # resumes from the checkpoint at step 3
+    log = read_log(out)
+    assert [int(r["step"]) for r in log] == [1, 2, 3, 4, 5]
+    states = {3: {"dir": str(tmp_path / "step-00003"), "digest": digest}}
+
+    checks = verify.replay_from_states(cfg(5), backbone, states, log, "synthetic", knowledge)
+    assert len(checks) == 1 and ok(checks), checks
+    assert "step 4" in checks[0]["check"]
+
+    forged = copy.deepcopy(log)
+    forged[3]["loss"] = float(forged[3]["loss"]) * 1.02
+    assert not ok(verify.replay_from_states(cfg(5), backbone, states, forged, "synthetic", knowledge))
+    forged = copy.deepcopy(log)
+    forged[2]["loss"] = float(forged[2]["loss"]) * 1.5  # step 3: no stored state before it here
+    assert ok(verify.replay_from_states(cfg(5), backbone, states, forged, "synthetic", knowledge))

@@ -399,11 +399,12 @@ def verify_convergence(doc: dict, backbone, current_digest: str, draws: int | No
                        progress: bool) -> list[dict]:
     """``verify`` for the dose-response: replay the first ``VERIFY_TRAIN_STEPS`` training
     steps without the step cache and compare them with the stored loss log (the cached path
-    gives the same losses, ``tests/test_step_cache.py``), then re-draw ``draws`` random images of the base model and of the last adapter on the test prompts."""
+    gives the same losses, ``tests/test_step_cache.py``), and the step after each stored
+    adapter (``verify.replay_from_states``: steps 251, 501, 1001, 2001, 3501), then re-draw ``draws`` random images of the base model and of the last adapter on the test prompts."""
     import csv
     import tempfile
 
-    from .verify import loss_checks, verify_images
+    from .verify import loss_checks, replay_from_states, verify_images
 
     if doc["model"]["unet_digest"] != current_digest:
         return [{"check": "base model", "ok": False, "message": (
@@ -412,7 +413,8 @@ def verify_convergence(doc: dict, backbone, current_digest: str, draws: int | No
                               for k, v in doc["settings"].items()
                               if k in {f.name for f in dataclasses.fields(ConvergenceConfig)}})
     with open(ROOT / doc["train_log"], newline="") as f:
-        stored = [r for r in csv.DictReader(f)][:VERIFY_TRAIN_STEPS]
+        full_log = list(csv.DictReader(f))
+    stored = full_log[:VERIFY_TRAIN_STEPS]
     data_dir = runs.surd_mini(cc.rows, cc.seed, progress)
     checks = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -420,6 +422,14 @@ def verify_convergence(doc: dict, backbone, current_digest: str, draws: int | No
         cfg.output_dir, cfg.checkpoint_every, cfg.progress = tmp, 10**6, progress
         _, log, _ = runs.train_adapter(cfg, backbone, progress)
     checks += loss_checks(log, stored)
+    # and the step after every stored adapter (250, 500, ...), from that adapter
+    cfg = _train_cfg(cc, data_dir, current_digest, VERIFY_TRAIN_STEPS)
+    knowledge = None
+    if cfg.lambda_llm:
+        from sur_lib.data import SURDDataset
+
+        knowledge = runs.knowledge_for_config(cfg, SURDDataset(data_dir, check_images=False).prompts(), progress)
+    checks += replay_from_states(cfg, backbone, doc["adapters"], full_log, "convergence", knowledge)
     last = str(max(int(s) for s in doc["adapters"]))
     conditions = {}
     for name in VERIFY_UNITS:

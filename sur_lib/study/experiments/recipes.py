@@ -265,6 +265,42 @@ def replay(export: Path, backbone, steps: int = VERIFY_TRAIN_STEPS, progress: bo
     return loss_checks(live, stored)
 
 
+def replay_stored_states(export: Path, copied_from: Path | None, backbone, label: str,
+                         progress: bool = False) -> list[dict]:
+    """For a recipe copied from the dose-response run (``copied_from``: its ``adapters/step-N``),
+    whose loss log is that run's first N rows: the step after each earlier stored adapter of
+    that run (``adapters/step-K``, K < N) recomputed from it and compared with the recipe's own
+    log (``verify.replay_from_states``). A recipe trained by itself stores only its final
+    adapter, after its last logged step: nothing to replay beyond the start (``replay``)."""
+    import csv
+    import json
+
+    from sur_lib.train import TrainConfig
+    from .verify import replay_from_states
+
+    if copied_from is None:
+        return []
+    export, source = Path(export), Path(copied_from)
+    last = int(source.name.split("-")[-1])
+    meta = json.loads((export / "run.json").read_text())
+    with open(export / "log.csv", newline="") as f:
+        log = list(csv.DictReader(f))
+    states = {}
+    for folder in sorted(source.parent.glob("step-*")):
+        k = int(folder.name.split("-")[-1])
+        if k < last and (folder / "sur_adapter.json").is_file():
+            states[k] = {"dir": str(folder), "digest": json.loads((folder / "sur_adapter.json").read_text())["digest"]}
+    data_dir = runs.surd_mini(meta["rows"], meta["data_seed"], progress)
+    cfg = TrainConfig.from_dict(dict(meta["train_config"], data_dir=str(data_dir), output_dir=str(export),
+                                     resume=False, progress=progress))
+    knowledge = None
+    if cfg.lambda_llm:
+        from sur_lib.data import SURDDataset
+
+        knowledge = knowledge_vectors(cfg, SURDDataset(data_dir, check_images=False).rows, meta["knowledge"], progress)
+    return replay_from_states(cfg, backbone, states, log, label, knowledge)
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 

@@ -424,7 +424,8 @@ VERIFY_REPLAY = ("recipe", "teacher_oracle")  # the LLM and the oracle knowledge
 def verify_retest(doc: dict, backbone, current_digest: str, draws: int | None,
                   progress: bool) -> list[dict]:
     """``verify`` for the re-test: the first training steps of ``VERIFY_REPLAY`` replayed
-    against their stored loss logs, and ``draws`` random images
+    against their stored loss logs, the step after each stored state of a variant copied from
+    the dose-response run (``recipes.replay_stored_states``: 251, 501, 1001 of ``recipe``), and ``draws`` random images
     of the recipe's exported adapter re-drawn on the test prompts."""
     from sur_lib.infra.provenance import ROOT
     from .verify import verify_images
@@ -437,6 +438,10 @@ def verify_retest(doc: dict, backbone, current_digest: str, draws: int | None,
         export = ROOT / doc["variants"][var]["export"]["folder"]
         checks += [dict(c, check=f"{var}: {c['check']}") for c in
                    recipes.replay(export, backbone, progress=progress)]
+    for var, v in doc["variants"].items():  # variants copied from the dose-response run: its stored states
+        if v["export"].get("copied_from"):
+            checks += recipes.replay_stored_states(ROOT / v["export"]["folder"], ROOT / v["export"]["copied_from"],
+                                                   backbone, var, progress)
     rec = doc["variants"]["recipe"]
     ref = {"dir": str(ROOT / rec["export"]["dir"]), "digest": rec["export"]["digest"]}
     sub = {"experiment": "retest", "versions": doc.get("versions"),

@@ -20,7 +20,10 @@ Per result, in this order:
    (``image_check``); on other versions the accuracies must agree within
    ``analysis.agreement``'s tolerance;
 4. loss replays (``ablations``: the first training steps of one variant; ``convergence``,
-   ``tune`` and ``retest`` replay their own logs);
+   ``tune`` and ``retest`` replay their own logs), and beyond the start from every stored
+   state (``replay_from_states``: the step after each stored adapter, recomputed from it;
+   ``convergence`` 251, 501, 1001, 2001, 3501; ``retest``'s recipe, copied from that run, 251,
+   501, 1001 of its own log; ``tune`` stores only its final adapter, after its last step);
 5. **inputs** (``inputs.input_check``): every committed file the result depends on (loss logs,
    adapters, the base model, prompt sets) still has the SHA-256 the result recorded.
 
@@ -28,15 +31,21 @@ How likely is an edit caught? An edit that moves a condition of N images by 5 po
 at least f = ceil(0.05 N) verdicts, whichever they are. s images drawn uniformly at random
 without replacement miss all of them with probability C(N - f, s) / C(N, s) (hypergeometric,
 ``miss_probability``), which is below (1 - 0.05)^s. 95% needs s = 59 for a large N
-(``images_for_power``; 57 for the usual N = 45 x 16 = 720). Measured cost: one image of the
-tiny model at 25 DDIM steps takes about 0.7 s on one core of an idle machine (1.1-1.3 s on a
-busy one), and the default run checks about twenty conditions; 59 per condition would be
-about 1,200 images, some 7 minutes on two cores, beyond the 3-minute budget of the default.
-So the default draws ``VERIFY_DRAWS`` = 12 per condition, and says in each condition's line
+(``images_for_power``; 57 for the usual N = 45 x 16 = 720). Measured cost (2026-12-06,
+1 torch thread, CPU seconds per image of the tiny model at 25 DDIM steps, so that the busy
+machine's other jobs do not enter): 0.66 s for an image drawn alone, 0.62 / 0.59 / 0.52 /
+0.61 s in batches of 4 / 12 / 16 / 32 (``images.judge_images`` draws a condition's chosen
+images up to 16 at a time, prompts mixed, each from its own initial noise and with its own
+conditioning; the verdicts agree image for image with the stored ones at every batch size).
+Batching saves at most about 1.3x: the tiny UNet's work grows with the batch, little of an
+image's cost is per call. 59 per condition are 520 and 582 images in verify's two processes
+(draws that results share counted once), 270 s and 303 s of drawing alone at 0.52 s an image,
+beyond the 3-minute budget of the default before any replay or load; about 28 per condition
+would fit (detection 0.77 for N = 720; an estimate, not measured on an idle machine). So the default draws ``VERIFY_DRAWS`` = 12 per condition, and says in each condition's line
 what that achieves: 1 - C(684, 12) / C(720, 12) = 0.46 for N = 720 (0.49 for the 30 x 2
 images of a ``compose`` condition; each line prints its own). Before, the default drew the
 first 4 images of 3 prompts, so an edit of images 5-16 was never caught (probability 0).
-``verify --power 0.95`` reaches 95% per condition (about 7 minutes warm on two cores);
+``verify --power 0.95`` reaches 95% per condition (about 5 minutes warm on two cores, estimated);
 ``verify --full`` checks every image (probability 1 on the same versions; hours). The
 consistency checks (1, 2) catch every edit that leaves records, verdicts and summaries out
 of step, at any size, and the input digests (5) every edit of a file the result names.
@@ -412,6 +421,49 @@ def loss_checks(live: list[dict], stored: list[dict]) -> list[dict]:
         checks.append({"check": f"training: loss at step {int(float(row['step']))}", "ok": abs(a - b) <= tol,
                        "live": a, "stored": b, "tol": tol,
                        "message": f"live {a:.6f} vs stored {b:.6f} (tol {tol:.2e})"})
+    return checks
+
+
+def replay_from_states(cfg, backbone, states: dict, log: list[dict], label: str,
+                       knowledge: dict | None = None) -> list[dict]:
+    """Loss replays beyond the start of a run: for every stored adapter ``states`` {step k:
+    {"dir", "digest"}} with 0 < k < len(log), the adapter is loaded and log row k + 1 is
+    recomputed from it (``train.replay_step``: one forward pass of that step's seeded batch,
+    noise and dropout; no optimizer state is needed, the row is computed before the step's
+    update) and compared with the stored row (``loss_checks``, within ``VERIFY_LOSS_RTOL``: the
+    stored adapters are fp16, which moves the loss by up to 4e-4 relative, measured on the
+    dose-response run). A forged loss at a later step is caught here, not only by the file's
+    digest. A few seconds each."""
+    from sur_lib.data import SURDDataset
+    from sur_lib.train import replay_step
+
+    checks, dataset = [], None
+    for k in sorted(int(s) for s in states):
+        if k == 0 or k >= len(log):  # step 1 is replayed from the start; no row after the last
+            continue
+        ref = states[k] if k in states else states[str(k)]
+        row = log[k]
+        if int(float(row["step"])) != k + 1:
+            checks.append({"check": f"{label}: loss at step {k + 1}", "ok": False,
+                           "message": f"row {k + 1} of the stored log is step {row['step']}"})
+            continue
+        try:
+            adapter = load_adapter(ref["dir"])
+        except (OSError, ValueError) as e:
+            checks.append({"check": f"{label}: adapter after step {k}", "ok": False,
+                           "message": f"cannot load the stored adapter {ref['dir']}: {e}"})
+            continue
+        if state_digest(adapter) != ref["digest"]:
+            checks.append({"check": f"{label}: adapter after step {k}", "ok": False,
+                           "message": f"{ref['dir']} is not the adapter the run stored (digest differs)"})
+            continue
+        if dataset is None:
+            dataset = SURDDataset(cfg.data_dir, knowledge=knowledge if cfg.lambda_llm else None,
+                                  resolution=cfg.resolution or backbone.image_size, center_crop=cfg.center_crop,
+                                  random_flip=cfg.random_flip, max_samples=cfg.max_samples)
+        live = replay_step(cfg, backbone, adapter, k + 1, dataset=dataset, knowledge=knowledge)
+        checks += [dict(c, check=f"{label}: {c['check']} (from the stored adapter after step {k})")
+                   for c in loss_checks([{"step": k + 1, **live}], [row])]
     return checks
 
 
