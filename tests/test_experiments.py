@@ -159,25 +159,29 @@ def test_verify_fails_when_the_base_model_changed(failure_quick, model, tmp_path
 def test_verify_draws_a_shared_condition_once_per_run(failure_quick, model, tmp_path, capsys,
                                                       monkeypatch):
     """Two results holding the same draws (here: the same file as `failure` and as `sur`):
-    each prompt of each condition is generated once, both results are compared with it, and a
-    later run draws it live again."""
-    from sur_lib.study.experiments import images
-    from sur_lib.world.prompts import select_prompts
+    each chosen image of each condition is generated once, both results are compared with it,
+    and a later run draws it live again."""
+    from sur_lib.study.experiments import verify
 
     shutil.copy(failure_quick, tmp_path / "failure.json")
+    drawn = []
+    real = verify.judge_images
+    monkeypatch.setattr(verify, "judge_images", lambda bb, picks, *a, **k: drawn.append(len(picks)) or real(bb, picks, *a, **k))
+    alone = ["verify", "--out", str(tmp_path), "--only", "failure", "--no-progress"]
+    assert _run(alone, model) == 0
+    n_draws = sum(drawn)  # what verifying `failure` alone draws
+    assert n_draws > 0
+    capsys.readouterr()
     shutil.copy(failure_quick, tmp_path / "sur.json")
-    calls = []
-    real = images.draw_and_judge
-    monkeypatch.setattr(images, "draw_and_judge", lambda *a, **k: calls.append(1) or real(*a, **k))
+    drawn.clear()
     argv = ["verify", "--out", str(tmp_path), "--only", "failure,sur", "--no-progress"]
     assert _run(argv, model) == 0
     out = capsys.readouterr().out
-    conds = json.loads(failure_quick.read_text())["conditions"]
-    n_draws = sum(len(select_prompts(c["records"], 1)) for c in conds.values())
-    assert len(calls) == n_draws  # not 2 x n_draws
+    assert sum(drawn) == n_draws  # not 2 x n_draws
     assert "OK   failure" in out and "OK   sur" in out
+    conds = json.loads(failure_quick.read_text())["conditions"]
     assert out.count("drawn once in this run") == len(conds)
-    assert _run(argv, model) == 0 and len(calls) == 2 * n_draws  # nothing kept between runs
+    assert _run(argv, model) == 0 and sum(drawn) == 2 * n_draws  # nothing kept between runs
 
 
 def test_verify_parts_keep_shared_draws_together_and_cover_every_result():
