@@ -474,7 +474,7 @@ def reading(tab: dict, alpha: float = 0.05) -> dict:
         channel = "live on seen and on unseen nouns"
     inject = ("yes: the oracle beats the permuted oracle on nouns seen only as text"
               if v["text_only"] == "supported" else
-              "not detected: nouns seen only as text gain nothing from the true teacher")
+              "not detected: on nouns seen only as text the true teacher did no detectably better than a wrong one")
     return {"verdicts": v, "channel": channel, "text_only": inject}
 
 
