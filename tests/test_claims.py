@@ -164,3 +164,7 @@ def test_channel_rows_read_oracle_vs_permuted_at_each_group_s_unit():
     assert all(r["verdict"] == "supported" for r in rows)  # +69 points on every noun
     assert "8 prompts" in rows[0]["tested by"] and "4 nouns" in rows[1]["tested by"]
     assert rows[0]["evidence"].startswith("+68.8 points [") and "detectable" in rows[0]["evidence"]
+    flat = {v: {"records": recs([0.5] * 8)} for v in chx.VARIANTS}
+    flat["oracle"] = {"records": recs([0.1, 0.1, 0.7, 0.7, 0.7, 0.7, 0.5, 0.5])}  # mean diff -2.8e-17
+    doc = {"complete": True, "settings": {"steps": 2000}, "variants": flat, "table": chx.table(flat, base)}
+    assert all("-0.0" not in r["evidence"] for r in claims.channel_rows(doc))

@@ -256,13 +256,14 @@ def channel_rows(ch: dict, alpha: float = ALPHA) -> list[dict]:
         t = ch["table"][g]["tests"]["oracle_vs_permuted"]
         unit = chx.UNIT[g]
         lvl = t[unit]
-        lo, hi = (100 * v + 0.0 for v in (lvl["t_ci"] if unit == "nouns" else lvl["paired"]["t_ci"]))
+        lo, hi = (round(100 * v, 1) + 0.0 for v in (lvl["t_ci"] if unit == "nouns" else lvl["paired"]["t_ci"]))
+        diff = round(100 * lvl["diff"], 1) + 0.0  # + 0.0 after rounding: no "-0.0"
         n = lvl["n_nouns"] if unit == "nouns" else lvl["paired"]["n"]
         mde = chx.detectable(ch["variants"], g, "oracle", "permuted")
         rows.append({"key": f"channel_{g}", "claim": text,
                      "tested by": (f"`channel.json`: oracle vs permuted oracle, {steps:,} steps, "
                                    f"{g.replace('_', '-')} nouns, {n} {unit}"),
-                     "evidence": (f"{100 * lvl['diff'] + 0.0:+.1f} points [{lo:+.1f}, {hi:+.1f}] (unadjusted), "
+                     "evidence": (f"{diff:+.1f} points [{lo:+.1f}, {hi:+.1f}] (unadjusted), "
                                   f"Holm p {fmt_p(lvl['p_holm'])}; detectable {100 * mde:.1f} points"),
                      "verdict": chx.verdict(t, g, alpha)})
     return rows
