@@ -140,10 +140,6 @@ def test_no_table_figure_or_equation_is_wider_than_the_content():
     assert not report, "wider than the content at 1400 px:\n" + "\n".join(report)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "issue 28: visible code lines and printed outputs wider than the column remain in intro and "
-    "chapters 02-08 (085 and 09 are clean; collapsed cells are not counted). Remove this mark "
-    "when they are wrapped."))
 def test_no_code_block_is_wider_than_the_content():
     """Code cells and outputs whose longest line is cut at the right edge (it scrolls)."""
     report = _report({"code"})
