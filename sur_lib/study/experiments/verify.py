@@ -160,6 +160,16 @@ def first_difference(stored, live, path: str = "") -> str | None:
     return f"{path}: stored {stored!r}, recomputed {live!r}"
 
 
+def _containers(x, path: str = "", enter=lambda parent, key: True):
+    """Every dict and list of a JSON document, depth first, with its path ("/a/b[2]"); the
+    children of ``parent`` under ``key`` are visited when ``enter(parent, key)``."""
+    yield path, x
+    items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, list) else ()
+    for k, v in items:
+        if isinstance(v, (dict, list)) and enter(x, k):
+            yield from _containers(v, f"{path}/{k}" if isinstance(x, dict) else f"{path}[{k}]", enter)
+
+
 def record_problems(doc) -> list[str]:
     """Every record of ``doc`` (a dict with ``correct``, ``k``, ``n``) checked against its own
     verdicts: k = sum(correct), n = len(correct), acc = k / n and the Wilson interval (lo, hi),
@@ -168,29 +178,23 @@ def record_problems(doc) -> list[str]:
 
     problems = []
 
-    def walk(x, path):
-        if _is_record(x):
-            c = x["correct"]
-            want = {"k": sum(int(v) for v in c), "n": len(c)}
-            if want["n"]:
-                want["acc"] = want["k"] / want["n"]
-                want["lo"], want["hi"] = wilson_interval(want["k"], want["n"])
-            for key, v in want.items():
-                if key in x and first_difference(x[key], v) is not None:
-                    problems.append(f"{path} ({x.get('id', '?')}): {key} is {x[key]!r}, its verdicts "
-                                    f"give {v!r}")
-                    return
-            if any(int(v) not in (0, 1) for v in c):
-                problems.append(f"{path} ({x.get('id', '?')}): verdicts must be 0 or 1")
-            return
-        if isinstance(x, dict):
-            for k, v in x.items():
-                walk(v, f"{path}/{k}")
-        elif isinstance(x, list):
-            for i, v in enumerate(x):
-                walk(v, f"{path}[{i}]")
+    def check(x, path):
+        c = x["correct"]
+        want = {"k": sum(int(v) for v in c), "n": len(c)}
+        if want["n"]:
+            want["acc"] = want["k"] / want["n"]
+            want["lo"], want["hi"] = wilson_interval(want["k"], want["n"])
+        for key, v in want.items():
+            if key in x and first_difference(x[key], v) is not None:
+                problems.append(f"{path} ({x.get('id', '?')}): {key} is {x[key]!r}, its verdicts "
+                                f"give {v!r}")
+                return
+        if any(int(v) not in (0, 1) for v in c):
+            problems.append(f"{path} ({x.get('id', '?')}): verdicts must be 0 or 1")
 
-    walk(doc, "")
+    for path, x in _containers(doc, enter=lambda parent, key: not _is_record(parent)):
+        if _is_record(x):
+            check(x, path)
     return problems
 
 
@@ -245,17 +249,9 @@ def expected_summaries(name: str, doc: dict) -> list[tuple[str, object, object]]
             best = max(grid, key=lambda g: (round(table[f"{g:g}"]["complex"]["overall"]["acc"], 12), -g))
             out.append(("pick/guidance", (doc.get("pick") or {}).get("guidance"), best))
 
-    def walk(x, path):
-        if isinstance(x, dict):
-            if _is_records(x.get("records")) and isinstance(x.get("summary"), dict):
-                out.append((f"{path}/summary", x["summary"], summarize(x["records"])))
-            for k, v in x.items():
-                if k != "records":
-                    walk(v, f"{path}/{k}")
-        elif isinstance(x, list):
-            for i, v in enumerate(x):
-                walk(v, f"{path}[{i}]")
-    walk(doc, "")
+    for path, x in _containers(doc, enter=lambda parent, key: key != "records"):
+        if isinstance(x, dict) and _is_records(x.get("records")) and isinstance(x.get("summary"), dict):
+            out.append((f"{path}/summary", x["summary"], summarize(x["records"])))
     return out
 
 
