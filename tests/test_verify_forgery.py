@@ -280,3 +280,81 @@ def test_a_loss_forged_at_a_later_step_fails_the_replay_from_a_stored_adapter(tm
     forged = copy.deepcopy(log)
     forged[2]["loss"] = float(forged[2]["loss"]) * 1.5  # step 3: no stored state before it here
     assert ok(verify.replay_from_states(cfg(5), backbone, states, forged, "synthetic", knowledge))
+
+
+# ----------------------------------------------------------------------------- loss logs of the issue's cases
+# The replays are given the stored (true) log as what they recompute, which is what a replay on
+# the same versions returns (tests/test_experiments.py and the verify test on the committed
+# results replay for real); what is tested here is which steps verify compares.
+
+
+def _true_replays(monkeypatch, module, logs_by_overrides):
+    """Replace training in ``module`` by a lookup of the stored log for the config's overrides."""
+    monkeypatch.setattr(module, "surd_mini", lambda *a, **k: Path("surd"), raising=False)
+
+    def fake_config(over, *a, **k):
+        return dict(over)
+
+    def fake_train(cfg, backbone, progress=True):
+        steps = cfg.pop("max_steps")
+        cfg.pop("checkpoint_every", None)
+        return None, logs_by_overrides(cfg)[:steps], None
+
+    monkeypatch.setattr(module, "train_config", fake_config)
+    monkeypatch.setattr(module, "train_adapter", fake_train)
+
+
+def test_ablation_logs_forged_at_step_5_of_no_llm_and_step_1_of_reference_fail(monkeypatch):
+    """The issue's cases: step 5 of ``no_llm`` and step 1 of ``reference`` raised by 50%. Before,
+    verify replayed 2 steps of the one variant the result names (``no_llm``): both passed."""
+    doc = json.loads((RESULTS / "ablations.json").read_text())
+    by_over = {json.dumps(v["overrides"], sort_keys=True): v["log"] for v in doc["variants"].values()}
+    budget = doc["settings"]["budget"]["overrides"]  # max_steps, checkpoint_every: set by the replay
+    _true_replays(monkeypatch, verify, lambda over: copy.deepcopy(by_over[json.dumps(
+        {k: v for k, v in over.items() if k not in budget}, sort_keys=True)]))
+    digest = doc["model"]["unet_digest"]
+    assert ok(verify.verify_ablations(doc, None, digest, False))
+    todo, skipped = verify.ablation_replays(doc, full=False)
+    assert doc["verify"]["variant"] == "no_llm" and ("no_llm", 5) in todo and ("reference", 1) in todo
+    assert {s for n, s in todo if n != "no_llm"} == {1}
+    assert len(todo) + len(skipped) == 15  # 21 variants, 6 of them twins of another
+    for variant, row in (("no_llm", 4), ("reference", 0)):
+        forged = copy.deepcopy(doc)
+        forged["variants"][variant]["log"][row]["loss"] *= 1.5
+        checks = verify.verify_ablations(forged, None, digest, False)
+        failed = [c["check"] for c in checks if not c["ok"]]
+        assert failed == [f"{variant}: loss at step {row + 1}"], failed
+    # --full (draws None) replays every step of every variant, the skipped teachers included
+    todo, skipped = verify.ablation_replays(doc, full=True)
+    assert not skipped and all(s == 150 for _, s in todo) and len(todo) == 15
+
+
+def test_the_convergence_log_forged_at_step_3_fails(monkeypatch, tmp_path):
+    """The issue's case: step 3 of the convergence log raised by 50% (before: 2 steps replayed)."""
+    import csv
+
+    from sur_lib.study.experiments import convergence, runs
+
+    doc = json.loads((RESULTS / "convergence.json").read_text())
+    src = Path(__file__).parents[1] / doc["train_log"]
+    with open(src, newline="") as f:
+        true_log = list(csv.DictReader(f))
+    monkeypatch.setattr(runs, "surd_mini", lambda *a, **k: tmp_path)
+    monkeypatch.setattr(convergence, "_train_cfg", lambda *a, **k: type("C", (), {"lambda_llm": 0})())
+    monkeypatch.setattr(runs, "train_adapter", lambda cfg, *a, **k: (None, true_log[:convergence.VERIFY_TRAIN_STEPS], None))
+    monkeypatch.setattr(verify, "replay_from_states", lambda *a, **k: [])
+    monkeypatch.setattr(verify, "verify_images", lambda *a, **k: [])
+    monkeypatch.setattr(convergence, "ROOT", tmp_path)
+    log = tmp_path / doc["train_log"]
+    log.parent.mkdir(parents=True)
+    for row, factor in ((None, 1.0), (2, 1.5)):
+        rows = copy.deepcopy(true_log)
+        if row is not None:
+            rows[row]["loss"] = repr(float(rows[row]["loss"]) * factor)
+        with open(log, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(true_log[0]))
+            w.writeheader()
+            w.writerows(rows)
+        checks = convergence.verify_convergence(doc, None, doc["model"]["unet_digest"], 1, False)
+        failed = [c["check"] for c in checks if not c["ok"]]
+        assert failed == ([] if row is None else ["training: loss at step 3"]), failed

@@ -391,7 +391,7 @@ def run(cc: ConvergenceConfig, backbone=None) -> tuple[dict, bool]:
     return doc, complete
 
 
-VERIFY_TRAIN_STEPS = 2  # verify replays this many training steps (without the step cache)
+VERIFY_TRAIN_STEPS = 5  # verify replays this many training steps (without the step cache)
 VERIFY_UNITS = ("base-simple/test", f"step-{STEPS}/test")  # and re-draws a few of these images
 
 

