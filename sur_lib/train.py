@@ -35,8 +35,8 @@ so the batches, the noise and the losses do not depend on the number of workers.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -49,6 +49,7 @@ from .adapter import G_INITS, SURAdapter
 from .data import SURDDataset, collate
 from .infra import config, run_state
 from .infra.cli import UsageError
+from .infra.run_state import NonFiniteLossError  # noqa: F401  (what train raises on a NaN or inf loss)
 from .knowledge import stack_knowledge
 from .losses import DIRECTIONS, llm_distillation_loss, prompt_alignment_loss, simple_loss, total_loss
 
@@ -389,16 +390,7 @@ def replay_step(cfg: TrainConfig, backbone, adapter, step: int, dataset=None,
     if step < 1:
         raise ValueError(f"replay_step: step must be >= 1 (a log row), got {step}")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
-    text_only = read_text_only_prompts(cfg.text_only_prompts) if cfg.text_only_batch else []
-    if dataset is None:
-        kw = dict(resolution=cfg.resolution or backbone.image_size, center_crop=cfg.center_crop,
-                  random_flip=cfg.random_flip, max_samples=cfg.max_samples)
-        if cfg.lambda_llm and knowledge is None:
-            prompts = SURDDataset(cfg.data_dir, check_images=False, **kw).prompts()
-            knowledge = knowledge_for(cfg, prompts + text_only, progress=False)
-        dataset = SURDDataset(cfg.data_dir, knowledge=knowledge if cfg.lambda_llm else None, **kw)
-    if cfg.lambda_llm and knowledge is None:
-        knowledge = dataset.knowledge
+    dataset, knowledge, text_only = _data_and_knowledge(cfg, backbone, dataset, knowledge)
     accum = cfg.gradient_accumulation_steps
     micro_steps = [(step - 1) * accum + micro for micro in range(accum)]
     loader = micro_batch_loader(dataset, replace(cfg, dataloader_num_workers=0), micro_steps)
@@ -471,10 +463,6 @@ def compute_losses(cfg: TrainConfig, backbone, adapter, batch: dict, weight_dtyp
 LOSS_TERMS = ("loss", "l_simple", "l_llm", "l_cp")
 
 
-class NonFiniteLossError(RuntimeError):
-    """A loss term (or, without fp16 loss scaling, the gradient norm) became NaN or inf."""
-
-
 @dataclass
 class TrainResult:
     adapter: SURAdapter
@@ -486,26 +474,13 @@ class TrainResult:
     is_main_process: bool = True
 
 
-def _stop_on_non_finite(values: torch.Tensor, step: int, micro: int, accum: int, cfg: TrainConfig,
+def _stop_on_non_finite(values: torch.Tensor, step: int, micro: int, cfg: TrainConfig,
                         grad_norm: float | None = None) -> None:
-    """Raise :class:`NonFiniteLossError` if a loss term of any process (``values``: gathered,
-    [processes, terms]) or the gradient norm is NaN or inf. Every process sees the same gathered
-    values (and the same all-reduced gradients), so all of them stop together. The message names
-    the step, the process and every loss term; the last checkpoint stays as it was."""
-    bad_rows = (~torch.isfinite(values)).any(1).nonzero().flatten().tolist()
-    if not bad_rows and (grad_norm is None or math.isfinite(grad_norm)):
-        return
-    proc = bad_rows[0] if bad_rows else 0
-    terms = ", ".join(f"{k}={v:.6g}" for k, v in zip(LOSS_TERMS, values[proc].tolist()))
-    what = (f"loss at step {step + 1} (micro-step {micro + 1} of {accum}, process {proc}): {terms}"
-            if bad_rows else f"gradient norm ({grad_norm}) at step {step + 1}: {terms}")
-    ckpt = run_state.latest_checkpoint(cfg.output_dir)
-    where = (f"the last checkpoint, {ckpt[1]} (step {ckpt[0]}), is intact and the same command "
-             "resumes from it" if ckpt else "no checkpoint was written yet")
+    """:class:`NonFiniteLossError` if a loss term (``values``: gathered, [processes,
+    ``LOSS_TERMS``]) or the gradient norm is NaN or inf (``run_state.stop_on_non_finite``)."""
     hint = " An fp16 overflow? bf16 has the range of fp32." if cfg.mixed_precision == "fp16" else ""
-    raise NonFiniteLossError(
-        f"non-finite {what}. Training stopped before this step's update; {where} (after lowering "
-        f"learning_rate or removing a bad row, for example).{hint}")
+    run_state.stop_on_non_finite(values, LOSS_TERMS, step, micro, cfg.gradient_accumulation_steps,
+                                 cfg.output_dir, grad_norm, hint)
 
 
 def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = None,
@@ -556,7 +531,7 @@ def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = 
                         # encode, add noise, adapter, L = L_simple + l1 L_LLM + l2 L_CP (Eq. 5-10)
                         losses = compute_losses(cfg, backbone, adapter, batch, weight_dtype, knowledge)
                         values = _gather_losses(losses, accelerator)  # [processes, terms]
-                        _stop_on_non_finite(values, step, micro, accum, cfg)  # before any update
+                        _stop_on_non_finite(values, step, micro, cfg)  # before any update
                         accelerator.backward(losses["loss"])
                         grad_norm = _clip_gradients(cfg, accelerator, adapter, values, step, micro)
                         optimizer.step()
@@ -587,35 +562,34 @@ def _frozen_backbone(cfg: TrainConfig, backbone, device, weight_dtype):
     return backbone
 
 
-def _data_and_knowledge(cfg: TrainConfig, backbone, dataset, knowledge, accelerator):
+def _data_and_knowledge(cfg: TrainConfig, backbone, dataset, knowledge, accelerator=None):
     """(dataset, knowledge vectors, text-only prompts): each built from the config unless passed
     in. Every prompt of the data (and every text-only prompt) must have a knowledge vector, all
-    of one width; errors name them. With several processes one computes the vectors and the
-    others read its cache."""
-    progress = cfg.progress and accelerator.is_local_main_process
+    of one width; errors name them. With several processes (``accelerator``) one computes the
+    vectors and the others read its cache."""
+    one_first = accelerator.main_process_first if accelerator else contextlib.nullcontext
+    progress = accelerator is not None and cfg.progress and accelerator.is_local_main_process
     text_only = read_text_only_prompts(cfg.text_only_prompts) if cfg.text_only_batch else []
     if dataset is None:
         kw = dict(resolution=cfg.resolution or backbone.image_size, center_crop=cfg.center_crop,
                   random_flip=cfg.random_flip, max_samples=cfg.max_samples)
         if cfg.lambda_llm and knowledge is None:  # a quick pass (no image decoding) for the prompts
             prompts = SURDDataset(cfg.data_dir, check_images=False, **kw).prompts()
-            with accelerator.main_process_first():  # one process computes, the others read its cache
+            with one_first():  # one process computes, the others read its cache
                 knowledge = knowledge_for(cfg, prompts + text_only, progress)
         # validation names the row of every problem, missing knowledge vectors included
         dataset = SURDDataset(cfg.data_dir, knowledge=knowledge if cfg.lambda_llm else None, **kw)
     if cfg.lambda_llm and knowledge is None:
         knowledge = dataset.knowledge
         if knowledge is None:
-            with accelerator.main_process_first():
+            with one_first():
                 knowledge = knowledge_for(cfg, dataset.prompts() + text_only, progress)
     if cfg.lambda_llm:  # every prompt of the data has a vector, all of one width (errors name them)
         from .knowledge import select_knowledge
 
         select_knowledge(knowledge, dataset.prompts(), source="the knowledge vectors")
-    if cfg.lambda_llm and text_only:  # the text-only prompts need vectors too
-        from .knowledge import select_knowledge
-
-        select_knowledge(knowledge, text_only, source="the knowledge vectors (text-only prompts)")
+        if text_only:  # the text-only prompts need vectors too
+            select_knowledge(knowledge, text_only, source="the knowledge vectors (text-only prompts)")
     return dataset, knowledge, text_only
 
 
@@ -705,7 +679,7 @@ def _clip_gradients(cfg: TrainConfig, accelerator, adapter, values: torch.Tensor
         return None
     grad_norm = accelerator.clip_grad_norm_(adapter.parameters(), cfg.max_grad_norm)
     if cfg.mixed_precision != "fp16":
-        _stop_on_non_finite(values, step, micro, cfg.gradient_accumulation_steps, cfg, float(grad_norm))
+        _stop_on_non_finite(values, step, micro, cfg, float(grad_norm))
     return grad_norm
 
 

@@ -138,6 +138,33 @@ def record_processes(accelerator, model, out_dir: Path) -> None:
                    out_dir / "processes.json")
 
 
+class NonFiniteLossError(RuntimeError):
+    """A loss term (or, without fp16 loss scaling, the gradient norm) became NaN or inf."""
+
+
+def stop_on_non_finite(values: torch.Tensor, names, step: int, micro: int, accum: int,
+                       output_dir: str | os.PathLike, grad_norm: float | None = None,
+                       hint: str = "") -> None:
+    """Raise :class:`NonFiniteLossError` if a loss term of any process (``values``: gathered,
+    [processes, terms], the terms called ``names``) or the gradient norm is NaN or inf. Every
+    process sees the same gathered values (and the same all-reduced gradients), so all of them
+    stop together. The message names the step, the process, every loss term and the last
+    checkpoint of ``output_dir``, which stays as it was; ``hint`` is appended."""
+    bad_rows = (~torch.isfinite(values)).any(1).nonzero().flatten().tolist()
+    if not bad_rows and (grad_norm is None or math.isfinite(grad_norm)):
+        return
+    proc = bad_rows[0] if bad_rows else 0
+    terms = ", ".join(f"{k}={v:.6g}" for k, v in zip(names, values[proc].tolist()))
+    what = (f"loss at step {step + 1} (micro-step {micro + 1} of {accum}, process {proc}): {terms}"
+            if bad_rows else f"gradient norm ({grad_norm}) at step {step + 1}: {terms}")
+    ckpt = latest_checkpoint(output_dir)
+    where = (f"the last checkpoint, {ckpt[1]} (step {ckpt[0]}), is intact and the same command "
+             "resumes from it" if ckpt else "no checkpoint was written yet")
+    raise NonFiniteLossError(
+        f"non-finite {what}. Training stopped before this step's update; {where} (after lowering "
+        f"learning_rate or removing a bad row, for example).{hint}")
+
+
 # ----------------------------------------------------------------------------- the folder
 
 
