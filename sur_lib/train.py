@@ -19,7 +19,9 @@ Runs on `accelerate` (CPU, one GPU, or several processes), with mixed precision 
 gradient accumulation, gradient clipping, checkpoints every N steps written atomically,
 resume from the newest intact checkpoint, a tqdm bar, a CSV log of every loss term (averaged
 over the processes) and, optionally, TensorBoard or Weights & Biases through accelerate's
-trackers. A NaN or inf loss stops the run before it reaches the weights.
+trackers. A NaN or inf loss stops the run before it reaches the weights. That bookkeeping
+(processes, the folder's lock, checkpoints without pickle, the log) is in
+``sur_lib.infra.run_state``; this module is the method: config, data, losses, Algorithm 1.
 
 Determinism and exact resume: every micro-step seeds torch from (seed, step, micro-step,
 process) and draws its batch from a seeded per-epoch permutation (processes take interleaved
@@ -34,26 +36,20 @@ so the batches, the noise and the losses do not depend on the number of workers.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import json
-import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
-from tqdm.auto import tqdm
 
-from .infra import checkpoints, config
 from .adapter import G_INITS, SURAdapter
-from .infra.cli import UsageError
 from .data import SURDDataset, collate
-from .infra.fileio import atomic_write_text, naming_file, write_json
+from .infra import config, run_state
+from .infra.cli import UsageError
+from .infra.run_state import NonFiniteLossError  # noqa: F401  (what train raises on a NaN or inf loss)
 from .knowledge import stack_knowledge
 from .losses import DIRECTIONS, llm_distillation_loss, prompt_alignment_loss, simple_loss, total_loss
 
@@ -64,7 +60,6 @@ LLM_DTYPES = ("float32", "float16", "bfloat16")
 # any other difference from the checkpoint's config is refused unless allow_config_change
 RESUME_FREE_KEYS = ("max_steps", "checkpoint_every", "keep_checkpoints", "progress", "resume",
                     "output_dir", "data_dir", "knowledge_file")
-CHECKPOINT_FILES = ("accelerate/model.safetensors", "accelerate/optimizer.bin")
 # keys that name files or folders: a leading ~ is expanded to the home folder
 PATH_KEYS = ("profile", "pretrained", "data_dir", "knowledge_file", "llm", "output_dir",
              "text_only_prompts")
@@ -395,16 +390,7 @@ def replay_step(cfg: TrainConfig, backbone, adapter, step: int, dataset=None,
     if step < 1:
         raise ValueError(f"replay_step: step must be >= 1 (a log row), got {step}")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
-    text_only = read_text_only_prompts(cfg.text_only_prompts) if cfg.text_only_batch else []
-    if dataset is None:
-        kw = dict(resolution=cfg.resolution or backbone.image_size, center_crop=cfg.center_crop,
-                  random_flip=cfg.random_flip, max_samples=cfg.max_samples)
-        if cfg.lambda_llm and knowledge is None:
-            prompts = SURDDataset(cfg.data_dir, check_images=False, **kw).prompts()
-            knowledge = knowledge_for(cfg, prompts + text_only, progress=False)
-        dataset = SURDDataset(cfg.data_dir, knowledge=knowledge if cfg.lambda_llm else None, **kw)
-    if cfg.lambda_llm and knowledge is None:
-        knowledge = dataset.knowledge
+    dataset, knowledge, text_only = _data_and_knowledge(cfg, backbone, dataset, knowledge)
     accum = cfg.gradient_accumulation_steps
     micro_steps = [(step - 1) * accum + micro for micro in range(accum)]
     loader = micro_batch_loader(dataset, replace(cfg, dataloader_num_workers=0), micro_steps)
@@ -472,180 +458,9 @@ def compute_losses(cfg: TrainConfig, backbone, adapter, batch: dict, weight_dtyp
     return {"loss": loss, "l_simple": l_simple, "l_llm": l_llm, "l_cp": l_cp}
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """[(step, folder)] of every checkpoint under output_dir/checkpoints (not verified)."""
-    return checkpoints.scan(Path(output_dir) / "checkpoints")[0]
-
-
-def latest_checkpoint(output_dir: str | os.PathLike) -> tuple[int, Path] | None:
-    """The newest checkpoint (step, folder), or None; ``resume_checkpoint`` also verifies."""
-    found = _checkpoints(Path(output_dir))
-    return found[-1] if found else None
-
-
-def resume_checkpoint(output_dir: str | os.PathLike) -> tuple[tuple[int, Path] | None, list[str]]:
-    """The newest *intact* checkpoint (``checkpoints.verify``: every file as it was saved)
-    and notes saying which entries were skipped or damaged, and why."""
-    return checkpoints.newest_intact(Path(output_dir) / "checkpoints", CHECKPOINT_FILES)
-
-
-def _save_checkpoint(accelerator, adapter, step: int, cfg: TrainConfig) -> Path:
-    """Write checkpoints/step-N atomically (``fileio.atomic_folder``: a kill at any moment
-    leaves either the old set or a complete new checkpoint), with a manifest (size and SHA-256
-    of every file) and ``finite`` in state.json, then prune to ``keep_checkpoints``, never
-    deleting the newest intact checkpoint with finite weights."""
-    from .infra.fileio import atomic_folder
-
-    root = Path(cfg.output_dir) / "checkpoints"
-    final = root / f"step-{step:06d}"
-    core = accelerator.unwrap_model(adapter)
-    with atomic_folder(final) as tmp:
-        accelerator.save_state(str(tmp / "accelerate"))
-        core.save_pretrained(tmp / "adapter")
-        state = {"step": step, "config": cfg.to_dict(), "finite": checkpoints.all_finite(core),
-                 "files": checkpoints.manifest(tmp)}
-        changes = Path(cfg.output_dir) / "config_changes.json"
-        if changes.exists():
-            state["config_changes"] = json.loads(changes.read_text())
-        write_json(state, tmp / "state.json")
-    checkpoints.prune(root, cfg.keep_checkpoints, CHECKPOINT_FILES,
-                      trusted=final if state["finite"] else None)
-    return final
-
-
-def _config_differences(cfg: TrainConfig, saved: dict) -> dict[str, tuple]:
-    """{key: (checkpoint's value, this config's value)} for every key outside
-    ``RESUME_FREE_KEYS`` that differs (a key the checkpoint lacks counts at its default)."""
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(TrainConfig)}
-    now = cfg.to_dict()
-    return {k: (saved.get(k, defaults[k]), v) for k, v in now.items()
-            if k not in RESUME_FREE_KEYS and saved.get(k, defaults[k]) != v}
-
-
-def _apply_optimizer_config(cfg: TrainConfig, optimizer, lr_scheduler) -> None:
-    """After loading a checkpoint under ``allow_config_change``: put this config's AdamW
-    settings and learning rate into the restored optimizer and LR schedule (load_state
-    restores the old ones)."""
-    opt = getattr(optimizer, "optimizer", optimizer)
-    sched = getattr(lr_scheduler, "scheduler", lr_scheduler)
-    for g in opt.param_groups:
-        g.update(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
-                 eps=cfg.adam_epsilon, initial_lr=cfg.learning_rate)
-    sched.base_lrs = [cfg.learning_rate for _ in opt.param_groups]
-    lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
-    for g, lr in zip(opt.param_groups, lrs):
-        g["lr"] = lr
-    sched._last_lr = lrs
-
-
-def _resume(cfg: TrainConfig, out_dir: Path, accelerator, optimizer, lr_scheduler,
-            allow_config_change: bool) -> int:
-    """Load the newest intact checkpoint (saying which were skipped and why) and return its
-    step; 0 if there is none. Refuses (UsageError) a checkpoint beyond ``max_steps`` and one
-    whose config differs outside ``RESUME_FREE_KEYS`` unless ``allow_config_change`` (then the
-    change is recorded in config_changes.json and in every later checkpoint's state.json)."""
-    changes_file = out_dir / "config_changes.json"
-    if not cfg.resume:
-        changes_file.unlink(missing_ok=True)
-        old = [p for _, p in _checkpoints(out_dir)]
-        if old and accelerator.is_main_process:  # else the next default run would resume from them
-            accelerator.print(f"resume false: removing the {len(old)} checkpoint(s) of the earlier run "
-                              f"in {out_dir / 'checkpoints'} ({', '.join(p.name for p in old)}); "
-                              "this run starts at step 0", flush=True)
-            for p in old:
-                shutil.rmtree(p)
-        accelerator.wait_for_everyone()
-        return 0
-    found, notes = resume_checkpoint(out_dir)
-    for note in notes:
-        accelerator.print(note, flush=True)
-    if found is None:
-        if _checkpoints(out_dir):
-            raise UsageError(f"no intact checkpoint in {out_dir / 'checkpoints'} ({'; '.join(notes)}): "
-                             "remove the damaged ones, or set resume false to start over")
-        changes_file.unlink(missing_ok=True)
-        return 0
-    start, path = found
-    if start > cfg.max_steps:
-        raise UsageError(f"{path} is at step {start}, beyond max_steps={cfg.max_steps}: the adapter "
-                         f"cannot be brought back to step {cfg.max_steps}. Set max_steps >= {start} to "
-                         "continue, or resume false (or another output_dir) to train from scratch")
-    diff = _config_differences(cfg, checkpoints.read_state(path).get("config") or {})
-    if diff and not allow_config_change:
-        listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-        raise UsageError(f"{path.name} was trained with another config ({listed}); resume with the "
-                         "same values, set resume false (or another output_dir) to start over, or "
-                         "pass allow_config_change (--allow_config_change true) to continue with "
-                         "the new values (recorded in the checkpoint)")
-    try:
-        accelerator.load_state(str(path / "accelerate"))
-    except Exception as e:
-        raise RuntimeError(f"could not load the checkpoint {path}: {type(e).__name__}: {e}") from e
-    if diff:
-        _apply_optimizer_config(cfg, optimizer, lr_scheduler)
-        if accelerator.is_main_process:
-            record = json.loads(changes_file.read_text()) if changes_file.exists() else []
-            record.append({"at_step": start, "from_checkpoint": path.name,
-                           "changed": {k: {"checkpoint": a, "now": b} for k, (a, b) in diff.items()}})
-            write_json(record, changes_file)
-        accelerator.print("config changed on resume (allow_config_change): "
-                          + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items()), flush=True)
-    accelerator.print(f"resuming from {path} (step {start})")
-    return start
-
-
-def _read_log_rows(path: Path, upto: int) -> list[list[str]]:
-    """The complete rows of a CSV log with step <= ``upto`` (a half-written last line from a
-    kill is dropped), as lists of the strings written."""
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header != LOG_FIELDS:
-            return []
-        rows = []
-        for r in reader:
-            try:
-                if len(r) == len(LOG_FIELDS) and int(r[0]) <= upto:
-                    rows.append(r)
-            except ValueError:
-                continue
-        return rows
-
-
-def _open_log(path: Path, resume_step: int):
-    """CSV log; on resume, rows after the checkpoint (written before a kill) are dropped.
-    The kept rows are written to a new file that replaces the log atomically (a kill at that
-    moment leaves the old log whole); new rows are then appended."""
-    import io
-
-    rows = _read_log_rows(path, resume_step) if path.exists() and resume_step > 0 else []
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(LOG_FIELDS)
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-    f = open(path, "a", newline="")
-    return f, csv.DictWriter(f, fieldnames=LOG_FIELDS)
-
-
-def read_log(output_dir: str | os.PathLike) -> list[dict]:
-    """The CSV log of a run as a list of dicts of floats."""
-    with open(Path(output_dir) / "log.csv", newline="") as f:
-        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
-
-
 # ----------------------------------------------------------------------------- the loop
 
 LOSS_TERMS = ("loss", "l_simple", "l_llm", "l_cp")
-REPORT_TO = ("none", "tensorboard", "wandb")
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss term (or, without fp16 loss scaling, the gradient norm) became NaN or inf."""
 
 
 @dataclass
@@ -659,91 +474,13 @@ class TrainResult:
     is_main_process: bool = True
 
 
-def _log_with(cfg: TrainConfig):
-    """accelerate's ``log_with`` for ``cfg.report_to`` (None: only log.csv), checked up front."""
-    from accelerate.utils import is_tensorboard_available, is_wandb_available
-
-    if cfg.report_to not in REPORT_TO:
-        raise ValueError(f"report_to must be one of {REPORT_TO}, got {cfg.report_to!r}")
-    if cfg.report_to == "none":
-        return None
-    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[cfg.report_to]
-    if not available():
-        raise ImportError(f"report_to={cfg.report_to!r} needs the {cfg.report_to} package, which is "
-                          f"not installed: pip install {cfg.report_to} (or report_to: none; the "
-                          "CSV log needs nothing)")
-    return cfg.report_to
-
-
-def _accelerator(cfg: TrainConfig, out_dir: Path):
-    """The Accelerator of a run. Two things accelerate does not do by itself:
-
-    * under ``torchrun`` on a machine without CUDA, accelerate runs every process as its own
-      single-process job unless it is told ``cpu=True``; it then joins them with gloo
-      (``accelerate launch --cpu --num_processes N`` starts one process unless MPI is used);
-    * its state is process-wide and refuses a second Accelerator with another mixed precision;
-      in a single process (a notebook, tests) the old state is dropped so each run gets its own.
-
-    DistributedDataParallel runs without ``find_unused_parameters``: it waits for a gradient of
-    every trainable parameter, and each gets one in every step (tests/test_train.py checks it
-    for both adapters and gradient paths): L_CP is built even when lambda_cp = 0 (its zero
-    gradient still reaches every parameter behind c), and the official adapter's never-used
-    modules are frozen (``SURAdapter``).
-    """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import ProjectConfiguration
-
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if not distributed and AcceleratorState._shared_state.get("_mixed_precision", cfg.mixed_precision) \
-            != cfg.mixed_precision:
-        AcceleratorState._reset_state()  # accelerate's own reset (used by its tests); PartialState stays
-    return Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        cpu=distributed and not torch.cuda.is_available(),
-        log_with=_log_with(cfg),
-        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
-    )
-
-
-def _tracker_config(cfg: TrainConfig) -> dict:
-    """The config as trackers accept it (numbers, strings, booleans)."""
-    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.to_dict().items()}
-
-
-def _digest(module: torch.nn.Module) -> str:
-    """SHA-256 of a module's state dict (names, dtypes, shapes and bytes): equal iff identical."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _stop_on_non_finite(values: torch.Tensor, step: int, micro: int, accum: int, cfg: TrainConfig,
+def _stop_on_non_finite(values: torch.Tensor, step: int, micro: int, cfg: TrainConfig,
                         grad_norm: float | None = None) -> None:
-    """Raise :class:`NonFiniteLossError` if a loss term of any process (``values``: gathered,
-    [processes, terms]) or the gradient norm is NaN or inf. Every process sees the same gathered
-    values (and the same all-reduced gradients), so all of them stop together. The message names
-    the step, the process and every loss term; the last checkpoint stays as it was."""
-    bad_rows = (~torch.isfinite(values)).any(1).nonzero().flatten().tolist()
-    if not bad_rows and (grad_norm is None or math.isfinite(grad_norm)):
-        return
-    proc = bad_rows[0] if bad_rows else 0
-    terms = ", ".join(f"{k}={v:.6g}" for k, v in zip(LOSS_TERMS, values[proc].tolist()))
-    what = (f"loss at step {step + 1} (micro-step {micro + 1} of {accum}, process {proc}): {terms}"
-            if bad_rows else f"gradient norm ({grad_norm}) at step {step + 1}: {terms}")
-    ckpt = latest_checkpoint(cfg.output_dir)
-    where = (f"the last checkpoint, {ckpt[1]} (step {ckpt[0]}), is intact and the same command "
-             "resumes from it" if ckpt else "no checkpoint was written yet")
+    """:class:`NonFiniteLossError` if a loss term (``values``: gathered, [processes,
+    ``LOSS_TERMS``]) or the gradient norm is NaN or inf (``run_state.stop_on_non_finite``)."""
     hint = " An fp16 overflow? bf16 has the range of fp32." if cfg.mixed_precision == "fp16" else ""
-    raise NonFiniteLossError(
-        f"non-finite {what}. Training stopped before this step's update; {where} (after lowering "
-        f"learning_rate or removing a bad row, for example).{hint}")
+    run_state.stop_on_non_finite(values, LOSS_TERMS, step, micro, cfg.gradient_accumulation_steps,
+                                 cfg.output_dir, grad_norm, hint)
 
 
 def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = None,
@@ -751,7 +488,8 @@ def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = 
     """Train a SUR-adapter: the paper's Algorithm 1, read top to bottom (the bookkeeping is in
     the helpers below). ``backbone``/``dataset``/``knowledge`` may be passed in (notebooks,
     tests); otherwise they are built from the config. Resuming from a checkpoint whose config
-    differs in more than the run length is refused unless ``allow_config_change`` (``_resume``).
+    differs in more than the run length is refused unless ``allow_config_change``
+    (``run_state.resume``).
 
     With several processes (``torchrun --nproc_per_node N -m sur_lib.train ...`` or
     ``accelerate launch``) the knowledge vectors are computed by the main process while the
@@ -762,22 +500,24 @@ def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = 
     One run per ``output_dir``: a second run started on the same folder while the first runs is
     refused (``fileio.folder_lock``); only the run that holds the lock removes the temporary
     folders of killed runs. ``resume: false`` removes the checkpoints of an earlier run (with a
-    note), so that a later default run cannot resume from them.
+    note), so that a later default run cannot resume from them. Checkpoints, the log and the
+    record of the processes: ``sur_lib.infra.run_state``.
     """
     cfg = TrainConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _run_lock(out_dir):  # the main process holds output_dir's lock until the end
+    with run_state.run_lock(out_dir):  # the main process holds output_dir's lock until the end
         t0 = time.time()
-        accelerator = _accelerator(cfg, out_dir)  # CPU, one GPU or several processes; precision
+        accelerator = run_state.make_accelerator(  # CPU, one GPU or several processes; precision
+            out_dir, cfg.mixed_precision, cfg.gradient_accumulation_steps, cfg.report_to)
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
         # frozen: the text encoder fEn, the UNet and the VAE; precomputed: fLLM(p_s) (Sec. 3.3)
         backbone = _frozen_backbone(cfg, backbone, accelerator.device, weight_dtype)
         dataset, knowledge, text_only = _data_and_knowledge(cfg, backbone, dataset, knowledge, accelerator)
         # trained: the adapter only (Eq. 4-7), with AdamW; then continue from a checkpoint if any
         adapter, optimizer, lr_scheduler = _adapter_and_optimizer(cfg, backbone, knowledge, accelerator)
-        start = _resume(cfg, out_dir, accelerator, optimizer, lr_scheduler, allow_config_change)
-        run = _Bookkeeping(cfg, out_dir, accelerator, start, t0)  # log.csv, trackers, checkpoints
+        start = _resume(cfg, out_dir, accelerator, adapter, optimizer, lr_scheduler, allow_config_change)
+        run = _run_record(cfg, out_dir, accelerator, start, t0)  # log.csv, trackers, checkpoints
         accum, n_proc = cfg.gradient_accumulation_steps, accelerator.num_processes
         rank = accelerator.process_index  # micro-step m = (step * accum + micro) * n_proc + rank
         batches = _micro_batches(cfg, dataset, start, accelerator)
@@ -791,7 +531,7 @@ def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = 
                         # encode, add noise, adapter, L = L_simple + l1 L_LLM + l2 L_CP (Eq. 5-10)
                         losses = compute_losses(cfg, backbone, adapter, batch, weight_dtype, knowledge)
                         values = _gather_losses(losses, accelerator)  # [processes, terms]
-                        _stop_on_non_finite(values, step, micro, accum, cfg)  # before any update
+                        _stop_on_non_finite(values, step, micro, cfg)  # before any update
                         accelerator.backward(losses["loss"])
                         grad_norm = _clip_gradients(cfg, accelerator, adapter, values, step, micro)
                         optimizer.step()
@@ -799,8 +539,8 @@ def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = 
                         optimizer.zero_grad(set_to_none=True)
                     for j, v in enumerate(values.mean(0).tolist()):  # the mean over the processes
                         terms[j] += v / accum
-                run.log(step + 1, terms, grad_norm, lr_scheduler.get_last_lr()[0])
-                run.checkpoint_if_due(step + 1, adapter)
+                run.log(step + 1, dict(zip(LOSS_TERMS, terms)), grad_norm, lr_scheduler.get_last_lr()[0])
+                run.checkpoint_if_due(step + 1, adapter, optimizer, lr_scheduler)
         finally:
             del batches  # stops the loader's workers
             run.close()
@@ -808,39 +548,6 @@ def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = 
 
 
 # ----------------------------------------------------------------------------- train's helpers
-
-
-def _run_lock(out_dir: Path):
-    """The lock of ``out_dir`` (``fileio.folder_lock``), refused with a UsageError naming the
-    folder and the process that holds it. Only the main process (RANK 0) takes it; the others
-    get a context that does nothing."""
-    from .infra.fileio import FolderLocked, folder_lock
-
-    if int(os.environ.get("RANK", "0")) != 0:
-        return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def lock():
-        try:
-            held = folder_lock(out_dir)
-            held.__enter__()
-        except FolderLocked as e:
-            who = f"process {e.pid}" if e.pid else "another process"
-            raise UsageError(f"output_dir {out_dir} is in use by another training run ({who}): wait "
-                             "for it to finish, or choose another output_dir") from None
-        try:
-            yield
-        finally:
-            held.__exit__(None, None, None)
-    return lock()
-
-
-def _clear_temporaries(ckpt_root: Path) -> None:
-    """Remove half-written checkpoints (``.step-N.*.tmp``) and moved-aside old ones of earlier,
-    dead runs. Called only by the process that holds output_dir's lock: no other run can be
-    writing them."""
-    for stale in [*ckpt_root.glob(".tmp-*"), *ckpt_root.glob(".*.tmp"), *ckpt_root.glob(".*.old-*")]:
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _frozen_backbone(cfg: TrainConfig, backbone, device, weight_dtype):
@@ -855,41 +562,46 @@ def _frozen_backbone(cfg: TrainConfig, backbone, device, weight_dtype):
     return backbone
 
 
-def _data_and_knowledge(cfg: TrainConfig, backbone, dataset, knowledge, accelerator):
+def _data_and_knowledge(cfg: TrainConfig, backbone, dataset, knowledge, accelerator=None):
     """(dataset, knowledge vectors, text-only prompts): each built from the config unless passed
     in. Every prompt of the data (and every text-only prompt) must have a knowledge vector, all
-    of one width; errors name them. With several processes one computes the vectors and the
-    others read its cache."""
-    progress = cfg.progress and accelerator.is_local_main_process
+    of one width; errors name them. With several processes (``accelerator``) one computes the
+    vectors and the others read its cache."""
+    one_first = accelerator.main_process_first if accelerator else contextlib.nullcontext
+    progress = accelerator is not None and cfg.progress and accelerator.is_local_main_process
     text_only = read_text_only_prompts(cfg.text_only_prompts) if cfg.text_only_batch else []
     if dataset is None:
         kw = dict(resolution=cfg.resolution or backbone.image_size, center_crop=cfg.center_crop,
                   random_flip=cfg.random_flip, max_samples=cfg.max_samples)
         if cfg.lambda_llm and knowledge is None:  # a quick pass (no image decoding) for the prompts
             prompts = SURDDataset(cfg.data_dir, check_images=False, **kw).prompts()
-            with accelerator.main_process_first():  # one process computes, the others read its cache
+            with one_first():  # one process computes, the others read its cache
                 knowledge = knowledge_for(cfg, prompts + text_only, progress)
         # validation names the row of every problem, missing knowledge vectors included
         dataset = SURDDataset(cfg.data_dir, knowledge=knowledge if cfg.lambda_llm else None, **kw)
     if cfg.lambda_llm and knowledge is None:
         knowledge = dataset.knowledge
         if knowledge is None:
-            with accelerator.main_process_first():
+            with one_first():
                 knowledge = knowledge_for(cfg, dataset.prompts() + text_only, progress)
     if cfg.lambda_llm:  # every prompt of the data has a vector, all of one width (errors name them)
         from .knowledge import select_knowledge
 
         select_knowledge(knowledge, dataset.prompts(), source="the knowledge vectors")
-    if cfg.lambda_llm and text_only:  # the text-only prompts need vectors too
-        from .knowledge import select_knowledge
-
-        select_knowledge(knowledge, text_only, source="the knowledge vectors (text-only prompts)")
+        if text_only:  # the text-only prompts need vectors too
+            select_knowledge(knowledge, text_only, source="the knowledge vectors (text-only prompts)")
     return dataset, knowledge, text_only
 
 
 def _adapter_and_optimizer(cfg: TrainConfig, backbone, knowledge, accelerator):
     """The adapter (initialised after seeding torch with ``cfg.seed``), AdamW over its
-    parameters and the constant-with-warmup LR schedule, prepared by accelerate."""
+    parameters and the constant-with-warmup LR schedule, prepared by accelerate.
+
+    DistributedDataParallel runs without ``find_unused_parameters``: it waits for a gradient of
+    every trainable parameter, and each gets one in every step (tests/test_train.py checks it
+    for both adapters and gradient paths): L_CP is built even when lambda_cp = 0 (its zero
+    gradient still reaches every parameter behind c), and the official adapter's never-used
+    modules are frozen (``SURAdapter``)."""
     from diffusers.optimization import get_scheduler
 
     llm_dim = next(iter(knowledge.values())).shape[-1] if cfg.lambda_llm else None
@@ -903,6 +615,30 @@ def _adapter_and_optimizer(cfg: TrainConfig, backbone, knowledge, accelerator):
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes)
     return accelerator.prepare(adapter, optimizer, lr_scheduler)
+
+
+def _resume(cfg: TrainConfig, out_dir: Path, accelerator, adapter, optimizer, lr_scheduler,
+            allow_config_change: bool) -> int:
+    """The step to start from: 0, or that of the newest intact checkpoint, loaded into the
+    adapter, AdamW and the LR schedule (``run_state.resume``: refused if the config differs
+    outside ``RESUME_FREE_KEYS`` unless ``allow_config_change``; then this config's AdamW
+    settings and learning rate replace the saved ones)."""
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(TrainConfig)}
+    settings = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                    weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
+    return run_state.resume(out_dir, accelerator, accelerator.unwrap_model(adapter), optimizer,
+                            lr_scheduler, config=cfg.to_dict(), defaults=defaults,
+                            free_keys=RESUME_FREE_KEYS, max_steps=cfg.max_steps, resume=cfg.resume,
+                            allow_change=allow_config_change, optimizer_settings=settings)
+
+
+def _run_record(cfg: TrainConfig, out_dir: Path, accelerator, start: int, t0: float):
+    """The run's record (``run_state.RunRecord``): config.yaml, log.csv with ``LOG_FIELDS``,
+    the trackers, the progress bar and the checkpoints."""
+    return run_state.RunRecord(out_dir, accelerator, cfg.to_dict(), start, t0, max_steps=cfg.max_steps,
+                               checkpoint_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
+                               progress=cfg.progress, log_fields=LOG_FIELDS)
 
 
 def _micro_batches(cfg: TrainConfig, dataset, start: int, accelerator):
@@ -943,87 +679,20 @@ def _clip_gradients(cfg: TrainConfig, accelerator, adapter, values: torch.Tensor
         return None
     grad_norm = accelerator.clip_grad_norm_(adapter.parameters(), cfg.max_grad_norm)
     if cfg.mixed_precision != "fp16":
-        _stop_on_non_finite(values, step, micro, cfg.gradient_accumulation_steps, cfg, float(grad_norm))
+        _stop_on_non_finite(values, step, micro, cfg, float(grad_norm))
     return grad_norm
-
-
-class _Bookkeeping:
-    """What a run writes besides its adapter. On creation (after the resume): the temporaries of
-    killed runs removed and config.yaml written (main process), log.csv opened (rows after the
-    checkpoint dropped), the trackers started. Then the progress bar, one log row per step
-    (log.csv, trackers, bar), a checkpoint every ``checkpoint_every`` steps and at the end."""
-
-    def __init__(self, cfg: TrainConfig, out_dir: Path, accelerator, start: int, t0: float):
-        self.cfg, self.out_dir, self.accelerator, self.start, self.t0 = cfg, out_dir, accelerator, start, t0
-        main = accelerator.is_main_process
-        if main:
-            _clear_temporaries(out_dir / "checkpoints")
-            atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        self.log_file, self.writer = _open_log(out_dir / "log.csv", start) if main else (None, None)
-        if accelerator.log_with:
-            accelerator.init_trackers("sur-adapter", config=_tracker_config(cfg))
-        self.bar = None
-
-    def progress_bar(self):
-        """The steps still to run, start .. max_steps - 1, behind a tqdm bar (the main process
-        of each machine draws it, if ``progress``)."""
-        shown = self.cfg.progress and self.accelerator.is_local_main_process
-        self.bar = tqdm(range(self.start, self.cfg.max_steps), initial=self.start,
-                        total=self.cfg.max_steps, desc="SUR-adapter", disable=not shown)
-        return self.bar
-
-    def log(self, step: int, terms: list[float], grad_norm, lr: float) -> None:
-        row = {"step": step, **dict(zip(LOSS_TERMS, terms)),
-               "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-               "lr": lr, "seconds": time.time() - self.t0}
-        if self.writer is not None:
-            with naming_file(self.out_dir / "log.csv"):
-                self.writer.writerow(row)
-                self.log_file.flush()
-        self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
-        self.bar.set_postfix(loss=f"{terms[0]:.4f}")
-
-    def checkpoint_if_due(self, step: int, adapter) -> None:
-        if step % self.cfg.checkpoint_every == 0 or step == self.cfg.max_steps:
-            self.accelerator.wait_for_everyone()
-            if self.accelerator.is_main_process:
-                path = _save_checkpoint(self.accelerator, adapter, step, self.cfg)
-                self.accelerator.print(f"checkpoint saved: {path.name}", flush=True)
-
-    def close(self) -> None:
-        if self.log_file is not None:
-            self.log_file.close()
-        for tracker in self.accelerator.trackers:
-            tracker.finish()
 
 
 def _finish(accelerator, adapter, out_dir: Path, steps: int, start: int, t0: float) -> TrainResult:
     """Unwrap the adapter (no autocast left in its forward), record every process's digest
     (processes.json), save the adapter (main process) and return the run's result."""
     final = accelerator.unwrap_model(adapter, keep_fp32_wrapper=False)
-    _record_processes(accelerator, final, out_dir)
+    run_state.record_processes(accelerator, final, out_dir)
     if accelerator.is_main_process:
         final.save_pretrained(out_dir / "adapter")
     accelerator.wait_for_everyone()
     return TrainResult(final, out_dir, steps, start, time.time() - t0,
                        num_processes=accelerator.num_processes, is_main_process=accelerator.is_main_process)
-
-
-def _record_processes(accelerator, adapter, out_dir: Path) -> None:
-    """``processes.json``: how many processes trained, and the digest of each one's final
-    adapter (data-parallel processes must end with identical weights)."""
-    import socket
-
-    from accelerate.utils import gather_object
-
-    from .infra.fileio import write_json
-
-    mine = {"process_index": accelerator.process_index, "pid": os.getpid(),
-            "host": socket.gethostname(), "adapter_sha256": _digest(adapter)}
-    everyone = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
-    if accelerator.is_main_process:
-        write_json({"num_processes": accelerator.num_processes, "processes": everyone},
-                   out_dir / "processes.json")
 
 
 # ----------------------------------------------------------------------------- CLI

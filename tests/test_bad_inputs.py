@@ -19,9 +19,10 @@ import torch
 import yaml
 from PIL import Image
 
-from sur_lib.infra import cli
 from sur_lib.data import SURDDataset, SURDError, write_metadata
-from sur_lib.train import TrainConfig, _parse_overrides, read_log, train
+from sur_lib.infra import cli
+from sur_lib.infra.run_state import read_log
+from sur_lib.train import TrainConfig, _parse_overrides, train
 
 ROOT = Path(__file__).parents[1]
 PROMPTS = ["four tomatoes in a row", "a stack of three dice", "five limes in a circle", "one lemon"]
@@ -184,22 +185,22 @@ def test_train_cli_missing_config_file(tmp_path, capsys):
 def test_truncated_model_safetensors_falls_back_to_the_previous_checkpoint(surd, run4, tmp_path, capsys):
     # before: load_state failed with a safetensors error naming no file, though step-2 was intact
     out = copy_run(run4, tmp_path)
-    f = out / "checkpoints" / "step-000004" / "accelerate" / "model.safetensors"
+    f = out / "checkpoints" / "step-000004" / "adapter" / "diffusion_pytorch_model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     res = train(cfg_for(surd, out))
     said = capsys.readouterr().out
-    assert "checkpoint step-000004 is damaged (accelerate/model.safetensors is" in said
+    assert "checkpoint step-000004 is damaged (adapter/diffusion_pytorch_model.safetensors is" in said
     assert "resuming from" in said and "step-000002 (step 2)" in said
     assert res.resumed_from == 2 and same_weights(res.adapter.state_dict(), run4[1])
 
 
-def test_truncated_optimizer_bin_falls_back_to_the_previous_checkpoint(surd, run4, tmp_path, capsys):
+def test_truncated_optimizer_state_falls_back_to_the_previous_checkpoint(surd, run4, tmp_path, capsys):
     out = copy_run(run4, tmp_path)
-    f = out / "checkpoints" / "step-000004" / "accelerate" / "optimizer.bin"
+    f = out / "checkpoints" / "step-000004" / "optimizer.safetensors"
     f.write_bytes(f.read_bytes()[:100])
     res = train(cfg_for(surd, out))
     said = capsys.readouterr().out
-    assert "step-000004 is damaged (accelerate/optimizer.bin is 100 bytes" in said
+    assert "step-000004 is damaged (optimizer.safetensors is 100 bytes" in said
     assert res.resumed_from == 2 and same_weights(res.adapter.state_dict(), run4[1])
     assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
 
@@ -212,16 +213,16 @@ def test_checkpoint_without_manifest_is_checked_by_structure(surd, run4, tmp_pat
         state = json.loads(state_file.read_text())
         del state["files"], state["finite"]
         state_file.write_text(json.dumps(state))
-    f = out / "checkpoints" / "step-000004" / "accelerate" / "model.safetensors"
+    f = out / "checkpoints" / "step-000004" / "adapter" / "diffusion_pytorch_model.safetensors"
     f.write_bytes(f.read_bytes()[:-10])
     res = train(cfg_for(surd, out))
-    assert "accelerate/model.safetensors" in capsys.readouterr().out and res.resumed_from == 2
+    assert "adapter/diffusion_pytorch_model.safetensors" in capsys.readouterr().out and res.resumed_from == 2
 
 
 def test_every_checkpoint_damaged_is_refused(surd, run4, tmp_path):
     out = copy_run(run4, tmp_path)
     for step in ("step-000002", "step-000004"):
-        (out / "checkpoints" / step / "accelerate" / "optimizer.bin").write_bytes(b"")
+        (out / "checkpoints" / step / "optimizer.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="no intact checkpoint.*step-000004.*step-000002"):
         train(cfg_for(surd, out))
 
@@ -321,39 +322,33 @@ def test_kill_while_the_log_is_rewritten_on_resume_loses_nothing(surd, run4, tmp
     assert read_log(out)[:2] == read_log(run4[0])[:2]
 
 
-def _accelerated(tmp_path, keep):
-    from accelerate import Accelerator
-
-    from sur_lib.adapter import SURAdapter
-
-    acc = Accelerator()
-    adapter = SURAdapter(text_dim=8, num_layers=1, num_heads=2, ffn_dim=8, llm_dim=None)
-    opt = torch.optim.AdamW(adapter.parameters(), lr=1e-3)
-    adapter, opt = acc.prepare(adapter, opt)
-    cfg = TrainConfig(profile="tiny-random", output_dir=str(tmp_path), keep_checkpoints=keep)
-    return acc, adapter, cfg
-
-
 def test_pruning_never_deletes_the_last_good_checkpoint(tmp_path):
     """A run whose weights went NaN keeps saving; pruning to keep_checkpoints=1 must not delete
     the last checkpoint with finite weights, and resume picks that one."""
+    from sur_lib.adapter import SURAdapter
     from sur_lib.infra import checkpoints
-    from sur_lib.train import _save_checkpoint, resume_checkpoint
+    from sur_lib.infra.run_state import resume_checkpoint, save_checkpoint
 
-    acc, adapter, cfg = _accelerated(tmp_path, keep=1)
-    _save_checkpoint(acc, adapter, 2, cfg)
+    adapter = SURAdapter(text_dim=8, num_layers=1, num_heads=2, ffn_dim=8, llm_dim=None)
+    opt = torch.optim.AdamW(adapter.parameters(), lr=1e-3)
+    config = TrainConfig(profile="tiny-random", output_dir=str(tmp_path), keep_checkpoints=1).to_dict()
+
+    def save(step):
+        save_checkpoint(tmp_path, step, adapter, {"opt": opt.state_dict()}, config, keep=1)
+
+    save(2)
     with torch.no_grad():
-        next(acc.unwrap_model(adapter).parameters()).fill_(float("nan"))
-    _save_checkpoint(acc, adapter, 4, cfg)
-    _save_checkpoint(acc, adapter, 6, cfg)
+        next(adapter.parameters()).fill_(float("nan"))
+    save(4)
+    save(6)
     found, _ = checkpoints.scan(tmp_path / "checkpoints")
     assert [s for s, _ in found] == [2, 6]  # 4 pruned, 2 kept although keep_checkpoints=1
     (step, path), notes = resume_checkpoint(tmp_path)
     assert step == 2 and any("step-000006 is damaged (its weights are not finite" in n for n in notes)
     with torch.no_grad():
-        for p in acc.unwrap_model(adapter).parameters():
+        for p in adapter.parameters():
             p.copy_(torch.zeros_like(p))
-    _save_checkpoint(acc, adapter, 8, cfg)  # a good one again: now the old ones may go
+    save(8)  # a good one again: now the old ones may go
     assert [s for s, _ in checkpoints.scan(tmp_path / "checkpoints")[0]] == [8]
 
 
@@ -422,6 +417,104 @@ def test_no_pickle_files_shipped_in_data_models():
     pickles = [p for p in (ROOT / "data" / "models").rglob("*")
                if p.suffix in (".pt", ".pth", ".pkl", ".bin", ".ckpt")]
     assert not pickles, pickles
+
+
+def test_a_training_checkpoint_holds_no_pickle(run4):
+    # before: accelerate's save_state wrote optimizer.bin, scheduler.bin and random_states_0.pkl
+    for ckpt in sorted((run4[0] / "checkpoints").glob("step-*")):
+        files = sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file())
+        assert {"optimizer.safetensors", "optimizer.json", "state.json",
+                "adapter/diffusion_pytorch_model.safetensors"} <= set(files), files
+        assert all(Path(f).suffix in (".safetensors", ".json", ".txt") for f in files), files
+
+
+def _as_accelerate_checkpoint(ckpt: Path, marker: Path) -> None:
+    """Rewrite ``ckpt`` in the format train used before (accelerate's save_state: an accelerate/
+    folder with model.safetensors, optimizer.bin, scheduler.bin, random_states_0.pkl), with a
+    random_states_0.pkl that would touch ``marker`` if it were ever unpickled."""
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
+    from sur_lib.adapter import SURAdapter
+    from sur_lib.infra import checkpoints
+
+    acc = Accelerator()
+    adapter = SURAdapter.from_pretrained(ckpt / "adapter")
+    opt = torch.optim.AdamW(adapter.parameters(), lr=1e-3)
+    sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=0)
+    adapter, opt, sched = acc.prepare(adapter, opt, sched)
+    states = checkpoints.load_state_dict(ckpt, "optimizer")
+    opt.load_state_dict(states["opt"])
+    sched.load_state_dict(states["lr_sched"])
+    acc.save_state(str(ckpt / "accelerate"))
+    for name in ("optimizer.safetensors", "optimizer.json"):
+        (ckpt / name).unlink()
+
+    class Exploit:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+    rng = ckpt / "accelerate" / "random_states_0.pkl"
+    assert rng.exists()
+    torch.save(Exploit(), rng)
+    state = json.loads((ckpt / "state.json").read_text())
+    state["files"] = checkpoints.manifest(ckpt)
+    (ckpt / "state.json").write_text(json.dumps(state))
+
+
+def test_a_checkpoint_in_accelerates_old_format_resumes_without_arbitrary_pickle(surd, run4, tmp_path,
+                                                                                capsys):
+    """Runs checkpointed before the pickle-free format resume: weights from safetensors, the
+    optimizer and LR schedule with torch.load(weights_only=True), the RNG pickle never read;
+    a note says so, the result equals the straight run's, and the next checkpoint has no pickle."""
+    out = copy_run(run4, tmp_path)
+    marker = tmp_path / "pwned"
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    _as_accelerate_checkpoint(out / "checkpoints" / "step-000002", marker)
+    capsys.readouterr()
+    res = train(cfg_for(surd, out))
+    said = capsys.readouterr().out
+    assert "step-000002 is in accelerate's older checkpoint format" in said
+    assert "weights_only=True" in said and "resuming from" in said
+    assert res.resumed_from == 2 and same_weights(res.adapter.state_dict(), run4[1])
+    def rows(folder):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in read_log(folder)]
+    assert rows(out) == rows(run4[0])  # the same losses and learning rates, step for step
+    assert not marker.exists()
+    new = out / "checkpoints" / "step-000004"
+    assert (new / "optimizer.safetensors").exists() and not (new / "accelerate").exists()
+
+
+def test_a_crafted_optimizer_bin_in_an_old_checkpoint_runs_no_code(surd, run4, tmp_path):
+    out = copy_run(run4, tmp_path)
+    marker = tmp_path / "pwned"
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    ckpt = out / "checkpoints" / "step-000002"
+    _as_accelerate_checkpoint(ckpt, marker)
+
+    class Exploit:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+    torch.save({"state": Exploit()}, ckpt / "accelerate" / "optimizer.bin")
+    state = json.loads((ckpt / "state.json").read_text())
+    del state["files"]  # checked by structure: a well-formed torch zip file
+    (ckpt / "state.json").write_text(json.dumps(state))
+    with pytest.raises(RuntimeError, match="could not load the checkpoint.*(?i:weights.only|unpickl)"):
+        train(cfg_for(surd, out))
+    assert not marker.exists()
+
+
+def test_no_private_accelerate_or_torch_state_in_training():
+    """Training uses public APIs only: no reset of accelerate's process-wide state, no write to
+    a scheduler's private attributes, no accelerate save_state/load_state (pickles)."""
+    import ast
+
+    banned = {"_reset_state", "_shared_state", "_last_lr", "save_state", "load_state"}
+    hits = []
+    for path in [ROOT / "sur_lib" / "train.py", *sorted((ROOT / "sur_lib" / "infra").glob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in banned:
+                hits.append(f"{path.name}:{node.lineno}: .{node.attr}")
+    assert not hits, hits
 
 
 # ============================================================================ dataset builds

@@ -24,7 +24,8 @@ from PIL import Image
 from sur_lib.adapter import SURAdapter
 from sur_lib.data import write_metadata
 from sur_lib.knowledge import load_knowledge, save_tiny_random_llm
-from sur_lib.train import TrainConfig, _digest, read_log, train
+from sur_lib.train import TrainConfig, train
+from sur_lib.infra.run_state import digest, read_log
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["four tomatoes in a row", "a stack of three dice", "five limes in a circle",
@@ -75,7 +76,7 @@ def test_two_processes_train_as_one_with_accumulation(world, tmp_path, official)
     assert ranks == [0, 1] and len(pids) == 2 and os.getpid() not in pids
     digests = {p["adapter_sha256"] for p in info["processes"]}
     saved = SURAdapter.from_pretrained(tmp_path / "ddp" / "adapter")
-    assert digests == {_digest(saved)}
+    assert digests == {digest(saved)}
 
     # one log, written once; the knowledge vectors computed by one process only
     assert (tmp_path / "ddp" / "log.csv").read_text().count("\n") == 1 + cfg.max_steps

@@ -105,7 +105,7 @@ def test_base_records_come_from_convergence_when_they_match(standin, cheap, tmp_
 
 
 def _losses(folder):
-    from sur_lib.train import read_log
+    from sur_lib.infra.run_state import read_log
 
     return [{k: v for k, v in r.items() if k != "seconds"} for r in read_log(folder)]
 

@@ -9,7 +9,8 @@ from sur_lib.knowledge import load_knowledge
 from sur_lib.models import tiny_random_backbone
 from sur_lib.study.step_cache import (CachedTextBackbone, DecodedImages, PromptStates, cached_inputs,
                                 encoder_digest)
-from sur_lib.train import TrainConfig, read_log, train
+from sur_lib.train import TrainConfig, train
+from sur_lib.infra.run_state import read_log
 
 from tests.test_train import PROMPTS, surd  # noqa: F401 - the 8-row SURD folder fixture
 

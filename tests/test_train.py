@@ -20,10 +20,9 @@ from sur_lib.train import (
     batch_indices,
     build_adapter,
     compute_losses,
-    latest_checkpoint,
-    read_log,
     train,
 )
+from sur_lib.infra.run_state import latest_checkpoint, read_log
 
 LLM_DIM = 24
 PROMPTS = ["four tomatoes in a row", "a stack of three dice", "five limes in a circle",
@@ -271,31 +270,58 @@ def test_dataloader_batches_equal_the_old_indexing(surd, tmp_path):
         assert torch.equal(noise, torch.randn(8))
 
 
-@pytest.mark.parametrize("official", [False, True])
-def test_bf16_trains_generates_and_resumes(surd, tmp_path, official):
+def test_bf16_trains_generates_and_resumes(surd, tmp_path):
+    """In a process of its own: accelerate keeps one mixed precision per process, and pytest's
+    trains in fp32 (a second precision in one process is refused, the next test)."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_train; "
+            f"test_train.bf16_run({str(surd)!r}, {str(tmp_path)!r})")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def bf16_run(surd: str, tmp: str) -> None:
+    """bf16 training of both adapters: finite losses, a plain returned adapter that generates,
+    and a resumed run equal to a straight one."""
     from sur_lib.adapter import SURAdapter
     from sur_lib.pipeline import generate
 
-    kw = dict(mixed_precision="bf16", official_adapter=official, lambda_llm=1.0, lambda_cp=1.0,
-              checkpoint_every=2)
-    res = train(cfg_for(surd, tmp_path / "straight", max_steps=3, **kw))
-    log = read_log(tmp_path / "straight")
-    assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
-    # the returned adapter is a plain module: no autocast wrapper in its forward
-    plain = SURAdapter.from_pretrained(tmp_path / "straight" / "adapter").eval()
-    res.adapter.eval()
-    x = torch.randn(2, 8, 32)
-    with torch.no_grad():
-        assert torch.equal(res.adapter(x).c, plain(x).c)
-    images = generate(tiny_random_backbone(seed=0), ["one lemon"], adapter=res.adapter,
-                      num_inference_steps=2, output_type="pt")
-    assert images.shape[0] == 1 and torch.isfinite(images).all()
+    surd, tmp = Path(surd), Path(tmp)
+    for official in (False, True):
+        tmp_path = tmp / f"official-{official}"
+        kw = dict(mixed_precision="bf16", official_adapter=official, lambda_llm=1.0, lambda_cp=1.0,
+                  checkpoint_every=2)
+        res = train(cfg_for(surd, tmp_path / "straight", max_steps=3, **kw))
+        log = read_log(tmp_path / "straight")
+        assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
+        # the returned adapter is a plain module: no autocast wrapper in its forward
+        plain = SURAdapter.from_pretrained(tmp_path / "straight" / "adapter").eval()
+        res.adapter.eval()
+        x = torch.randn(2, 8, 32)
+        with torch.no_grad():
+            assert torch.equal(res.adapter(x).c, plain(x).c)
+        images = generate(tiny_random_backbone(seed=0), ["one lemon"], adapter=res.adapter,
+                          num_inference_steps=2, output_type="pt")
+        assert images.shape[0] == 1 and torch.isfinite(images).all()
 
-    train(cfg_for(surd, tmp_path / "resumed", max_steps=2, **kw))  # stops after checkpoint 2
-    again = train(cfg_for(surd, tmp_path / "resumed", max_steps=3, **kw))
-    assert again.resumed_from == 2
-    a, b = res.adapter.state_dict(), again.adapter.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+        train(cfg_for(surd, tmp_path / "resumed", max_steps=2, **kw))  # stops after checkpoint 2
+        again = train(cfg_for(surd, tmp_path / "resumed", max_steps=3, **kw))
+        assert again.resumed_from == 2
+        a, b = res.adapter.state_dict(), again.adapter.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_mixed_precision_in_one_process_is_refused_clearly(tmp_path):
+    """accelerate's state is process-wide and cannot be reset with a public API: a run with
+    another mixed precision than an earlier one in the same process gets a one-line error."""
+    from sur_lib.infra import run_state
+
+    run_state.make_accelerator(tmp_path, "no", 1)
+    with pytest.raises(ValueError, match="mixed_precision='bf16': this process already trained "
+                                         "with mixed_precision='no'.*in a new process"):
+        run_state.make_accelerator(tmp_path, "bf16", 1)
 
 
 def test_a_nan_loss_stops_the_run_and_the_checkpoint_resumes(surd, tmp_path, monkeypatch):
@@ -378,7 +404,6 @@ def test_every_trainable_parameter_gets_a_gradient(surd, tmp_path, official, pat
 
 
 def test_trackers_get_every_logged_row(surd, tmp_path, monkeypatch):
-    import sur_lib.train as tr
     from accelerate.tracking import GeneralTracker
 
     class Recording(GeneralTracker):  # keeps what it is given: an offline stand-in for TensorBoard
@@ -401,8 +426,10 @@ def test_trackers_get_every_logged_row(surd, tmp_path, monkeypatch):
         def finish(self):
             self.finished = True
 
+    from sur_lib.infra import run_state
+
     rec = Recording()
-    monkeypatch.setattr(tr, "_log_with", lambda cfg: [rec])
+    monkeypatch.setattr(run_state, "log_with", lambda report_to: [rec])
     train(cfg_for(surd, tmp_path, max_steps=3))
     assert [s for s, _ in rec.rows] == [1, 2, 3] and rec.finished
     assert rec.config["max_steps"] == 3 and rec.config["profile"] == "tiny-random"

@@ -114,12 +114,29 @@ def _structural_problem(path: Path) -> str | None:
     return None
 
 
-def verify(folder: str | os.PathLike, required: tuple[str, ...] = ()) -> str | None:
+def _missing(folder: Path, required, files) -> str | None:
+    """The first file of ``required`` that is neither in ``folder`` nor in its manifest
+    ``files`` (None: all there). ``required`` may list alternatives (a tuple of tuples, one per
+    format): None as soon as one of them is complete, else the first format's missing file."""
+    formats = required if required and not isinstance(required[0], str) else (required,)
+    first = None
+    for names in formats:
+        gone = next((rel for rel in names if not (folder / rel).is_file()
+                     and not (files and rel in files)), None)
+        if gone is None:
+            return None
+        first = first or gone
+    return first
+
+
+def verify(folder: str | os.PathLike, required: tuple = ()) -> str | None:
     """None if the checkpoint in ``folder`` is intact, else the reason (naming the file).
 
-    With a manifest in state.json: every listed file present with its size and SHA-256, and
-    ``finite`` not false. Without one (older checkpoints): ``required`` files present and every
-    safetensors / torch zip file structurally whole."""
+    ``required``: the files a complete checkpoint holds, or a tuple of such tuples (formats,
+    one of which must be complete). With a manifest in state.json: those files, and every
+    listed file present with its size and SHA-256, and ``finite`` not false. Without one
+    (older checkpoints): the required files present and every safetensors / torch zip file
+    structurally whole."""
     folder = Path(folder)
     try:
         state = read_state(folder)
@@ -128,9 +145,9 @@ def verify(folder: str | os.PathLike, required: tuple[str, ...] = ()) -> str | N
     if state.get("finite") is False:
         return "its weights are not finite (NaN or inf)"
     files = state.get("files")
-    for rel in required:
-        if not (folder / rel).is_file() and not (files and rel in files):
-            return f"{rel} missing"
+    missing = _missing(folder, required, files)
+    if missing is not None:
+        return f"{missing} missing"
     if isinstance(files, dict):
         for rel, want in files.items():
             p = folder / rel
@@ -148,7 +165,7 @@ def verify(folder: str | os.PathLike, required: tuple[str, ...] = ()) -> str | N
     return None
 
 
-def newest_intact(root: str | os.PathLike, required: tuple[str, ...] = ()):
+def newest_intact(root: str | os.PathLike, required: tuple = ()):
     """((step, folder) of the newest intact checkpoint or None, notes): the notes say which
     entries were skipped or found damaged, and why (one line each)."""
     found, skipped = scan(root)
@@ -161,7 +178,7 @@ def newest_intact(root: str | os.PathLike, required: tuple[str, ...] = ()):
     return None, notes
 
 
-def prune(root: str | os.PathLike, keep: int, required: tuple[str, ...] = (),
+def prune(root: str | os.PathLike, keep: int, required: tuple = (),
           trusted: str | os.PathLike | None = None) -> list[Path]:
     """Delete all but the ``keep`` newest checkpoints, never the newest intact one (if the
     newest ones are damaged or hold NaN weights, the last good one stays). ``trusted``: a

@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _last_log_row(run_dir: Path) -> dict:
-    from ..train import read_log
+    from ..infra.run_state import read_log
 
     return read_log(run_dir)[-1]
 

@@ -219,7 +219,8 @@ def bench(steps: int = 8, batch: int = 32, threads: int = 2, warmup: int = 2,
 
     from .experiments import common, runs
     from ..data import SURDDataset
-    from ..train import TrainConfig, read_log, train
+    from ..train import TrainConfig, train
+    from ..infra.run_state import read_log
 
     torch.set_num_threads(threads)
     backbone = common.load_base()

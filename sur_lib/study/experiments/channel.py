@@ -337,7 +337,7 @@ def runs_dir(cc: ChannelConfig) -> Path:
 
 
 def run_channel(cc: ChannelConfig, backbone=None) -> tuple[dict, bool]:
-    from sur_lib.train import read_log
+    from sur_lib.infra.run_state import read_log
     from .images import make_pipe
 
     t0, deadline = time.time(), _Deadline(cc.max_minutes)
@@ -592,7 +592,8 @@ def verify_channel(doc: dict, backbone, current_digest: str, draws: int | None =
 
     from ..statistics import same_numbers
     from sur_lib.infra.provenance import ROOT
-    from sur_lib.train import TrainConfig, read_log, train
+    from sur_lib.train import TrainConfig, train
+    from sur_lib.infra.run_state import read_log
     from .verify import loss_checks, verify_images
 
     if doc["settings"]["model_digest"] != current_digest:

@@ -247,7 +247,8 @@ def replay(export: Path, backbone, steps: int = VERIFY_TRAIN_STEPS, progress: bo
     import json
     import tempfile
 
-    from sur_lib.train import TrainConfig, read_log, train
+    from sur_lib.train import TrainConfig, train
+    from sur_lib.infra.run_state import read_log
     from .verify import loss_checks
 
     export = Path(export)

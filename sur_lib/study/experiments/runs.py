@@ -88,7 +88,8 @@ def train_adapter(cfg, backbone, progress: bool = True):
     """Train one adapter with ``sur_lib.train.train`` (knowledge vectors from the cache).
     Returns (adapter, per-step log without wall times, knowledge statistics or None)."""
     from sur_lib.data import SURDDataset
-    from sur_lib.train import read_log, train
+    from sur_lib.train import train
+    from sur_lib.infra.run_state import read_log
 
     knowledge = None
     if cfg.lambda_llm:
