@@ -21,6 +21,7 @@ from ..infra.fileio import read_json
 
 ALPHA = 0.05
 VERDICTS = ("supported", "contradicted", "not detected")
+# the results claims_table reads (each a registered experiment: ``experiments.registry``)
 RESULT_FILES = ("failure", "sur", "ablations", "convergence", "probe")
 LATER_FILES = ("tune", "retest", "quality", "channel")  # used when they exist (runs that land over sessions)
 
@@ -83,7 +84,7 @@ def load_results(folder: Path | str) -> dict:
     for name in RESULT_FILES:
         path = Path(folder) / f"{name}.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: run python -m sur_lib.experiments {name}")
+            raise FileNotFoundError(f"{path} is missing: run python -m sur_lib.study.experiments {name}")
         out[name] = read_json(path, "result file")
     for name in LATER_FILES:
         path = Path(folder) / f"{name}.json"

@@ -19,10 +19,9 @@ from . import common
 from .common import (ABLATION_IMAGES, ABLATION_STEPS, QUICK, SURD_MINI_ROWS,
                      TrainingExperimentConfig, header, judge_info, load_base, model_info,
                      result_path)
+from .checks import VERIFY_TRAIN_STEPS, loss_checks
 from .images import evaluate_condition, make_pipe
 from .runs import surd_mini, train_adapter, train_config
-
-VERIFY_TRAIN_STEPS = 2  # verify replays this many training steps of one variant
 
 
 @dataclass
@@ -149,3 +148,28 @@ def run_ablations(exp: AblationsConfig, backbone=None) -> dict:
     write_json(record_inputs(doc), final)
     partial.unlink(missing_ok=True)
     return doc
+
+
+def verify_ablations(doc: dict, backbone, current_digest: str, draws: int | None = None,
+                     progress: bool = False, out: Path | str | None = None) -> list[dict]:
+    """``verify`` for ``ablations.json``: replay the first training steps of one variant
+    (``doc["verify"]``: ``VERIFY_TRAIN_STEPS``) and compare the per-step loss log
+    (``checks.loss_checks``). The verify hooks' signature (``registry``); nothing is drawn, so
+    ``draws`` and ``out`` are not used."""
+    import tempfile
+
+    if doc["model"]["unet_digest"] != current_digest:
+        return [{"check": "base model", "ok": False, "message": (
+            "the ablations were made with another base model: re-run them")}]
+    spec = doc.get("verify") or {"variant": "reference", "steps": VERIFY_TRAIN_STEPS}
+    var = doc["variants"][spec["variant"]]
+    steps = int(min(spec["steps"], len(var["log"])))
+    rows, seed = doc["surd_mini"]["rows"], doc["seed"]
+    data_dir = surd_mini(rows, seed, progress)
+    over = {**doc["settings"]["budget"]["overrides"], **var["overrides"],
+            "max_steps": steps, "checkpoint_every": 10**6}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = train_config(over, data_dir, seed, Path(tmp), current_digest, progress)
+        _, log, _ = train_adapter(cfg, backbone, progress)
+    return [dict(c, check=f"{spec['variant']}: {c['check'].removeprefix('training: ')}")
+            for c in loss_checks(log[:steps], var["log"][:steps])]

@@ -543,7 +543,6 @@ def _p(p: float | None) -> str:
 # ----------------------------------------------------------------------------- verify
 
 VERIFY_ADAPTERS = ("oracle",)  # whose fp16 adapter is committed (data/runs/channel/<v>/adapter-fp16)
-VERIFY_REPLAY_STEPS = 2
 
 
 def export_adapter(cfg, export: Path) -> str:
@@ -582,18 +581,19 @@ def backfill(ppath: Path, out_runs: Path) -> list[str]:
     return done
 
 
-def verify_channel(doc: dict, backbone, current_digest: str, draws: int | None = 12,
-                   progress: bool = False) -> list[dict]:
+def verify_channel(doc: dict, backbone, current_digest: str, draws: int | None,
+                   progress: bool = False, out: Path | str | None = None) -> list[dict]:
     """``verify`` for the channel experiment (its final or partial file): every record's counts,
     the table (when complete) recomputed from the records, the first training steps of the
     first finished teacher variant replayed against its loss log, and the committed adapter's
-    images re-drawn (one prompt per group, image for image)."""
+    images re-drawn (``draws`` per group). The verify hooks' signature (``registry``; ``out``
+    is not used)."""
     import tempfile
 
     from ..statistics import same_numbers
     from sur_lib.infra.provenance import ROOT
     from sur_lib.train import TrainConfig, read_log, train
-    from .verify import loss_checks, verify_images
+    from .checks import VERIFY_TRAIN_STEPS, loss_checks, verify_images
 
     if doc["settings"]["model_digest"] != current_digest:
         return [{"check": "channel: base model", "ok": False,
@@ -616,7 +616,7 @@ def verify_channel(doc: dict, backbone, current_digest: str, draws: int | None =
         cfg = variant_config(cc, var, doc["lambda"]["lambda_llm"], current_digest)
         knowledge = teacher_vectors(var, cfg, training_rows(cfg), cc.entropy, backbone.text_dim, progress)
         with tempfile.TemporaryDirectory() as tmp:
-            rcfg = TrainConfig.from_dict(dict(cfg.to_dict(), max_steps=VERIFY_REPLAY_STEPS, checkpoint_every=10**6,
+            rcfg = TrainConfig.from_dict(dict(cfg.to_dict(), max_steps=VERIFY_TRAIN_STEPS, checkpoint_every=10**6,
                                               output_dir=tmp, resume=False, progress=progress))
             bb, ds = inputs(rcfg, backbone, knowledge, progress)
             train(rcfg, backbone=bb, dataset=ds, knowledge=knowledge)
@@ -624,7 +624,7 @@ def verify_channel(doc: dict, backbone, current_digest: str, draws: int | None =
         import csv
 
         with open(ROOT / doc["variants"][var]["log"], newline="") as f:
-            stored = list(csv.DictReader(f))[:VERIFY_REPLAY_STEPS]
+            stored = list(csv.DictReader(f))[:VERIFY_TRAIN_STEPS]
         checks += [dict(c, check=f"channel {var}: {c['check']}") for c in loss_checks(live, stored)]
     for v in VERIFY_ADAPTERS:
         d = doc["variants"].get(v)
