@@ -45,9 +45,9 @@ def description() -> str:
     return f"{title}\n\n{usage}\n\nNAME is one of\n\n{registry.listing()}\n\n{rest}"
 
 
-def parse_args(argv: Sequence[str] | None = None):
-    """The argparse namespace (every option is accepted by every experiment, as before; each
-    config takes the fields it has), with ``argv``: the command line after NAME."""
+def parser() -> argparse.ArgumentParser:
+    """The shared command line: NAME (every command of ``registry``) and the options every
+    experiment on it accepts (each config takes the fields it has)."""
     ap = argparse.ArgumentParser(prog="python -m sur_lib.study.experiments",
                                  description=description(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,7 +83,12 @@ def parse_args(argv: Sequence[str] | None = None):
     ap.add_argument("--alphas", default=None, help="compose: delayed-conditioning alphas, e.g. 0.3,0.5,0.7")
     ap.add_argument("--complex-scales", default=None, help="compose: scales for the complex prompts")
     ap.add_argument("--no-overhead", action="store_true", help="compose: skip the S-CFG timing")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    """The argparse namespace (``parser``), with ``argv``: the command line after NAME."""
+    args = parser().parse_args(argv)
     args.argv = list(sys.argv[2:] if argv is None else list(argv)[1:])
     return args
 

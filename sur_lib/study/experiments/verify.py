@@ -66,7 +66,6 @@ from .checks import (VERIFY_LOSS_RTOL, VERIFY_TRAIN_STEPS, choose_images,  # noq
                      miss_probability, redraw_check, replay_from_states, same_versions, verify_images)
 from .common import ExperimentConfig, load_base, result_path
 from .inputs import input_check
-from .registry import EXPERIMENTS, IMAGE_RESULT_KEYS
 
 VERIFY_DRAWS = 12  # random images re-drawn per condition by default (the 3-minute budget)
 VERIFY_QUICK_DRAWS = 4
@@ -94,10 +93,6 @@ class VerifyConfig(ExperimentConfig):
         return exp
 
 
-# the keys verify reads from each result (a file without them is not that result): ``registry``
-RESULT_KEYS = {n: registry.get(n).keys for n in EXPERIMENTS if registry.get(n).keys != IMAGE_RESULT_KEYS}
-
-
 def verify_path(out: Path | str, name: str) -> Path:
     """The file ``verify`` checks for ``name``: its result, or for a result that lands over
     sessions (``registry``'s ``partial``) its partial file while the result does not exist."""
@@ -115,7 +110,8 @@ def read_result(path: Path, name: str) -> dict:
     doc = read_json(path, "result file")
     if not isinstance(doc, dict):
         raise UsageError(f"result file {rel_path(path)} is not a JSON object: not a result of `{name}`")
-    lacking = [k for k in RESULT_KEYS.get(name, IMAGE_RESULT_KEYS) if k not in doc]
+    keys = registry.get(name).keys if name in registry.COMMANDS else registry.IMAGE_RESULT_KEYS
+    lacking = [k for k in keys if k not in doc]  # what verify reads (``registry``)
     if lacking:
         raise UsageError(f"result file {rel_path(path)} is not a result of `{name}`: it lacks "
                          f"{', '.join(map(repr, lacking))} (restore it with git, or re-run "
@@ -282,7 +278,7 @@ def consistency_checks(name: str, doc: dict) -> list[dict]:
 # (2026-12-06, the machine nearly idle): 90 s and 164 s, 170 s in all; tune's replay builds its
 # 6,000-row SURD-mini and its caches when they are missing (117 s of the 164).
 # Each result's part is its ``part`` in ``registry``.
-PARTS = tuple(tuple(n for n in EXPERIMENTS if registry.get(n).part == i) for i in (0, 1))
+PARTS = tuple(tuple(n for n in registry.EXPERIMENTS if registry.get(n).part == i) for i in (0, 1))
 
 
 def parts_of(names: list[str], jobs: int) -> list[list[str]]:
@@ -313,10 +309,11 @@ def run_verify(exp: VerifyConfig, backbone=None) -> dict:
         exp = replace(exp, draw_seed=secrets.randbits(31))
     print(f"verify: {'every image re-drawn (--full)' if exp.full else 'a random subset re-drawn'}; "
           f"subset seed {exp.draw_seed} (verify --seed {exp.draw_seed} chooses the same again)", flush=True)
-    names = [n for n in (exp.only or "").split(",") if n] or list(EXPERIMENTS)
-    unknown = [n for n in names if n not in EXPERIMENTS]
+    known = list(registry.EXPERIMENTS)
+    names = [n for n in (exp.only or "").split(",") if n] or known
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"verify --only: unknown result(s) {unknown}; known: {list(EXPERIMENTS)}")
+        raise ValueError(f"verify --only: unknown result(s) {unknown}; known: {known}")
     present = [n for n in names if verify_path(exp.out, n).is_file()]
     for n in names:
         if n not in present:
