@@ -56,7 +56,7 @@ SUMMARY_RETEST = tuple(RETEST_CLAIMS)  # the re-test's rows in the claims table:
 
 
 def verdict(c: dict, alpha: float = ALPHA) -> str:
-    """The verdict on "b is better than a" for one ``analysis.compare`` entry (b - a)."""
+    """The verdict on "b is better than a" for one ``statistics.compare`` entry (b - a)."""
     p = c["paired"]
     if p is None or p["p_t"] >= alpha:
         return "not detected"
@@ -144,7 +144,7 @@ def tune_row(tn: dict, alpha: float = ALPHA) -> dict:
 
 def noun_evidence(part: dict) -> str:
     """'+x.x points [lo, hi] over n nouns, p (sign-flip p), m prompts' of one kind of
-    ``analysis.seen_unseen`` (nouns as the unit)."""
+    ``statistics.seen_unseen`` (nouns as the unit)."""
     n = part["nouns"]
     lo, hi = (100 * v + 0.0 for v in n["t_ci"])
     return (f"{100 * n['diff'] + 0.0:+.1f} points [{lo:+.1f}, {hi:+.1f}] over {n['n_nouns']} nouns, "

@@ -1,6 +1,6 @@
 """How does knowledge reach a new noun? The distillation channel, tested with a target it can carry.
 
-    python -m sur_lib.experiments channel [--steps 2000] [--images 8] [--max-minutes M] [--quick]
+    python -m sur_lib.study.experiments channel [--steps 2000] [--images 8] [--max-minutes M] [--quick]
 
 Not in the paper; the book's own test of its central mechanism. L_LLM (Eq. 5) distils a teacher
 target softmax(W0 k / T) into the adapter's queries Q. The re-test's oracle could not test the
@@ -10,7 +10,7 @@ target feature. Here every teacher gets the same, well-posed treatment
 and the variants differ only in the teacher, at the re-test's budget (tiny.yaml, ``--steps``
 2,000, SURD-mini 3,000 rows):
 
-* ``oracle``   the prompt's true count, colour, shape and named arrangement (``sur_lib.oracle``);
+* ``oracle``   the prompt's true count, colour, shape and named arrangement (``sur_lib.study.oracle``);
 * ``permuted`` the same, with the nouns' classes shuffled across nouns (same marginals:
   ``oracle.permuted_classes``): a teacher as loud and as structured, but wrong about nouns;
 * ``smollm2``  SmolLM2-135M's vectors (tiny.yaml's LLM) under the same treatment;
@@ -31,7 +31,7 @@ one action prompt per noun, held-out phrasings, so no evaluated text was trained
 ``seen`` (the 17 training nouns), ``text_only`` (12) and ``unseen`` (the 11 held-out nouns),
 ``--images`` (8) images per prompt, plus the base model with the simple and the complex texts
 (the gap closed). Comparisons (``COMPARISONS``) paired over prompts and over nouns
-(``analysis.noun_level``: prompts nested in nouns), Holm within each group's family. Reading:
+(``statistics.noun_level``: prompts nested in nouns), Holm within each group's family. Reading:
 oracle = permuted on seen nouns: the channel is inert; oracle > permuted on seen but not on
 unseen: the limit is at inference (the adapter sees only the text encoder's states); oracle >
 permuted on text-only nouns: distillation can inject knowledge without images.
@@ -157,7 +157,7 @@ class ChannelConfig:
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None) -> "ChannelConfig":
-        ap = argparse.ArgumentParser(prog="python -m sur_lib.experiments channel", description=__doc__,
+        ap = argparse.ArgumentParser(prog="python -m sur_lib.study.experiments channel", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
         ap.add_argument("--steps", type=int, default=None, help="training steps (2000; quick 3)")
         ap.add_argument("--images", type=int, default=None, help="images per prompt (8; quick 2)")
@@ -315,7 +315,7 @@ def train_variant(cc: ChannelConfig, variant: str, lam: float, backbone, model_d
     result = train(cfg, backbone=bb, dataset=ds, knowledge=knowledge)
     stored = {k: v for k, v in cfg.to_dict().items() if k not in runs.PATH_KEYS}
     adapter, digest = runs.save_adapter(result.adapter, folder, dict(
-        made_by="python -m sur_lib.experiments channel", variant=variant, steps=cfg.max_steps,
+        made_by="python -m sur_lib.study.experiments channel", variant=variant, steps=cfg.max_steps,
         train_config=stored))
     shutil.rmtree(Path(cfg.output_dir) / "checkpoints", ignore_errors=True)
     return cfg, adapter, digest, knowledge
@@ -409,7 +409,7 @@ def run_channel(cc: ChannelConfig, backbone=None) -> tuple[dict, bool]:
     done = partial["variants"]
     complete = all(v in done for v in VARIANTS) and all(
         f"{b}/{g}" in partial["base"] for b in ("simple", "complex") for g in GROUPS)
-    doc = {"experiment": "channel", "command": "python -m sur_lib.experiments channel " + " ".join(cc.argv),
+    doc = {"experiment": "channel", "command": "python -m sur_lib.study.experiments channel " + " ".join(cc.argv),
            "seed": cc.seed, "quick": cc.quick, "versions": common.versions(),
            "where": "CPU (1 torch thread per job)", "model": minfo, "judge": common.judge_info(),
            "settings": settings, "lambda": partial.get("lambda"), "complete": complete,

@@ -43,7 +43,7 @@ from typing import Sequence
 
 import torch
 
-from .. import statistics as analysis
+from ..statistics import accuracy_with_ci
 from sur_lib.infra.fileio import write_json
 from . import common, images, runs
 from .checks import VERIFY_TRAIN_STEPS
@@ -339,7 +339,7 @@ def truncate(records: Sequence[dict], n: int) -> list[dict]:
             out.append(dict(r))
             continue
         rec = {k: v for k, v in r.items() if k not in ("hits", "brisque", "clean_render_distance")}
-        rec.update(analysis.accuracy_with_ci(r["correct"][:n]), correct=list(r["correct"][:n]))
+        rec.update(accuracy_with_ci(r["correct"][:n]), correct=list(r["correct"][:n]))
         out.append(rec)
     return out
 

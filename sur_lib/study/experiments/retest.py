@@ -28,8 +28,8 @@ run with 8 would draw):
   assumed: they are in the results.
 
 Statistics per prompt set, per type and overall: the paired t-test (and Wilcoxon) over prompts
-of each variant against the recipe (``analysis.compare``), Holm-corrected across the variants
-(``analysis.holm``; the teacher-vs-strong_llm comparisons form a family of their own), and the
+of each variant against the recipe (``statistics.compare``), Holm-corrected across the variants
+(``statistics.holm``; the teacher-vs-strong_llm comparisons form a family of their own), and the
 share of the simple-to-complex gap each closes (base model with the simple and with the
 complex prompts on the same prompts and seeds: from ``convergence.json`` when it matches,
 else drawn). Resumable: finished variants are kept in ``retest.partial.json`` and skipped.
