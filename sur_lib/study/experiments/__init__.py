@@ -7,10 +7,8 @@ The experiments, what each does and where its code is: ``registry`` (one table, 
 command line, ``verify`` and ``claims``). The command line, and how runs are made deterministic
 and cached: ``command``.
 
-Layout: one module per experiment (``failure``, ``sur``, ``rewrite``, ``guidance``,
-``ablations``, ``compose``, ``convergence``, ``probe``, ``tune``, ``retest``, ``quality``,
-``neighbours``, ``channel``), each with its runner (a config dataclass and ``run_NAME``, or a
-``main`` of its own) and its verify hook; ``verify`` (re-checks every stored result, through
+Layout: one module per experiment (the modules ``registry`` names), each with its runner (a
+config dataclass and ``run_NAME``, or a ``main`` of its own) and its verify hook; ``verify`` (re-checks every stored result, through
 the hooks), ``checks`` (the image and loss checks the hooks share), ``registry`` (the table of
 commands), ``command`` (the command line), ``common`` (paths, sampling defaults, the shared
 options, result headers), ``images`` (drawing and judging, the record cache), ``recipes`` (one

@@ -20,10 +20,10 @@ from typing import Sequence
 
 from sur_lib.infra.checkpoints import sha256
 from sur_lib.infra.provenance import ROOT
+from . import registry
 
 INPUT_ROOTS = ("data/models/", "data/runs/", "data/prompts/", "data/results/")
-PROMPT_SETS = {"convergence": ("data/prompts/extended_heldout.json",),
-               "neighbours": ("data/prompts/extended_heldout.json",)}
+PROMPT_SETS = {n: e.prompt_sets for n, e in registry.COMMANDS.items() if e.prompt_sets}  # registry
 INPUTS_KEY = "inputs"
 
 

@@ -13,11 +13,13 @@ One ``Experiment`` per NAME says where its code is and how the rest of the packa
   re-draw per condition, None for all, ``out`` the results folder); None for a command that
   writes no result (``verify`` itself, ``inputs``);
 * ``keys`` (what ``verify`` reads from the result: a file without them is not this result),
-  ``part`` (the verify process it runs in: ``verify.PARTS``) and ``partial`` (it lands over
-  sessions: verify checks ``NAME.partial.json`` until ``NAME.json`` exists).
+  ``part`` (the verify process it runs in: ``verify.PARTS``), ``partial`` (it lands over
+  sessions: verify checks ``NAME.partial.json`` until ``NAME.json`` exists) and
+  ``prompt_sets`` (the prompt files it reads by name, which its result does not name: inputs
+  of the result, ``inputs.input_files``).
 
 ``EXPERIMENTS`` (the results ``verify`` checks, in its order), ``command``'s choices and
-``--help`` listing and ``verify``'s dispatch are read from here. (``claims`` names the results
+``--help`` listing, ``verify``'s dispatch and ``inputs``' prompt sets are read from here. (``claims`` names the results
 its table reads next to the code that reads them; a test checks that each is registered.)
 Adding an experiment: its module (runner, verify hook), a line here, a test and a chapter.
 """
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 PACKAGE = "sur_lib.study.experiments"
 IMAGES_HOOK = f"{PACKAGE}.checks:verify_images"  # a result that is only images: re-draw them
 IMAGE_RESULT_KEYS = ("experiment", "model", "seed", "generation", "conditions")
+EXTENDED_PROMPTS = "data/prompts/extended_heldout.json"  # world.extended_prompts' committed set
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Experiment:
     keys: tuple[str, ...] = IMAGE_RESULT_KEYS
     part: int = 1  # verify's process (0: the results that share the base model's draws)
     partial: bool = False
+    prompt_sets: tuple[str, ...] = ()  # prompt files it reads by name: inputs of its result
 
     @property
     def own_command_line(self) -> bool:
@@ -127,7 +131,7 @@ COMMANDS: dict[str, Experiment] = {e.name: e for e in (
               "knowledge vectors and the text encoder's states (``probe``; its own options)."),
     Experiment(
         "convergence", _m("convergence"), verify=f"{_m('convergence')}:verify_convergence", part=0,
-        keys=("experiment", "model", "seed", "settings"),
+        keys=("experiment", "model", "seed", "settings"), prompt_sets=(EXTENDED_PROMPTS,),
         about="``tiny.yaml`` trained to the paper's 5,000 steps, evaluated at log-spaced steps on the "
               "tuning set, the test prompts and the extended held-out set; resumable across sessions "
               "(``convergence``; its own options)."),
@@ -153,7 +157,7 @@ COMMANDS: dict[str, Experiment] = {e.name: e for e in (
               "(``quality``; its own options)."),
     Experiment(
         "neighbours", _m("neighbours"), verify=f"{_m('neighbours')}:verify_neighbours", part=0,
-        keys=("experiment", "k", "nouns", "tests"),
+        keys=("experiment", "k", "nouns", "tests"), prompt_sets=(EXTENDED_PROMPTS,),
         about="ours: transfer by neighbourhood in the text encoder's space: does a stored adapter help "
               "an unseen noun whose nearest training nouns share its class? Stored results only, no "
               "new images (``neighbours``; its own options)."),
