@@ -4,18 +4,18 @@
     python -m sur_lib.study.experiments --help   # every NAME, with what it does
 
 The experiments, what each does and where its code is: ``registry`` (one table, read by the
-command line, ``verify`` and ``claims``). The command line, and how runs are made deterministic
-and cached: ``command``.
+command line, ``verify`` and ``inputs``). The command line, and how runs are made
+deterministic and cached: ``command``.
 
 Layout: one module per experiment (the modules ``registry`` names), each with its runner (a
-config dataclass and ``run_NAME``, or a ``main`` of its own) and its verify hook; ``verify`` (re-checks every stored result, through
-the hooks), ``checks`` (the image and loss checks the hooks share), ``registry`` (the table of
-commands), ``command`` (the command line), ``common`` (paths, sampling defaults, the shared
-options, result headers), ``images`` (drawing and judging, the record cache), ``recipes`` (one
-recipe trained with step_cache and evaluated on a named prompt set), ``runs`` (adapter training
-runs, the run hash), ``jobs`` (resumable units shared by jobs side by side) and ``inputs``
-(the committed files a result depends on). The prompt sets are in ``sur_lib.world.prompts``,
-the statistics in ``sur_lib.study.statistics``.
+config dataclass and ``run_NAME``, or a ``main`` of its own) and its verify hook; ``verify``
+(re-checks every stored result, through the hooks), ``checks`` (the image and loss checks the
+hooks share), ``registry`` (the table of commands), ``command`` (the command line), ``common``
+(paths, sampling defaults, the shared options, result headers), ``images`` (drawing and
+judging, the record cache), ``recipes`` (one recipe trained with step_cache and evaluated on a
+named prompt set), ``runs`` (adapter training runs, the run hash), ``jobs`` (resumable units
+shared by jobs side by side) and ``inputs`` (the committed files a result depends on). The
+prompt sets are in ``sur_lib.world.prompts``, the statistics in ``sur_lib.study.statistics``.
 """
 from __future__ import annotations
 

@@ -19,9 +19,10 @@ One ``Experiment`` per NAME says where its code is and how the rest of the packa
   of the result, ``inputs.input_files``).
 
 ``EXPERIMENTS`` (the results ``verify`` checks, in its order), ``command``'s choices and
-``--help`` listing, ``verify``'s dispatch and ``inputs``' prompt sets are read from here. (``claims`` names the results
-its table reads next to the code that reads them; a test checks that each is registered.)
-Adding an experiment: its module (runner, verify hook), a line here, a test and a chapter.
+``--help`` listing, ``verify``'s dispatch and ``inputs``' prompt sets are read from here.
+(``claims`` names the results its table reads next to the code that reads them;
+``tests/test_registry.py`` checks that each is registered.) Adding an experiment: its module
+(runner, verify hook), an entry here, a test and a chapter.
 """
 from __future__ import annotations
 
