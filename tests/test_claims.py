@@ -28,7 +28,7 @@ def test_evidence_names_the_interval_and_the_prompts():
 
 
 def test_a_missing_result_names_its_command(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m sur_lib.experiments failure"):
+    with pytest.raises(FileNotFoundError, match="python -m sur_lib.study.experiments failure"):
         claims.load_results(tmp_path)
 
 

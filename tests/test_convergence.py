@@ -173,13 +173,13 @@ def test_two_evaluation_jobs_share_the_work(standin, trained, cheap, tmp_path, m
 
 def test_verify_replays_training_and_redraws_images(standin, trained, cheap, tmp_path,
                                                     monkeypatch):
-    from sur_lib.study.experiments import verify
+    from sur_lib.study.experiments import checks as shared
 
     cc = _cfg(tmp_path, phase="eval", run_dir=trained.run_dir)
     monkeypatch.setattr(conv._Deadline, "passed", lambda self: False)
     monkeypatch.setattr(conv, "STEPS", 4)
     monkeypatch.setattr(conv, "VERIFY_UNITS", ("base-simple/test", "step-4/test"))
-    monkeypatch.setattr(verify, "judge_images", stored_verdicts)  # the fake judge draws no images
+    monkeypatch.setattr(shared, "judge_images", stored_verdicts)  # the fake judge draws no images
     doc, complete = conv.run(cc, backbone=standin)
     assert complete
     digest = ex.state_digest(standin.unet)

@@ -161,12 +161,12 @@ def test_verify_draws_a_shared_condition_once_per_run(failure_quick, model, tmp_
     """Two results holding the same draws (here: the same file as `failure` and as `sur`):
     each chosen image of each condition is generated once, both results are compared with it,
     and a later run draws it live again."""
-    from sur_lib.study.experiments import verify
+    from sur_lib.study.experiments import checks as shared
 
     shutil.copy(failure_quick, tmp_path / "failure.json")
     drawn = []
-    real = verify.judge_images
-    monkeypatch.setattr(verify, "judge_images", lambda bb, picks, *a, **k: drawn.append(len(picks)) or real(bb, picks, *a, **k))
+    real = shared.judge_images
+    monkeypatch.setattr(shared, "judge_images", lambda bb, picks, *a, **k: drawn.append(len(picks)) or real(bb, picks, *a, **k))
     alone = ["verify", "--out", str(tmp_path), "--only", "failure", "--no-progress"]
     assert _run(alone, model) == 0
     n_draws = sum(drawn)  # what verifying `failure` alone draws

@@ -116,9 +116,9 @@ def test_retest_end_to_end(standin, monkeypatch, tmp_path):  # noqa: F811
     runs_dir = tmp_path / "runs" / "retest-quick"
     assert {p.name for p in (runs_dir / "recipe").iterdir()} == {"log.csv", "run.json", "adapter-fp16"}
     assert {p.name for p in (runs_dir / "no_llm").iterdir()} == {"log.csv", "run.json"}
-    from sur_lib.study.experiments import common, verify
+    from sur_lib.study.experiments import checks as shared, common
 
-    monkeypatch.setattr(verify, "judge_images", stored_verdicts)  # the fake judge draws no images
+    monkeypatch.setattr(shared, "judge_images", stored_verdicts)  # the fake judge draws no images
     digest = common.model_info(standin)["unet_digest"]
     checks = retest.verify_retest(doc, standin, digest, 6, False)
     assert all(c["ok"] for c in checks), checks

@@ -141,13 +141,13 @@ def test_two_tune_jobs_share_the_search(standin, monkeypatch, tmp_path):  # noqa
 def test_verify_tune_replays_the_chosen_recipe_and_fails_on_a_changed_log(standin, monkeypatch, tmp_path):  # noqa: F811
     """The tuned recipe is exported (loss log, run.json, fp16 adapter) beside the results;
     verify recomputes the choice, replays 2 training steps and re-draws images of it."""
-    from sur_lib.study.experiments import common, verify
+    from sur_lib.study.experiments import checks as shared, common
 
     _cheap(monkeypatch, tmp_path)
     tc = _tc(tmp_path, configs=2)
     ppath = tmp_path / "out" / "tune-quick.partial.json"
     _fake_judge(monkeypatch, lambda i: 0.5 + 0.5 * i, lambda d: 0.5, ppath, [])
-    monkeypatch.setattr(verify, "judge_images", stored_verdicts)  # the fake judge draws no images
+    monkeypatch.setattr(shared, "judge_images", stored_verdicts)  # the fake judge draws no images
     monkeypatch.setattr(tune._Deadline, "passed", lambda self: False)
     doc, complete = tune.run_tune(tc, backbone=standin, convergence_file=tmp_path / "none.json")
     assert complete and doc["choice"]["index"] == 1

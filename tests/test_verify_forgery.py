@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sur_lib.study.statistics import compare_block
-from sur_lib.study.experiments import verify
+from sur_lib.study.experiments import checks as shared, verify
 from sur_lib.infra.fileio import clean_json
 
 SUR = Path(__file__).parents[1] / "data" / "results" / "sur.json"
@@ -68,37 +68,37 @@ def test_flipped_verdicts_with_recomputed_summaries_pass_consistency_but_fail_th
     # before: the chapter's asserts passed and verify said OK (a tolerance of 0.534)
     doc = flip(copy.deepcopy(sur), "adapter", range(4, 16))
     assert ok(verify.consistency_checks("sur", doc))  # a careful forgery: self-consistent
-    monkeypatch.setattr(verify, "same_versions", lambda d: True)
+    monkeypatch.setattr(shared, "same_versions", lambda d: True)
     recs = doc["conditions"]["adapter"]["records"]
-    picks = verify.choose_images(recs, None, "sur/adapter")  # --full
-    res = verify.image_check("adapter", live_verdicts(sur, "adapter", picks), recs, picks, doc)
+    picks = shared.choose_images(recs, None, "sur/adapter")  # --full
+    res = shared.image_check("adapter", live_verdicts(sur, "adapter", picks), recs, picks, doc)
     assert not res["ok"] and "NO" in res["message"]
 
 
 def test_changed_verdicts_of_the_redrawn_images_fail(sur, monkeypatch):
     # before: verify printed "image-for-image agreement 2/12" and still passed
-    monkeypatch.setattr(verify, "same_versions", lambda d: True)
-    monkeypatch.setattr(verify, "_draw_seed", 7)
+    monkeypatch.setattr(shared, "same_versions", lambda d: True)
+    monkeypatch.setattr(shared, "_draw_seed", 7)
     recs = sur["conditions"]["adapter"]["records"]
-    picks = verify.choose_images(recs, 12, "sur/adapter")
+    picks = shared.choose_images(recs, 12, "sur/adapter")
     doc = copy.deepcopy(sur)
     for i, j in picks:
         doc["conditions"]["adapter"]["records"][i]["correct"][j] ^= 1
-    res = verify.image_check("adapter", live_verdicts(sur, "adapter", picks), doc["conditions"]["adapter"]["records"],
+    res = shared.image_check("adapter", live_verdicts(sur, "adapter", picks), doc["conditions"]["adapter"]["records"],
                              picks, doc)
     assert not res["ok"] and res["same_images"] == 0 and res["compared_images"] == 12
-    assert verify.image_check("adapter", live_verdicts(sur, "adapter", picks), recs, picks, sur)["ok"]
+    assert shared.image_check("adapter", live_verdicts(sur, "adapter", picks), recs, picks, sur)["ok"]
 
 
 def test_the_redrawn_images_are_chosen_afresh_among_all_and_follow_the_seed(sur, monkeypatch):
     recs = sur["conditions"]["adapter"]["records"]
     picks = []
     for seed in (1, 2, 1):
-        monkeypatch.setattr(verify, "_draw_seed", seed)
-        picks.append(verify.choose_images(recs, 12, "sur/adapter"))
+        monkeypatch.setattr(shared, "_draw_seed", seed)
+        picks.append(shared.choose_images(recs, 12, "sur/adapter"))
     assert picks[0] == picks[2] and picks[0] != picks[1] and len(set(picks[0])) == 12
-    monkeypatch.setattr(verify, "_draw_seed", 3)
-    seen = {j for s in range(50) for _, j in verify.choose_images(recs, 12, f"sur/adapter/{s}")}
+    monkeypatch.setattr(shared, "_draw_seed", 3)
+    seen = {j for s in range(50) for _, j in shared.choose_images(recs, 12, f"sur/adapter/{s}")}
     assert seen == set(range(16))  # every image index can be drawn, not only the first 4
 
 
@@ -110,19 +110,19 @@ def test_an_edit_beyond_the_first_images_is_caught_at_the_stated_rate(sur, monke
     assert len(changed) == 36 and total == 720
     runs, caught = 2000, 0
     for seed in range(runs):
-        monkeypatch.setattr(verify, "_draw_seed", seed)
-        caught += bool(changed & set(verify.choose_images(recs, verify.VERIFY_DRAWS, "sur/adapter")))
-    p = verify.detection_probability(total, verify.VERIFY_DRAWS)
+        monkeypatch.setattr(shared, "_draw_seed", seed)
+        caught += bool(changed & set(shared.choose_images(recs, verify.VERIFY_DRAWS, "sur/adapter")))
+    p = shared.detection_probability(total, verify.VERIFY_DRAWS)
     assert 0.45 < p < 0.47
     assert abs(caught / runs - p) < 4 * (p * (1 - p) / runs) ** 0.5
 
 
 def test_images_for_power_is_the_stated_size():
-    s = verify.images_for_power(0.05, 0.95)
+    s = shared.images_for_power(0.05, 0.95)
     assert s == 59 and 0.95 ** s <= 0.05 < 0.95 ** (s - 1)
-    assert verify.images_for_power(0.05, 0.95, total=720) == 57
-    assert verify.detection_probability(720, 57) >= 0.95 > verify.detection_probability(720, 56)
-    assert verify.detection_probability(720, None or 720) == 1.0
+    assert shared.images_for_power(0.05, 0.95, total=720) == 57
+    assert shared.detection_probability(720, 57) >= 0.95 > shared.detection_probability(720, 56)
+    assert shared.detection_probability(720, None or 720) == 1.0
 
 
 # ----------------------------------------------------------------------------- input digests
@@ -220,8 +220,8 @@ def test_two_conditions_share_draws_only_with_the_same_weights(sur):
 
     recs, gen = sur["conditions"]["base"]["records"], GenSettings(**sur["generation"])
     lin = torch.nn.Linear(2, 2)
-    assert verify.draw_key(recs, 0, gen) == verify.draw_key(copy.deepcopy(recs), 0, gen)
-    assert verify.draw_key(recs, 0, gen) != verify.draw_key(recs, 0, gen, adapter=lin)
+    assert shared.draw_key(recs, 0, gen) == shared.draw_key(copy.deepcopy(recs), 0, gen)
+    assert shared.draw_key(recs, 0, gen) != shared.draw_key(recs, 0, gen, adapter=lin)
 
 
 # ----------------------------------------------------------------------------- loss replays beyond the start
@@ -271,16 +271,16 @@ def test_a_loss_forged_at_a_later_step_fails_the_replay_from_a_stored_adapter(tm
     assert [int(r["step"]) for r in log] == [1, 2, 3, 4, 5]
     states = {3: {"dir": str(tmp_path / "step-00003"), "digest": digest}}
 
-    checks = verify.replay_from_states(cfg(5), backbone, states, log, "synthetic", knowledge)
+    checks = shared.replay_from_states(cfg(5), backbone, states, log, "synthetic", knowledge)
     assert len(checks) == 1 and ok(checks), checks
     assert "step 4" in checks[0]["check"]
 
     forged = copy.deepcopy(log)
     forged[3]["loss"] = float(forged[3]["loss"]) * 1.02
-    assert not ok(verify.replay_from_states(cfg(5), backbone, states, forged, "synthetic", knowledge))
+    assert not ok(shared.replay_from_states(cfg(5), backbone, states, forged, "synthetic", knowledge))
     forged = copy.deepcopy(log)
     forged[2]["loss"] = float(forged[2]["loss"]) * 1.5  # step 3: no stored state before it here
-    assert ok(verify.replay_from_states(cfg(5), backbone, states, forged, "synthetic", knowledge))
+    assert ok(shared.replay_from_states(cfg(5), backbone, states, forged, "synthetic", knowledge))
 
 
 # ----------------------------------------------------------------------------- loss logs of the issue's cases
@@ -308,25 +308,27 @@ def _true_replays(monkeypatch, module, logs_by_overrides):
 def test_ablation_logs_forged_at_step_5_of_no_llm_and_step_1_of_reference_fail(monkeypatch):
     """The issue's cases: step 5 of ``no_llm`` and step 1 of ``reference`` raised by 50%. Before,
     verify replayed 2 steps of the one variant the result names (``no_llm``): both passed."""
+    from sur_lib.study.experiments import ablations
+
     doc = json.loads((RESULTS / "ablations.json").read_text())
     by_over = {json.dumps(v["overrides"], sort_keys=True): v["log"] for v in doc["variants"].values()}
     budget = doc["settings"]["budget"]["overrides"]  # max_steps, checkpoint_every: set by the replay
-    _true_replays(monkeypatch, verify, lambda over: copy.deepcopy(by_over[json.dumps(
+    _true_replays(monkeypatch, ablations, lambda over: copy.deepcopy(by_over[json.dumps(
         {k: v for k, v in over.items() if k not in budget}, sort_keys=True)]))
     digest = doc["model"]["unet_digest"]
-    assert ok(verify.verify_ablations(doc, None, digest, False))
-    todo, skipped = verify.ablation_replays(doc, full=False)
+    assert ok(ablations.verify_ablations(doc, None, digest))
+    todo, skipped = ablations.ablation_replays(doc, full=False)
     assert doc["verify"]["variant"] == "no_llm" and ("no_llm", 5) in todo and ("reference", 1) in todo
     assert {s for n, s in todo if n != "no_llm"} == {1}
     assert len(todo) + len(skipped) == 15  # 21 variants, 6 of them twins of another
     for variant, row in (("no_llm", 4), ("reference", 0)):
         forged = copy.deepcopy(doc)
         forged["variants"][variant]["log"][row]["loss"] *= 1.5
-        checks = verify.verify_ablations(forged, None, digest, False)
+        checks = ablations.verify_ablations(forged, None, digest)
         failed = [c["check"] for c in checks if not c["ok"]]
         assert failed == [f"{variant}: loss at step {row + 1}"], failed
     # --full (draws None) replays every step of every variant, the skipped teachers included
-    todo, skipped = verify.ablation_replays(doc, full=True)
+    todo, skipped = ablations.ablation_replays(doc, full=True)
     assert not skipped and all(s == 150 for _, s in todo) and len(todo) == 15
 
 
@@ -342,9 +344,9 @@ def test_the_convergence_log_forged_at_step_3_fails(monkeypatch, tmp_path):
         true_log = list(csv.DictReader(f))
     monkeypatch.setattr(runs, "surd_mini", lambda *a, **k: tmp_path)
     monkeypatch.setattr(convergence, "_train_cfg", lambda *a, **k: type("C", (), {"lambda_llm": 0})())
-    monkeypatch.setattr(runs, "train_adapter", lambda cfg, *a, **k: (None, true_log[:convergence.VERIFY_TRAIN_STEPS], None))
-    monkeypatch.setattr(verify, "replay_from_states", lambda *a, **k: [])
-    monkeypatch.setattr(verify, "verify_images", lambda *a, **k: [])
+    monkeypatch.setattr(runs, "train_adapter", lambda cfg, *a, **k: (None, true_log[:shared.VERIFY_TRAIN_STEPS], None))
+    monkeypatch.setattr(shared, "replay_from_states", lambda *a, **k: [])
+    monkeypatch.setattr(shared, "verify_images", lambda *a, **k: [])
     monkeypatch.setattr(convergence, "ROOT", tmp_path)
     log = tmp_path / doc["train_log"]
     log.parent.mkdir(parents=True)

@@ -14,7 +14,7 @@ chapter reads (``record_reads``), so that a rebuild executes the chapter again w
 (book/_ext/sur_book_deps.py). ``glue`` is myst-nb's (numbers from cells into the prose) or,
 outside a book build (Colab), a stand-in that shows the value.
 
-The formatting helpers turn the numbers of ``sur_lib.analysis`` into the text of tables:
+The formatting helpers turn the numbers of ``sur_lib.study.statistics`` into the text of tables:
 ``pct`` (a share in percent), ``pct_ci`` (with its interval), ``fmt_p`` (a p-value),
 ``md_table`` / ``md_escape`` (Markdown tables) and ``smooth`` (a trailing moving average of a
 loss curve).
@@ -159,7 +159,7 @@ def pct_ci(block: Mapping, digits: int = 1, ci_digits: int | None = None, suffix
 
 
 def prompt_ci(block: Mapping) -> dict:
-    """A summary block (``analysis.summarize``) re-read at the prompt level: ``acc`` is the mean
+    """A summary block (``statistics.summarize``) re-read at the prompt level: ``acc`` is the mean
     of the per-prompt accuracies and ``lo``-``hi`` its 95% t interval over prompts, clipped to
     [0, 1]; ``pct_ci(prompt_ci(block))`` prints it. This interval carries the spread between
     prompts, which the Wilson interval over images (``block["lo"]``, ``block["hi"]``) ignores."""
@@ -389,7 +389,7 @@ def paper_prompt_tests(alpha: float = 0.05) -> dict:
     """Each Table 1 prompt's change with the adapter (Table 7) as counts out of 130 (every
     percentage of both tables is a whole number of images out of 130) and Fisher's exact test.
     Returns ``rows`` (prompt, base "k/130", adapter "k/130", p), ``n_sig`` (p < alpha),
-    ``n_holm`` (significant after Holm's correction, ``analysis.holm``) and the two means in %."""
+    ``n_holm`` (significant after Holm's correction, ``statistics.holm``) and the two means in %."""
     from scipy import stats
 
     from .statistics import holm

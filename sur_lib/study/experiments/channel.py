@@ -1,6 +1,6 @@
 """How does knowledge reach a new noun? The distillation channel, tested with a target it can carry.
 
-    python -m sur_lib.experiments channel [--steps 2000] [--images 8] [--max-minutes M] [--quick]
+    python -m sur_lib.study.experiments channel [--steps 2000] [--images 8] [--max-minutes M] [--quick]
 
 Not in the paper; the book's own test of its central mechanism. L_LLM (Eq. 5) distils a teacher
 target softmax(W0 k / T) into the adapter's queries Q. The re-test's oracle could not test the
@@ -10,7 +10,7 @@ target feature. Here every teacher gets the same, well-posed treatment
 and the variants differ only in the teacher, at the re-test's budget (tiny.yaml, ``--steps``
 2,000, SURD-mini 3,000 rows):
 
-* ``oracle``   the prompt's true count, colour, shape and named arrangement (``sur_lib.oracle``);
+* ``oracle``   the prompt's true count, colour, shape and named arrangement (``sur_lib.study.oracle``);
 * ``permuted`` the same, with the nouns' classes shuffled across nouns (same marginals:
   ``oracle.permuted_classes``): a teacher as loud and as structured, but wrong about nouns;
 * ``smollm2``  SmolLM2-135M's vectors (tiny.yaml's LLM) under the same treatment;
@@ -31,7 +31,7 @@ one action prompt per noun, held-out phrasings, so no evaluated text was trained
 ``seen`` (the 17 training nouns), ``text_only`` (12) and ``unseen`` (the 11 held-out nouns),
 ``--images`` (8) images per prompt, plus the base model with the simple and the complex texts
 (the gap closed). Comparisons (``COMPARISONS``) paired over prompts and over nouns
-(``analysis.noun_level``: prompts nested in nouns), Holm within each group's family. Reading:
+(``statistics.noun_level``: prompts nested in nouns), Holm within each group's family. Reading:
 oracle = permuted on seen nouns: the channel is inert; oracle > permuted on seen but not on
 unseen: the limit is at inference (the adapter sees only the text encoder's states); oracle >
 permuted on text-only nouns: distillation can inject knowledge without images.
@@ -157,7 +157,7 @@ class ChannelConfig:
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None) -> "ChannelConfig":
-        ap = argparse.ArgumentParser(prog="python -m sur_lib.experiments channel", description=__doc__,
+        ap = argparse.ArgumentParser(prog="python -m sur_lib.study.experiments channel", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
         ap.add_argument("--steps", type=int, default=None, help="training steps (2000; quick 3)")
         ap.add_argument("--images", type=int, default=None, help="images per prompt (8; quick 2)")
@@ -315,7 +315,7 @@ def train_variant(cc: ChannelConfig, variant: str, lam: float, backbone, model_d
     result = train(cfg, backbone=bb, dataset=ds, knowledge=knowledge)
     stored = {k: v for k, v in cfg.to_dict().items() if k not in runs.PATH_KEYS}
     adapter, digest = runs.save_adapter(result.adapter, folder, dict(
-        made_by="python -m sur_lib.experiments channel", variant=variant, steps=cfg.max_steps,
+        made_by="python -m sur_lib.study.experiments channel", variant=variant, steps=cfg.max_steps,
         train_config=stored))
     shutil.rmtree(Path(cfg.output_dir) / "checkpoints", ignore_errors=True)
     return cfg, adapter, digest, knowledge
@@ -409,7 +409,7 @@ def run_channel(cc: ChannelConfig, backbone=None) -> tuple[dict, bool]:
     done = partial["variants"]
     complete = all(v in done for v in VARIANTS) and all(
         f"{b}/{g}" in partial["base"] for b in ("simple", "complex") for g in GROUPS)
-    doc = {"experiment": "channel", "command": "python -m sur_lib.experiments channel " + " ".join(cc.argv),
+    doc = {"experiment": "channel", "command": "python -m sur_lib.study.experiments channel " + " ".join(cc.argv),
            "seed": cc.seed, "quick": cc.quick, "versions": common.versions(),
            "where": "CPU (1 torch thread per job)", "model": minfo, "judge": common.judge_info(),
            "settings": settings, "lambda": partial.get("lambda"), "complete": complete,
@@ -543,7 +543,6 @@ def _p(p: float | None) -> str:
 # ----------------------------------------------------------------------------- verify
 
 VERIFY_ADAPTERS = ("oracle",)  # whose fp16 adapter is committed (data/runs/channel/<v>/adapter-fp16)
-VERIFY_REPLAY_STEPS = 2
 
 
 def export_adapter(cfg, export: Path) -> str:
@@ -582,19 +581,20 @@ def backfill(ppath: Path, out_runs: Path) -> list[str]:
     return done
 
 
-def verify_channel(doc: dict, backbone, current_digest: str, draws: int | None = 12,
-                   progress: bool = False) -> list[dict]:
+def verify_channel(doc: dict, backbone, current_digest: str, draws: int | None,
+                   progress: bool = False, out: Path | str | None = None) -> list[dict]:
     """``verify`` for the channel experiment (its final or partial file): every record's counts,
     the table (when complete) recomputed from the records, the first training steps of the
     first finished teacher variant replayed against its loss log, and the committed adapter's
-    images re-drawn (one prompt per group, image for image)."""
+    images re-drawn (``draws`` per group). The verify hooks' signature (``registry``; ``out``
+    is not used)."""
     import tempfile
 
     from ..statistics import same_numbers
     from sur_lib.infra.provenance import ROOT
     from sur_lib.train import TrainConfig, train
     from sur_lib.infra.run_state import read_log
-    from .verify import loss_checks, verify_images
+    from .checks import VERIFY_TRAIN_STEPS, loss_checks, verify_images
 
     if doc["settings"]["model_digest"] != current_digest:
         return [{"check": "channel: base model", "ok": False,
@@ -617,7 +617,7 @@ def verify_channel(doc: dict, backbone, current_digest: str, draws: int | None =
         cfg = variant_config(cc, var, doc["lambda"]["lambda_llm"], current_digest)
         knowledge = teacher_vectors(var, cfg, training_rows(cfg), cc.entropy, backbone.text_dim, progress)
         with tempfile.TemporaryDirectory() as tmp:
-            rcfg = TrainConfig.from_dict(dict(cfg.to_dict(), max_steps=VERIFY_REPLAY_STEPS, checkpoint_every=10**6,
+            rcfg = TrainConfig.from_dict(dict(cfg.to_dict(), max_steps=VERIFY_TRAIN_STEPS, checkpoint_every=10**6,
                                               output_dir=tmp, resume=False, progress=progress))
             bb, ds = inputs(rcfg, backbone, knowledge, progress)
             train(rcfg, backbone=bb, dataset=ds, knowledge=knowledge)
@@ -625,7 +625,7 @@ def verify_channel(doc: dict, backbone, current_digest: str, draws: int | None =
         import csv
 
         with open(ROOT / doc["variants"][var]["log"], newline="") as f:
-            stored = list(csv.DictReader(f))[:VERIFY_REPLAY_STEPS]
+            stored = list(csv.DictReader(f))[:VERIFY_TRAIN_STEPS]
         checks += [dict(c, check=f"channel {var}: {c['check']}") for c in loss_checks(live, stored)]
     for v in VERIFY_ADAPTERS:
         d = doc["variants"].get(v)

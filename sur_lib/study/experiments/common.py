@@ -47,10 +47,6 @@ QUICK = dict(prompts_per_type=1, images=2, sampler_steps=5, rows=64, train_steps
              batch_size=8, val_per_type=1, val_images=2)
 
 VOLATILE_KEYS = frozenset({"command", "versions", "wall_time_s", "seconds", "timings"})
-EXPERIMENTS = ("failure", "sur", "ablations", "rewrite", "guidance", "compose", "probe",
-               "convergence", "tune", "retest", "quality", "neighbours", "channel")  # the results `verify` checks
-# a result that lands over sessions: verify checks its partial file until the final one exists
-PARTIAL_RESULTS = ("channel",)
 
 VERSION_PACKAGES = ("numpy", "scipy", "pillow", "torch", "sur_lib", "diffusers", "transformers",
                     "accelerate", "safetensors", "brisque")
@@ -155,14 +151,6 @@ def versions() -> dict:
 
 def result_path(out: Path | str, name: str, quick: bool) -> Path:
     return Path(out) / (f"{name}-quick.json" if quick else f"{name}.json")
-
-
-def verify_path(out: Path | str, name: str) -> Path:
-    """The file ``verify`` checks for ``name``: its result, or for a result that lands over
-    sessions (``PARTIAL_RESULTS``) its partial file while the result does not exist."""
-    final = result_path(out, name, False)
-    partial = Path(out) / f"{name}.partial.json"
-    return partial if name in PARTIAL_RESULTS and not final.is_file() and partial.is_file() else final
 
 
 def header(name: str, exp: ExperimentConfig) -> dict:

@@ -299,10 +299,11 @@ def verify_conditions(conds: dict, k: int = VERIFY_CONDITIONS) -> list[str]:
 
 
 def verify_compose(doc: dict, backbone, current_digest: str, draws: int | None,
-                   progress: bool) -> list[dict]:
+                   progress: bool = False, out: Path | str | None = None) -> list[dict]:
     """Re-draw ``draws`` random images of a few conditions (``doc["verify"]``) with their
-    guidance options and compare with the stored verdicts (``verify.redraw_check``)."""
-    from .verify import redraw_check
+    guidance options and compare with the stored verdicts (``checks.redraw_check``). The verify
+    hooks' signature (``registry``; ``out`` is not used)."""
+    from .checks import redraw_check
 
     if doc["model"]["unet_digest"] != current_digest:
         return [{"check": "base model", "ok": False, "message": (

@@ -391,20 +391,21 @@ def run(cc: ConvergenceConfig, backbone=None) -> tuple[dict, bool]:
     return doc, complete
 
 
-VERIFY_TRAIN_STEPS = 5  # verify replays this many training steps (without the step cache)
 VERIFY_UNITS = ("base-simple/test", f"step-{STEPS}/test")  # and re-draws a few of these images
 
 
 def verify_convergence(doc: dict, backbone, current_digest: str, draws: int | None,
-                       progress: bool) -> list[dict]:
-    """``verify`` for the dose-response: replay the first ``VERIFY_TRAIN_STEPS`` training
+                       progress: bool = False, out: Path | str | None = None) -> list[dict]:
+    """``verify`` for the dose-response: replay the first ``checks.VERIFY_TRAIN_STEPS`` training
     steps without the step cache and compare them with the stored loss log (the cached path
     gives the same losses, ``tests/test_step_cache.py``), and the step after each stored
-    adapter (``verify.replay_from_states``: steps 251, 501, 1001, 2001, 3501), then re-draw ``draws`` random images of the base model and of the last adapter on the test prompts."""
+    adapter (``checks.replay_from_states``: steps 251, 501, 1001, 2001, 3501), then re-draw
+    ``draws`` random images of the base model and of the last adapter on the test prompts. The
+    verify hooks' signature (``registry``; ``out`` is not used)."""
     import csv
     import tempfile
 
-    from .verify import loss_checks, replay_from_states, verify_images
+    from .checks import VERIFY_TRAIN_STEPS, loss_checks, replay_from_states, verify_images
 
     if doc["model"]["unet_digest"] != current_digest:
         return [{"check": "base model", "ok": False, "message": (

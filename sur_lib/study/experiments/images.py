@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .. import statistics as analysis
+from ..statistics import accuracy_with_ci
 from sur_lib.world import evaluate
 from sur_lib.infra.fileio import clean_json, write_json
 from sur_lib.infra.provenance import state_digest
@@ -151,7 +151,7 @@ def evaluate_condition(backbone, specs: Sequence[dict], texts: Sequence[str], n_
         correct = [int(s["correct"]) for s in scores]
         rec = {k: spec.get(k) for k in SPEC_KEYS}
         rec["text"] = text
-        rec.update(analysis.accuracy_with_ci(correct))
+        rec.update(accuracy_with_ci(correct))
         rec["correct"] = correct
         rec["hits"] = {a: sum(bool(s[a]) for s in scores) for a in HIT_KEYS}
         if quality:

@@ -9,7 +9,7 @@ rebuilt on each machine and are not inputs) plus the prompt sets an experiment r
 the result was made (one line of a loss log, one byte of an adapter), removed, or a dependency
 the result names but did not record, fails.
 
-Backfill or refresh after a deliberate change: ``python -m sur_lib.experiments inputs
+Backfill or refresh after a deliberate change: ``python -m sur_lib.study.experiments inputs
 data/results/sur.json ...`` adds ``inputs`` and changes nothing else in the file.
 """
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Sequence
 
 from sur_lib.infra.checkpoints import sha256
 from sur_lib.infra.provenance import ROOT
+from . import registry
 
 INPUT_ROOTS = ("data/models/", "data/runs/", "data/prompts/", "data/results/")
-PROMPT_SETS = {"convergence": ("data/prompts/extended_heldout.json",),
-               "neighbours": ("data/prompts/extended_heldout.json",)}
+PROMPT_SETS = {n: e.prompt_sets for n, e in registry.COMMANDS.items() if e.prompt_sets}  # registry
 INPUTS_KEY = "inputs"
 
 
@@ -76,7 +76,7 @@ def input_check(doc: dict, partial: bool = False) -> dict:
     if not isinstance(recorded, dict):
         return {"check": check, "ok": partial, "message": (
             "none recorded (a partial result: its final file records them)" if partial else
-            "none recorded: record them with python -m sur_lib.experiments inputs RESULT_FILE")}
+            "none recorded: record them with python -m sur_lib.study.experiments inputs RESULT_FILE")}
     changed, missing = [], []
     for f, digest in sorted(recorded.items()):
         p = ROOT / f
@@ -94,13 +94,13 @@ def input_check(doc: dict, partial: bool = False) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m sur_lib.experiments inputs RESULT_FILE ...``: (re)record the ``inputs`` of
+    """``python -m sur_lib.study.experiments inputs RESULT_FILE ...``: (re)record the ``inputs`` of
     each result file in place; the rest of the file is unchanged."""
     import argparse
 
     from sur_lib.infra.fileio import read_json, write_json
 
-    ap = argparse.ArgumentParser(prog="python -m sur_lib.experiments inputs", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m sur_lib.study.experiments inputs", description=main.__doc__)
     ap.add_argument("results", nargs="+", help="result files (data/results/NAME.json)")
     for path in ap.parse_args(argv).results:
         doc = read_json(path, "result file")

@@ -210,12 +210,15 @@ if __name__ == "__main__":
     run_cli(main)
 
 
-def verify_neighbours(doc: dict, backbone, progress: bool = False, results: Path = common.RESULTS_DIR) -> list[dict]:
+def verify_neighbours(doc: dict, backbone, current_digest: str | None = None, draws: int | None = None,
+                      progress: bool = False, out: Path | str = common.RESULTS_DIR) -> list[dict]:
     """``verify`` for ``neighbours.json``: everything recomputed live (a few seconds: MiniLM on
-    a few hundred prompts, the gains from the stored results) and compared to 1e-6."""
+    a few hundred prompts, the gains from the stored results in ``out``) and compared to 1e-6.
+    The verify hooks' signature (``registry``); nothing is drawn and no adapter trained, so
+    ``current_digest``, ``draws`` and ``progress`` are not used."""
     from ..statistics import same_numbers
 
-    live = run_neighbours(doc["k"], Path(results), backbone)
+    live = run_neighbours(doc["k"], Path(out), backbone)
     checks = []
     for key in ("nouns", "tests"):
         ok = same_numbers(live[key], doc[key], rel=1e-6)

@@ -179,10 +179,13 @@ def run(per_noun: int = PER_NOUN, llms: Sequence[str] = ("smollm2", "gemma3-270m
             "wall_time_s": round(time.time() - t0, 1)}
 
 
-def verify_probe(doc: dict, backbone, targets: Sequence[str] = TARGETS) -> list[dict]:
+def verify_probe(doc: dict, backbone, current_digest: str | None = None, draws: int | None = None,
+                 progress: bool = False, out=None, targets: Sequence[str] = TARGETS) -> list[dict]:
     """``verify``: recompute the text encoder's features of the stored prompts and its
     leave-one-noun-out probes (seconds; the LLM parts take minutes and are not repeated), and
-    compare each noun's majority answer and the mean accuracy with the stored ones."""
+    compare each noun's majority answer and the mean accuracy with the stored ones. The verify
+    hooks' signature (``registry``); only the text encoder is used, so ``current_digest``,
+    ``draws``, ``progress`` and ``out`` are not."""
     prompts = probe_prompts(doc["per_noun"], doc["seed"])
     if [p["text"] for p in prompts] != [p["text"] for p in doc["prompts"]]:
         return [{"check": "probe prompts", "ok": False,

@@ -117,13 +117,14 @@ if __name__ == "__main__":
     run_cli(main)
 
 
-def verify_quality(doc: dict, backbone, current_digest: str, draws: int | None = 12,
-                   progress: bool = False) -> list[dict]:
+def verify_quality(doc: dict, backbone, current_digest: str, draws: int | None,
+                   progress: bool = False, out: Path | str | None = None) -> list[dict]:
     """``verify`` for ``quality.json``: the table recomputed from its records, and the stored
-    adapter's images of one prompt per type re-drawn (image for image)."""
+    adapter's images re-drawn (``draws`` of them). The verify hooks' signature (``registry``;
+    ``out`` is not used)."""
     from ..statistics import same_numbers
     from sur_lib.infra.provenance import ROOT
-    from .verify import verify_images
+    from .checks import verify_images
 
     ok = same_numbers(quality_table(doc["records"]["base"], doc["records"]["adapter"], doc["margin"]), doc["table"])
     checks = [{"check": "quality: table", "ok": ok, "message": "recomputed from the records" + ("" if ok else ": DIFFERS")}]

@@ -43,9 +43,10 @@ from typing import Sequence
 
 import torch
 
-from .. import statistics as analysis
+from ..statistics import accuracy_with_ci
 from sur_lib.infra.fileio import write_json
 from . import common, images, runs
+from .checks import VERIFY_TRAIN_STEPS
 
 KNOWLEDGE_SOURCES = ("llm", "oracle")
 PROMPT_SETS = ("tuning", "test", "extended")
@@ -206,7 +207,6 @@ def train_recipe(cfg, backbone, source: str = "llm", info: dict | None = None,
 
 # ----------------------------------------------------------------------------- for verify
 
-VERIFY_TRAIN_STEPS = 2  # training steps ``replay`` re-runs
 
 
 def export_run(rr: RecipeRun, dest: Path, with_adapter: bool = True) -> dict:
@@ -242,14 +242,14 @@ def export_run(rr: RecipeRun, dest: Path, with_adapter: bool = True) -> dict:
 def replay(export: Path, backbone, steps: int = VERIFY_TRAIN_STEPS, progress: bool = False) -> list[dict]:
     """Re-run the first ``steps`` training steps of an exported recipe (``export_run``'s folder)
     from its ``run.json`` in a temporary folder, and compare each step's loss with its stored
-    log (``verify.loss_checks``)."""
+    log (``checks.loss_checks``)."""
     import csv
     import json
     import tempfile
 
     from sur_lib.train import TrainConfig, train
     from sur_lib.infra.run_state import read_log
-    from .verify import loss_checks
+    from .checks import loss_checks
 
     export = Path(export)
     meta = json.loads((export / "run.json").read_text())
@@ -271,13 +271,13 @@ def replay_stored_states(export: Path, copied_from: Path | None, backbone, label
     """For a recipe copied from the dose-response run (``copied_from``: its ``adapters/step-N``),
     whose loss log is that run's first N rows: the step after each earlier stored adapter of
     that run (``adapters/step-K``, K < N) recomputed from it and compared with the recipe's own
-    log (``verify.replay_from_states``). A recipe trained by itself stores only its final
+    log (``checks.replay_from_states``). A recipe trained by itself stores only its final
     adapter, after its last logged step: nothing to replay beyond the start (``replay``)."""
     import csv
     import json
 
     from sur_lib.train import TrainConfig
-    from .verify import replay_from_states
+    from .checks import replay_from_states
 
     if copied_from is None:
         return []
@@ -340,7 +340,7 @@ def truncate(records: Sequence[dict], n: int) -> list[dict]:
             out.append(dict(r))
             continue
         rec = {k: v for k, v in r.items() if k not in ("hits", "brisque", "clean_render_distance")}
-        rec.update(analysis.accuracy_with_ci(r["correct"][:n]), correct=list(r["correct"][:n]))
+        rec.update(accuracy_with_ci(r["correct"][:n]), correct=list(r["correct"][:n]))
         out.append(rec)
     return out
 

@@ -28,8 +28,8 @@ run with 8 would draw):
   assumed: they are in the results.
 
 Statistics per prompt set, per type and overall: the paired t-test (and Wilcoxon) over prompts
-of each variant against the recipe (``analysis.compare``), Holm-corrected across the variants
-(``analysis.holm``; the teacher-vs-strong_llm comparisons form a family of their own), and the
+of each variant against the recipe (``statistics.compare``), Holm-corrected across the variants
+(``statistics.holm``; the teacher-vs-strong_llm comparisons form a family of their own), and the
 share of the simple-to-complex gap each closes (base model with the simple and with the
 complex prompts on the same prompts and seeds: from ``convergence.json`` when it matches,
 else drawn). Resumable: finished variants are kept in ``retest.partial.json`` and skipped.
@@ -422,13 +422,14 @@ VERIFY_REPLAY = ("recipe", "teacher_oracle")  # the LLM and the oracle knowledge
 
 
 def verify_retest(doc: dict, backbone, current_digest: str, draws: int | None,
-                  progress: bool) -> list[dict]:
+                  progress: bool = False, out: Path | str | None = None) -> list[dict]:
     """``verify`` for the re-test: the first training steps of ``VERIFY_REPLAY`` replayed
     against their stored loss logs, the step after each stored state of a variant copied from
     the dose-response run (``recipes.replay_stored_states``: 251, 501, 1001 of ``recipe``), and ``draws`` random images
-    of the recipe's exported adapter re-drawn on the test prompts."""
+    of the recipe's exported adapter re-drawn on the test prompts. The verify hooks' signature
+    (``registry``; ``out`` is not used)."""
     from sur_lib.infra.provenance import ROOT
-    from .verify import verify_images
+    from .checks import verify_images
 
     if doc["model"]["unet_digest"] != current_digest:
         return [{"check": "base model", "ok": False, "message": (

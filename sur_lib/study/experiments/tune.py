@@ -359,12 +359,14 @@ def final_block(recs: dict[str, list[dict]]) -> dict:
 
 
 def verify_tune(doc: dict, backbone, current_digest: str, draws: int | None,
-                progress: bool) -> list[dict]:
+                progress: bool = False, out: Path | str | None = None) -> list[dict]:
     """``verify`` for the tuned recipe: the choice recomputed from the stored tuning-set
     summaries, those summaries from their records, the chosen recipe's first training steps
-    replayed against its stored loss log, and ``draws`` random images of the exported adapter re-drawn on the tuning and the test prompts."""
+    replayed against its stored loss log, and ``draws`` random images of the exported adapter
+    re-drawn on the tuning and the test prompts. The verify hooks' signature (``registry``;
+    ``out`` is not used)."""
     from sur_lib.infra.provenance import ROOT
-    from .verify import verify_images
+    from .checks import verify_images
 
     if doc["model"]["unet_digest"] != current_digest:
         return [{"check": "base model", "ok": False, "message": (

