@@ -12,7 +12,7 @@ from sur_lib.study.statistics import minimum_detectable_effect, noun_level, sign
 from sur_lib.infra.cli import UsageError
 from sur_lib.study.experiments import channel
 from sur_lib.adapter import KnowledgeProjection
-from sur_lib.knowledge import load_knowledge
+from sur_lib.infra.knowledge_files import load_knowledge
 from sur_lib.losses import llm_distillation_loss
 from sur_lib.models import tiny_random_backbone
 from sur_lib.train import TrainConfig, build_adapter, compute_losses, read_log, text_only_draw, train

@@ -335,7 +335,7 @@ def sd15_vs_sur_world(counts: Mapping[str, int] | None = None) -> list[dict]:
     paper's setting (SD 1.5) beside its stand-in in the tiny profile, as rows with the keys
     ``what``, ``sd``, ``toy``. ``counts``: ``parameter_counts()`` (computed when None)."""
     from . import experiments as ex
-    from sur_lib import knowledge as kn
+    from sur_lib.infra import llms
     from sur_lib.world import toyworld as tw
     from sur_lib.world.pretrain import MAX_LENGTH
 
@@ -355,9 +355,9 @@ def sd15_vs_sur_world(counts: Mapping[str, int] | None = None) -> list[dict]:
              toy="an arrangement verb: " + ", ".join(tw.ARRANGEMENTS)),
         dict(what="text encoder", sd=f"CLIP ViT-L/14 text model, {M(c['clip_text'])} parameters, 77 x 768",
              toy=f"all-MiniLM-L6-v2, {M(c['minilm'])} parameters, {MAX_LENGTH} x 384"),
-        dict(what="LLM", sd=f"LLaMA 7B-33B, width {kn.LLM_WIDTHS['llama-7b']}-{kn.LLM_WIDTHS['llama-33b']}",
-             toy=f"SmolLM2-135M-Instruct, width {kn.LLM_WIDTHS['smollm2-135m']}, "
-                 f"{kn.LLM_NUM_LAYERS['smollm2-135m']} blocks"),
+        dict(what="LLM", sd=f"LLaMA 7B-33B, width {llms.LLM_WIDTHS['llama-7b']}-{llms.LLM_WIDTHS['llama-33b']}",
+             toy=f"SmolLM2-135M-Instruct, width {llms.LLM_WIDTHS['smollm2-135m']}, "
+                 f"{llms.LLM_NUM_LAYERS['smollm2-135m']} blocks"),
         dict(what="diffusion model", sd=f"UNet, {M(c['sd_unet'])} parameters, latents 4 x 64 x 64 (VAE)",
              toy=f"UNet, {M(c['tiny_unet'])} parameters, pixels 3 x {tw.SIZE} x {tw.SIZE}, no VAE"),
         dict(what="adapter training data", sd="SURD, 57,603 triples (26,121 on the Hub)",
