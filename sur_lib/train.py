@@ -234,6 +234,10 @@ def load_backbone_for(cfg: TrainConfig):
         return models.tiny_random_backbone(seed=cfg.seed)
     if cfg.profile == "paper":
         return models.paper_backbone(cfg.pretrained or models.SD15_REPO)
+    if cfg.profile == "tiny":  # the SUR world's base model, where data_dir's default also points
+        from .infra.provenance import abs_path
+
+        return models.load_tiny_backbone(abs_path("data/models/tiny-sur-world"))
     return models.load_backbone(cfg.profile)
 
 

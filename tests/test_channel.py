@@ -206,7 +206,7 @@ def test_noun_token_positions_find_the_word_pieces():
     from transformers import AutoTokenizer
 
     from sur_lib.study.experiments import neighbours as nb
-    from sur_lib.models import minilm_folder
+    from sur_lib.infra.text_encoders import minilm_folder
 
     tok = AutoTokenizer.from_pretrained(minilm_folder())
     pos = nb.noun_token_positions(tok, "five christmas trees in a row", ("christmas trees", "christmas tree"))

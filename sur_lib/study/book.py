@@ -33,6 +33,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..infra.provenance import ROOT
+from ..world.paths import DATA, RESULTS_DIR, TINY_MODEL_DIR
 
 try:
     from myst_nb import glue  # puts numbers from cells into the book's prose
@@ -92,12 +93,12 @@ def setup(seed: int = 0, threads: int | None = 1, quiet: bool = True) -> Chapter
     if threads:
         torch.set_num_threads(min(threads, os.cpu_count() or 1))
     chapter = Chapter(seed=seed, threads=torch.get_num_threads(), root=ROOT,
-                      results=Path(os.environ.get("SUR_BOOK_RESULTS", ROOT / "data" / "results")),
+                      results=Path(os.environ.get("SUR_BOOK_RESULTS", RESULTS_DIR)),
                       model_dir=os.environ.get("SUR_BOOK_MODEL"),
                       device="cuda" if torch.cuda.is_available() else "cpu", profile=profile, t0=t0)
     if os.environ.get(READS_LOG):  # set by the book build for the chapter it executes
         record_reads(os.environ[READS_LOG],
-                     [ROOT / "data", chapter.results] + ([Path(chapter.model_dir)] if chapter.model_dir else []))
+                     [DATA, chapter.results] + ([Path(chapter.model_dir)] if chapter.model_dir else []))
     return chapter
 
 
@@ -317,6 +318,7 @@ def parameter_counts() -> dict[str, int]:
     from transformers import AutoConfig, AutoModel, CLIPTextConfig, CLIPTextModel
 
     from sur_lib import models as sm
+    from sur_lib.infra.text_encoders import minilm_folder
 
     def n(model):
         return sum(p.numel() for p in model.parameters())
@@ -324,9 +326,9 @@ def parameter_counts() -> dict[str, int]:
     with torch.device("meta"):
         return {
             "sd_unet": n(UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(sm.SD15_CONFIGS / "unet"))),
-            "tiny_unet": n(UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(sm.TINY_MODEL_DIR / "unet"))),
+            "tiny_unet": n(UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(TINY_MODEL_DIR / "unet"))),
             "clip_text": n(CLIPTextModel(CLIPTextConfig.from_pretrained(sm.SD15_CONFIGS / "text_encoder"))),
-            "minilm": n(AutoModel.from_config(AutoConfig.from_pretrained(sm.minilm_folder()))),
+            "minilm": n(AutoModel.from_config(AutoConfig.from_pretrained(minilm_folder()))),
         }
 
 

@@ -4,7 +4,7 @@
 
 NAME is one of
 
-* ``failure``  -- Table 1 analogue: the base model (``models.load_tiny_backbone()``) on each of
+* ``failure``  -- Table 1 analogue: the base model (``models.load_tiny_backbone``) on each of
   the 45 held-out test prompts, with its simple text and with its complex counterpart,
   ``--images`` (16) images per prompt, judged by ``evaluate.score`` (the prompt type's
   "semantically correct"); per-prompt accuracy with Wilson 95% intervals, per-type and overall
