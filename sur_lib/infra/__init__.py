@@ -1,9 +1,12 @@
 """Infrastructure the layers share: file I/O, checkpoints, config typing, provenance, the
-command-line errors, the headless browser.
+command-line errors, the headless browser, the frozen models' files (LLMs, text encoders) and
+the knowledge files.
 
 ``fileio`` (atomic writes, JSON, safetensors), ``checkpoints`` (verified, pruned, no pickle),
 ``config`` (typed dataclass fields from YAML and the command line), ``provenance`` (versions,
 weight digests, repository-relative paths), ``cli`` (one-line errors for every entry point),
-``headless`` (Chromium over the DevTools protocol). Nothing here imports the method, the world
+``headless`` (Chromium over the DevTools protocol), ``llms`` (loading the frozen LLMs),
+``text_encoders`` (CLIP's tokenizer and MiniLM, offline), ``knowledge_files`` (the two
+knowledge-file formats), ``extract`` (the extraction command's files and loop). Nothing here imports the method, the world
 or the study (``tests/test_layers.py``).
 """
