@@ -195,8 +195,8 @@ def cached_knowledge_vectors(
     """Knowledge vectors for ``prompts``, computed once and kept in the safetensors file ``path``.
 
     Only prompts missing from the file are computed; ``model_loader()`` (returning
-    ``(model, tokenizer)``, e.g. ``sur_lib.infra.llms.load_smollm2``) is called only if some are missing.
-    The file records ``layer``, ``include_bos`` and ``meta`` (put the model name there); asking
+    ``(model, tokenizer)``, e.g. ``sur_lib.infra.llms.load_smollm2``) is called only if some are
+    missing. The file records ``layer``, ``include_bos`` and ``meta`` (put the model name there); asking
     for vectors of another layer/model from the same file is an error (use another file).
     ``layer`` is compared as written: -1 and 29 are different keys. ``drop_first`` is recorded
     only when set; ``batch_size`` always (1, the default, makes the file's contents independent

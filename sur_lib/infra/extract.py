@@ -19,7 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .fileio import clean_stale_temps
-from .knowledge_files import KnowledgeError, add_vectors, check_prompts, load_model_for, read_cache, save_cache
+from .knowledge_files import (KnowledgeError, add_vectors, check_prompts, load_model_for, read_cache,
+                              save_cache)
 
 #: The ``--dtype`` choices (the LLM's weights).
 DTYPES = ("float32", "bfloat16", "float16")
