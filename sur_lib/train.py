@@ -229,6 +229,10 @@ def load_backbone_for(cfg: TrainConfig):
         return models.tiny_random_backbone(seed=cfg.seed)
     if cfg.profile == "paper":
         return models.paper_backbone(cfg.pretrained or models.SD15_REPO)
+    if cfg.profile == "tiny":  # the SUR world's base model, where data_dir's default also points
+        from .infra.provenance import abs_path
+
+        return models.load_tiny_backbone(abs_path("data/models/tiny-sur-world"))
     return models.load_backbone(cfg.profile)
 
 
@@ -243,15 +247,16 @@ def knowledge_for(cfg: TrainConfig, prompts: list[str], progress: bool = True) -
       (it cannot be extended: make a cache with ``python -m sur_lib.knowledge extract``).
     """
     from . import knowledge
+    from .infra import knowledge_files as kf, llms
 
     path = cfg.knowledge_file or str(Path(cfg.output_dir) / "knowledge.safetensors")
-    if Path(path).exists() and knowledge.knowledge_file_format(path) == knowledge.AUTHORS_PT:
-        return knowledge.select_knowledge(knowledge.load_authors_prompt2vec(path), prompts,
+    if Path(path).exists() and kf.knowledge_file_format(path) == kf.AUTHORS_PT:
+        return knowledge.select_knowledge(kf.load_authors_prompt2vec(path), prompts,
                                           source=f"{path} (the authors' format, read only)")
 
     def load():  # called only when some vectors are missing (a cold cache loads the LLM)
         print(f"knowledge: loading {cfg.llm} to compute missing vectors for {path}", flush=True)
-        return knowledge.load_llm(cfg.llm, getattr(torch, cfg.llm_dtype), cfg.llm_device)
+        return llms.load_llm(cfg.llm, getattr(torch, cfg.llm_dtype), cfg.llm_device)
 
     return knowledge.cached_knowledge_vectors(
         path, load, sorted(set(prompts)), layer=cfg.llm_layer, include_bos=cfg.llm_include_bos,

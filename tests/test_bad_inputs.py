@@ -901,7 +901,8 @@ def test_disk_full_names_the_file(tmp_path, monkeypatch):
 def test_prompt_differing_by_whitespace_or_normalisation_names_the_stored_one(tmp_path, asked, stored):
     # before: "no knowledge vector ... LLM could not be loaded (OSError: We couldn't connect to
     # huggingface.co ...)", with two prompts that look the same
-    from sur_lib.knowledge import cached_knowledge_vectors, save_knowledge
+    from sur_lib.infra.knowledge_files import save_knowledge
+    from sur_lib.knowledge import cached_knowledge_vectors
 
     path = tmp_path / "k.safetensors"
     save_knowledge(path, [stored], torch.ones(1, 4), {"layer": -1, "include_bos": True, "batch_size": 1})
@@ -921,7 +922,7 @@ def test_missing_prompt_shows_the_nearest_in_the_mapping():
 
 
 def test_llm_path_that_looks_local_never_asks_the_hub(tmp_path):
-    from sur_lib.knowledge import load_causal_lm
+    from sur_lib.infra.llms import load_causal_lm
 
     with pytest.raises(ValueError, match=rf"LLM folder {tmp_path / 'nope'} not found \(a path, so the Hub"):
         load_causal_lm(tmp_path / "nope")
@@ -930,7 +931,8 @@ def test_llm_path_that_looks_local_never_asks_the_hub(tmp_path):
 
 
 def test_width_0_vectors_are_refused(tmp_path):
-    from sur_lib.knowledge import save_knowledge, select_knowledge
+    from sur_lib.infra.knowledge_files import save_knowledge
+    from sur_lib.knowledge import select_knowledge
 
     with pytest.raises(ValueError, match=r"vectors of width 0"):
         save_knowledge(tmp_path / "k.safetensors", ["a"], torch.ones(1, 0))
@@ -1038,7 +1040,8 @@ def test_data_errors_exit_with_status_2_like_config_errors(tmp_path, capsys):
 
 def test_extract_removes_temporary_copies_of_dead_processes_only(tmp_path, capsys):
     # before: every SIGKILL of extract left a .NAME.XXXX.tmp copy of the cache for good
-    from sur_lib.knowledge import extract_knowledge, save_knowledge
+    from sur_lib.infra.knowledge_files import save_knowledge
+    from sur_lib.knowledge import extract_knowledge
 
     path = tmp_path / "k.safetensors"
     meta = {"llm": "x", "layer": -1, "include_bos": True, "batch_size": 1}

@@ -12,7 +12,7 @@ from sur_lib.study.statistics import minimum_detectable_effect, noun_level, sign
 from sur_lib.infra.cli import UsageError
 from sur_lib.study.experiments import channel
 from sur_lib.adapter import KnowledgeProjection
-from sur_lib.knowledge import load_knowledge
+from sur_lib.infra.knowledge_files import load_knowledge
 from sur_lib.losses import llm_distillation_loss
 from sur_lib.models import tiny_random_backbone
 from sur_lib.train import TrainConfig, build_adapter, compute_losses, text_only_draw, train
@@ -207,7 +207,7 @@ def test_noun_token_positions_find_the_word_pieces():
     from transformers import AutoTokenizer
 
     from sur_lib.study.experiments import neighbours as nb
-    from sur_lib.models import minilm_folder
+    from sur_lib.infra.text_encoders import minilm_folder
 
     tok = AutoTokenizer.from_pretrained(minilm_folder())
     pos = nb.noun_token_positions(tok, "five christmas trees in a row", ("christmas trees", "christmas tree"))

@@ -23,7 +23,8 @@ from PIL import Image
 
 from sur_lib.adapter import SURAdapter
 from sur_lib.data import write_metadata
-from sur_lib.knowledge import load_knowledge, save_tiny_random_llm
+from sur_lib.infra.knowledge_files import load_knowledge
+from sur_lib.infra.llms import save_tiny_random_llm
 from sur_lib.train import TrainConfig, train
 from sur_lib.infra.run_state import digest, read_log
 

@@ -35,7 +35,8 @@ def _write_standin(folder):
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """(folder, backbone): a frozen copy of the shipped base model, or a random stand-in."""
-    from sur_lib.models import TINY_MODEL_DIR, load_tiny_backbone
+    from sur_lib.models import load_tiny_backbone
+    from sur_lib.world.paths import TINY_MODEL_DIR
 
     for attempt in range(2):
         if not (TINY_MODEL_DIR / "sur_backbone.json").is_file():

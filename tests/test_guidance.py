@@ -367,7 +367,7 @@ def test_compose_quick_run_and_verify(tmp_path, capsys):
     """The quick compose experiment on the shipped base model and adapter; verify re-runs part
     of it and agrees; a tampered record makes verify fail."""
     from sur_lib.study import experiments as ex
-    from sur_lib.models import TINY_MODEL_DIR
+    from sur_lib.world.paths import TINY_MODEL_DIR
 
     if not (TINY_MODEL_DIR / "sur_backbone.json").is_file() or not (ex.ADAPTER_DIR / "config.json").is_file():
         pytest.skip("needs data/models/tiny-sur-world and data/models/sur-adapter-tiny")

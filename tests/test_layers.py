@@ -6,9 +6,12 @@
 * the infrastructure (``sur_lib/infra/``) imports no layer;
 * no import circle between modules, also when the imports that ``verify`` and ``command`` make
   through the experiments' registry (``importlib``, by module path) are counted.
+* the method names no path into the repository's ``data/`` (the world owns them), except the
+  known ones below, which may only shrink.
 """
 from __future__ import annotations
 
+import ast
 import importlib.util
 import sys
 from pathlib import Path
@@ -137,3 +140,48 @@ def test_adapter_owns_w0_and_imports_no_knowledge_file_code():
     deps = layers.graph()["sur_lib.adapter"]
     assert "sur_lib.knowledge" not in deps, sorted(deps)
     assert deps <= {"sur_lib.infra.cli", "sur_lib.infra.fileio"}, sorted(deps)
+
+
+# The paths into the repository's data/ folder that the method still names: the train command's
+# defaults for the tiny profile (its data set and base model), which go when that command's
+# defaults move out of the method. The world owns these paths (sur_lib.world.paths). Take an
+# entry out when it goes; nothing may join.
+KNOWN_DATA_PATHS = {("sur_lib.train", "data/surd-mini"), ("sur_lib.train", "data/models/tiny-sur-world")}
+
+
+def data_paths(path: Path) -> set[str]:
+    """The string constants of a module that name a path into the repository's ``data/``: a
+    path part ``"data"`` (``ROOT / "data"``) or a text that starts with ``data/``. Docstrings
+    (which may show a command line) are left out; f-string parts count."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                docstrings.add(id(body[0].value))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            text = node.value.strip()
+            if text in ("data", "data/") or text.startswith(("data/", "./data/")):
+                found.add(text)
+    return found
+
+
+def test_data_paths_are_found(tmp_path):
+    mod = tmp_path / "m.py"
+    mod.write_text('"""python -m x data/SURD (a docstring: not counted)"""\nfrom pathlib import Path\n'
+                   'A = Path(__file__).parents[1] / "data" / "models"\nB = f"data/results/{1}.json"\n'
+                   'C = "metadata.jsonl"\n')
+    assert data_paths(mod) == {"data", "data/results/"}
+
+
+def test_the_method_names_no_path_into_data():
+    """The method (``sur_lib/*.py``) takes folders as arguments; the world supplies the
+    repository's (``sur_lib.world.paths``)."""
+    found = {(name, text) for name, path in layers.modules().items() if layers.layer_of(name) == "method"
+             for text in data_paths(path)}
+    assert found <= KNOWN_DATA_PATHS, f"paths into data/ in the method: {sorted(found - KNOWN_DATA_PATHS)}"
+    assert found == KNOWN_DATA_PATHS, (f"these left the method, take them out of KNOWN_DATA_PATHS: "
+                                       f"{sorted(KNOWN_DATA_PATHS - found)}")

@@ -8,6 +8,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import BertModel, CLIPTextModel
 
 from sur_lib import models as M
+from sur_lib.infra import text_encoders as TE
+from sur_lib.world import paths
 
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat", SD 1.5 / CLIP ViT-L
 
@@ -80,7 +82,7 @@ def test_bundled_configs_are_files():
 
 
 def test_clip_tokenizer_ids_and_padding():
-    tok = M.clip_tokenizer()
+    tok = TE.clip_tokenizer()
     assert len(tok) == 49408 and tok.model_max_length == 77
     assert tok("a photo of a cat").input_ids == CAT_IDS
     padded = tok(["a photo of a cat"], padding="max_length", max_length=77, truncation=True).input_ids[0]
@@ -88,12 +90,12 @@ def test_clip_tokenizer_ids_and_padding():
     long = tok(" ".join(["cat"] * 200), padding="max_length", max_length=77, truncation=True).input_ids
     assert len(long) == 77 and long[0] == 49406 and long[-1] == 49407
     assert tok.decode(CAT_IDS, skip_special_tokens=True) == "a photo of a cat"
-    assert M.clip_tokenizer(max_length=20).model_max_length == 20
+    assert TE.clip_tokenizer(max_length=20).model_max_length == 20
 
 
 def test_clip_tokenizer_folder_is_cached_atomically(tmp_path, monkeypatch):
     monkeypatch.setenv("SUR_CACHE", str(tmp_path))
-    folder = M.clip_tokenizer_folder()
+    folder = TE.clip_tokenizer_folder()
     assert folder == tmp_path / "clip_tokenizer"
     vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
     assert len(vocab) == 49408 and len(set(vocab.values())) == 49408
@@ -103,7 +105,7 @@ def test_clip_tokenizer_folder_is_cached_atomically(tmp_path, monkeypatch):
     assert merges[0].startswith("#version") and len(merges) == 1 + 48894
     assert [p.name for p in tmp_path.iterdir()] == ["clip_tokenizer"]  # no temp folder left
     stamp = (folder / "vocab.json").stat().st_mtime_ns
-    assert M.clip_tokenizer_folder() == folder
+    assert TE.clip_tokenizer_folder() == folder
     assert (folder / "vocab.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
 
 
@@ -112,8 +114,8 @@ def test_clip_tokenizer_folder_is_cached_atomically(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_minilm_offline_token_states():
-    assert (M.minilm_folder() / "model.safetensors").is_file()
-    tokenizer, model = M.load_minilm()
+    assert (TE.minilm_folder() / "model.safetensors").is_file()
+    tokenizer, model = TE.load_minilm()
     assert isinstance(model, BertModel) and not model.training
     assert (model.config.hidden_size, model.config.num_hidden_layers) == (384, 6)
     assert 22_000_000 < n_params(model) < 23_000_000
@@ -229,21 +231,19 @@ def test_load_plain_sd_layout(tmp_path):
 # ---- the tiny profile's slot and the dispatcher --------------------------------------------
 
 
-def test_load_tiny_backbone_says_what_is_missing(tmp_path, monkeypatch):
+def test_load_tiny_backbone_says_what_is_missing(tmp_path):
     folder = tmp_path / "data" / "models" / "tiny-sur-world"
-    monkeypatch.setattr(M, "TINY_MODEL_DIR", folder)
-    for call in (M.load_tiny_backbone, lambda: M.load_backbone("tiny")):
+    for call in (lambda: M.load_tiny_backbone(folder), lambda: M.load_backbone("tiny", folder=folder)):
         with pytest.raises(FileNotFoundError) as err:
             call()
         assert str(folder) in str(err.value) and "python -m sur_lib.world.pretrain" in str(err.value)
-    assert M.TINY_MODEL_DIR.parts[-3:] == ("data", "models", "tiny-sur-world")
+    assert paths.TINY_MODEL_DIR.parts[-3:] == ("data", "models", "tiny-sur-world")  # the world's
 
 
-def test_load_tiny_backbone_loads_a_saved_folder(tmp_path, monkeypatch):
+def test_load_tiny_backbone_loads_a_saved_folder(tmp_path):
     b = M.tiny_random_backbone(sample_size=8, with_vae=False, seed=2)
     b.save_pretrained(tmp_path / "tiny-sur-world")
-    monkeypatch.setattr(M, "TINY_MODEL_DIR", tmp_path / "tiny-sur-world")
-    c = M.load_backbone("tiny")
+    c = M.load_backbone("tiny", folder=tmp_path / "tiny-sur-world")
     assert c.vae is None and torch.equal(c.encode_prompts("a cat"), b.encode_prompts("a cat"))
 
 

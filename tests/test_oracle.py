@@ -134,7 +134,7 @@ def test_lambda_to_match_equalises_the_norms(surd, tmp_path):  # noqa: F811
 
 def test_measure_is_deterministic_and_restores_the_mode(surd, tmp_path):  # noqa: F811
     from sur_lib.data import SURDDataset
-    from sur_lib.knowledge import load_knowledge
+    from sur_lib.infra.knowledge_files import load_knowledge
 
     cfg = cfg_for(surd, tmp_path, lambda_llm=0.1, lambda_cp=0.1)
     backbone = tiny_random_backbone(seed=0)

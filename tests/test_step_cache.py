@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sur_lib.data import SURDDataset
-from sur_lib.knowledge import load_knowledge
+from sur_lib.infra.knowledge_files import load_knowledge
 from sur_lib.models import tiny_random_backbone
 from sur_lib.study.step_cache import (CachedTextBackbone, DecodedImages, PromptStates, cached_inputs,
                                 encoder_digest)

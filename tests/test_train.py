@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 from sur_lib.data import SURDDataset, collate, write_metadata
-from sur_lib.knowledge import save_knowledge
+from sur_lib.infra.knowledge_files import save_knowledge
 from sur_lib.models import tiny_random_backbone
 from sur_lib.train import (
     TrainConfig,
@@ -55,7 +55,7 @@ def cfg_for(surd, out, **kw):
 
 
 def _one_batch(surd, cfg):
-    from sur_lib.knowledge import load_knowledge
+    from sur_lib.infra.knowledge_files import load_knowledge
 
     knowledge = load_knowledge(surd / "knowledge.safetensors")
     ds = SURDDataset(surd, resolution=32, knowledge=knowledge)
@@ -362,7 +362,7 @@ def test_a_nan_loss_stops_the_run_and_the_checkpoint_resumes(surd, tmp_path, mon
 
 
 def test_the_authors_pt_works_as_knowledge_file(tmp_path):
-    from sur_lib.knowledge import load_authors_prompt2vec
+    from sur_lib.infra.knowledge_files import load_authors_prompt2vec
 
     authors = Path(__file__).parent / "data" / "authors_prompt2vec_13B_39.pt"
     prompt = next(iter(load_authors_prompt2vec(authors)))

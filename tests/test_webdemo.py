@@ -46,13 +46,14 @@ def manifest(models):
 @pytest.fixture(scope="module")
 def backbone():
     from sur_lib.models import load_tiny_backbone
+    from sur_lib.world.paths import TINY_MODEL_DIR
 
-    return load_tiny_backbone()
+    return load_tiny_backbone(TINY_MODEL_DIR)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from sur_lib.models import load_minilm
+    from sur_lib.infra.text_encoders import load_minilm
 
     return load_minilm()[0]
 

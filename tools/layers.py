@@ -9,11 +9,13 @@ The package has three layers and one kind of support code:
   backbones, training, generation and the guidance extensions. It imports neither world nor
   study.
 * **world** (``sur_lib/world/``): the SUR world (renderer and scenes, SURD-mini, prompt sets,
-  the base model's pretraining, the judge). It does not import the study.
+  the base model's pretraining, the judge) and every path into the repository's ``data/``
+  (``paths``). It does not import the study.
 * **study** (``sur_lib/study/``): statistics, claims, the experiments and everything that
   measures or presents the method in the world. It may import every other layer.
 * **infrastructure** (``sur_lib/infra/``): file I/O, checkpoints, config typing, provenance,
-  the command-line errors, the headless browser. It imports no layer.
+  the command-line errors, the headless browser, loading the LLMs and the text encoders' files
+  offline, the knowledge-file formats and the extraction command's files. It imports no layer.
 
 A few modules only keep the ``python -m sur_lib....`` commands that stored results name
 working (layer ``alias``, ``ALIASES``). In a tree from before the layers existed, ``BEFORE``

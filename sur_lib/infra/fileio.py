@@ -13,7 +13,8 @@ leaves either the old version or the complete new one, never half of either:
   works in it; the operating system releases it when the process ends, however it ends;
 * ``clean_stale_temps``: remove the temporary copies (``.NAME.XXXX.tmp``) that a killed
   process left, only those whose writer is gone;
-* a full disk (or quota) names the file being written (``naming_file``).
+* a full disk (or quota) names the file being written (``naming_file``);
+* ``sur_cache_dir``: the root of sur_lib's caches of derived files (``$SUR_CACHE``).
 """
 from __future__ import annotations
 
@@ -31,6 +32,13 @@ import numpy as np
 
 
 NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
+
+
+def sur_cache_dir() -> Path:
+    """Root folder of sur_lib's caches (the rebuilt CLIP tokenizer, an LLM's fp32 copy, the
+    web demo's images): ``$SUR_CACHE`` if set, else ``~/.cache/sur_lib``."""
+    root = os.environ.get("SUR_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "sur_lib"
 
 
 @contextlib.contextmanager

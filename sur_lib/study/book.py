@@ -33,6 +33,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..infra.provenance import ROOT
+from ..world.paths import DATA, RESULTS_DIR, TINY_MODEL_DIR
 
 try:
     from myst_nb import glue  # puts numbers from cells into the book's prose
@@ -92,12 +93,12 @@ def setup(seed: int = 0, threads: int | None = 1, quiet: bool = True) -> Chapter
     if threads:
         torch.set_num_threads(min(threads, os.cpu_count() or 1))
     chapter = Chapter(seed=seed, threads=torch.get_num_threads(), root=ROOT,
-                      results=Path(os.environ.get("SUR_BOOK_RESULTS", ROOT / "data" / "results")),
+                      results=Path(os.environ.get("SUR_BOOK_RESULTS", RESULTS_DIR)),
                       model_dir=os.environ.get("SUR_BOOK_MODEL"),
                       device="cuda" if torch.cuda.is_available() else "cpu", profile=profile, t0=t0)
     if os.environ.get(READS_LOG):  # set by the book build for the chapter it executes
         record_reads(os.environ[READS_LOG],
-                     [ROOT / "data", chapter.results] + ([Path(chapter.model_dir)] if chapter.model_dir else []))
+                     [DATA, chapter.results] + ([Path(chapter.model_dir)] if chapter.model_dir else []))
     return chapter
 
 
@@ -317,6 +318,7 @@ def parameter_counts() -> dict[str, int]:
     from transformers import AutoConfig, AutoModel, CLIPTextConfig, CLIPTextModel
 
     from sur_lib import models as sm
+    from sur_lib.infra.text_encoders import minilm_folder
 
     def n(model):
         return sum(p.numel() for p in model.parameters())
@@ -324,9 +326,9 @@ def parameter_counts() -> dict[str, int]:
     with torch.device("meta"):
         return {
             "sd_unet": n(UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(sm.SD15_CONFIGS / "unet"))),
-            "tiny_unet": n(UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(sm.TINY_MODEL_DIR / "unet"))),
+            "tiny_unet": n(UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(TINY_MODEL_DIR / "unet"))),
             "clip_text": n(CLIPTextModel(CLIPTextConfig.from_pretrained(sm.SD15_CONFIGS / "text_encoder"))),
-            "minilm": n(AutoModel.from_config(AutoConfig.from_pretrained(sm.minilm_folder()))),
+            "minilm": n(AutoModel.from_config(AutoConfig.from_pretrained(minilm_folder()))),
         }
 
 
@@ -335,7 +337,7 @@ def sd15_vs_sur_world(counts: Mapping[str, int] | None = None) -> list[dict]:
     paper's setting (SD 1.5) beside its stand-in in the tiny profile, as rows with the keys
     ``what``, ``sd``, ``toy``. ``counts``: ``parameter_counts()`` (computed when None)."""
     from . import experiments as ex
-    from sur_lib import knowledge as kn
+    from sur_lib.infra import llms
     from sur_lib.world import toyworld as tw
     from sur_lib.world.pretrain import MAX_LENGTH
 
@@ -355,9 +357,9 @@ def sd15_vs_sur_world(counts: Mapping[str, int] | None = None) -> list[dict]:
              toy="an arrangement verb: " + ", ".join(tw.ARRANGEMENTS)),
         dict(what="text encoder", sd=f"CLIP ViT-L/14 text model, {M(c['clip_text'])} parameters, 77 x 768",
              toy=f"all-MiniLM-L6-v2, {M(c['minilm'])} parameters, {MAX_LENGTH} x 384"),
-        dict(what="LLM", sd=f"LLaMA 7B-33B, width {kn.LLM_WIDTHS['llama-7b']}-{kn.LLM_WIDTHS['llama-33b']}",
-             toy=f"SmolLM2-135M-Instruct, width {kn.LLM_WIDTHS['smollm2-135m']}, "
-                 f"{kn.LLM_NUM_LAYERS['smollm2-135m']} blocks"),
+        dict(what="LLM", sd=f"LLaMA 7B-33B, width {llms.LLM_WIDTHS['llama-7b']}-{llms.LLM_WIDTHS['llama-33b']}",
+             toy=f"SmolLM2-135M-Instruct, width {llms.LLM_WIDTHS['smollm2-135m']}, "
+                 f"{llms.LLM_NUM_LAYERS['smollm2-135m']} blocks"),
         dict(what="diffusion model", sd=f"UNet, {M(c['sd_unet'])} parameters, latents 4 x 64 x 64 (VAE)",
              toy=f"UNet, {M(c['tiny_unet'])} parameters, pixels 3 x {tw.SIZE} x {tw.SIZE}, no VAE"),
         dict(what="adapter training data", sd="SURD, 57,603 triples (26,121 on the Hub)",

@@ -35,19 +35,20 @@ import torch
 
 from .. import models
 from ..world import toyworld
+from ..world.paths import ADAPTER_DIR, RESULTS_DIR, TINY_MODEL_DIR
 from ..data import SURDDataset
 from ..infra.fileio import write_json
 from ..pipeline import generate, make_pipeline
 from ..infra.provenance import ROOT, versions
 from ..train import TrainConfig, train
 
-STORED_ADAPTER = ROOT / "data" / "models" / "sur-adapter-tiny"
-STORED_RESULT = ROOT / "data" / "results" / "sur.json"
+STORED_ADAPTER = ADAPTER_DIR
+STORED_RESULT = RESULTS_DIR / "sur.json"
 
 
 def _backbone(seed: int):
     try:
-        return models.load_tiny_backbone(), "tiny (pretrained, shipped)"
+        return models.load_tiny_backbone(TINY_MODEL_DIR), "tiny (pretrained, shipped)"
     except FileNotFoundError as err:
         print(f"note: {err}\n      -> using a random-weight MiniLM + pixel-space UNet backbone")
         bb = models.tiny_random_backbone(text_encoder="minilm", with_vae=False, sample_size=32, seed=seed)

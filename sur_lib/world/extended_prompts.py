@@ -30,9 +30,9 @@ from typing import Sequence
 import numpy as np
 
 from . import toyworld as tw
+from .paths import EXTENDED_PROMPTS_FILE
 
-ROOT = Path(__file__).resolve().parents[2]
-EXTENDED_FILE = ROOT / "data" / "prompts" / "extended_heldout.json"
+EXTENDED_FILE = EXTENDED_PROMPTS_FILE  # data/prompts/extended_heldout.json
 EXTENDED_SEED = 20261201
 PER_TYPE = 50
 # SHA-256 of the canonical JSON of the prompt list (sorted keys), pinned when first written

@@ -41,7 +41,8 @@ from .. import __version__
 from . import toyworld
 from ..infra.cli import UsageError
 from ..infra.fileio import atomic_write_text
-from ..models import TINY_MODEL_DIR, load_minilm
+from ..infra.text_encoders import load_minilm
+from .paths import TINY_MODEL_DIR
 
 MAX_LENGTH = 48  # MiniLM tokens per prompt: covers 90% of complex prompts whole; the object phrase ends by token 25 in 99%
 

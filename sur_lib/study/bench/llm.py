@@ -27,10 +27,10 @@ class WordTokenizer:
         return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
 
 def llama_config(name: str = "llama-7b", **overrides):
-    """A LlamaConfig of the LLaMA-1 shape ``name`` (hidden size and depth from sur_lib.knowledge)."""
+    """A LlamaConfig of the LLaMA-1 shape ``name`` (hidden size and depth from sur_lib.infra.llms)."""
     from transformers import LlamaConfig
 
-    from sur_lib.knowledge import LLM_NUM_LAYERS, LLM_WIDTHS
+    from sur_lib.infra.llms import LLM_NUM_LAYERS, LLM_WIDTHS
 
     width = LLM_WIDTHS[name]
     ffn = {4096: 11008, 5120: 13824, 6656: 17920}.get(width, 4 * width)
@@ -108,7 +108,7 @@ def knowledge_throughput(cfg: BenchConfig, device: torch.device, log: Callable[[
                                  **llm_throughput(model, WordTokenizer(config.vocab_size), min(n, 64), 32,
                                                   seed=cfg.seed)}
     if cfg.smollm2:
-        from sur_lib.knowledge import load_smollm2
+        from sur_lib.infra.llms import load_smollm2
 
         log("knowledge vectors: SmolLM2-135M-Instruct on the CPU")
         t0 = time.perf_counter()

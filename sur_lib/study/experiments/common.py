@@ -17,11 +17,10 @@ import torch
 
 from sur_lib.world import evaluate
 from sur_lib.world import toyworld as tw
+from sur_lib.world.paths import ADAPTER_DIR, CONVERGENCE_RUN_DIR, RESULTS_DIR, TINY_MODEL_DIR
 from sur_lib.infra.provenance import ROOT, rel_path, state_digest
 from sur_lib.infra.provenance import versions as _versions
 
-RESULTS_DIR = ROOT / "data" / "results"
-ADAPTER_DIR = ROOT / "data" / "models" / "sur-adapter-tiny"
 WORK_DIR = ROOT / "outputs" / "experiments"  # datasets, runs, knowledge caches (not committed)
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 JUDGE_FILE = RESULTS_DIR / "judge.json"
@@ -161,13 +160,14 @@ def header(name: str, exp: ExperimentConfig) -> dict:
 
 
 def load_base(model_dir: str | Path | None = None, retries: int = 1):
-    """The base model (``models.load_tiny_backbone``). The pretraining job replaces its export
-    folder by a rename every 100 steps; a load that hits the swap is retried once."""
+    """The base model (``models.load_tiny_backbone``; ``model_dir`` None: the world's,
+    ``TINY_MODEL_DIR``). The pretraining job replaces its export folder by a rename every 100
+    steps; a load that hits the swap is retried once."""
     from sur_lib.models import load_tiny_backbone
 
     for attempt in range(retries + 1):
         try:
-            return load_tiny_backbone(model_dir)
+            return load_tiny_backbone(model_dir if model_dir is not None else TINY_MODEL_DIR)
         except Exception:  # noqa: BLE001 - half-swapped folder: missing file, bad header ...
             if attempt == retries:
                 raise
@@ -177,8 +177,6 @@ def load_base(model_dir: str | Path | None = None, retries: int = 1):
 def model_info(backbone, model_dir: str | Path | None = None) -> dict:
     """Which base model made a result: folder, pretraining step (pretrain.json) and the exact
     weights (``state_digest`` of the UNet)."""
-    from sur_lib.models import TINY_MODEL_DIR
-
     folder = Path(model_dir) if model_dir is not None else TINY_MODEL_DIR
     info = {"dir": rel_path(folder), "unet_digest": state_digest(backbone.unet),
             "unet_parameters": sum(p.numel() for p in backbone.unet.parameters()),
@@ -205,7 +203,7 @@ def judge_info(path: Path = JUDGE_FILE) -> dict | None:
     return out
 
 
-DOSE_RESPONSE_DIR = ROOT / "data" / "runs" / "convergence"  # convergence's committed run
+DOSE_RESPONSE_DIR = CONVERGENCE_RUN_DIR  # convergence's committed run
 
 
 def reuse_dir(quick: bool, no_reuse: bool) -> str | None:

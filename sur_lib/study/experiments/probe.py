@@ -89,7 +89,8 @@ def text_encoder_features(backbone, texts: Sequence[str], batch: int = 64) -> np
 def llm_features(name: str, texts: Sequence[str], drop_first: bool = False,
                  progress: bool = True) -> np.ndarray:
     """Knowledge vectors as the tiny recipe computes them (last block, mean over tokens)."""
-    from sur_lib.knowledge import knowledge_vectors, load_llm
+    from sur_lib.infra.llms import load_llm
+    from sur_lib.knowledge import knowledge_vectors
 
     model, tok = load_llm(name)
     return knowledge_vectors(model, tok, list(texts), layer=-1, include_bos=True,

@@ -86,7 +86,7 @@ def rewrite_prompts(texts: Sequence[str], model, tokenizer, max_new_tokens: int 
 
 def run_rewrite(exp: RewriteConfig, backbone=None, rewriter: Callable | None = None) -> dict:
     """SmolLM2-Instruct rewrites each simple test prompt; the base model draws the rewrite."""
-    from sur_lib import knowledge
+    from sur_lib.infra.llms import load_smollm2
 
     t0 = time.time()
     backbone = backbone if backbone is not None else load_base(exp.model_dir)
@@ -94,7 +94,7 @@ def run_rewrite(exp: RewriteConfig, backbone=None, rewriter: Callable | None = N
     specs = exp.test_specs()
     texts = [s["text"] for s in specs]
     if rewriter is None:
-        model, tok = knowledge.load_smollm2()
+        model, tok = load_smollm2()
         rewritten = rewrite_prompts(texts, model, tok, progress=exp.progress)
         del model
     else:
