@@ -6,20 +6,16 @@ or $SUR_BOOK_HTML) and skip otherwise; the widget check also skips without Chrom
 (Debian packages chromium and chromium-driver).
 """
 import html
-import http.server
 import json
 import os
 import re
-import shutil
-import socketserver
-import subprocess
 import sys
-import tempfile
-import threading
 from pathlib import Path
 
 import pytest
 import yaml
+
+from sur_lib.infra.headless import chromium_path, dump_dom, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
@@ -167,10 +163,6 @@ def test_widget_page_loads_vendored_js():
         assert (HTML / f).is_file(), f
 
 
-def _chromium():
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 PROBE = """<script>
 window.addEventListener("load", function () {
   function shown() {  // the widget images on screen (a Stack shows its selected child only)
@@ -189,7 +181,7 @@ window.addEventListener("load", function () {
     }, 1000);
   }, 5000);
 });
-</script></body>"""
+</script>"""
 
 
 def test_widget_renders_in_headless_chromium():
@@ -197,42 +189,15 @@ def test_widget_renders_in_headless_chromium():
     another entry shows another image (the jslink runs in the browser), with no network:
     every host but 127.0.0.1 is unresolvable for this browser. Takes ~10-20 s."""
     page = _built("03_surd_statistics.html")
-    exe = _chromium()
+    exe = chromium_path()
     if exe is None:
         pytest.skip("chromium not installed (apt-get install chromium chromium-driver)")
-    probe_page = page.replace("</body>", PROBE).encode("utf-8")
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(HTML), **kwargs)
-
-        def do_GET(self):  # the chapter page plus a script that works the dropdown
-            if self.path.startswith("/__probe__.html"):
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(probe_page)))
-                self.end_headers()
-                self.wfile.write(probe_page)
-            else:
-                super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    with socketserver.TCPServer(("127.0.0.1", 0), Handler) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{server.server_address[1]}/__probe__.html"
-        with tempfile.TemporaryDirectory() as profile:
-            cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                   "--no-first-run", "--disable-background-networking",
-                   "--disable-component-update", "--disable-sync",
-                   f"--user-data-dir={profile}",
-                   "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-                   "--virtual-time-budget=20000", "--dump-dom", url]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=75)
+    assert "</body>" in page
+    server, base = serve(HTML, inject=PROBE)
+    try:
+        dom = dump_dom(f"{base}03_surd_statistics.html?inject", exe, virtual_ms=20000, timeout=75)
+    finally:
         server.shutdown()
-    dom = proc.stdout
-    assert proc.returncode == 0 and "</html>" in dom, proc.stderr[-2000:]
     assert re.search(r'class="[^"]*widget-dropdown', dom), "the Dropdown did not render"
     options = [html.unescape(o).replace("\xa0", " ")
                for o in re.findall(r"<option[^>]*>([^<]*)</option>", dom)]

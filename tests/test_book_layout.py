@@ -8,19 +8,16 @@ built site or without Chromium (Debian package chromium). It prints, per page, t
 width and the widest element, then fails naming every page where something overflows.
 """
 import html
-import http.server
 import json
 import os
 import re
-import socketserver
-import subprocess
-import tempfile
-import threading
 from pathlib import Path
 
 import pytest
 
-from test_book import HTML, _chromium
+from sur_lib.infra.headless import chromium_path, dump_dom, serve
+
+HTML = Path(os.environ.get("SUR_BOOK_HTML", Path(__file__).resolve().parents[1] / "_build" / "html"))
 
 WIDTH = 1400  # px, the window the issue's screenshots use
 SLACK = 1  # px of rounding allowed
@@ -51,48 +48,20 @@ window.addEventListener("load", function () {
     document.body.setAttribute("data-widths", JSON.stringify({content: width, over: over}));
   }, 4000);
 });
-</script></body>""" % {"slack": SLACK}
+</script>""" % {"slack": SLACK}
 
 
 def measure(pages, root: Path, exe: str) -> dict:
     """{page: {"content": px, "over": [widest elements wider than the content]}}."""
     results = {}
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(root), **kwargs)
-
-        def do_GET(self):  # PAGE?measure: the page with the measuring script
-            name, _, query = self.path.partition("?")
-            if query == "measure":
-                body = (root / name.lstrip("/")).read_text(encoding="utf-8")
-                data = body.replace("</body>", MEASURE).encode("utf-8")
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-            else:
-                super().do_GET()
-
-        def log_message(self, *args):
-            pass
-
-    with socketserver.TCPServer(("127.0.0.1", 0), Handler) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        port = server.server_address[1]
+    server, base = serve(root, inject=MEASURE)
+    try:
         for page in pages:
-            url = f"http://127.0.0.1:{port}/{page}?measure"
-            with tempfile.TemporaryDirectory() as profile:
-                cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                       "--disable-background-networking", "--disable-component-update",
-                       f"--user-data-dir={profile}", f"--window-size={WIDTH},1000",
-                       "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-                       "--virtual-time-budget=15000", "--dump-dom", url]
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-            found = re.search(r'data-widths="([^"]*)"', proc.stdout)
-            assert found, f"{page}: the measuring script did not finish ({proc.stderr[-500:]})"
+            dom = dump_dom(f"{base}{page}?inject", exe, virtual_ms=15000, width=WIDTH)
+            found = re.search(r'data-widths="([^"]*)"', dom)
+            assert found, f"{page}: the measuring script did not finish"
             results[page] = json.loads(html.unescape(found.group(1)))
+    finally:
         server.shutdown()
     return results
 
@@ -104,7 +73,7 @@ def _site_pages():
              and "bd-article" in (HTML / p).read_text(encoding="utf-8")]
     if not pages:
         pytest.skip(f"no built site in {HTML}: run `jupyter-book build book/` first")
-    exe = _chromium()
+    exe = chromium_path()
     if exe is None:
         pytest.skip("chromium not installed (apt-get install chromium)")
     return pages, exe

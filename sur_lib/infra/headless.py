@@ -166,9 +166,10 @@ class Chromium:
         return path
 
 
-def serve(folder: str | os.PathLike):
+def serve(folder: str | os.PathLike, inject: str | None = None):
     """A local HTTP server for ``folder`` on 127.0.0.1 (a free port), in a daemon thread:
-    returns (server, base_url); call ``server.shutdown()`` when done."""
+    returns (server, base_url); call ``server.shutdown()`` when done. ``inject``: HTML put
+    before ``</body>`` of a page asked for as ``PAGE?inject`` (a test's measuring script)."""
     import functools
     import http.server
     import socketserver
@@ -177,6 +178,18 @@ def serve(folder: str | os.PathLike):
         extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map,
                           ".wasm": "application/wasm", ".js": "text/javascript",
                           ".onnx": "application/octet-stream"}
+
+        def do_GET(self):
+            name, _, query = self.path.partition("?")
+            if inject is None or query != "inject":
+                return super().do_GET()
+            page = Path(self.directory) / name.lstrip("/")
+            data = page.read_text(encoding="utf-8").replace("</body>", inject + "</body>").encode("utf-8")
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
 
         def log_message(self, *args):
             pass
@@ -193,3 +206,23 @@ def serve(folder: str | os.PathLike):
     server = Server(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}/"
+
+
+def dump_dom(url: str, exe: str | None = None, virtual_ms: int = 15000, width: int = 1400,
+             timeout: float = 120, extra_args=()) -> str:
+    """The DOM of ``url`` after ``virtual_ms`` of virtual time (``chromium --headless
+    --dump-dom``: timers run without waiting in real time), offline: every host but 127.0.0.1
+    is unresolvable. Raises BrowserError if Chromium fails."""
+    exe = exe or chromium_path()
+    if exe is None:
+        raise BrowserError("chromium not found on PATH (Debian: apt-get install chromium)")
+    with tempfile.TemporaryDirectory() as profile:
+        cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--disable-quic", f"--user-data-dir={profile}", f"--window-size={width},1000",
+               "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+               f"--virtual-time-budget={virtual_ms}", *extra_args, "--dump-dom", url]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or "</html>" not in proc.stdout:
+        raise BrowserError(f"chromium --dump-dom {url} failed: {proc.stderr[-1500:]}")
+    return proc.stdout

@@ -616,16 +616,17 @@ def verify_channel(doc: dict, backbone, current_digest: str, draws: int | None,
     if var is not None:
         cfg = variant_config(cc, var, doc["lambda"]["lambda_llm"], current_digest)
         knowledge = teacher_vectors(var, cfg, training_rows(cfg), cc.entropy, backbone.text_dim, progress)
-        with tempfile.TemporaryDirectory() as tmp:
-            rcfg = TrainConfig.from_dict(dict(cfg.to_dict(), max_steps=VERIFY_TRAIN_STEPS, checkpoint_every=10**6,
-                                              output_dir=tmp, resume=False, progress=progress))
-            bb, ds = inputs(rcfg, backbone, knowledge, progress)
-            train(rcfg, backbone=bb, dataset=ds, knowledge=knowledge)
-            live = read_log(tmp)
         import csv
 
         with open(ROOT / doc["variants"][var]["log"], newline="") as f:
             stored = list(csv.DictReader(f))[:VERIFY_TRAIN_STEPS]
+        steps = min(VERIFY_TRAIN_STEPS, len(stored)) or VERIFY_TRAIN_STEPS  # a shorter run: all of it
+        with tempfile.TemporaryDirectory() as tmp:
+            rcfg = TrainConfig.from_dict(dict(cfg.to_dict(), max_steps=steps, checkpoint_every=10**6,
+                                              output_dir=tmp, resume=False, progress=progress))
+            bb, ds = inputs(rcfg, backbone, knowledge, progress)
+            train(rcfg, backbone=bb, dataset=ds, knowledge=knowledge)
+            live = read_log(tmp)
         checks += [dict(c, check=f"channel {var}: {c['check']}") for c in loss_checks(live, stored)]
     for v in VERIFY_ADAPTERS:
         d = doc["variants"].get(v)

@@ -415,11 +415,12 @@ def verify_convergence(doc: dict, backbone, current_digest: str, draws: int | No
                               if k in {f.name for f in dataclasses.fields(ConvergenceConfig)}})
     with open(ROOT / doc["train_log"], newline="") as f:
         full_log = list(csv.DictReader(f))
-    stored = full_log[:VERIFY_TRAIN_STEPS]
+    steps = min(VERIFY_TRAIN_STEPS, len(full_log))  # a run shorter than the replay: all of it
+    stored = full_log[:steps]
     data_dir = runs.surd_mini(cc.rows, cc.seed, progress)
     checks = []
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = _train_cfg(cc, data_dir, current_digest, VERIFY_TRAIN_STEPS)
+        cfg = _train_cfg(cc, data_dir, current_digest, steps)
         cfg.output_dir, cfg.checkpoint_every, cfg.progress = tmp, 10**6, progress
         _, log, _ = runs.train_adapter(cfg, backbone, progress)
     checks += loss_checks(log, stored)

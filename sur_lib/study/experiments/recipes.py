@@ -255,6 +255,7 @@ def replay(export: Path, backbone, steps: int = VERIFY_TRAIN_STEPS, progress: bo
     meta = json.loads((export / "run.json").read_text())
     with open(export / "log.csv", newline="") as f:
         stored = [r for r in csv.DictReader(f)][:steps]
+    steps = min(steps, len(stored)) or steps  # a run shorter than the replay: all of it
     data_dir = runs.surd_mini(meta["rows"], meta["data_seed"], progress)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig.from_dict(dict(meta["train_config"], max_steps=steps, checkpoint_every=10**6,
