@@ -19,9 +19,10 @@ import torch
 import yaml
 from PIL import Image
 
-from sur_lib.data import SURDDataset, SURDError, write_metadata
+from sur_lib.data import SURDDataset
 from sur_lib.infra import cli
 from sur_lib.infra.run_state import read_log
+from sur_lib.infra.surd_files import SURDError, write_metadata
 from sur_lib.train import TrainConfig, _parse_overrides, train
 
 ROOT = Path(__file__).parents[1]
