@@ -219,14 +219,6 @@ def cached_knowledge_vectors(
 # --- the extraction command (python -m sur_lib.knowledge extract; its files: sur_lib.infra.extract) --
 
 
-def read_prompts(source: str | os.PathLike) -> list[str]:
-    """The simple prompts of a SURD folder, a ``metadata.jsonl`` or a text file with one prompt
-    per line, repeats dropped (``sur_lib.infra.extract.read_prompts``)."""
-    from .data import SURDDataset
-
-    return extract.read_prompts(source, lambda folder: SURDDataset(folder, check_images=False).prompts())
-
-
 def extract_knowledge(
     prompts: Iterable[str],
     path: str | os.PathLike,
@@ -260,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.is_dir():
         raise KnowledgeError(f"--out {out} is a folder: give the knowledge file to write (e.g. "
                              f"{out / 'knowledge.safetensors'})")
-    prompts = read_prompts(args.source)
+    prompts = extract.read_prompts(args.source)
     before = len(read_cache(out, cache_meta({"llm": args.llm}, args.layer, not args.no_bos,
                                             args.drop_first, args.batch_size))) if out.exists() else 0
     vectors = extract_knowledge(

@@ -19,9 +19,10 @@ import torch
 import yaml
 from PIL import Image
 
-from sur_lib.data import SURDDataset, SURDError, write_metadata
+from sur_lib.data import SURDDataset
 from sur_lib.infra import cli
 from sur_lib.infra.run_state import read_log
+from sur_lib.infra.surd_files import SURDError, write_metadata
 from sur_lib.train import TrainConfig, _parse_overrides, train
 
 ROOT = Path(__file__).parents[1]
@@ -681,7 +682,7 @@ def test_symlink_inside_the_dataset_is_read(tmp_path):
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
 def test_utf8_bom_is_stripped_when_reading_prompts(tmp_path, suffix):
     # before: the .txt reader stored the key '\ufeffone lemon'; the .jsonl reader refused the BOM
-    from sur_lib.knowledge import read_prompts
+    from sur_lib.infra.extract import read_prompts
 
     path = tmp_path / f"p{suffix}"
     lines = ["one lemon", "two limes"]

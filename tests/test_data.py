@@ -1,4 +1,5 @@
-"""Tests for sur_lib.data: SURD folders, validation messages, transforms, collate, hub loader."""
+"""Tests for sur_lib.data and sur_lib.infra.surd_files: SURD folders, validation messages,
+transforms, collate, hub loader."""
 from __future__ import annotations
 
 import io
@@ -12,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sur_lib.data import (Reason, SURDDataset, SURDError, SURDReport, collate, load_surd_hub,
-                          write_metadata)
+from sur_lib.data import SURDDataset, collate, load_surd_hub
+from sur_lib.infra.surd_files import Reason, SURDError, SURDReport, write_metadata
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

@@ -22,9 +22,9 @@ import yaml
 from PIL import Image
 
 from sur_lib.adapter import SURAdapter
-from sur_lib.data import write_metadata
 from sur_lib.infra.knowledge_files import load_knowledge
 from sur_lib.infra.llms import save_tiny_random_llm
+from sur_lib.infra.surd_files import write_metadata
 from sur_lib.train import TrainConfig, train
 from sur_lib.infra.run_state import digest, read_log
 

@@ -572,7 +572,7 @@ def _extract_args(source, llm, out, *extra):
 def test_extract_cli_matches_knowledge_vectors_and_writes_the_authors_format(llm_folder, tmp_path):
     import subprocess
 
-    from sur_lib.data import write_metadata
+    from sur_lib.infra.surd_files import write_metadata
 
     surd = tmp_path / "surd"
     surd.mkdir()

@@ -11,8 +11,9 @@ import torch
 import yaml
 from PIL import Image
 
-from sur_lib.data import SURDDataset, collate, write_metadata
+from sur_lib.data import SURDDataset, collate
 from sur_lib.infra.knowledge_files import save_knowledge
+from sur_lib.infra.surd_files import write_metadata
 from sur_lib.models import tiny_random_backbone
 from sur_lib.train import (
     TrainConfig,

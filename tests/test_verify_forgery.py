@@ -236,7 +236,7 @@ def test_a_loss_forged_at_a_later_step_fails_the_replay_from_a_stored_adapter(tm
     import torch
     from PIL import Image
 
-    from sur_lib.data import write_metadata
+    from sur_lib.infra.surd_files import write_metadata
     from sur_lib.study.experiments.runs import save_adapter
     from sur_lib.infra.knowledge_files import load_knowledge, save_knowledge
     from sur_lib.models import tiny_random_backbone

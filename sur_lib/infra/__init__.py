@@ -1,6 +1,6 @@
 """Infrastructure the layers share: file I/O, checkpoints, a training run's bookkeeping, config
 typing, provenance, the command-line errors, the headless browser, the frozen models' files
-(LLMs, text encoders) and the knowledge files.
+(LLMs, text encoders), the knowledge files and SURD's files.
 
 ``fileio`` (atomic writes, JSON, safetensors, the cache folder), ``checkpoints`` (verified,
 pruned, no pickle), ``run_state`` (a training run's processes, lock, checkpoints saved and
@@ -9,6 +9,7 @@ resumed, CSV log, NaN stop), ``config`` (typed dataclass fields from YAML and th
 for every entry point), ``headless`` (Chromium over the DevTools protocol), ``llms`` (loading
 the frozen LLMs), ``text_encoders`` (CLIP's tokenizer and MiniLM, offline),
 ``knowledge_files`` (the two knowledge-file formats), ``extract`` (the extraction command's
-files and loop). Nothing here imports the method, the world or the study
-(``tests/test_layers.py``).
+files and loop), ``surd_files`` (a SURD folder's metadata.jsonl and images read and checked,
+metadata written, the Hub copy downloaded). Nothing here imports the method, the world or the
+study (``tests/test_layers.py``).
 """

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .fileio import clean_stale_temps
 from .knowledge_files import (KnowledgeError, add_vectors, check_prompts, load_model_for, read_cache,
                               save_cache)
+from .surd_files import read_surd
 
 #: The ``--dtype`` choices (the LLM's weights).
 DTYPES = ("float32", "bfloat16", "float16")
@@ -39,12 +40,11 @@ def text_lines(path: Path) -> list[str]:
     return text.splitlines()
 
 
-def read_prompts(source: str | os.PathLike,
-                 folder_prompts: Callable[[Path], list[str]]) -> list[str]:
+def read_prompts(source: str | os.PathLike) -> list[str]:
     """The simple prompts of ``source``, repeats dropped, in order of first appearance:
 
-    * a SURD folder (``metadata.jsonl`` + images): ``folder_prompts(folder)``, the ``text`` of
-      every row (``SURDDataset`` reads and checks the folder);
+    * a SURD folder (``metadata.jsonl`` + images): the ``text`` of every row (``read_surd``
+      reads and checks the folder, the images' existence but not their pixels);
     * a ``.jsonl`` file: the ``text`` field of every line (a SURD metadata file);
     * any other file: one prompt per non-empty line (UTF-8).
 
@@ -53,7 +53,7 @@ def read_prompts(source: str | os.PathLike,
     """
     path = Path(source)
     if path.is_dir():
-        prompts = folder_prompts(path)
+        prompts = [row["text"] for row in read_surd(path, check_images=False).rows]
     elif path.is_file() and path.suffix == ".jsonl":
         prompts = []
         for lineno, line in enumerate(text_lines(path), start=1):

@@ -648,7 +648,7 @@ def build_dataset(root, n: int, seed: int = 0, size: int = SIZE, p_clean: float 
     from tqdm import tqdm
 
     from ..infra.cli import UsageError
-    from ..data import write_metadata
+    from ..infra.surd_files import write_metadata
 
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise UsageError(f"n (the number of examples) must be a positive whole number, got {n!r}")
