@@ -142,6 +142,21 @@ def test_config_errors_and_overrides(tmp_path):
     assert cfg.lambda_llm == cfg.lambda_cp == 1e-5 and cfg.eta == 0.1
 
 
+
+def test_config_dict_keeps_the_stored_runs_names():
+    """The run folders behind stored results are named by a hash of ``TrainConfig.to_dict()``
+    (``LATER_KEYS`` options left out at their defaults; a resume compares it outside
+    ``RESUME_FREE_KEYS``): tiny.yaml's dict, in its key order, and both key lists stay
+    byte-identical. A change here renames every stored run."""
+    import hashlib
+    import json
+
+    from sur_lib.train import LATER_KEYS, RESUME_FREE_KEYS
+
+    cfg = TrainConfig.from_yaml(Path(__file__).parents[1] / "sur_lib" / "configs" / "tiny.yaml")
+    text = json.dumps([cfg.to_dict(), LATER_KEYS, list(RESUME_FREE_KEYS)])
+    assert hashlib.sha256(text.encode()).hexdigest()[:16] == "5cc270ee150a74c5"
+
 def _cli(cfg: TrainConfig, tmp_path, name, **overrides):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
