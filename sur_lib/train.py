@@ -28,7 +28,9 @@ process) and draws its batch from a seeded per-epoch permutation (processes take
 slices), so a run that is killed and resumed from a checkpoint follows the same path as a run
 that never stopped. Images are decoded by a DataLoader (``dataloader_num_workers`` worker
 processes) that hands each micro-batch over with the generator state after its random flips,
-so the batches, the noise and the losses do not depend on the number of workers.
+so the batches, the noise and the losses do not depend on the number of workers
+(``sur_lib.infra.micro_batches``). ``TrainConfig``'s fields are typed and checked by the
+generic ``sur_lib.infra.config.TypedConfig`` with its table of rules (``RULES``).
 
     python -m sur_lib.train sur_lib/configs/tiny.yaml --max_steps 200 --output_dir runs/x
     torchrun --nproc_per_node 2 -m sur_lib.train sur_lib/configs/rtx3090.yaml ...   # 2 GPUs (or CPU, gloo)
@@ -37,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ import torch
 from .adapter import G_INITS, SURAdapter
 from .data import SURDDataset, collate
 from .infra import config, run_state
+from .infra.micro_batches import (micro_batch_loader, micro_step_seed, read_text_only_prompts,
+                                  text_only_draw)
 from .infra.cli import UsageError
 from .infra.run_state import NonFiniteLossError  # noqa: F401  (what train raises on a NaN or inf loss)
 from .knowledge import stack_knowledge
@@ -229,79 +232,6 @@ def knowledge_for(cfg: TrainConfig, prompts: list[str], progress: bool = True) -
     )
 
 
-def batch_indices(n: int, batch_size: int, micro_step: int, seed: int) -> list[int]:
-    """Indices of micro-batch number ``micro_step``: consecutive slices of seeded per-epoch
-    permutations (every sample once per epoch), a pure function of its arguments."""
-    out = []
-    start = micro_step * batch_size
-    for pos in range(start, start + batch_size):
-        epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(int(perm[offset]))
-    return out
-
-
-def micro_step_seed(seed: int, micro_step: int) -> int:
-    return (seed * 1_000_003 + micro_step * 7_919 + 12_345) % (2**63 - 1)
-
-
-class MicroStepSampler(torch.utils.data.Sampler):
-    """Batch sampler of the training DataLoader: for each micro-step ``m`` (in the order given),
-    the list ``[(m, position, row index), ...]`` of its micro-batch (:func:`batch_indices`)."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, micro_steps: list[int]):
-        self.n, self.batch_size, self.seed, self.micro_steps = n, batch_size, seed, list(micro_steps)
-
-    def __iter__(self):
-        for m in self.micro_steps:
-            yield [(m, pos, i) for pos, i in enumerate(batch_indices(self.n, self.batch_size, m, self.seed))]
-
-    def __len__(self) -> int:
-        return len(self.micro_steps)
-
-
-class SeededRows(torch.utils.data.Dataset):
-    """Rows of a SURD dataset, keyed ``(micro_step, position, index)``: the first row of a
-    micro-batch seeds torch's global generator with :func:`micro_step_seed`, so its random
-    crops and flips (drawn from that generator) are the same in whichever process decodes it."""
-
-    def __init__(self, dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        micro_step, position, index = key
-        if position == 0:
-            torch.manual_seed(micro_step_seed(self.seed, micro_step))
-        return micro_step, self.dataset[index]
-
-
-def collate_micro_batch(rows: list) -> dict:
-    """``data.collate`` of one micro-batch, plus its micro-step and the state of torch's CPU
-    generator after its rows were decoded: the training process continues from that state, so
-    its noise, timesteps and dropout are those of a run that decoded the rows itself."""
-    batch = collate([row for _, row in rows])
-    batch["micro_step"] = rows[0][0]
-    batch["rng_state"] = torch.get_rng_state()
-    return batch
-
-
-def micro_batch_loader(dataset, cfg: TrainConfig, micro_steps: list[int], pin_memory: bool = False):
-    """The training DataLoader: micro-batches ``micro_steps`` (this process's, in order),
-    decoded by ``cfg.dataloader_num_workers`` worker processes (0: in this process) and
-    collated by :func:`collate_micro_batch`. The batches do not depend on the number of workers,
-    and a resumed run asks for the micro-steps after its checkpoint: it sees the same data."""
-    workers = int(cfg.dataloader_num_workers)
-    return torch.utils.data.DataLoader(
-        SeededRows(dataset, cfg.seed),
-        batch_sampler=MicroStepSampler(len(dataset), cfg.batch_size, cfg.seed, micro_steps),
-        collate_fn=collate_micro_batch, num_workers=workers, pin_memory=pin_memory,
-        prefetch_factor=2 if workers else None,
-    )
-
-
 def diffusion_inputs(scheduler, latents: torch.Tensor):
     """The inputs of Eq. 8: noise eps ~ N(0, I), timesteps t, z_t = alpha_t z + sigma_t eps, and
     the regression target (eps, or the velocity for v-prediction schedulers)."""
@@ -313,25 +243,6 @@ def diffusion_inputs(scheduler, latents: torch.Tensor):
     if scheduler.config.prediction_type == "v_prediction":
         return noisy, t, scheduler.get_velocity(latents, noise, t)
     raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
-
-
-def read_text_only_prompts(path: str | os.PathLike) -> list[str]:
-    """The text-only prompts of ``path`` (UTF-8, one per line, blank lines skipped)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"text_only_prompts: cannot read {path}: {e}") from None
-    prompts = [ln.strip() for ln in lines if ln.strip()]
-    if not prompts:
-        raise UsageError(f"text_only_prompts: {path} holds no prompt")
-    return prompts
-
-
-def text_only_draw(prompts: list[str], n: int, seed: int, micro_step: int) -> list[str]:
-    """The ``n`` text-only prompts of one micro-step: drawn with replacement by a generator
-    seeded by (seed, micro-step), so a resumed run draws what an uninterrupted one drew."""
-    g = torch.Generator().manual_seed(micro_step_seed(seed, micro_step) + 1)
-    return [prompts[i] for i in torch.randint(len(prompts), (int(n),), generator=g).tolist()]
 
 
 def seed_micro_step(cfg: TrainConfig, batch: dict, micro_step: int, text_only: list[str]) -> None:
@@ -355,15 +266,14 @@ def replay_step(cfg: TrainConfig, backbone, adapter, step: int, dataset=None,
     The learning rate does not enter. ``dataset``/``knowledge`` as ``train`` takes them (built
     from ``cfg`` when None). Returns {term: value} for ``LOSS_TERMS``, averaged over the
     gradient-accumulation micro-steps as the log is. Torch's global generator is restored."""
-    from dataclasses import replace
-
     if step < 1:
         raise ValueError(f"replay_step: step must be >= 1 (a log row), got {step}")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
     dataset, knowledge, text_only = _data_and_knowledge(cfg, backbone, dataset, knowledge)
     accum = cfg.gradient_accumulation_steps
     micro_steps = [(step - 1) * accum + micro for micro in range(accum)]
-    loader = micro_batch_loader(dataset, replace(cfg, dataloader_num_workers=0), micro_steps)
+    loader = micro_batch_loader(dataset, micro_steps, batch_size=cfg.batch_size, seed=cfg.seed,
+                                collate=collate)
     rng, mode = torch.get_rng_state(), adapter.training
     terms = [0.0] * len(LOSS_TERMS)
     adapter.train()  # dropout as in training
@@ -611,13 +521,15 @@ def _run_record(cfg: TrainConfig, out_dir: Path, accelerator, start: int, t0: fl
 
 def _micro_batches(cfg: TrainConfig, dataset, start: int, accelerator):
     """This process's micro-batches from step ``start`` on (an iterator over
-    :func:`micro_batch_loader`). Micro-step m of this process fixes its batch (batch_indices)
-    and its seed (micro_step_seed); process p of P takes m = (step * accum + micro) * P + p, so
+    ``infra.micro_batches.micro_batch_loader``). Micro-step m of this process fixes its batch
+    (``batch_indices``) and its seed (``micro_step_seed``); process p of P takes m = (step * accum + micro) * P + p, so
     no two share a batch or a seed."""
     accum, n_proc = cfg.gradient_accumulation_steps, accelerator.num_processes
     micro_steps = [(step * accum + micro) * n_proc + accelerator.process_index
                    for step in range(start, cfg.max_steps) for micro in range(accum)]
-    loader = micro_batch_loader(dataset, cfg, micro_steps, pin_memory=accelerator.device.type == "cuda")
+    loader = micro_batch_loader(dataset, micro_steps, batch_size=cfg.batch_size, seed=cfg.seed,
+                                collate=collate, num_workers=cfg.dataloader_num_workers,
+                                pin_memory=accelerator.device.type == "cuda")
     return iter(loader)
 
 
