@@ -142,7 +142,6 @@ def test_config_errors_and_overrides(tmp_path):
     assert cfg.lambda_llm == cfg.lambda_cp == 1e-5 and cfg.eta == 0.1
 
 
-
 def test_config_dict_keeps_the_stored_runs_names():
     """The run folders behind stored results are named by a hash of ``TrainConfig.to_dict()``
     (``LATER_KEYS`` options left out at their defaults; a resume compares it outside

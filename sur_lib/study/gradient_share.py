@@ -12,7 +12,8 @@ L_simple's. With the paper's lambdas (1e-5) the KL terms' shares are tiny; under
 
 ``measure`` averages the norms over a few training batches drawn as ``train.train`` draws
 them (``infra.micro_batches``: ``batch_indices`` slices of a seeded permutation, each batch
-seeded by ``micro_step_seed``; a separate seed stream, so they are not the first training batches).
+seeded by ``micro_step_seed``; a separate seed stream, so they are not the first training
+batches).
 The adapter is put in train mode (dropout on), as in training.
 """
 from __future__ import annotations
