@@ -28,7 +28,9 @@ process) and draws its batch from a seeded per-epoch permutation (processes take
 slices), so a run that is killed and resumed from a checkpoint follows the same path as a run
 that never stopped. Images are decoded by a DataLoader (``dataloader_num_workers`` worker
 processes) that hands each micro-batch over with the generator state after its random flips,
-so the batches, the noise and the losses do not depend on the number of workers.
+so the batches, the noise and the losses do not depend on the number of workers
+(``sur_lib.infra.micro_batches``). ``TrainConfig``'s fields are typed and checked by the
+generic ``sur_lib.infra.config.TypedConfig`` with its table of rules (``RULES``).
 
     python -m sur_lib.train sur_lib/configs/tiny.yaml --max_steps 200 --output_dir runs/x
     torchrun --nproc_per_node 2 -m sur_lib.train sur_lib/configs/rtx3090.yaml ...   # 2 GPUs (or CPU, gloo)
@@ -37,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ import torch
 from .adapter import G_INITS, SURAdapter
 from .data import SURDDataset, collate
 from .infra import config, run_state
+from .infra.micro_batches import (micro_batch_loader, micro_step_seed, read_text_only_prompts,
+                                  text_only_draw)
 from .infra.cli import UsageError
 from .infra.run_state import NonFiniteLossError  # noqa: F401  (what train raises on a NaN or inf loss)
 from .knowledge import stack_knowledge
@@ -60,30 +63,20 @@ LLM_DTYPES = ("float32", "float16", "bfloat16")
 # any other difference from the checkpoint's config is refused unless allow_config_change
 RESUME_FREE_KEYS = ("max_steps", "checkpoint_every", "keep_checkpoints", "progress", "resume",
                     "output_dir", "data_dir", "knowledge_file")
-# keys that name files or folders: a leading ~ is expanded to the home folder
-PATH_KEYS = ("profile", "pretrained", "data_dir", "knowledge_file", "llm", "output_dir",
-             "text_only_prompts")
 # options added after results were stored, with their defaults: a run's identity (the study's
 # run hash, sur_lib.study.experiments.runs.config_key) leaves an option out while it is at
 # its default, so the runs behind stored results keep their names. A new field goes here.
 LATER_KEYS = {"llm_drop_first": False, "dataloader_num_workers": 0, "report_to": "none",
               "text_only_prompts": None, "text_only_batch": 0}
-# upper bounds: far above any real run (the paper: 5000 steps of batch 16 at 512 pixels), low
-# enough that a typo (1e12 steps, a batch of 1e9) is refused instead of hanging
-UPPER_BOUNDS = {"max_steps": 10_000_000, "batch_size": 65_536, "gradient_accumulation_steps": 65_536,
-                "resolution": 8192, "dataloader_num_workers": 64, "num_layers": 1024,
-                "num_heads": 4096, "ffn_dim": 1_048_576, "text_only_batch": 65_536}
-UPPER_WHY = {"max_steps": "the paper trains 5,000", "batch_size": "the paper's is 16",
-             "gradient_accumulation_steps": "far beyond any real run",
-             "resolution": "image side in pixels; SD 1.5 uses 512",
-             "dataloader_num_workers": "worker processes; a few per CPU core is plenty",
-             "num_layers": "the paper's adapter has 2", "num_heads": "the paper's adapter has 8",
-             "ffn_dim": "the paper's adapter has 2048", "text_only_batch": "prompts per micro-step"}
-MAX_MICRO_STEPS = 100_000_000
+MAX_MICRO_STEPS = 100_000_000  # max_steps x gradient_accumulation_steps
+Rule = config.Rule
+PATH, NAME, SEED = Rule(path=True), Rule(text=True, path=True), Rule(seed=True)  # recurring rules
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(config.TypedConfig):
+    """The method's settings, with the paper's references; ``RULES`` below says what each may
+    be (``sur_lib.infra.config.TypedConfig``: typed and checked on creation, read from YAML)."""
     # what to train on
     profile: str = "tiny"  # "tiny", "paper", "tiny-random" (tests), or a backbone folder
     pretrained: str | None = None  # paper profile: SD 1.x repo id or folder
@@ -144,71 +137,46 @@ class TrainConfig:
     text_only_prompts: str | None = None
     text_only_batch: int = 0
 
-    def __post_init__(self):
-        """Convert every field to its declared type (``sur_lib.infra.config``) and check its range;
-        errors name the key and the value."""
-        config.coerce_fields(self)
-        for name in PATH_KEYS:  # `~/x` means the home folder, as in a shell (not a folder named ~)
-            object.__setattr__(self, name, config.expand_user(getattr(self, name)))
-        check = config.check_range
-        check("gradient_path", self.gradient_path, choices=GRADIENT_PATHS)
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise UsageError(f"mixed_precision must be no/fp16/bf16, got {self.mixed_precision!r}")
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every",
-                     "keep_checkpoints", "num_layers", "num_heads", "ffn_dim", "max_samples",
-                     "resolution"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UsageError(f"{name} must be >= 1, got {value}")
-        for name in ("profile", "data_dir", "llm", "output_dir", "llm_device"):
-            if not getattr(self, name).strip():
-                raise UsageError(f"{name} must not be empty")
-        for name, most in UPPER_BOUNDS.items():  # beyond these a run hangs or exhausts memory
-            value = getattr(self, name)
-            if value is not None and value > most:
-                raise UsageError(f"{name} must be <= {most:,}, got {value:,} ({UPPER_WHY[name]})")
+    # What each field may be (sur_lib.infra.config.check_fields, in this order; an error names
+    # the key and the value; None passes): a range, choices, text that must not be empty, a path
+    # (a leading ~ is the home folder), a seed. An upper bound with its reason is far above any
+    # real run (the paper: 5000 steps of batch 16 at 512 pixels), low enough that a typo (1e12
+    # steps, a batch of 1e9) is refused instead of hanging or exhausting memory.
+    RULES = {
+        "profile": NAME, "pretrained": PATH, "data_dir": NAME, "max_samples": Rule(ge=1),
+        "resolution": Rule(ge=1, le=8192, why="image side in pixels; SD 1.5 uses 512"),
+        "knowledge_file": PATH, "llm": NAME, "llm_dtype": Rule(choices=LLM_DTYPES),
+        "llm_device": Rule(text=True),
+        "eta": Rule(ge=0, le=1), "num_layers": Rule(ge=1, le=1024, why="the paper's adapter has 2"),
+        "num_heads": Rule(ge=1, le=4096, why="the paper's adapter has 8"),
+        "ffn_dim": Rule(ge=1, le=1_048_576, why="the paper's adapter has 2048"),
+        "dropout": Rule(ge=0, lt=1), "g_init": Rule(choices=G_INITS), "w0_seed": SEED,
+        "gradient_path": Rule(choices=GRADIENT_PATHS), "lambda_llm": Rule(ge=0), "lambda_cp": Rule(ge=0),
+        "temperature": Rule(gt=0),  # the KL terms divide by it (Eq. 5, 9)
+        "kl_direction": Rule(choices=DIRECTIONS),
+        "max_steps": Rule(ge=1, le=10_000_000, why="the paper trains 5,000"),
+        "batch_size": Rule(ge=1, le=65_536, why="the paper's is 16"),
+        "gradient_accumulation_steps": Rule(ge=1, le=65_536, why="far beyond any real run"),
+        "learning_rate": Rule(gt=0), "lr_warmup_steps": Rule(ge=0), "weight_decay": Rule(ge=0),
+        "adam_beta1": Rule(ge=0, lt=1), "adam_beta2": Rule(ge=0, lt=1), "adam_epsilon": Rule(gt=0),
+        "max_grad_norm": Rule(gt=0),
+        "mixed_precision": Rule(choices=("no", "fp16", "bf16"), shown="no/fp16/bf16"), "seed": SEED,
+        "output_dir": NAME, "checkpoint_every": Rule(ge=1), "keep_checkpoints": Rule(ge=1),
+        "dataloader_num_workers": Rule(ge=0, le=64,
+                                       why="worker processes; a few per CPU core is plenty"),
+        "text_only_prompts": PATH, "text_only_batch": Rule(ge=0, le=65_536, why="prompts per micro-step"),
+    }
+
+    def check(self):
+        """The rules between fields (after ``RULES``)."""
         if self.max_steps * self.gradient_accumulation_steps > MAX_MICRO_STEPS:
             raise UsageError(f"max_steps x gradient_accumulation_steps must be <= {MAX_MICRO_STEPS:,}, "
                              f"got {self.max_steps:,} x {self.gradient_accumulation_steps:,}")
-        for name in ("seed", "w0_seed"):
-            config.check_seed(name, getattr(self, name))
-        check("llm_dtype", self.llm_dtype, choices=LLM_DTYPES)
-        check("g_init", self.g_init, choices=G_INITS)
-        check("kl_direction", self.kl_direction, choices=DIRECTIONS)
-        check("temperature", self.temperature, gt=0)  # the KL terms divide by it (Eq. 5, 9)
-        check("eta", self.eta, ge=0, le=1)
-        check("text_only_batch", self.text_only_batch, ge=0)
-        check("dataloader_num_workers", self.dataloader_num_workers, ge=0)
         if self.text_only_batch and not self.text_only_prompts:
             raise UsageError("text_only_batch > 0 needs text_only_prompts (a file, one prompt per line)")
-        check("dropout", self.dropout, ge=0, lt=1)
-        for name in ("lambda_llm", "lambda_cp", "weight_decay", "lr_warmup_steps", "seed", "w0_seed"):
-            check(name, getattr(self, name), ge=0)
-        for name in ("learning_rate", "adam_epsilon", "max_grad_norm"):
-            check(name, getattr(self, name), gt=0)
-        for name in ("adam_beta1", "adam_beta2"):
-            check(name, getattr(self, name), ge=0, lt=1)
         if self.gradient_path == "official" and not (self.lambda_llm or self.lambda_cp):
             raise UsageError("gradient_path='official' detaches L_simple, so lambda_llm or lambda_cp "
                              "must be > 0 or nothing trains the adapter")
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike, **overrides) -> "TrainConfig":
-        """A YAML file (a mapping; YAML 1.2 numbers and booleans, so ``1e-5`` is a float and
-        ``no`` is text) plus ``overrides``."""
-        values = config.load_yaml_mapping(path)
-        values.update(overrides)
-        return cls.from_dict(values)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        if not isinstance(values, dict):
-            raise UsageError(f"a config must be a mapping of key: value, got {type(values).__name__}")
-        config.check_known(cls, values, "config")
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -264,79 +232,6 @@ def knowledge_for(cfg: TrainConfig, prompts: list[str], progress: bool = True) -
     )
 
 
-def batch_indices(n: int, batch_size: int, micro_step: int, seed: int) -> list[int]:
-    """Indices of micro-batch number ``micro_step``: consecutive slices of seeded per-epoch
-    permutations (every sample once per epoch), a pure function of its arguments."""
-    out = []
-    start = micro_step * batch_size
-    for pos in range(start, start + batch_size):
-        epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(int(perm[offset]))
-    return out
-
-
-def micro_step_seed(seed: int, micro_step: int) -> int:
-    return (seed * 1_000_003 + micro_step * 7_919 + 12_345) % (2**63 - 1)
-
-
-class MicroStepSampler(torch.utils.data.Sampler):
-    """Batch sampler of the training DataLoader: for each micro-step ``m`` (in the order given),
-    the list ``[(m, position, row index), ...]`` of its micro-batch (:func:`batch_indices`)."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, micro_steps: list[int]):
-        self.n, self.batch_size, self.seed, self.micro_steps = n, batch_size, seed, list(micro_steps)
-
-    def __iter__(self):
-        for m in self.micro_steps:
-            yield [(m, pos, i) for pos, i in enumerate(batch_indices(self.n, self.batch_size, m, self.seed))]
-
-    def __len__(self) -> int:
-        return len(self.micro_steps)
-
-
-class SeededRows(torch.utils.data.Dataset):
-    """Rows of a SURD dataset, keyed ``(micro_step, position, index)``: the first row of a
-    micro-batch seeds torch's global generator with :func:`micro_step_seed`, so its random
-    crops and flips (drawn from that generator) are the same in whichever process decodes it."""
-
-    def __init__(self, dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        micro_step, position, index = key
-        if position == 0:
-            torch.manual_seed(micro_step_seed(self.seed, micro_step))
-        return micro_step, self.dataset[index]
-
-
-def collate_micro_batch(rows: list) -> dict:
-    """``data.collate`` of one micro-batch, plus its micro-step and the state of torch's CPU
-    generator after its rows were decoded: the training process continues from that state, so
-    its noise, timesteps and dropout are those of a run that decoded the rows itself."""
-    batch = collate([row for _, row in rows])
-    batch["micro_step"] = rows[0][0]
-    batch["rng_state"] = torch.get_rng_state()
-    return batch
-
-
-def micro_batch_loader(dataset, cfg: TrainConfig, micro_steps: list[int], pin_memory: bool = False):
-    """The training DataLoader: micro-batches ``micro_steps`` (this process's, in order),
-    decoded by ``cfg.dataloader_num_workers`` worker processes (0: in this process) and
-    collated by :func:`collate_micro_batch`. The batches do not depend on the number of workers,
-    and a resumed run asks for the micro-steps after its checkpoint: it sees the same data."""
-    workers = int(cfg.dataloader_num_workers)
-    return torch.utils.data.DataLoader(
-        SeededRows(dataset, cfg.seed),
-        batch_sampler=MicroStepSampler(len(dataset), cfg.batch_size, cfg.seed, micro_steps),
-        collate_fn=collate_micro_batch, num_workers=workers, pin_memory=pin_memory,
-        prefetch_factor=2 if workers else None,
-    )
-
-
 def diffusion_inputs(scheduler, latents: torch.Tensor):
     """The inputs of Eq. 8: noise eps ~ N(0, I), timesteps t, z_t = alpha_t z + sigma_t eps, and
     the regression target (eps, or the velocity for v-prediction schedulers)."""
@@ -348,25 +243,6 @@ def diffusion_inputs(scheduler, latents: torch.Tensor):
     if scheduler.config.prediction_type == "v_prediction":
         return noisy, t, scheduler.get_velocity(latents, noise, t)
     raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
-
-
-def read_text_only_prompts(path: str | os.PathLike) -> list[str]:
-    """The text-only prompts of ``path`` (UTF-8, one per line, blank lines skipped)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"text_only_prompts: cannot read {path}: {e}") from None
-    prompts = [ln.strip() for ln in lines if ln.strip()]
-    if not prompts:
-        raise UsageError(f"text_only_prompts: {path} holds no prompt")
-    return prompts
-
-
-def text_only_draw(prompts: list[str], n: int, seed: int, micro_step: int) -> list[str]:
-    """The ``n`` text-only prompts of one micro-step: drawn with replacement by a generator
-    seeded by (seed, micro-step), so a resumed run draws what an uninterrupted one drew."""
-    g = torch.Generator().manual_seed(micro_step_seed(seed, micro_step) + 1)
-    return [prompts[i] for i in torch.randint(len(prompts), (int(n),), generator=g).tolist()]
 
 
 def seed_micro_step(cfg: TrainConfig, batch: dict, micro_step: int, text_only: list[str]) -> None:
@@ -390,15 +266,14 @@ def replay_step(cfg: TrainConfig, backbone, adapter, step: int, dataset=None,
     The learning rate does not enter. ``dataset``/``knowledge`` as ``train`` takes them (built
     from ``cfg`` when None). Returns {term: value} for ``LOSS_TERMS``, averaged over the
     gradient-accumulation micro-steps as the log is. Torch's global generator is restored."""
-    from dataclasses import replace
-
     if step < 1:
         raise ValueError(f"replay_step: step must be >= 1 (a log row), got {step}")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
     dataset, knowledge, text_only = _data_and_knowledge(cfg, backbone, dataset, knowledge)
     accum = cfg.gradient_accumulation_steps
     micro_steps = [(step - 1) * accum + micro for micro in range(accum)]
-    loader = micro_batch_loader(dataset, replace(cfg, dataloader_num_workers=0), micro_steps)
+    loader = micro_batch_loader(dataset, micro_steps, batch_size=cfg.batch_size, seed=cfg.seed,
+                                collate=collate)
     rng, mode = torch.get_rng_state(), adapter.training
     terms = [0.0] * len(LOSS_TERMS)
     adapter.train()  # dropout as in training
@@ -628,12 +503,10 @@ def _resume(cfg: TrainConfig, out_dir: Path, accelerator, adapter, optimizer, lr
     adapter, AdamW and the LR schedule (``run_state.resume``: refused if the config differs
     outside ``RESUME_FREE_KEYS`` unless ``allow_config_change``; then this config's AdamW
     settings and learning rate replace the saved ones)."""
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(TrainConfig)}
     settings = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                     weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
     return run_state.resume(out_dir, accelerator, accelerator.unwrap_model(adapter), optimizer,
-                            lr_scheduler, config=cfg.to_dict(), defaults=defaults,
+                            lr_scheduler, config=cfg.to_dict(), defaults=TrainConfig.defaults(),
                             free_keys=RESUME_FREE_KEYS, max_steps=cfg.max_steps, resume=cfg.resume,
                             allow_change=allow_config_change, optimizer_settings=settings)
 
@@ -648,13 +521,15 @@ def _run_record(cfg: TrainConfig, out_dir: Path, accelerator, start: int, t0: fl
 
 def _micro_batches(cfg: TrainConfig, dataset, start: int, accelerator):
     """This process's micro-batches from step ``start`` on (an iterator over
-    :func:`micro_batch_loader`). Micro-step m of this process fixes its batch (batch_indices)
-    and its seed (micro_step_seed); process p of P takes m = (step * accum + micro) * P + p, so
+    ``infra.micro_batches.micro_batch_loader``). Micro-step m of this process fixes its batch
+    (``batch_indices``) and its seed (``micro_step_seed``); process p of P takes m = (step * accum + micro) * P + p, so
     no two share a batch or a seed."""
     accum, n_proc = cfg.gradient_accumulation_steps, accelerator.num_processes
     micro_steps = [(step * accum + micro) * n_proc + accelerator.process_index
                    for step in range(start, cfg.max_steps) for micro in range(accum)]
-    loader = micro_batch_loader(dataset, cfg, micro_steps, pin_memory=accelerator.device.type == "cuda")
+    loader = micro_batch_loader(dataset, micro_steps, batch_size=cfg.batch_size, seed=cfg.seed,
+                                collate=collate, num_workers=cfg.dataloader_num_workers,
+                                pin_memory=accelerator.device.type == "cuda")
     return iter(loader)
 
 

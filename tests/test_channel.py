@@ -15,7 +15,8 @@ from sur_lib.adapter import KnowledgeProjection
 from sur_lib.infra.knowledge_files import load_knowledge
 from sur_lib.losses import llm_distillation_loss
 from sur_lib.models import tiny_random_backbone
-from sur_lib.train import TrainConfig, build_adapter, compute_losses, text_only_draw, train
+from sur_lib.infra.micro_batches import text_only_draw
+from sur_lib.train import TrainConfig, build_adapter, compute_losses, train
 from sur_lib.infra.run_state import read_log
 from tests.test_train import LLM_DIM, PROMPTS, _one_batch, cfg_for, surd  # noqa: F401 (fixture)
 

@@ -18,11 +18,11 @@ from sur_lib.models import tiny_random_backbone
 from sur_lib.train import (
     TrainConfig,
     _parse_overrides,
-    batch_indices,
     build_adapter,
     compute_losses,
     train,
 )
+from sur_lib.infra.micro_batches import batch_indices
 from sur_lib.infra.run_state import latest_checkpoint, read_log
 
 LLM_DIM = 24
@@ -143,6 +143,20 @@ def test_config_errors_and_overrides(tmp_path):
     assert cfg.lambda_llm == cfg.lambda_cp == 1e-5 and cfg.eta == 0.1
 
 
+def test_config_dict_keeps_the_stored_runs_names():
+    """The run folders behind stored results are named by a hash of ``TrainConfig.to_dict()``
+    (``LATER_KEYS`` options left out at their defaults; a resume compares it outside
+    ``RESUME_FREE_KEYS``): tiny.yaml's dict, in its key order, and both key lists stay
+    byte-identical. A change here renames every stored run."""
+    import hashlib
+    import json
+
+    from sur_lib.train import LATER_KEYS, RESUME_FREE_KEYS
+
+    cfg = TrainConfig.from_yaml(Path(__file__).parents[1] / "sur_lib" / "configs" / "tiny.yaml")
+    text = json.dumps([cfg.to_dict(), LATER_KEYS, list(RESUME_FREE_KEYS)])
+    assert hashlib.sha256(text.encode()).hexdigest()[:16] == "5cc270ee150a74c5"
+
 def _cli(cfg: TrainConfig, tmp_path, name, **overrides):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
@@ -190,7 +204,7 @@ def test_sigkill_and_resume_equals_straight_run(surd, tmp_path):
 def test_processes_get_different_batches_and_noise():
     """With accelerate launch, process p of P takes micro-step m*P + p: no two processes (and no
     two micro-steps) share a batch slice or a seed; one process keeps the plain numbering."""
-    from sur_lib.train import micro_step_seed
+    from sur_lib.infra.micro_batches import micro_step_seed
 
     n_proc = 2
     slices = {(m, p): batch_indices(16, 4, m * n_proc + p, seed=0) for m in range(2) for p in range(n_proc)}
@@ -254,13 +268,14 @@ def test_dataloader_batches_equal_the_old_indexing(surd, tmp_path):
     """The old loop: seed torch with micro_step_seed, decode batch_indices in this process, then
     draw the noise. The DataLoader (in worker processes) must give the same pixels (crops,
     flips) and leave the generator where the old loop had it."""
-    from sur_lib.train import micro_batch_loader, micro_step_seed
+    from sur_lib.infra.micro_batches import micro_batch_loader, micro_step_seed
 
     ds = SURDDataset(surd, resolution=32, center_crop=False)
     cfg = cfg_for(surd, tmp_path, dataloader_num_workers=2, batch_size=3)
     steps = [0, 1, 5, 2]
     new = []
-    for batch in micro_batch_loader(ds, cfg, steps):
+    for batch in micro_batch_loader(ds, steps, batch_size=3, seed=cfg.seed, collate=collate,
+                                    num_workers=cfg.dataloader_num_workers):
         torch.set_rng_state(batch["rng_state"])
         new.append((batch["micro_step"], batch["pixel_values"], batch["simple"], torch.randn(8)))
     for m, (got_m, pixels, simple, noise) in zip(steps, new):

@@ -15,6 +15,12 @@ YAML files are read with the YAML 1.2 core rules for booleans and numbers (``yam
 PyYAML follows YAML 1.1, where ``1e-5`` is a *string* (a float needs a dot) and ``no``/``off``
 are booleans, the two traps of the paper's values (``lambda_llm: 1e-5``) and of
 ``mixed_precision: no``.
+
+A config class (``TypedConfig``, e.g. ``sur_lib.train.TrainConfig``) is its field list plus a
+table of rules, ``RULES`` = {field: ``Rule``}: a range (``ge``/``gt``/``le``/``lt``, with the
+reason for an upper bound), choices, text that must not be empty, a path (``~`` expanded), a
+seed. ``check_fields`` applies the table on creation; the class's ``check()`` holds the few
+rules between fields. Unknown keys are refused with the closest valid one (``check_known``).
 """
 from __future__ import annotations
 
@@ -339,3 +345,88 @@ def check_range(key: str, value, *, gt=None, ge=None, lt=None, le=None, choices=
                             (lt, lambda b: value < b, "<"), (le, lambda b: value <= b, "<=")):
         if bound is not None and not ok(bound):
             raise UsageError(f"{key} must be {word} {bound}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """How :func:`check_fields` checks one field; an optional field passes while None.
+
+    * ``gt``/``ge``/``lt``/``le``: a range (``check_range``'s errors); ``why``: the reason for
+      the upper bound ``le`` (the error then shows it, with thousands separators);
+    * ``choices``: the allowed values; ``shown``: how they read in the error (default the tuple);
+    * ``text``: text that must not be empty; ``path``: a file or folder, where a leading ``~``
+      is the home folder (as in a shell, not a folder named ~); ``seed``: ``check_seed``.
+    """
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    why: str | None = None
+    choices: tuple | None = None
+    shown: str | None = None
+    text: bool = False
+    path: bool = False
+    seed: bool = False
+
+
+def check_fields(obj, rules: dict[str, Rule]) -> None:
+    """Apply ``rules`` ({field: :class:`Rule`}) to a dataclass instance, in the table's order:
+    first every path's ``~`` is expanded (in place), then each field is checked; the first
+    failure raises a UsageError that names the key and the value."""
+    for name, rule in rules.items():
+        if rule.path:
+            object.__setattr__(obj, name, expand_user(getattr(obj, name)))
+    for name, rule in rules.items():
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        if rule.seed:
+            check_seed(name, value)
+        if rule.text and not value.strip():
+            raise UsageError(f"{name} must not be empty")
+        if rule.shown is not None and value not in rule.choices:
+            raise UsageError(f"{name} must be {rule.shown}, got {value!r}")
+        check_range(name, value, gt=rule.gt, ge=rule.ge, lt=rule.lt, le=None if rule.why else rule.le,
+                    choices=rule.choices)
+        if rule.why is not None and value > rule.le:
+            raise UsageError(f"{name} must be <= {rule.le:,}, got {value:,} ({rule.why})")
+
+
+class TypedConfig:
+    """Base of a config dataclass: on creation every field is converted to its declared type
+    (:func:`coerce_fields`), checked by the class's ``RULES`` ({field: :class:`Rule`},
+    :func:`check_fields`), then by its ``check()`` (rules between fields). Read from a YAML file
+    or a dict (unknown keys are refused, naming the closest valid one), written as a dict."""
+    RULES: typing.ClassVar[dict] = {}  # a subclass sets its own (a class attribute, not a field)
+
+    def __post_init__(self):
+        coerce_fields(self)
+        check_fields(self, self.RULES)
+        self.check()
+
+    def check(self) -> None:
+        """The rules between fields (a subclass's); a failure raises a UsageError."""
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides):
+        """A YAML file (a mapping; YAML 1.2 numbers and booleans, so ``1e-5`` is a float and
+        ``no`` is text) plus ``overrides``."""
+        values = load_yaml_mapping(path)
+        values.update(overrides)
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        if not isinstance(values, dict):
+            raise UsageError(f"a config must be a mapping of key: value, got {type(values).__name__}")
+        check_known(cls, values, "config")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """{field: its default} (a fresh copy of a mutable one)."""
+        return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}

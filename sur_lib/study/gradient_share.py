@@ -11,8 +11,9 @@ L_simple's. With the paper's lambdas (1e-5) the KL terms' shares are tiny; under
 ``gradient_path: official`` L_simple's is 0 (the authors' code detaches c before the UNet).
 
 ``measure`` averages the norms over a few training batches drawn as ``train.train`` draws
-them (``batch_indices`` slices of a seeded permutation, each batch seeded by
-``micro_step_seed``; a separate seed stream, so they are not the first training batches).
+them (``infra.micro_batches``: ``batch_indices`` slices of a seeded permutation, each batch
+seeded by ``micro_step_seed``; a separate seed stream, so they are not the first training
+batches).
 The adapter is put in train mode (dropout on), as in training.
 """
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Sequence
 import torch
 
 from ..data import collate
-from ..train import batch_indices, compute_losses, micro_step_seed
+from ..infra.micro_batches import batch_indices, micro_step_seed
+from ..train import compute_losses
 
 TERMS = ("l_simple", "l_llm", "l_cp")
 MEASURE_SEED_OFFSET = 7_777  # the measurement's batches: not the training run's own

@@ -17,9 +17,9 @@ whose ``steps`` is one of that run's stored steps, is not trained again: its ada
 the stored ``adapters/step-N`` (copied, with ``copied_from`` in its ``sur_adapter.json``),
 and its loss log is the first N rows of that run's log. This holds because a training step
 depends on its index, not on ``max_steps``: the learning rate is constant after warm-up,
-and the batch and noise of every step are seeded by the step (``train.micro_batch_loader``,
-``train.micro_step_seed``); ``tests/test_recipes.py`` trains both ways and compares the
-weights. The paper's settings at 2,000 steps (``tune``'s ``paper_settings`` and
+and the batch and noise of every step are seeded by the step
+(``infra.micro_batches.micro_batch_loader``, ``micro_step_seed``); ``tests/test_recipes.py``
+trains both ways and compares the weights. The paper's settings at 2,000 steps (``tune``'s ``paper_settings`` and
 ``retest``'s ``recipe``) save about 55 CPU minutes each this way. ``recipe_records`` takes
 that step's records from ``convergence.json`` likewise, when the adapter digests match.
 
