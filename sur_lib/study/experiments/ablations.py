@@ -184,6 +184,27 @@ def ablation_replays(doc: dict, full: bool) -> tuple[list[tuple[str, int]], list
     return todo, skipped
 
 
+def first_step(cfg, backbone, progress: bool = False) -> dict:
+    """Row 1 of the loss log of a training run of ``cfg``, without the run: the adapter as
+    ``train`` initialises it (torch seeded with ``cfg.seed``) and ``train.replay_step`` for
+    step 1 (no optimizer, accelerator, checkpoint or log; the same batch, noise and dropout)."""
+    import torch
+
+    from sur_lib.data import SURDDataset
+    from sur_lib.train import build_adapter, replay_step
+    from .runs import knowledge_for_config
+
+    knowledge = None
+    if cfg.lambda_llm:
+        knowledge = knowledge_for_config(cfg, SURDDataset(cfg.data_dir, check_images=False).prompts(), progress)
+    llm_dim = next(iter(knowledge.values())).shape[-1] if knowledge else None
+    rng = torch.get_rng_state()
+    torch.manual_seed(cfg.seed)  # as train() seeds the adapter's initialisation
+    adapter = build_adapter(cfg, backbone.text_dim, llm_dim)
+    torch.set_rng_state(rng)
+    return {"step": 1, **replay_step(cfg, backbone, adapter, 1, knowledge=knowledge)}
+
+
 def verify_ablations(doc: dict, backbone, current_digest: str, draws: int | None = 0,
                      progress: bool = False, out: Path | str | None = None,
                      variants: list[str] | None = None) -> list[dict]:
@@ -214,7 +235,10 @@ def verify_ablations(doc: dict, backbone, current_digest: str, draws: int | None
             continue
         with tempfile.TemporaryDirectory() as tmp:
             cfg = train_config(over, data_dir, seed, Path(tmp), current_digest, progress)
-            _, log, _ = train_adapter(cfg, backbone, progress)
+            if steps == 1 and backbone is not None:  # row 1 from the seeded initial adapter
+                log = [first_step(cfg, backbone, progress)]
+            else:
+                _, log, _ = train_adapter(cfg, backbone, progress)
         checks += [dict(c, check=f"{name}: {c['check'].removeprefix('training: ')}")
                    for c in loss_checks(log[:steps], var["log"][:steps])]
     if skipped and variants is None:
