@@ -33,15 +33,8 @@ PROMPTS = ["four tomatoes in a row", "a stack of three dice", "five limes in a c
 
 
 @pytest.fixture(scope="module")
-def surd(tmp_path_factory):
-    root = tmp_path_factory.mktemp("surd")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": PROMPTS[i % 4], "prompt": f"{i} red circles"})
-    write_metadata(root, rows)
-    return root
+def surd(tmp_path_factory, make_surd):
+    return make_surd(tmp_path_factory.mktemp("surd"), PROMPTS, 6)
 
 
 def cfg_for(surd, out, **kw):

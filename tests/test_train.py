@@ -31,16 +31,9 @@ PROMPTS = ["four tomatoes in a row", "a stack of three dice", "five limes in a c
 
 
 @pytest.fixture(scope="module")
-def surd(tmp_path_factory):
+def surd(tmp_path_factory, make_surd):
     """8 tiny SURD rows + a knowledge-vector cache, on disk (the CLI reads them)."""
-    root = tmp_path_factory.mktemp("surd")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"{i}.png")
-        p = PROMPTS[i % len(PROMPTS)]
-        rows.append({"file_name": f"{i}.png", "text": p, "prompt": f"{i} red circles, best quality"})
-    write_metadata(root, rows)
+    root = make_surd(tmp_path_factory.mktemp("surd"), PROMPTS, 8, "{i} red circles, best quality")
     gen = torch.Generator().manual_seed(0)
     save_knowledge(root / "knowledge.safetensors", PROMPTS, torch.randn(len(PROMPTS), LLM_DIM, generator=gen),
                    meta={"llm": "random", "layer": -1, "include_bos": True, "batch_size": 1})
