@@ -250,6 +250,16 @@ def verify_images(doc: dict, backbone, current_digest: str, draws: int | None, p
     return checks
 
 
+def redraw_conditions(doc: dict, conditions: dict, backbone, current_digest: str, draws: int | None,
+                      progress: bool = False) -> list[dict]:
+    """``verify_images`` for ``conditions`` ({name: {"records": ..., "adapter": {"dir", "digest"}}})
+    drawn with ``doc``'s package versions, base model, seed and generation settings: the re-draw
+    of the experiments that keep their records outside a ``conditions`` block (tune, retest)."""
+    sub = {"experiment": doc.get("experiment"), "versions": doc.get("versions"), "model": doc["model"],
+           "seed": doc["seed"], "generation": doc["settings"]["generation"], "conditions": conditions}
+    return verify_images(sub, backbone, current_digest, draws, progress)
+
+
 @contextmanager
 def draw_session(draw_seed: int | None):
     """Inside: ``choose_images`` draws with ``draw_seed`` and re-drawn verdicts are kept in

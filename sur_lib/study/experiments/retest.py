@@ -429,7 +429,7 @@ def verify_retest(doc: dict, backbone, current_digest: str, draws: int | None,
     of the recipe's exported adapter re-drawn on the test prompts. The verify hooks' signature
     (``registry``; ``out`` is not used)."""
     from sur_lib.infra.provenance import ROOT
-    from .checks import verify_images
+    from .checks import redraw_conditions
 
     if doc["model"]["unet_digest"] != current_digest:
         return [{"check": "base model", "ok": False, "message": (
@@ -445,10 +445,8 @@ def verify_retest(doc: dict, backbone, current_digest: str, draws: int | None,
                                                    backbone, var, progress)
     rec = doc["variants"]["recipe"]
     ref = {"dir": str(ROOT / rec["export"]["dir"]), "digest": rec["export"]["digest"]}
-    sub = {"experiment": "retest", "versions": doc.get("versions"),
-           "model": doc["model"], "seed": doc["seed"], "generation": doc["settings"]["generation"],
-           "conditions": {"recipe/test": {"records": rec["records"]["test"], "adapter": ref}}}
-    return checks + verify_images(sub, backbone, current_digest, draws, progress)
+    conditions = {"recipe/test": {"records": rec["records"]["test"], "adapter": ref}}
+    return checks + redraw_conditions(doc, conditions, backbone, current_digest, draws, progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

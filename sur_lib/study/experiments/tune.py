@@ -366,7 +366,7 @@ def verify_tune(doc: dict, backbone, current_digest: str, draws: int | None,
     re-drawn on the tuning and the test prompts. The verify hooks' signature (``registry``;
     ``out`` is not used)."""
     from sur_lib.infra.provenance import ROOT
-    from .checks import verify_images
+    from .checks import redraw_conditions
 
     if doc["model"]["unet_digest"] != current_digest:
         return [{"check": "base model", "ok": False, "message": (
@@ -383,10 +383,7 @@ def verify_tune(doc: dict, backbone, current_digest: str, draws: int | None,
     ref = {"dir": str(ROOT / doc["tuned_run"]["dir"]), "digest": doc["tuned_run"]["digest"]}
     conditions = {"tuned/tuning": {"records": tried[str(doc["choice"]["index"])]["records"], "adapter": ref},
                   "tuned/test": {"records": doc["final_records"]["tuned/test"]["records"], "adapter": ref}}
-    sub = {"experiment": "tune", "versions": doc.get("versions"),
-           "model": doc["model"], "seed": doc["seed"], "generation": doc["settings"]["generation"],
-           "conditions": conditions}
-    return checks + verify_images(sub, backbone, current_digest, draws, progress)
+    return checks + redraw_conditions(doc, conditions, backbone, current_digest, draws, progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
