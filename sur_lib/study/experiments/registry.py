@@ -126,7 +126,7 @@ COMMANDS: dict[str, Experiment] = {e.name: e for e in (
         about="the adapter composed with S-CFG and delayed conditioning, against plain CFG at the "
               "same scale (``compose``; ``python -m sur_lib.study.experiments.compose`` times S-CFG)."),
     Experiment(
-        "probe", _m("probe"), verify=f"{_m('probe')}:verify_probe", part=0,
+        "probe", _m("probe"), verify=f"{_m('probe')}:verify_probe",
         keys=("experiment", "seed", "features", "prompts"),
         about="what the teacher knows: leave-one-noun-out linear probes of colour and shape from the "
               "knowledge vectors and the text encoder's states (``probe``; its own options)."),

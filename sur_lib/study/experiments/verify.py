@@ -282,9 +282,9 @@ def consistency_checks(name: str, doc: dict) -> list[dict]:
 
 
 # Two groups of results that run side by side; the first holds every result that shares the base
-# model's simple-prompt draws, so that they are still made once. Measured in one run on 2 cores
-# (2026-12-06, the machine nearly idle): 90 s and 164 s, 170 s in all; tune's replay builds its
-# 6,000-row SURD-mini and its caches when they are missing (117 s of the 164).
+# model's simple-prompt draws, so that they are still made once. Measured warm on 2 idle cores
+# (2026-12-06, a fresh clone after `make test`): 201 s and 162 s of results, 208 s in all, with
+# probe in the first; probe (17 s) then moved to the second to even them out.
 # Each result's part is its ``part`` in ``registry``.
 PARTS = tuple(tuple(n for n in registry.EXPERIMENTS if registry.get(n).part == i) for i in (0, 1))
 
