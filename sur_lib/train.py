@@ -269,7 +269,7 @@ def replay_step(cfg: TrainConfig, backbone, adapter, step: int, dataset=None,
     if step < 1:
         raise ValueError(f"replay_step: step must be >= 1 (a log row), got {step}")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
-    dataset, knowledge, text_only = _data_and_knowledge(cfg, backbone, dataset, knowledge)
+    dataset, knowledge, text_only = data_and_knowledge(cfg, backbone, dataset, knowledge)
     accum = cfg.gradient_accumulation_steps
     micro_steps = [(step - 1) * accum + micro for micro in range(accum)]
     loader = micro_batch_loader(dataset, micro_steps, batch_size=cfg.batch_size, seed=cfg.seed,
@@ -393,7 +393,7 @@ def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = 
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
         # frozen: the text encoder fEn, the UNet and the VAE; precomputed: fLLM(p_s) (Sec. 3.3)
         backbone = _frozen_backbone(cfg, backbone, accelerator.device, weight_dtype)
-        dataset, knowledge, text_only = _data_and_knowledge(cfg, backbone, dataset, knowledge, accelerator)
+        dataset, knowledge, text_only = data_and_knowledge(cfg, backbone, dataset, knowledge, accelerator)
         # trained: the adapter only (Eq. 4-7), with AdamW; then continue from a checkpoint if any
         adapter, optimizer, lr_scheduler = _adapter_and_optimizer(cfg, backbone, knowledge, accelerator)
         start = _resume(cfg, out_dir, accelerator, adapter, optimizer, lr_scheduler, allow_config_change)
@@ -442,7 +442,7 @@ def _frozen_backbone(cfg: TrainConfig, backbone, device, weight_dtype):
     return backbone
 
 
-def _data_and_knowledge(cfg: TrainConfig, backbone, dataset, knowledge, accelerator=None):
+def data_and_knowledge(cfg: TrainConfig, backbone, dataset, knowledge, accelerator=None):
     """(dataset, knowledge vectors, text-only prompts): each built from the config unless passed
     in. Every prompt of the data (and every text-only prompt) must have a knowledge vector, all
     of one width; errors name them. With several processes (``accelerator``) one computes the

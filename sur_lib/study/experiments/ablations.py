@@ -184,25 +184,34 @@ def ablation_replays(doc: dict, full: bool) -> tuple[list[tuple[str, int]], list
     return todo, skipped
 
 
-def first_step(cfg, backbone, progress: bool = False) -> dict:
+def first_step(cfg, backbone, shared: dict | None = None, progress: bool = False) -> dict:
     """Row 1 of the loss log of a training run of ``cfg``, without the run: the adapter as
     ``train`` initialises it (torch seeded with ``cfg.seed``) and ``train.replay_step`` for
-    step 1 (no optimizer, accelerator, checkpoint or log; the same batch, noise and dropout)."""
+    step 1 (no optimizer, accelerator, checkpoint or log; the same batch, noise and dropout).
+    ``shared``: a dict in which the dataset and knowledge vectors are kept for the next
+    variant that reads the same data and teacher (each is read once, not once per variant)."""
     import torch
 
     from sur_lib.data import SURDDataset
-    from sur_lib.train import build_adapter, replay_step
+    from sur_lib.train import build_adapter, data_and_knowledge, replay_step
     from .runs import knowledge_for_config
 
-    knowledge = None
-    if cfg.lambda_llm:
-        knowledge = knowledge_for_config(cfg, SURDDataset(cfg.data_dir, check_images=False).prompts(), progress)
-    llm_dim = next(iter(knowledge.values())).shape[-1] if knowledge else None
+    key = (cfg.data_dir, cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.max_samples,
+           cfg.text_only_batch, cfg.text_only_prompts, bool(cfg.lambda_llm),
+           *(getattr(cfg, k) for k in TEACHER_KEYS))
+    shared = {} if shared is None else shared
+    if key not in shared:
+        knowledge = None
+        if cfg.lambda_llm:
+            knowledge = knowledge_for_config(cfg, SURDDataset(cfg.data_dir, check_images=False).prompts(), progress)
+        shared[key] = data_and_knowledge(cfg, backbone, None, knowledge)[:2]
+    dataset, knowledge = shared[key]
+    llm_dim = next(iter(knowledge.values())).shape[-1] if cfg.lambda_llm else None
     rng = torch.get_rng_state()
     torch.manual_seed(cfg.seed)  # as train() seeds the adapter's initialisation
     adapter = build_adapter(cfg, backbone.text_dim, llm_dim)
     torch.set_rng_state(rng)
-    return {"step": 1, **replay_step(cfg, backbone, adapter, 1, knowledge=knowledge)}
+    return {"step": 1, **replay_step(cfg, backbone, adapter, 1, dataset=dataset, knowledge=knowledge)}
 
 
 def verify_ablations(doc: dict, backbone, current_digest: str, draws: int | None = 0,
@@ -224,7 +233,7 @@ def verify_ablations(doc: dict, backbone, current_digest: str, draws: int | None
         todo = [(n, s) for n, s in todo if n in variants]
     rows, seed = doc["surd_mini"]["rows"], doc["seed"]
     data_dir = surd_mini(rows, seed, progress)
-    checks = []
+    checks, shared = [], {}  # shared: the data and teacher of the first-step replays, read once
     for name, steps in todo:
         var = doc["variants"][name]
         over = {**doc["settings"]["budget"]["overrides"], **var["overrides"],
@@ -236,7 +245,7 @@ def verify_ablations(doc: dict, backbone, current_digest: str, draws: int | None
         with tempfile.TemporaryDirectory() as tmp:
             cfg = train_config(over, data_dir, seed, Path(tmp), current_digest, progress)
             if steps == 1 and backbone is not None:  # row 1 from the seeded initial adapter
-                log = [first_step(cfg, backbone, progress)]
+                log = [first_step(cfg, backbone, shared, progress)]
             else:
                 _, log, _ = train_adapter(cfg, backbone, progress)
         checks += [dict(c, check=f"{name}: {c['check'].removeprefix('training: ')}")
