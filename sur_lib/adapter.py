@@ -24,12 +24,9 @@ Two variants share this code:
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -37,11 +34,9 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .infra.cli import UsageError
+from .infra import adapter_files
 
 G_INITS = ("zeros", "kaiming_normal", "normal", "uniform")
-WEIGHTS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-MANIFEST = "sur_manifest.json"  # {"files": {name: {"size", "sha256"}}}, written by save_pretrained
 
 
 class KnowledgeProjection(nn.Module):
@@ -69,52 +64,6 @@ class KnowledgeProjection(nn.Module):
                 "(the LLM's hidden size the adapter was built with: SURAdapter(llm_dim=...))"
             )
         return k.to(self.weight.dtype) @ self.weight.T
-
-
-class AdapterError(UsageError):
-    """An adapter folder that cannot be trusted or loaded (names the folder and the file)."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def check_adapter_folder(folder: str | os.PathLike) -> Path:
-    """The adapter folder ``folder``, checked before anything is loaded from it: it exists,
-    holds config.json and a weights file, and every file its manifest lists (``MANIFEST``,
-    written by ``SURAdapter.save_pretrained``) has the size and SHA-256 it was saved with.
-    Folders written before manifests existed are accepted without the digest check."""
-    folder = Path(folder).expanduser()
-    if not folder.exists():
-        raise AdapterError(f"adapter folder {folder} not found (an adapter is loaded from a local "
-                           "folder written by save_pretrained; for a Hub repo id pass "
-                           "local_files_only=False)")
-    if not folder.is_dir():
-        raise AdapterError(f"{folder} is a file: an adapter is a folder (config.json + weights)")
-    if not (folder / "config.json").is_file():
-        raise AdapterError(f"{folder} holds no config.json: not an adapter folder")
-    if not any((folder / w).is_file() for w in WEIGHTS_FILES):
-        raise AdapterError(f"{folder} holds no adapter weights ({WEIGHTS_FILES[0]} missing): an "
-                           "incomplete copy or export?")
-    manifest = folder / MANIFEST
-    if manifest.is_file():
-        try:
-            files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
-            assert isinstance(files, dict)
-        except Exception:  # noqa: BLE001 - any failure: the manifest is damaged
-            raise AdapterError(f"{manifest} is damaged (expected {{\"files\": {{name: {{size, sha256}}}}}})") from None
-        for name, want in files.items():
-            p = folder / name
-            if not p.is_file():
-                raise AdapterError(f"{p} is missing (listed in {MANIFEST})")
-            if p.stat().st_size != want.get("size") or _sha256(p) != want.get("sha256"):
-                raise AdapterError(f"{p} differs from what was saved (size or SHA-256 does not match "
-                                   f"{MANIFEST}): a damaged or edited copy; export the adapter again")
-    return folder
 
 
 @dataclass
@@ -244,51 +193,27 @@ class SURAdapter(ModelMixin, ConfigMixin):
         return SURAdapterOutput(c=c, h0=h0, q=q, student=h0 if self.config.official else q)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """diffusers' ``save_pretrained`` (safetensors), plus ``MANIFEST``: the size and SHA-256
-        of every file it wrote, checked by ``from_pretrained``. (Non-finite weights are saved:
-        a training checkpoint keeps them, marked, for the record; ``from_pretrained`` refuses them.)"""
+        """diffusers' ``save_pretrained`` (safetensors), plus a manifest: the size and SHA-256 of
+        every file it wrote, checked by ``from_pretrained`` (``sur_lib.infra.adapter_files``).
+        (Non-finite weights are saved: a training checkpoint keeps them, marked, for the record;
+        ``from_pretrained`` refuses them.)"""
         out = super().save_pretrained(save_directory, *args, **kwargs)
-        folder = Path(save_directory)
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
-                 for p in sorted(folder.iterdir()) if p.is_file() and p.name in ("config.json", *WEIGHTS_FILES)}
-        from .infra.fileio import atomic_write_text
-
-        atomic_write_text(folder / MANIFEST, json.dumps({"files": files}, indent=1) + "\n")
+        adapter_files.write_manifest(save_directory)
         return out
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Load an adapter folder (``check_adapter_folder`` first: present, complete, and as
-        saved). Only local folders unless ``local_files_only=False`` is passed (a repo id then
-        goes to the Hub); weights that do not fit the folder's config.json, or that are not
-        finite, are refused with an error naming the folder."""
+        """Load an adapter folder (``sur_lib.infra.adapter_files.check_adapter_folder`` first:
+        present, complete, and as saved). Only local folders unless ``local_files_only=False`` is
+        passed (a repo id then goes to the Hub); weights that do not fit the folder's
+        config.json, or that are not finite, are refused with an error naming the folder."""
         name = os.fspath(pretrained_model_name_or_path)
-        local = kwargs.get("local_files_only", True) is not False
-        if local:
-            name = os.fspath(check_adapter_folder(name))
+        if kwargs.get("local_files_only", True) is not False:
+            name = os.fspath(adapter_files.check_adapter_folder(name))
             kwargs["local_files_only"] = True
-        try:
+        with adapter_files.loading_errors(name):
             model = super().from_pretrained(name, *args, **kwargs)
-        except (RuntimeError, ValueError, OSError) as e:
-            if isinstance(e, AdapterError):
-                raise
-            text = str(e)
-            if "size mismatch" in text or "ignore_mismatched_sizes" in text or "expected shape" in text:
-                import re
-
-                m = re.search(r"(\S+) expected shape torch\.Size\((\[[^\]]*\])\), but got "
-                              r"torch\.Size\((\[[^\]]*\])\)", text)
-                detail = (f"{m.group(1)} is {m.group(3)} in the weights file, {m.group(2)} for its "
-                          "config.json" if m else "the tensor shapes differ")
-                raise AdapterError(f"{name}: the weights do not fit the folder's config.json ({detail}): "
-                                   "an adapter of another width? Keep the config.json saved with these "
-                                   "weights") from None
-            raise AdapterError(f"cannot load the adapter {name}: {type(e).__name__}: "
-                               f"{text.splitlines()[0][:300] if text else ''}") from e
-        bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-        if bad:
-            raise AdapterError(f"{name}: the adapter's weights are not finite (NaN or inf in "
-                               f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): refused")
+        adapter_files.refuse_non_finite(model, name)
         return model
 
     def project_knowledge(self, k: torch.Tensor) -> torch.Tensor:

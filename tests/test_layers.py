@@ -139,7 +139,7 @@ def test_adapter_owns_w0_and_imports_no_knowledge_file_code():
     ``sur_lib.knowledge`` (the LLM loading, extraction and knowledge-file formats)."""
     deps = layers.graph()["sur_lib.adapter"]
     assert "sur_lib.knowledge" not in deps, sorted(deps)
-    assert deps <= {"sur_lib.infra.cli", "sur_lib.infra.fileio"}, sorted(deps)
+    assert deps <= {"sur_lib.infra.adapter_files"}, sorted(deps)
 
 
 # The paths into the repository's data/ folder that the method still names: the train command's
