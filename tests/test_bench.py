@@ -231,7 +231,7 @@ def test_bench_reports_oom_and_the_accumulation_that_restores_the_batch(monkeypa
 
 
 def test_sd15_unet_forward_flops_on_meta_tensors():
-    from sur_lib.models import sd15_configs
+    from sur_lib.infra.backbone_files import sd15_configs
 
     unet = sd15_configs()["unet"]
     per_sample = unet_forward_flops(unet, 1, 64, 77, 768)

@@ -11,6 +11,8 @@ from diffusers import UNet2DConditionModel
 from sur_lib import guidance as G
 from sur_lib import models as M
 from sur_lib.adapter import SURAdapter
+from sur_lib.infra.backbone_files import sd15_configs
+from sur_lib.infra.random_backbones import seeded
 from sur_lib.pipeline import generate, make_pipeline, prompt_embeddings
 
 PROMPTS = ["four tomatoes", "a blue glass with red juice"]
@@ -255,10 +257,10 @@ def test_scfg_runs_on_a_tiny_sd15_shaped_unet(monkeypatch):
     """SD 1.5's UNet layout (4 levels, cross-attention in the first three and the middle, 8
     heads) with tiny widths, at a 64x64 latent (SD 1.5 at 512 px): S-CFG records the 16x16 and
     8x8 maps only and runs through the stock pipeline."""
-    cfg = dict(M.sd15_configs()["unet"])
+    cfg = dict(sd15_configs()["unet"])
     cfg.update(block_out_channels=[32, 32, 64, 64], cross_attention_dim=32, norm_num_groups=32,
                layers_per_block=1)
-    with M._seeded(0):
+    with seeded(0):
         unet = UNet2DConditionModel.from_config(cfg)
     base = M.tiny_random_backbone(text_dim=32, sample_size=64, with_vae=True, seed=0)
     base.unet = unet.eval().requires_grad_(False)

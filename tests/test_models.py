@@ -8,6 +8,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import BertModel, CLIPTextModel
 
 from sur_lib import models as M
+from sur_lib.infra import backbone_files as BF
 from sur_lib.infra import text_encoders as TE
 from sur_lib.world import paths
 
@@ -74,8 +75,8 @@ def test_sd15_shapes_on_meta(sd15_meta):
 def test_bundled_configs_are_files():
     for sub, name in [("unet", "config.json"), ("vae", "config.json"),
                       ("text_encoder", "config.json"), ("scheduler", "scheduler_config.json")]:
-        assert json.loads((M.SD15_CONFIGS / sub / name).read_text())
-    assert M.sd15_configs()["unet"]["_class_name"] == "UNet2DConditionModel"
+        assert json.loads((BF.SD15_CONFIGS / sub / name).read_text())
+    assert BF.sd15_configs()["unet"]["_class_name"] == "UNet2DConditionModel"
 
 
 # ---- CLIP tokenizer, rebuilt offline -------------------------------------------------------

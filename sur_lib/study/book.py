@@ -317,7 +317,7 @@ def parameter_counts() -> dict[str, int]:
     from diffusers import UNet2DConditionModel
     from transformers import AutoConfig, AutoModel, CLIPTextConfig, CLIPTextModel
 
-    from sur_lib import models as sm
+    from sur_lib.infra.backbone_files import SD15_CONFIGS
     from sur_lib.infra.text_encoders import minilm_folder
 
     def n(model):
@@ -325,9 +325,9 @@ def parameter_counts() -> dict[str, int]:
 
     with torch.device("meta"):
         return {
-            "sd_unet": n(UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(sm.SD15_CONFIGS / "unet"))),
+            "sd_unet": n(UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIGS / "unet"))),
             "tiny_unet": n(UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(TINY_MODEL_DIR / "unet"))),
-            "clip_text": n(CLIPTextModel(CLIPTextConfig.from_pretrained(sm.SD15_CONFIGS / "text_encoder"))),
+            "clip_text": n(CLIPTextModel(CLIPTextConfig.from_pretrained(SD15_CONFIGS / "text_encoder"))),
             "minilm": n(AutoModel.from_config(AutoConfig.from_pretrained(minilm_folder()))),
         }
 
