@@ -26,9 +26,6 @@ tensor images with the pipeline's own ``image_processor.postprocess``.
 from __future__ import annotations
 
 import functools
-import math
-import numbers
-import warnings
 
 import torch
 from diffusers import (
@@ -41,6 +38,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from .infra.generate_args import check_generate_args, check_steps
 from .models import Backbone
 
 SCHEDULERS = {
@@ -51,28 +49,6 @@ SCHEDULERS = {
     "dpm": DPMSolverMultistepScheduler,
 }
 OUTPUT_TYPES = ("pil", "pt", "np", "latent")
-MAX_SEED = 2**63 - 1
-# schedulers that break at num_inference_steps == num_train_timesteps (measured on diffusers
-# 0.3x with SD's steps_offset=1: DDIM, DDPM and PNDM index alphas_cumprod[1000], an IndexError;
-# DPM-Solver++ returns NaN images); Euler works up to num_train_timesteps
-STEP_MARGIN = {DDIMScheduler: 1, DDPMScheduler: 1, PNDMScheduler: 1, DPMSolverMultistepScheduler: 1,
-               EulerDiscreteScheduler: 0}
-
-
-def max_inference_steps(scheduler) -> int:
-    """The most sampling steps ``scheduler`` supports (see ``STEP_MARGIN``)."""
-    n = int(scheduler.config.num_train_timesteps)
-    margin = next((m for cls, m in STEP_MARGIN.items() if isinstance(scheduler, cls)), 1)
-    return n - margin
-
-
-def check_steps(scheduler, num_inference_steps: int) -> None:
-    """A ValueError naming the scheduler unless it supports ``num_inference_steps``."""
-    most = max_inference_steps(scheduler)
-    if num_inference_steps > most:
-        raise ValueError(f"num_inference_steps must be <= {most} for {type(scheduler).__name__} (the "
-                         f"model was trained with {scheduler.config.num_train_timesteps} timesteps), "
-                         f"got {num_inference_steps}")
 
 
 def make_pipeline(
@@ -131,57 +107,6 @@ def prompt_embeddings(
             cond = adapt_embeddings(adapter, cond)
     dtype, device = backbone.unet.dtype, backbone.unet.device
     return cond.to(device, dtype), uncond.to(device, dtype)
-
-
-def _whole(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
-
-
-def _prompt_list(name: str, prompts) -> list[str]:
-    if isinstance(prompts, str):
-        return [prompts]
-    if not isinstance(prompts, (list, tuple)):
-        raise ValueError(f"{name} must be a string or a list of strings, got {type(prompts).__name__}")
-    bad = [(i, p) for i, p in enumerate(prompts) if not isinstance(p, str)]
-    if bad:
-        i, p = bad[0]
-        raise ValueError(f"{name}[{i}] must be a string, got {type(p).__name__} {p!r}")
-    return list(prompts)
-
-
-def check_generate_args(backbone: Backbone, prompts, negative_prompt="", num_inference_steps=25,
-                        guidance_scale=7.5, num_images_per_prompt=1, height=None, width=None,
-                        seed=0) -> None:
-    """Check ``generate``'s arguments before any work, with errors that name the argument
-    (ValueError), and warn (``UserWarning``, once per call, naming them) about prompts longer
-    than the text encoder's window, which are cut to its first ``max_length`` tokens.
-
-    guidance_scale must be a finite number >= 0: diffusers switches guidance off for any value
-    <= 1, so a negative or NaN scale would silently give unguided images."""
-    plist = _prompt_list("prompts", prompts)
-    if not plist:
-        raise ValueError("prompts is empty: give at least one prompt")
-    negs = _prompt_list("negative_prompt", negative_prompt)
-    if not isinstance(negative_prompt, str) and len(negs) != len(plist):
-        raise ValueError(f"{len(negs)} negative prompts for {len(plist)} prompts")
-    _whole("num_inference_steps", num_inference_steps, 1)
-    _whole("num_images_per_prompt", num_images_per_prompt, 1)
-    _whole("seed", seed, 0)
-    if seed > MAX_SEED:
-        raise ValueError(f"seed must be a whole number from 0 to 2**63 - 1, got {seed!r}")
-    if (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real)
-            or not math.isfinite(guidance_scale) or guidance_scale < 0):
-        raise ValueError(f"guidance_scale must be a finite number >= 0 (<= 1: no guidance), "
-                         f"got {guidance_scale!r}")
-    for name, value in (("height", height), ("width", width)):
-        if value is not None:
-            _whole(name, value, 1)
-    long = backbone.truncated_prompts(list(dict.fromkeys(plist + (negs if negs != [""] else []))))
-    if long:
-        listed = "; ".join(f"{p[:60]!r}{'...' if len(p) > 60 else ''} ({n} tokens)" for p, n in long)
-        warnings.warn(f"{len(long)} prompt(s) longer than the text encoder's {backbone.max_length} "
-                      f"tokens are cut to the first {backbone.max_length}: {listed}", stacklevel=3)
 
 
 @torch.no_grad()
