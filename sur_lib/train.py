@@ -248,47 +248,13 @@ def diffusion_inputs(scheduler, latents: torch.Tensor):
 def seed_micro_step(cfg: TrainConfig, batch: dict, micro_step: int, text_only: list[str]) -> None:
     """Everything random of micro-step ``micro_step`` before its forward pass (``compute_losses``):
     torch's generators seeded by (seed, micro-step), the CPU one continued after the rows'
-    crops and flips, and the text-only prompts drawn. The training loop and ``replay_step``
-    both call it, so a replayed step sees the noise, timesteps and dropout the run saw."""
+    crops and flips, and the text-only prompts drawn. The training loop and the study's
+    ``sur_lib.study.replay.replay_step`` both call it, so a replayed step sees the noise,
+    timesteps and dropout the run saw."""
     torch.manual_seed(micro_step_seed(cfg.seed, micro_step))  # every device's generator
     torch.set_rng_state(batch["rng_state"])  # CPU: continue after the rows' crops/flips
     if text_only and cfg.lambda_llm:  # not in the paper: prompts seen only by L_LLM
         batch["text_only"] = text_only_draw(text_only, cfg.text_only_batch, cfg.seed, micro_step)
-
-
-def replay_step(cfg: TrainConfig, backbone, adapter, step: int, dataset=None,
-                knowledge: dict | None = None) -> dict:
-    """The loss terms that log row ``step`` (1-based) of a one-process run of ``cfg`` holds, given
-    ``adapter``: the weights after step ``step - 1`` (e.g. a stored ``adapters/step-N`` for row
-    N + 1). No optimizer is needed: row ``step``'s losses are computed before that step's update,
-    from the weights and from its micro-batches, noise, timesteps and dropout, which are seeded by
-    the micro-step index alone (``batch_indices``, ``seed_micro_step``), whatever came before.
-    The learning rate does not enter. ``dataset``/``knowledge`` as ``train`` takes them (built
-    from ``cfg`` when None). Returns {term: value} for ``LOSS_TERMS``, averaged over the
-    gradient-accumulation micro-steps as the log is. Torch's global generator is restored."""
-    if step < 1:
-        raise ValueError(f"replay_step: step must be >= 1 (a log row), got {step}")
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
-    dataset, knowledge, text_only = data_and_knowledge(cfg, backbone, dataset, knowledge)
-    accum = cfg.gradient_accumulation_steps
-    micro_steps = [(step - 1) * accum + micro for micro in range(accum)]
-    loader = micro_batch_loader(dataset, micro_steps, batch_size=cfg.batch_size, seed=cfg.seed,
-                                collate=collate)
-    rng, mode = torch.get_rng_state(), adapter.training
-    terms = [0.0] * len(LOSS_TERMS)
-    adapter.train()  # dropout as in training
-    try:
-        with torch.no_grad():
-            for micro_step, batch in zip(micro_steps, loader):
-                seed_micro_step(cfg, batch, micro_step, text_only)
-                with torch.autocast("cpu", dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-                    losses = compute_losses(cfg, backbone, adapter, batch, weight_dtype, knowledge)
-                for j, k in enumerate(LOSS_TERMS):
-                    terms[j] += float(losses[k].detach().double()) / accum
-    finally:
-        torch.set_rng_state(rng)
-        adapter.train(mode)
-    return dict(zip(LOSS_TERMS, terms))
 
 
 def compute_losses(cfg: TrainConfig, backbone, adapter, batch: dict, weight_dtype,
@@ -539,7 +505,7 @@ def _next_batch(batches, cfg: TrainConfig, micro_step: int, text_only: list[str]
     crops and flips. With text-only prompts (not in the paper), this micro-step's draw of them."""
     batch = next(batches)
     assert batch["micro_step"] == micro_step, (batch["micro_step"], micro_step)
-    seed_micro_step(cfg, batch, micro_step, text_only)  # the same as replay_step's
+    seed_micro_step(cfg, batch, micro_step, text_only)  # the same as study.replay's
     return batch
 
 
