@@ -38,7 +38,6 @@ generic ``sur_lib.infra.config.TypedConfig`` with its table of rules (``RULES``)
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -544,30 +543,15 @@ def _finish(accelerator, adapter, out_dir: Path, steps: int, start: int, t0: flo
 # ----------------------------------------------------------------------------- CLI
 
 
-ALLOW_CONFIG_CHANGE = "allow_config_change"  # a command-line option of main, not a config key
-
-
-def _parse_overrides(argv: list[str]) -> dict:
-    """``--key value`` pairs, each value converted to the field's declared type
-    (``sur_lib.infra.config``: ``1e-5`` is a float, ``no`` stays text, ints only from whole
-    numbers); errors name the key and the value."""
-    return config.parse_overrides(TrainConfig, argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        print("keys:", ", ".join(f.name for f in dataclasses.fields(TrainConfig)))
-        print(f"--{ALLOW_CONFIG_CHANGE} true: resume even if the checkpoint's config differs "
-              "(the change is recorded)")
+    """``python -m sur_lib.train CONFIG.yaml [--key value ...] [--allow_config_change true]``
+    (the command line: ``sur_lib.infra.config.command_line``)."""
+    parsed = config.command_line(TrainConfig, sys.argv[1:] if argv is None else list(argv), __doc__, flags={
+        "allow_config_change": "resume even if the checkpoint's config differs (the change is recorded)"})
+    if parsed is None:  # the help
         return 0
-    pairs = config.split_pairs(argv[1:])
-    allow = [v for k, v in pairs if k == ALLOW_CONFIG_CHANGE]
-    allow_change = bool(allow) and config.coerce(f"--{ALLOW_CONFIG_CHANGE}", allow[-1], bool, text=True)
-    rest = [x for k, v in pairs if k != ALLOW_CONFIG_CHANGE for x in (f"--{k}", v)]
-    cfg = TrainConfig.from_yaml(argv[0], **_parse_overrides(rest))
-    result = train(cfg, allow_config_change=allow_change)
+    cfg, flags = parsed
+    result = train(cfg, allow_config_change=flags["allow_config_change"])
     if result.is_main_process:
         print(f"done: {result.steps} steps in {result.seconds:.1f} s -> {result.output_dir / 'adapter'}")
     return 0

@@ -23,7 +23,8 @@ from sur_lib.data import SURDDataset
 from sur_lib.infra import cli
 from sur_lib.infra.run_state import read_log
 from sur_lib.infra.surd_files import SURDError, write_metadata
-from sur_lib.train import TrainConfig, _parse_overrides, train
+from sur_lib.infra.config import parse_overrides
+from sur_lib.train import TrainConfig, train
 
 ROOT = Path(__file__).parents[1]
 PROMPTS = ["four tomatoes in a row", "a stack of three dice", "five limes in a circle", "one lemon"]
@@ -77,12 +78,12 @@ def run_cli(main, argv, capsys):
 
 def test_cli_lambda_in_paper_notation_is_a_float():
     # before: YAML 1.1 read 1e-5 as the string '1e-5' and training crashed deep in the losses
-    assert _parse_overrides(["--lambda_llm", "1e-5"]) == {"lambda_llm": 1e-5}
+    assert parse_overrides(TrainConfig, ["--lambda_llm", "1e-5"]) == {"lambda_llm": 1e-5}
     assert isinstance(TrainConfig(lambda_llm="1e-5").lambda_llm, float)
 
 
 def test_cli_learning_rate_1e_3_is_a_float():
-    assert _parse_overrides(["--learning_rate", "1e-3"]) == {"learning_rate": 1e-3}
+    assert parse_overrides(TrainConfig, ["--learning_rate", "1e-3"]) == {"learning_rate": 1e-3}
 
 
 def test_yaml_file_with_1e_5_is_a_float(tmp_path):
@@ -94,23 +95,23 @@ def test_yaml_file_with_1e_5_is_a_float(tmp_path):
 
 def test_max_steps_abc_names_the_key():
     with pytest.raises(ValueError, match=r"--max_steps: expected a whole number, got the string 'abc'"):
-        _parse_overrides(["--max_steps", "abc"])
+        parse_overrides(TrainConfig, ["--max_steps", "abc"])
 
 
 def test_max_steps_1e3_is_a_whole_number_and_2_5_is_not():
-    assert _parse_overrides(["--max_steps", "1e3"]) == {"max_steps": 1000}
+    assert parse_overrides(TrainConfig, ["--max_steps", "1e3"]) == {"max_steps": 1000}
     with pytest.raises(ValueError, match=r"--max_steps: expected a whole number, got the string '2.5'"):
-        _parse_overrides(["--max_steps", "2.5"])
+        parse_overrides(TrainConfig, ["--max_steps", "2.5"])
 
 
 def test_mixed_precision_no_stays_text():
     # before: --mixed_precision no became False and was rejected
-    assert _parse_overrides(["--mixed_precision", "no"]) == {"mixed_precision": "no"}
+    assert parse_overrides(TrainConfig, ["--mixed_precision", "no"]) == {"mixed_precision": "no"}
 
 
 def test_unknown_override_key_suggests_the_right_one():
     with pytest.raises(ValueError, match=r"'lambda_lm' \(did you mean 'lambda_llm'\?\)"):
-        _parse_overrides(["--lambda_lm", "1e-5"])
+        parse_overrides(TrainConfig, ["--lambda_lm", "1e-5"])
 
 
 @pytest.mark.parametrize("text, kind", [("- a\n- b\n", "list"), ("just a string\n", "string")])
@@ -856,7 +857,7 @@ def test_sizes_and_seeds_have_upper_bounds(key, value, message):
 
 def test_cli_max_steps_1e12_is_refused_at_once():
     with pytest.raises(ValueError, match="max_steps must be <= 10,000,000"):
-        TrainConfig(**_parse_overrides(["--max_steps", "1e12"]))
+        TrainConfig(**parse_overrides(TrainConfig, ["--max_steps", "1e12"]))
 
 
 def test_generation_and_experiment_seeds_out_of_range(backbone, capsys):

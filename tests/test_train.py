@@ -12,12 +12,12 @@ import yaml
 from PIL import Image
 
 from sur_lib.data import SURDDataset, collate
+from sur_lib.infra.config import parse_overrides
 from sur_lib.infra.knowledge_files import save_knowledge
 from sur_lib.infra.surd_files import write_metadata
 from sur_lib.models import tiny_random_backbone
 from sur_lib.train import (
     TrainConfig,
-    _parse_overrides,
     build_adapter,
     compute_losses,
     train,
@@ -127,7 +127,7 @@ def test_config_errors_and_overrides(tmp_path):
         TrainConfig(gradient_path="both")
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
-    assert _parse_overrides(["--max_steps", "7", "--eta", "0.5", "--resume", "false"]) == {
+    assert parse_overrides(TrainConfig, ["--max_steps", "7", "--eta", "0.5", "--resume", "false"]) == {
         "max_steps": 7, "eta": 0.5, "resume": False}
     cfg_file = Path(__file__).parents[1] / "sur_lib" / "configs" / "rtx3090.yaml"
     cfg = TrainConfig.from_yaml(cfg_file)

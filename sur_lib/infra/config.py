@@ -430,3 +430,26 @@ class TypedConfig:
         """{field: its default} (a fresh copy of a mutable one)."""
         return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 for f in dataclasses.fields(cls)}
+
+
+def command_line(cls, argv: Sequence[str], doc: str, flags: dict[str, str] | None = None):
+    """The command line of a config-driven command, ``CONFIG.yaml [--key value ...]``: the config
+    (a ``TypedConfig`` subclass ``cls``) read from the YAML file with the ``--key value``
+    overrides (``parse_overrides``), and the values of ``flags`` ({name: help}: boolean options
+    of the command that are not config keys, ``--name true``; False when absent). Returns
+    (config, {flag: bool}), or None after printing the help (``doc``, the keys, the flags) for
+    no arguments, ``-h`` or ``--help``."""
+    flags = flags or {}
+    if not argv or argv[0] in ("-h", "--help"):
+        print(doc)
+        print("keys:", ", ".join(f.name for f in dataclasses.fields(cls)))
+        for name, text in flags.items():
+            print(f"--{name} true: {text}")
+        return None
+    pairs = split_pairs(argv[1:])
+    values = {}
+    for name in flags:
+        given = [v for k, v in pairs if k == name]
+        values[name] = bool(given) and coerce(f"--{name}", given[-1], bool, text=True)
+    rest = [x for k, v in pairs if k not in flags for x in (f"--{k}", v)]
+    return cls.from_yaml(argv[0], **parse_overrides(cls, rest)), values
