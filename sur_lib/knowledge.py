@@ -9,10 +9,11 @@ them (:func:`knowledge_vectors`), hands training the vectors of a batch
 (:func:`select_knowledge`, :func:`stack_knowledge`) and keeps them in a cache file
 (:func:`cached_knowledge_vectors`).
 
-The machinery lives in the infrastructure: loading the LLMs (``sur_lib.infra.llms``), the two
-knowledge-file formats (``sur_lib.infra.knowledge_files``: this project's safetensors cache and
-the authors' ``prompt2vec/<LLM>/<layer>.pt``) and the extraction command's files and resumable
-loop (``sur_lib.infra.extract``). The authors publish no extraction script; this module's
+The machinery lives in the infrastructure: loading the LLMs, finding their decoder blocks and
+whether their tokenizer adds a BOS token (``sur_lib.infra.llms``), the two knowledge-file
+formats (``sur_lib.infra.knowledge_files``: this project's safetensors cache and the authors'
+``prompt2vec/<LLM>/<layer>.pt``) and the extraction command (its options, files and resumable
+loop: ``sur_lib.infra.extract``). The authors publish no extraction script; this module's
 command is one:
 
     python -m sur_lib.knowledge extract /path/to/SURD --llm huggyllama/llama-13b --layer 39 \
@@ -30,35 +31,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .infra import extract
-from .infra.knowledge_files import (KnowledgeError, add_vectors, cache_meta, check_prompts, load_knowledge,
-                                    load_model_for, nearest_prompt, read_cache, refuse_near_misses,
-                                    save_authors_prompt2vec, save_cache)
-from .infra.llms import load_llm
+from .infra.knowledge_files import (KnowledgeError, add_vectors, cache_meta, check_prompts, load_model_for,
+                                    nearest_prompt, read_cache, refuse_near_misses, save_cache)
+from .infra.llms import decoder_layers, tokenizer_adds_bos
 
 
 # --- computing knowledge vectors ---------------------------------------------------------------
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks of a causal LM (``model.model.layers`` for Llama, Gemma, ...)."""
-    for owner in (getattr(model, "model", None), model):
-        layers = getattr(owner, "layers", None)
-        if isinstance(layers, nn.ModuleList):
-            return layers
-    raise TypeError(
-        f"cannot find the decoder blocks of {type(model).__name__}: expected a ModuleList at "
-        "model.model.layers (Llama, Mistral, Gemma, Qwen ...) or model.layers"
-    )
-
-
-def tokenizer_adds_bos(tokenizer: Any) -> bool:
-    """Whether ``tokenizer(text)`` puts a BOS token in front (LLaMA's does; SmolLM2's does not)."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return False
-    with_special = tokenizer("a")["input_ids"]
-    without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    return bool(with_special) and with_special[0] == bos and without[:1] != [bos]
 
 
 @torch.no_grad()
@@ -246,27 +224,9 @@ def extract_knowledge(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = extract.parse_args(sys.argv[1:] if argv is None else list(argv))
-    extract.check_save_every(args.save_every_s)
-    out = Path(args.out).expanduser()
-    if out.is_dir():
-        raise KnowledgeError(f"--out {out} is a folder: give the knowledge file to write (e.g. "
-                             f"{out / 'knowledge.safetensors'})")
-    prompts = extract.read_prompts(args.source)
-    before = len(read_cache(out, cache_meta({"llm": args.llm}, args.layer, not args.no_bos,
-                                            args.drop_first, args.batch_size))) if out.exists() else 0
-    vectors = extract_knowledge(
-        prompts, out, lambda: load_llm(args.llm, getattr(torch, args.dtype), args.device),
-        layer=args.layer, include_bos=not args.no_bos, drop_first=args.drop_first,
-        batch_size=args.batch_size, meta={"llm": args.llm}, save_every_s=args.save_every_s,
-        progress=not args.no_progress)
-    width = next(iter(vectors.values())).shape[0]
-    print(f"{len(vectors)} knowledge vectors (width {width}, {args.llm} layer {args.layer}) in {out}"
-          f" ({len(load_knowledge(out)) - before} computed now)")
-    if args.authors_pt:
-        save_authors_prompt2vec(args.authors_pt, vectors)
-        print(f"authors' format: {args.authors_pt}")
-    return 0
+    """``python -m sur_lib.knowledge extract ...`` (``sur_lib.infra.extract.command``: its
+    options, files and report) with :func:`extract_knowledge`."""
+    return extract.command(sys.argv[1:] if argv is None else list(argv), extract_knowledge)
 
 
 if __name__ == "__main__":

