@@ -319,15 +319,6 @@ class TrainResult:
     is_main_process: bool = True
 
 
-def _stop_on_non_finite(values: torch.Tensor, step: int, micro: int, cfg: TrainConfig,
-                        grad_norm: float | None = None) -> None:
-    """:class:`NonFiniteLossError` if a loss term (``values``: gathered, [processes,
-    ``LOSS_TERMS``]) or the gradient norm is NaN or inf (``run_state.stop_on_non_finite``)."""
-    hint = " An fp16 overflow? bf16 has the range of fp32." if cfg.mixed_precision == "fp16" else ""
-    run_state.stop_on_non_finite(values, LOSS_TERMS, step, micro, cfg.gradient_accumulation_steps,
-                                 cfg.output_dir, grad_norm, hint)
-
-
 def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = None,
           knowledge: dict | None = None, allow_config_change: bool = False) -> TrainResult:
     """Train a SUR-adapter: the paper's Algorithm 1, read top to bottom (the bookkeeping is in
@@ -375,10 +366,10 @@ def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = 
                     with accelerator.accumulate(adapter), accelerator.autocast():
                         # encode, add noise, adapter, L = L_simple + l1 L_LLM + l2 L_CP (Eq. 5-10)
                         losses = compute_losses(cfg, backbone, adapter, batch, weight_dtype, knowledge)
-                        values = _gather_losses(losses, accelerator)  # [processes, terms]
-                        _stop_on_non_finite(values, step, micro, cfg)  # before any update
+                        values = run.gather(losses)  # [processes, terms]
+                        run.stop_on_non_finite(values, step, micro)  # before any update
                         accelerator.backward(losses["loss"])
-                        grad_norm = _clip_gradients(cfg, accelerator, adapter, values, step, micro)
+                        grad_norm = run.clip_gradients(adapter, cfg.max_grad_norm, values, step, micro)
                         optimizer.step()
                         lr_scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
@@ -389,7 +380,9 @@ def train(cfg: TrainConfig | dict, backbone=None, dataset: SURDDataset | None = 
         finally:
             del batches  # stops the loader's workers
             run.close()
-        return _finish(accelerator, adapter, out_dir, cfg.max_steps, start, t0)
+        final = run.finish(adapter)  # unwrapped, recorded in processes.json, saved in out_dir/adapter
+        return TrainResult(final, out_dir, cfg.max_steps, start, time.time() - t0,
+                           num_processes=accelerator.num_processes, is_main_process=accelerator.is_main_process)
 
 
 # ----------------------------------------------------------------------------- train's helpers
@@ -478,10 +471,12 @@ def _resume(cfg: TrainConfig, out_dir: Path, accelerator, adapter, optimizer, lr
 
 def _run_record(cfg: TrainConfig, out_dir: Path, accelerator, start: int, t0: float):
     """The run's record (``run_state.RunRecord``): config.yaml, log.csv with ``LOG_FIELDS``,
-    the trackers, the progress bar and the checkpoints."""
+    the trackers, the progress bar, the gathered and checked loss terms (``LOSS_TERMS``), the
+    gradient clipping, the checkpoints and the final adapter."""
     return run_state.RunRecord(out_dir, accelerator, cfg.to_dict(), start, t0, max_steps=cfg.max_steps,
                                checkpoint_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
-                               progress=cfg.progress, log_fields=LOG_FIELDS)
+                               progress=cfg.progress, log_fields=LOG_FIELDS, loss_terms=LOSS_TERMS,
+                               accum=cfg.gradient_accumulation_steps, fp16=cfg.mixed_precision == "fp16")
 
 
 def _micro_batches(cfg: TrainConfig, dataset, start: int, accelerator):
@@ -506,38 +501,6 @@ def _next_batch(batches, cfg: TrainConfig, micro_step: int, text_only: list[str]
     assert batch["micro_step"] == micro_step, (batch["micro_step"], micro_step)
     seed_micro_step(cfg, batch, micro_step, text_only)  # the same as study.replay's
     return batch
-
-
-def _gather_losses(losses: dict, accelerator) -> torch.Tensor:
-    """The loss terms (``LOSS_TERMS``) of every process, [processes, terms], float64 on the CPU."""
-    values = torch.stack([losses[k].detach().float() for k in LOSS_TERMS])
-    return accelerator.gather(values).reshape(accelerator.num_processes, len(LOSS_TERMS)).cpu().double()
-
-
-def _clip_gradients(cfg: TrainConfig, accelerator, adapter, values: torch.Tensor, step: int,
-                    micro: int):
-    """At the last micro-step of an accumulation: clip the gradient norm to ``max_grad_norm``
-    and return it (else None). A non-finite norm stops the run (:func:`_stop_on_non_finite`)
-    except under fp16, whose loss scaler skips a step with inf gradients by design; otherwise
-    it would write NaN into the weights."""
-    if not accelerator.sync_gradients:
-        return None
-    grad_norm = accelerator.clip_grad_norm_(adapter.parameters(), cfg.max_grad_norm)
-    if cfg.mixed_precision != "fp16":
-        _stop_on_non_finite(values, step, micro, cfg, float(grad_norm))
-    return grad_norm
-
-
-def _finish(accelerator, adapter, out_dir: Path, steps: int, start: int, t0: float) -> TrainResult:
-    """Unwrap the adapter (no autocast left in its forward), record every process's digest
-    (processes.json), save the adapter (main process) and return the run's result."""
-    final = accelerator.unwrap_model(adapter, keep_fp32_wrapper=False)
-    run_state.record_processes(accelerator, final, out_dir)
-    if accelerator.is_main_process:
-        final.save_pretrained(out_dir / "adapter")
-    accelerator.wait_for_everyone()
-    return TrainResult(final, out_dir, steps, start, time.time() - t0,
-                       num_processes=accelerator.num_processes, is_main_process=accelerator.is_main_process)
 
 
 # ----------------------------------------------------------------------------- CLI

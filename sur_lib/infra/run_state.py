@@ -416,17 +416,23 @@ def read_log(output_dir: str | os.PathLike) -> list[dict]:
 
 
 class RunRecord:
-    """What a run writes besides its final model. On creation (after the resume): the
+    """A run's bookkeeping besides the method. On creation (after the resume): the
     temporaries of killed runs removed and config.yaml written (main process), log.csv opened
     with the columns ``log_fields`` (rows after the checkpoint dropped), the trackers started.
-    Then the progress bar, one log row per step (log.csv, trackers, bar), a checkpoint every
-    ``checkpoint_every`` steps and at ``max_steps``, keeping ``keep`` of them."""
+    Then the progress bar, the loss terms ``loss_terms`` of every process gathered, checked
+    (a NaN or inf stops the run before the update) and the gradients clipped, one log row per
+    step (log.csv, trackers, bar), a checkpoint every ``checkpoint_every`` steps and at
+    ``max_steps``, keeping ``keep`` of them, and at the end the final model recorded and saved.
+    ``accum``: micro-steps per step; ``fp16``: the run's loss scaler skips steps with inf
+    gradients, so a non-finite gradient norm does not stop it."""
 
     def __init__(self, out_dir: Path, accelerator, config: dict, start: int, t0: float, *,
                  max_steps: int, checkpoint_every: int, keep: int, progress: bool,
-                 log_fields: list[str], name: str = "SUR-adapter"):
+                 log_fields: list[str], name: str = "SUR-adapter", loss_terms=("loss",),
+                 accum: int = 1, fp16: bool = False):
         self.out_dir, self.accelerator, self.config, self.start, self.t0 = out_dir, accelerator, config, start, t0
         self.max_steps, self.every, self.keep, self.name = max_steps, checkpoint_every, keep, name
+        self.terms, self.accum, self.fp16 = tuple(loss_terms), int(accum), bool(fp16)
         self.shown = progress and accelerator.is_local_main_process
         main = accelerator.is_main_process
         if main:
@@ -443,6 +449,31 @@ class RunRecord:
         self.bar = tqdm(range(self.start, self.max_steps), initial=self.start, total=self.max_steps,
                         desc=self.name, disable=not self.shown)
         return self.bar
+
+    def gather(self, losses: dict) -> torch.Tensor:
+        """The loss terms (``loss_terms``) of every process, [processes, terms], float64 on the CPU."""
+        values = torch.stack([losses[k].detach().float() for k in self.terms])
+        n = self.accelerator.num_processes
+        return self.accelerator.gather(values).reshape(n, len(self.terms)).cpu().double()
+
+    def stop_on_non_finite(self, values: torch.Tensor, step: int, micro: int,
+                           grad_norm: float | None = None) -> None:
+        """:class:`NonFiniteLossError` if a loss term (``values``: gathered, [processes, terms])
+        or the gradient norm is NaN or inf (:func:`stop_on_non_finite`)."""
+        hint = " An fp16 overflow? bf16 has the range of fp32." if self.fp16 else ""
+        stop_on_non_finite(values, self.terms, step, micro, self.accum, self.out_dir, grad_norm, hint)
+
+    def clip_gradients(self, model, max_norm: float, values: torch.Tensor, step: int, micro: int):
+        """At the last micro-step of an accumulation: clip the gradient norm of ``model`` to
+        ``max_norm`` and return it (else None). A non-finite norm stops the run
+        (:meth:`stop_on_non_finite`) except under fp16, whose loss scaler skips a step with inf
+        gradients by design; otherwise it would write NaN into the weights."""
+        if not self.accelerator.sync_gradients:
+            return None
+        grad_norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        if not self.fp16:
+            self.stop_on_non_finite(values, step, micro, float(grad_norm))
+        return grad_norm
 
     def log(self, step: int, terms: dict[str, float], grad_norm, lr: float) -> None:
         """One row: the step, ``terms`` (the loss terms, the first shown on the bar), the
@@ -472,3 +503,14 @@ class RunRecord:
             self.log_file.close()
         for tracker in self.accelerator.trackers:
             tracker.finish()
+
+    def finish(self, model):
+        """The final model unwrapped (no autocast left in its forward), every process's digest
+        recorded (processes.json), saved by the main process in ``<out_dir>/adapter``
+        (``MODEL_DIR``) once every process is done; returns it."""
+        final = self.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        record_processes(self.accelerator, final, self.out_dir)
+        if self.accelerator.is_main_process:
+            final.save_pretrained(self.out_dir / MODEL_DIR)
+        self.accelerator.wait_for_everyone()
+        return final
