@@ -62,7 +62,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-ORDERS = ("plain_first", "adapted_first")
+from .infra.guidance_checks import check_schedule, check_scfg
 
 
 # =============================================================================== settings
@@ -90,31 +90,7 @@ class SCFGConfig:
     fixed_gamma: float | None = None
 
     def __post_init__(self):
-        if self.max_side < 1 or self.refine_terms < 1:
-            raise ValueError(f"max_side and refine_terms must be >= 1, got {self.max_side}, {self.refine_terms}")
-        if self.blur_size < 1 or self.blur_size % 2 == 0:
-            raise ValueError(f"blur_size must be odd and >= 1, got {self.blur_size}")
-        def finite(name):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"S-CFG {name} must be a finite number, got {v!r}")
-            return v
-
-        for name in ("blur_sigma", "gamma_min", "gamma_max", "max_scale"):
-            finite(name)
-        if not 0 < self.gamma_min <= self.gamma_max:
-            raise ValueError(f"need 0 < gamma_min <= gamma_max, got {self.gamma_min}, {self.gamma_max}")
-        # the Gaussian kernel divides by sigma (0 gives NaN images); gamma is clamped to
-        # max_scale / w, so max_scale <= 0 would switch guidance off (0) or invert it (< 0)
-        if self.blur_sigma <= 0:
-            raise ValueError(f"S-CFG blur_sigma must be > 0 (the blur's kernel divides by it), "
-                             f"got {self.blur_sigma!r}")
-        if self.max_scale <= 0:
-            raise ValueError(f"S-CFG max_scale must be > 0 (it bounds w * gamma; <= 0 would turn "
-                             f"guidance off or invert it), got {self.max_scale!r}")
-        if self.fixed_gamma is not None and finite("fixed_gamma") < 0:
-            raise ValueError(f"S-CFG fixed_gamma must be >= 0 (a negative scale inverts guidance), "
-                             f"got {self.fixed_gamma!r}")
+        check_scfg(self)  # sur_lib.infra.guidance_checks: errors name the setting
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -403,12 +379,7 @@ def conditioning_schedule(num_steps: int, alpha: float, order: str = "plain_firs
     """Per denoising step: True where the conditional branch gets the adapted embedding.
     "plain_first": the first floor(alpha N + 0.5) steps plain, the rest adapted;
     "adapted_first": the first floor(alpha N + 0.5) steps adapted, the rest plain."""
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    check_schedule(num_steps, alpha, order)
     k = int(math.floor(float(alpha) * num_steps + 0.5))
     if order == "plain_first":
         return [i >= k for i in range(num_steps)]
