@@ -401,7 +401,6 @@ class ConditioningSwap:
         n = int(num_images_per_prompt)
         self.embeds = {False: plain.repeat_interleave(n, dim=0), True: adapted.repeat_interleave(n, dim=0)}
         self.schedule = list(schedule)
-        self.used: list[bool] = [self.schedule[0]]  # what each step got (for tests and reports)
 
     def initial(self) -> bool:
         return self.schedule[0]
@@ -410,7 +409,6 @@ class ConditioningSwap:
         nxt = i + 1
         if nxt >= len(self.schedule):
             return {}
-        self.used.append(self.schedule[nxt])
         if self.schedule[nxt] == self.schedule[i]:
             return {}
         pe = callback_kwargs["prompt_embeds"]
