@@ -8,7 +8,8 @@ conditioning). The SUR world, ``sur_lib.world``: toyworld, prompts, extended_pro
 evaluate (the judge), surd_stats (Fig. 4). The study, ``sur_lib.study``: statistics,
 experiments (a package, one module per experiment), claims, bench (a package: the cost at
 paper scale), book (the chapters' setup and formatting). Shared mechanisms,
-``sur_lib.infra``: fileio, checkpoints, config, provenance, cli.
+``sur_lib.infra``: fileio, checkpoints, config, provenance, cli, and the file formats,
+loaders and argument checks the method leaves out (``tools/layers.py`` lists them).
 """
 
 __version__ = "0.1.0"

@@ -14,10 +14,13 @@ The package has three layers and one kind of support code:
 * **study** (``sur_lib/study/``): statistics, claims, the experiments and everything that
   measures or presents the method in the world. It may import every other layer.
 * **infrastructure** (``sur_lib/infra/``): file I/O, checkpoints, a training run's bookkeeping
-  and seeded micro-batches, config typing and checking, provenance, the command-line errors,
-  the headless browser, loading the LLMs and the text encoders' files offline, the
-  knowledge-file formats, the extraction command's files and SURD's files (a folder's
-  metadata.jsonl and images read and checked, the Hub copy). It imports no layer.
+  and seeded micro-batches, config typing and checking (the train command's line too),
+  provenance, the command-line errors, the headless browser, loading the LLMs and the text
+  encoders' files offline, the knowledge-file formats, the extraction command, SURD's files (a
+  folder's metadata.jsonl and images read and checked, the Hub copy), an adapter folder's
+  manifest and checks, a backbone's files (a folder or the Hub, the bundled SD 1.5 configs) and
+  its random-weight builds, and the argument checks of generation and of the guidance
+  extensions. It imports no layer.
 
 A few modules only keep the ``python -m sur_lib....`` commands that stored results name
 working (layer ``alias``, ``ALIASES``). In a tree from before the layers existed, ``BEFORE``

