@@ -296,13 +296,13 @@ def _true_replays(monkeypatch, module, logs_by_overrides):
     def fake_config(over, *a, **k):
         return dict(over)
 
-    def fake_train(cfg, backbone, progress=True):
-        steps = cfg.pop("max_steps")
+    def fake_replay(cfg, backbone, steps, *a, **k):
+        cfg.pop("max_steps")
         cfg.pop("checkpoint_every", None)
-        return None, logs_by_overrides(cfg)[:steps], None
+        return logs_by_overrides(cfg)[:steps]
 
     monkeypatch.setattr(module, "train_config", fake_config)
-    monkeypatch.setattr(module, "train_adapter", fake_train)
+    monkeypatch.setattr(module, "replay_log", fake_replay)
 
 
 def test_ablation_logs_forged_at_step_5_of_no_llm_and_step_1_of_reference_fail(monkeypatch):
@@ -316,7 +316,7 @@ def test_ablation_logs_forged_at_step_5_of_no_llm_and_step_1_of_reference_fail(m
     _true_replays(monkeypatch, ablations, lambda over: copy.deepcopy(by_over[json.dumps(
         {k: v for k, v in over.items() if k not in budget}, sort_keys=True)]))
     digest = doc["model"]["unet_digest"]
-    assert ok(ablations.verify_ablations(doc, None, digest))
+    assert ok(ablations.verify_ablations(doc, object(), digest))
     todo, skipped = ablations.ablation_replays(doc, full=False)
     assert doc["verify"]["variant"] == "no_llm" and ("no_llm", 5) in todo and ("reference", 1) in todo
     assert {s for n, s in todo if n != "no_llm"} == {1}
@@ -324,7 +324,7 @@ def test_ablation_logs_forged_at_step_5_of_no_llm_and_step_1_of_reference_fail(m
     for variant, row in (("no_llm", 4), ("reference", 0)):
         forged = copy.deepcopy(doc)
         forged["variants"][variant]["log"][row]["loss"] *= 1.5
-        checks = ablations.verify_ablations(forged, None, digest)
+        checks = ablations.verify_ablations(forged, object(), digest)
         failed = [c["check"] for c in checks if not c["ok"]]
         assert failed == [f"{variant}: loss at step {row + 1}"], failed
     # --full (draws None) replays every step of every variant, the skipped teachers included
@@ -344,7 +344,7 @@ def test_the_convergence_log_forged_at_step_3_fails(monkeypatch, tmp_path):
         true_log = list(csv.DictReader(f))
     monkeypatch.setattr(runs, "surd_mini", lambda *a, **k: tmp_path)
     monkeypatch.setattr(convergence, "_train_cfg", lambda *a, **k: type("C", (), {"lambda_llm": 0})())
-    monkeypatch.setattr(runs, "train_adapter", lambda cfg, *a, **k: (None, true_log[:shared.VERIFY_TRAIN_STEPS], None))
+    monkeypatch.setattr(runs, "replay_run", lambda cfg, bb, steps, **k: true_log[:steps])
     monkeypatch.setattr(shared, "replay_from_states", lambda *a, **k: [])
     monkeypatch.setattr(shared, "verify_images", lambda *a, **k: [])
     monkeypatch.setattr(convergence, "ROOT", tmp_path)

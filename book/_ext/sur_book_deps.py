@@ -52,11 +52,20 @@ def _log_path(app, docname: str) -> Path:
     return Path(app.doctreedir) / "sur_book_reads" / f"{docname}.txt"
 
 
-def _start(app, docname, source):
+def start_log(app, docname: str) -> Path:
+    """An empty reads log for ``docname`` (its path): the kernel given it in ``LOG_VARIABLE``
+    writes the files the chapter reads there."""
     log = _log_path(app, docname)
     log.parent.mkdir(parents=True, exist_ok=True)
     log.unlink(missing_ok=True)
-    os.environ[LOG_VARIABLE] = str(log)  # the kernel myst-nb starts next inherits it
+    return log
+
+
+def _start(app, docname, source):
+    if docname in getattr(app, "sur_book_executed_ahead", ()):  # its kernel already ran, and
+        os.environ.pop(LOG_VARIABLE, None)  # logged its reads (sur_book_execute)
+        return
+    os.environ[LOG_VARIABLE] = str(start_log(app, docname))  # the kernel myst-nb starts next inherits it
 
 
 def _finish(app, doctree):

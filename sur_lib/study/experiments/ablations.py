@@ -21,7 +21,7 @@ from .common import (ABLATION_IMAGES, ABLATION_STEPS, QUICK, SURD_MINI_ROWS,
                      result_path)
 from .checks import VERIFY_TRAIN_STEPS, loss_checks
 from .images import evaluate_condition, make_pipe
-from .runs import surd_mini, train_adapter, train_config
+from .runs import replay_inputs, replay_run, surd_mini, train_adapter, train_config
 
 
 @dataclass
@@ -186,34 +186,31 @@ def ablation_replays(doc: dict, full: bool) -> tuple[list[tuple[str, int]], list
 
 def first_step(cfg, backbone, shared: dict | None = None, progress: bool = False) -> dict:
     """Row 1 of the loss log of a training run of ``cfg``, without the run: the adapter as
-    ``train`` initialises it (torch seeded with ``cfg.seed``) and
-    ``sur_lib.study.replay.replay_step`` for step 1 (no optimizer, accelerator, checkpoint or
-    log; the same batch, noise and dropout).
-    ``shared``: a dict in which the dataset and knowledge vectors are kept for the next
-    variant that reads the same data and teacher (each is read once, not once per variant)."""
+    ``train`` initialises it (torch seeded with ``cfg.seed``) and ``sur_lib.study.replay.replay_step`` for
+    step 1 (no optimizer, accelerator, checkpoint or log; the same batch, noise and dropout), on
+    the rows and knowledge vectors step 1 reads (``runs.replay_inputs``). ``shared``: a dict in
+    which the opened data is kept for the next variant that reads the same data."""
     import torch
 
-    from sur_lib.data import SURDDataset
     from sur_lib.study.replay import replay_step
-    from sur_lib.train import build_adapter, data_and_knowledge
-    from .runs import knowledge_for_config
+    from sur_lib.train import build_adapter
 
-    key = (cfg.data_dir, cfg.resolution, cfg.center_crop, cfg.random_flip, cfg.max_samples,
-           cfg.text_only_batch, cfg.text_only_prompts, bool(cfg.lambda_llm),
-           *(getattr(cfg, k) for k in TEACHER_KEYS))
-    shared = {} if shared is None else shared
-    if key not in shared:
-        knowledge = None
-        if cfg.lambda_llm:
-            knowledge = knowledge_for_config(cfg, SURDDataset(cfg.data_dir, check_images=False).prompts(), progress)
-        shared[key] = data_and_knowledge(cfg, backbone, None, knowledge)[:2]
-    dataset, knowledge = shared[key]
+    dataset, knowledge = replay_inputs(cfg, backbone, [1], progress=progress, shared=shared)
     llm_dim = next(iter(knowledge.values())).shape[-1] if cfg.lambda_llm else None
     rng = torch.get_rng_state()
     torch.manual_seed(cfg.seed)  # as train() seeds the adapter's initialisation
     adapter = build_adapter(cfg, backbone.text_dim, llm_dim)
     torch.set_rng_state(rng)
     return {"step": 1, **replay_step(cfg, backbone, adapter, 1, dataset=dataset, knowledge=knowledge)}
+
+
+def replay_log(cfg, backbone, steps: int, shared: dict | None = None, progress: bool = False) -> list[dict]:
+    """The first ``steps`` rows of the loss log of a run of ``cfg``, recomputed: row 1 alone by
+    ``first_step`` (no training), more by ``runs.replay_run`` (``train`` on the rows and vectors
+    those steps read)."""
+    if steps == 1:
+        return [first_step(cfg, backbone, shared, progress)]
+    return replay_run(cfg, backbone, steps, progress=progress, shared=shared)
 
 
 def verify_ablations(doc: dict, backbone, current_digest: str, draws: int | None = 0,
@@ -231,11 +228,12 @@ def verify_ablations(doc: dict, backbone, current_digest: str, draws: int | None
         return [{"check": "base model", "ok": False, "message": (
             "the ablations were made with another base model: re-run them")}]
     todo, skipped = ablation_replays(doc, full=draws is None)
+    backbone = backbone if backbone is not None or not todo else load_base()
     if variants is not None:
         todo = [(n, s) for n, s in todo if n in variants]
     rows, seed = doc["surd_mini"]["rows"], doc["seed"]
     data_dir = surd_mini(rows, seed, progress)
-    checks, shared = [], {}  # shared: the data and teacher of the first-step replays, read once
+    checks, shared = [], {}  # shared: the data the replays read, opened once
     for name, steps in todo:
         var = doc["variants"][name]
         over = {**doc["settings"]["budget"]["overrides"], **var["overrides"],
@@ -246,10 +244,7 @@ def verify_ablations(doc: dict, backbone, current_digest: str, draws: int | None
             continue
         with tempfile.TemporaryDirectory() as tmp:
             cfg = train_config(over, data_dir, seed, Path(tmp), current_digest, progress)
-            if steps == 1 and backbone is not None:  # row 1 from the seeded initial adapter
-                log = [first_step(cfg, backbone, shared, progress)]
-            else:
-                _, log, _ = train_adapter(cfg, backbone, progress)
+            log = replay_log(cfg, backbone, steps, shared, progress)
         checks += [dict(c, check=f"{name}: {c['check'].removeprefix('training: ')}")
                    for c in loss_checks(log[:steps], var["log"][:steps])]
     if skipped and variants is None:

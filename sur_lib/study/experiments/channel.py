@@ -588,12 +588,8 @@ def verify_channel(doc: dict, backbone, current_digest: str, draws: int | None,
     first finished teacher variant replayed against its loss log, and the committed adapter's
     images re-drawn (``draws`` per group). The verify hooks' signature (``registry``; ``out``
     is not used)."""
-    import tempfile
-
     from ..statistics import same_numbers
     from sur_lib.infra.provenance import ROOT
-    from sur_lib.train import TrainConfig, train
-    from sur_lib.infra.run_state import read_log
     from .checks import VERIFY_TRAIN_STEPS, loss_checks, verify_images
 
     if doc["settings"]["model_digest"] != current_digest:
@@ -613,20 +609,16 @@ def verify_channel(doc: dict, backbone, current_digest: str, draws: int | None,
                        llm_ratio=doc["settings"]["llm_ratio"], text_only_batch=doc["settings"]["text_only_batch"],
                        seed=doc["settings"]["seed"], quick=bool(doc.get("quick")), progress=progress)
     var = next((v for v in VARIANTS if v in doc["variants"] and v != "none"), None)
-    if var is not None:
+    if var is not None:  # without the step cache, which gives the same losses (tests/test_step_cache.py)
         cfg = variant_config(cc, var, doc["lambda"]["lambda_llm"], current_digest)
-        knowledge = teacher_vectors(var, cfg, training_rows(cfg), cc.entropy, backbone.text_dim, progress)
         import csv
 
         with open(ROOT / doc["variants"][var]["log"], newline="") as f:
             stored = list(csv.DictReader(f))[:VERIFY_TRAIN_STEPS]
         steps = min(VERIFY_TRAIN_STEPS, len(stored)) or VERIFY_TRAIN_STEPS  # a shorter run: all of it
-        with tempfile.TemporaryDirectory() as tmp:
-            rcfg = TrainConfig.from_dict(dict(cfg.to_dict(), max_steps=steps, checkpoint_every=10**6,
-                                              output_dir=tmp, resume=False, progress=progress))
-            bb, ds = inputs(rcfg, backbone, knowledge, progress)
-            train(rcfg, backbone=bb, dataset=ds, knowledge=knowledge)
-            live = read_log(tmp)
+        # the teacher is calibrated over every prompt it is asked about, so it reads every row
+        live = runs.replay_run(cfg, backbone, steps, lambda rows: teacher_vectors(
+            var, cfg, training_rows(cfg), cc.entropy, backbone.text_dim, progress), progress)
         checks += [dict(c, check=f"channel {var}: {c['check']}") for c in loss_checks(live, stored)]
     for v in VERIFY_ADAPTERS:
         d = doc["variants"].get(v)

@@ -25,7 +25,7 @@ from ..statistics import agreement
 from sur_lib.infra.provenance import state_digest
 from .common import GenSettings
 from .images import judge_images
-from .runs import load_adapter
+from .runs import load_adapter, replay_inputs
 
 VERIFY_LOSS_RTOL = 1e-3  # relative tolerance of a replayed training step's loss
 VERIFY_TRAIN_STEPS = 5  # training steps a replay re-runs from the start of a run (issue 26: a forged step 3 or 5 is caught)
@@ -175,7 +175,7 @@ def loss_checks(live: list[dict], stored: list[dict]) -> list[dict]:
 
 
 def replay_from_states(cfg, backbone, states: dict, log: list[dict], label: str,
-                       knowledge: dict | None = None) -> list[dict]:
+                       knowledge: dict | None = None, knowledge_of=None, shared: dict | None = None) -> list[dict]:
     """Loss replays beyond the start of a run: for every stored adapter ``states`` {step k:
     {"dir", "digest"}} with 0 < k < len(log), the adapter is loaded and log row k + 1 is
     recomputed from it (``sur_lib.study.replay.replay_step``: one forward pass of that step's
@@ -183,11 +183,14 @@ def replay_from_states(cfg, backbone, states: dict, log: list[dict], label: str,
     the step's update) and compared with the stored row (``loss_checks``, within ``VERIFY_LOSS_RTOL``: the
     stored adapters are fp16, which moves the loss by up to 4e-4 relative, measured on the
     dose-response run). A forged loss at a later step is caught here, not only by the file's
-    digest. A few seconds each."""
-    from sur_lib.data import SURDDataset
+    digest. A few seconds each. The data and knowledge vectors are those the replayed steps
+    read (``runs.replay_inputs``): ``knowledge`` (every vector given) or ``knowledge_of(rows)``
+    (a teacher other than ``cfg.llm``'s), else ``cfg.llm``'s from the cache; ``shared`` as there."""
     from sur_lib.study.replay import replay_step
 
     checks, dataset = [], None
+    if knowledge is not None and knowledge_of is None:
+        knowledge_of = lambda rows: knowledge  # noqa: E731
     for k in sorted(int(s) for s in states):
         if k == 0 or k >= len(log):  # step 1 is replayed from the start; no row after the last
             continue
@@ -207,10 +210,9 @@ def replay_from_states(cfg, backbone, states: dict, log: list[dict], label: str,
             checks.append({"check": f"{label}: adapter after step {k}", "ok": False,
                            "message": f"{ref['dir']} is not the adapter the run stored (digest differs)"})
             continue
-        if dataset is None:
-            dataset = SURDDataset(cfg.data_dir, knowledge=knowledge if cfg.lambda_llm else None,
-                                  resolution=cfg.resolution or backbone.image_size, center_crop=cfg.center_crop,
-                                  random_flip=cfg.random_flip, max_samples=cfg.max_samples)
+        if dataset is None:  # the rows of every step replayed here, opened once
+            steps = [int(s) + 1 for s in states if 0 < int(s) < len(log)]
+            dataset, knowledge = replay_inputs(cfg, backbone, steps, knowledge_of, shared=shared)
         live = replay_step(cfg, backbone, adapter, k + 1, dataset=dataset, knowledge=knowledge)
         checks += [dict(c, check=f"{label}: {c['check']} (from the stored adapter after step {k})")
                    for c in loss_checks([{"step": k + 1, **live}], [row])]

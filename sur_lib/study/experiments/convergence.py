@@ -403,7 +403,6 @@ def verify_convergence(doc: dict, backbone, current_digest: str, draws: int | No
     ``draws`` random images of the base model and of the last adapter on the test prompts. The
     verify hooks' signature (``registry``; ``out`` is not used)."""
     import csv
-    import tempfile
 
     from .checks import VERIFY_TRAIN_STEPS, loss_checks, replay_from_states, verify_images
 
@@ -418,20 +417,11 @@ def verify_convergence(doc: dict, backbone, current_digest: str, draws: int | No
     steps = min(VERIFY_TRAIN_STEPS, len(full_log))  # a run shorter than the replay: all of it
     stored = full_log[:steps]
     data_dir = runs.surd_mini(cc.rows, cc.seed, progress)
-    checks = []
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = _train_cfg(cc, data_dir, current_digest, steps)
-        cfg.output_dir, cfg.checkpoint_every, cfg.progress = tmp, 10**6, progress
-        _, log, _ = runs.train_adapter(cfg, backbone, progress)
-    checks += loss_checks(log, stored)
+    cfg = _train_cfg(cc, data_dir, current_digest, steps)
+    opened = {}  # the data, opened once for both kinds of replay
+    checks = loss_checks(runs.replay_run(cfg, backbone, steps, progress=progress, shared=opened), stored)
     # and the step after every stored adapter (250, 500, ...), from that adapter
-    cfg = _train_cfg(cc, data_dir, current_digest, VERIFY_TRAIN_STEPS)
-    knowledge = None
-    if cfg.lambda_llm:
-        from sur_lib.data import SURDDataset
-
-        knowledge = runs.knowledge_for_config(cfg, SURDDataset(data_dir, check_images=False).prompts(), progress)
-    checks += replay_from_states(cfg, backbone, doc["adapters"], full_log, "convergence", knowledge)
+    checks += replay_from_states(cfg, backbone, doc["adapters"], full_log, "convergence", shared=opened)
     last = str(max(int(s) for s in doc["adapters"]))
     conditions = {}
     for name in VERIFY_UNITS:

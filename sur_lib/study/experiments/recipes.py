@@ -241,14 +241,13 @@ def export_run(rr: RecipeRun, dest: Path, with_adapter: bool = True) -> dict:
 
 def replay(export: Path, backbone, steps: int = VERIFY_TRAIN_STEPS, progress: bool = False) -> list[dict]:
     """Re-run the first ``steps`` training steps of an exported recipe (``export_run``'s folder)
-    from its ``run.json`` in a temporary folder, and compare each step's loss with its stored
-    log (``checks.loss_checks``)."""
+    from its ``run.json`` (``runs.replay_run``: the rows and knowledge vectors those steps read,
+    without the step cache, which gives the same losses: ``tests/test_step_cache.py``), and
+    compare each step's loss with its stored log (``checks.loss_checks``)."""
     import csv
     import json
-    import tempfile
 
-    from sur_lib.train import TrainConfig, train
-    from sur_lib.infra.run_state import read_log
+    from sur_lib.train import TrainConfig
     from .checks import loss_checks
 
     export = Path(export)
@@ -257,14 +256,22 @@ def replay(export: Path, backbone, steps: int = VERIFY_TRAIN_STEPS, progress: bo
         stored = [r for r in csv.DictReader(f)][:steps]
     steps = min(steps, len(stored)) or steps  # a run shorter than the replay: all of it
     data_dir = runs.surd_mini(meta["rows"], meta["data_seed"], progress)
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig.from_dict(dict(meta["train_config"], max_steps=steps, checkpoint_every=10**6,
-                                         data_dir=str(data_dir), output_dir=tmp, resume=False,
-                                         progress=progress))
-        bb, ds, knowledge = training_inputs(cfg, backbone, meta["knowledge"], progress)
-        train(cfg, backbone=bb, dataset=ds, knowledge=knowledge)
-        live = read_log(tmp)
+    cfg = TrainConfig.from_dict(dict(meta["train_config"], data_dir=str(data_dir), output_dir=str(export),
+                                     resume=False, progress=progress))
+    live = runs.replay_run(cfg, backbone, steps, teacher(cfg, meta["knowledge"], progress), progress)
     return loss_checks(live, stored)
+
+
+def teacher(cfg, source: str, progress: bool = False):
+    """``runs.replay_inputs``' ``knowledge_of`` for a recipe's knowledge ``source``: None for
+    ``cfg.llm``'s own vectors (those of the replayed rows alone), else the vectors of ``source``
+    (``knowledge_vectors``), which read every row of the data (the oracle's norm is the mean
+    norm of all the LLM's vectors)."""
+    if source == "llm":
+        return None
+    from sur_lib.data import SURDDataset
+
+    return lambda rows: knowledge_vectors(cfg, SURDDataset(cfg.data_dir, check_images=False).rows, source, progress)
 
 
 def replay_stored_states(export: Path, copied_from: Path | None, backbone, label: str,
@@ -295,12 +302,7 @@ def replay_stored_states(export: Path, copied_from: Path | None, backbone, label
     data_dir = runs.surd_mini(meta["rows"], meta["data_seed"], progress)
     cfg = TrainConfig.from_dict(dict(meta["train_config"], data_dir=str(data_dir), output_dir=str(export),
                                      resume=False, progress=progress))
-    knowledge = None
-    if cfg.lambda_llm:
-        from sur_lib.data import SURDDataset
-
-        knowledge = knowledge_vectors(cfg, SURDDataset(data_dir, check_images=False).rows, meta["knowledge"], progress)
-    return replay_from_states(cfg, backbone, states, log, label, knowledge)
+    return replay_from_states(cfg, backbone, states, log, label, knowledge_of=teacher(cfg, meta["knowledge"], progress))
 
 
 # ----------------------------------------------------------------------------- evaluation

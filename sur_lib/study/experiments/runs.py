@@ -117,6 +117,98 @@ def save_adapter(adapter, folder: Path, info: dict):
     return loaded, info["digest"]
 
 
+# ----------------------------------------------------------------------------- replays
+# verify replays a few logged steps of a stored run. A step reads one seeded micro-batch per
+# micro-step (``infra.micro_batches.batch_indices``: a pure function of the data's length, the
+# batch size, the seed and the micro-step), so a replay needs only those rows of SURD-mini and
+# the knowledge vectors of their prompts: about 8-32 rows a step, instead of every vector of
+# 3,000-6,000 rows and the step cache of every prompt and image.
+
+
+class ReplayRows(torch.utils.data.Dataset):
+    """``dataset`` as a replay of some steps reads it: the same length, the same row at each
+    index, but only rows ``indices`` are served (another raises IndexError naming it: the replay
+    would not be the run's) and ``prompts()`` are theirs, so only their knowledge vectors are
+    needed. ``knowledge`` is None: the vectors come from the dict passed to ``train``."""
+
+    knowledge = None
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, sorted(set(int(i) for i in indices))
+        self._served = set(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        if int(i) not in self._served:
+            raise IndexError(f"row {i} is not one the replayed steps read ({len(self.indices)} rows are)")
+        return self.dataset[i]
+
+    def rows(self) -> list[dict]:
+        return [self.dataset.rows[i] for i in self.indices]
+
+    def prompts(self) -> list[str]:
+        return [r["text"] for r in self.rows()]
+
+
+def rows_read(cfg, n: int, steps: Sequence[int]) -> list[int]:
+    """The indices of the rows that log rows ``steps`` (1-based) of a one-process run of ``cfg``
+    on ``n`` rows read: every micro-batch of those steps (``batch_indices``), sorted."""
+    from sur_lib.infra.micro_batches import batch_indices
+
+    accum = cfg.gradient_accumulation_steps
+    return sorted({i for s in steps for m in range((int(s) - 1) * accum, int(s) * accum)
+                   for i in batch_indices(n, cfg.batch_size, m, cfg.seed)})
+
+
+def replay_inputs(cfg, backbone, steps: Sequence[int], knowledge_of=None, progress: bool = False,
+                  shared: dict | None = None):
+    """(dataset, knowledge) for replaying log rows ``steps`` of a run of ``cfg``, and no more:
+    ``ReplayRows`` of SURD-mini (the rows those steps read) and, when ``cfg.lambda_llm``, the
+    vectors of their prompts and of the text-only prompts: ``knowledge_of(rows)`` for a teacher
+    other than ``cfg.llm`` (it may read every row of the data, ``rows`` are those the replay
+    reads), else ``cfg.llm``'s vectors from the shared cache (``knowledge_for_config``; one
+    prompt at a time, so a vector does not depend on which others are computed with it).
+    ``shared``: a dict that keeps the opened data for the next replay of the same data."""
+    from sur_lib.data import SURDDataset
+    from sur_lib.infra.micro_batches import read_text_only_prompts
+
+    res = cfg.resolution or backbone.image_size
+    key = (str(cfg.data_dir), res, cfg.center_crop, cfg.random_flip, cfg.max_samples)
+    shared = {} if shared is None else shared
+    if key not in shared:
+        shared[key] = SURDDataset(cfg.data_dir, resolution=res, center_crop=cfg.center_crop,
+                                  random_flip=cfg.random_flip, max_samples=cfg.max_samples,
+                                  check_images=False)
+    full = shared[key]
+    ds = ReplayRows(full, rows_read(cfg, len(full), steps))
+    knowledge = None
+    if cfg.lambda_llm:
+        text_only = read_text_only_prompts(cfg.text_only_prompts) if cfg.text_only_batch else []
+        knowledge = (knowledge_of(ds.rows()) if knowledge_of is not None
+                     else knowledge_for_config(cfg, ds.prompts() + text_only, progress))
+    return ds, knowledge
+
+
+def replay_run(cfg, backbone, steps: int, knowledge_of=None, progress: bool = False,
+               shared: dict | None = None) -> list[dict]:
+    """The first ``steps`` rows of the loss log of a run of ``cfg``, run again by ``train`` in a
+    temporary folder from the seeded initial adapter, on ``replay_inputs`` (the rows and vectors
+    those steps read). Returns the log rows (``infra.run_state.read_log``)."""
+    import tempfile
+
+    from sur_lib.train import train
+    from sur_lib.infra.run_state import read_log
+
+    ds, knowledge = replay_inputs(cfg, backbone, range(1, steps + 1), knowledge_of, progress, shared)
+    with tempfile.TemporaryDirectory() as tmp:
+        rcfg = dataclasses.replace(cfg, max_steps=steps, checkpoint_every=10**6, output_dir=tmp,
+                                   resume=False, progress=progress)
+        train(rcfg, backbone=backbone, dataset=ds, knowledge=knowledge)
+        return read_log(tmp)
+
+
 def load_adapter(folder: Path | str):
     from sur_lib.adapter import SURAdapter
 
