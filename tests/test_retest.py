@@ -6,7 +6,7 @@ import zlib
 import pytest
 
 from sur_lib.study.statistics import holm
-from sur_lib.study.experiments import images, retest
+from sur_lib.study.experiments import images, jobs, retest
 from sur_lib.study.gradient_share import lambda_to_match
 from tests.test_convergence import _cheap, standin, stored_verdicts  # noqa: F401 (fixture)
 
@@ -69,11 +69,11 @@ def test_retest_end_to_end(standin, monkeypatch, tmp_path):  # noqa: F811
     log = []
     _fake_judge(monkeypatch, log)
     rc = _rc(tmp_path)
-    stop = iter([False, False, False, True])  # a pass starts (1 check), two variants (2), stop
-    monkeypatch.setattr(retest._Deadline, "passed", lambda self: next(stop, True))
+    stop = iter([False, False, False, True])  # the lambdas unit (1 check), two variants (2), stop
+    monkeypatch.setattr(jobs.Deadline, "passed", lambda self: next(stop, True))
     doc, complete = retest.run_retest(rc, backbone=standin, convergence_file=tmp_path / "none.json")
     assert not complete and list(doc["variants"]) == ["recipe", "no_llm"]
-    monkeypatch.setattr(retest._Deadline, "passed", lambda self: False)
+    monkeypatch.setattr(jobs.Deadline, "passed", lambda self: False)
     n_before = len(log)
     doc, complete = retest.run_retest(rc, backbone=standin, convergence_file=tmp_path / "none.json")
     assert complete and list(doc["variants"]) == list(retest.VARIANTS)
