@@ -33,6 +33,8 @@ of each variant against the recipe (``statistics.compare``), Holm-corrected acro
 share of the simple-to-complex gap each closes (base model with the simple and with the
 complex prompts on the same prompts and seeds: from ``convergence.json`` when it matches,
 else drawn). Resumable: finished variants are kept in ``retest.partial.json`` and skipped.
+Two jobs may run side by side (``jobs.run_units``): each unit (the strong lambdas, a variant's
+run folder, a base condition) is claimed, and a job waits on the claim of a unit the other holds.
 
 Budget: 9 variants x (N steps x ~1.6 s + 45 x 8 + 150 x 4 images x ~1 s); at N = 2000 about
 9 x 66 min ~ 10 CPU hours (1 thread beside another job). With ``--recipe paper`` at a step the
