@@ -178,3 +178,16 @@ def test_preliminary_reads_finished_variants_only():
     assert row["vs_recipe"]["overall"]["diff"] == pytest.approx((0.25 + 0 + 0.25) / 3)  # hand-computed
     assert "p_t_holm" not in row["vs_recipe"]["overall"]["paired"]  # no correction on a part
     assert "vs_recipe" not in out["sets"]["extended"]["recipe"]
+
+
+def test_a_variant_with_a_finished_variants_run_takes_its_numbers():
+    """The twin rule that retest and ablations share (``runs.twin``): same run folder, same
+    numbers, marked with the first of the twins."""
+    from sur_lib.study.experiments import runs
+
+    done = {"recipe": {"run": "r1", "records": [1], "overrides": {"a": 1}}}
+    same = runs.twin(done, "r1", overrides={"a": 2})
+    assert same == {"run": "r1", "records": [1], "overrides": {"a": 2}, "same_as": "recipe"}
+    done["strong_llm"] = same
+    assert runs.twin({"strong_llm": same}, "r1")["same_as"] == "recipe"  # not a chain of twins
+    assert runs.twin(done, "r2") is None

@@ -60,7 +60,7 @@ from sur_lib.infra.fileio import clean_json, write_json
 from sur_lib.infra.provenance import rel_path
 from sur_lib.world import toyworld as tw
 from .inputs import record_inputs
-from . import common, jobs, recipes, tune
+from . import common, jobs, recipes, runs, tune
 from .convergence import gap_closed
 
 VARIANTS = ("recipe", "no_llm", "no_cp", "strong_llm", "strong_cp", "path_official",
@@ -278,9 +278,9 @@ def run_retest(rc: RetestConfig, backbone=None, convergence_file: Path | None = 
         def work():
             tv = time.time()
             run = rel_path(Path(cfg.output_dir))
-            twin = next((n for n, r in done.items() if r["run"] == run), None)
-            if twin is not None:  # the same resolved config as a finished variant: the same numbers
-                return dict(done[twin], overrides=over, same_as=done[twin].get("same_as") or twin)
+            same = runs.twin(done, run, overrides=over)
+            if same is not None:  # the same resolved config as a finished variant: the same numbers
+                return same
             rr = recipes.train_recipe(cfg, backbone, source, info=info, progress=rc.progress,
                                       reuse=reuse)
             res = {"overrides": over, "knowledge": source, "config": recipes.config_summary(cfg),
