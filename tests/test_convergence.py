@@ -99,11 +99,11 @@ def test_interrupted_training_resumes_to_the_same_adapters(standin, trained, che
     ref = {s: SURAdapter.from_pretrained(conv.adapter_dir(trained, s)) for s in (0, 2, 4)}
     stopped = _cfg(tmp_path, phase="train")
     ticks = iter([False, False, True])  # stop after the step-0 and step-2 adapters
-    monkeypatch.setattr(conv._Deadline, "passed", lambda self: next(ticks, True))
+    monkeypatch.setattr(jobs.Deadline, "passed", lambda self: next(ticks, True))
     conv.run(stopped, backbone=standin)
     assert sorted(p.name for p in (tmp_path / "run" / "adapters").iterdir()) == \
         ["step-00000", "step-00002"]
-    monkeypatch.setattr(conv._Deadline, "passed", lambda self: False)
+    monkeypatch.setattr(jobs.Deadline, "passed", lambda self: False)
     conv.run(stopped, backbone=standin)
     for s in (0, 2, 4):
         got = SURAdapter.from_pretrained(conv.adapter_dir(stopped, s))
@@ -115,10 +115,10 @@ def test_evaluation_resumes_and_the_result_appears_when_complete(standin, traine
                                                                  tmp_path, monkeypatch):
     cc = _cfg(tmp_path, phase="eval", run_dir=trained.run_dir)
     ticks = iter([False] * 3)  # stop within the evaluation
-    monkeypatch.setattr(conv._Deadline, "passed", lambda self: next(ticks, True))
+    monkeypatch.setattr(jobs.Deadline, "passed", lambda self: next(ticks, True))
     doc, complete = conv.run(cc, backbone=standin)
     assert not complete and len(doc["records"]) == 3 == len(cheap)
-    monkeypatch.setattr(conv._Deadline, "passed", lambda self: False)
+    monkeypatch.setattr(jobs.Deadline, "passed", lambda self: False)
     doc, complete = conv.run(cc, backbone=standin)
     assert complete and len(cheap) == len(conv._units(cc))  # nothing evaluated twice
     curve = doc["curve"]["test"]
@@ -128,6 +128,27 @@ def test_evaluation_resumes_and_the_result_appears_when_complete(standin, traine
     assert "4" in doc["curve"]["extended"]["steps"] and "2" not in doc["curve"]["extended"]["steps"]
     partial = json.loads((tmp_path / "out" / "convergence-quick.partial.json").read_text())
     assert set(partial["records"]) == set(doc["records"])
+    # the partial file as it always was: records, seconds and the adapters judged, per unit
+    assert set(partial["seconds"]) == set(partial["records"])
+    assert partial["adapters"] == {str(s): {"dir": conv.rel_path(conv.adapter_dir(cc, s)), "digest": json.loads(
+        (conv.adapter_dir(cc, s) / "sur_adapter.json").read_text())["digest"]} for s in (0, 2, 4)}
+
+
+def test_the_committed_partial_file_resumes_with_nothing_to_do(cheap, tmp_path, monkeypatch):
+    """The committed convergence.partial.json (written before the jobs loop was shared) is read
+    as done: every unit of the committed run is found in it, none is drawn again."""
+    from sur_lib.infra.provenance import ROOT
+
+    committed = ROOT / "data" / "results" / "convergence.partial.json"
+    cc = conv.ConvergenceConfig(out=str(tmp_path), progress=False, cache=False)
+    (tmp_path / "convergence.partial.json").write_bytes(committed.read_bytes())
+    partial = json.loads(committed.read_text())
+    before = json.dumps(partial, sort_keys=True)
+    monkeypatch.setattr(jobs.Deadline, "passed", lambda self: False)
+    conv.run_evaluation(cc, None, jobs.Deadline(None), list(cc.eval_steps), partial)
+    assert cheap == [] and json.dumps(partial, sort_keys=True) == before
+    assert {u[0] for u in conv._units(cc)} == set(partial["records"])
+    assert all((conv.adapter_dir(cc, s) / "sur_adapter.json").is_file() for s in cc.eval_steps)
 
 
 def test_a_run_folder_refuses_other_settings(standin, trained, cheap, tmp_path):
@@ -140,7 +161,7 @@ def test_two_evaluation_jobs_share_the_work(standin, trained, cheap, tmp_path, m
     """A unit claimed by another job is left to it, and what another job writes to the
     partial file meanwhile is merged, not overwritten."""
     cc = _cfg(tmp_path, phase="eval", run_dir=trained.run_dir)
-    monkeypatch.setattr(conv._Deadline, "passed", lambda self: False)
+    monkeypatch.setattr(jobs.Deadline, "passed", lambda self: False)
     units = [u[0] for u in conv._units(cc)]
     other_unit = "step-4/extended"  # the other job finishes this one while we draw our first
     ppath = conv._partial_path(cc)
@@ -176,7 +197,7 @@ def test_verify_replays_training_and_redraws_images(standin, trained, cheap, tmp
     from sur_lib.study.experiments import checks as shared
 
     cc = _cfg(tmp_path, phase="eval", run_dir=trained.run_dir)
-    monkeypatch.setattr(conv._Deadline, "passed", lambda self: False)
+    monkeypatch.setattr(jobs.Deadline, "passed", lambda self: False)
     monkeypatch.setattr(conv, "STEPS", 4)
     monkeypatch.setattr(conv, "VERIFY_UNITS", ("base-simple/test", "step-4/test"))
     monkeypatch.setattr(shared, "judge_images", stored_verdicts)  # the fake judge draws no images

@@ -6,7 +6,7 @@ import zlib
 import pytest
 
 from sur_lib.study.statistics import holm
-from sur_lib.study.experiments import images, retest
+from sur_lib.study.experiments import images, jobs, retest
 from sur_lib.study.gradient_share import lambda_to_match
 from tests.test_convergence import _cheap, standin, stored_verdicts  # noqa: F401 (fixture)
 
@@ -69,11 +69,11 @@ def test_retest_end_to_end(standin, monkeypatch, tmp_path):  # noqa: F811
     log = []
     _fake_judge(monkeypatch, log)
     rc = _rc(tmp_path)
-    stop = iter([False, False, False, True])  # a pass starts (1 check), two variants (2), stop
-    monkeypatch.setattr(retest._Deadline, "passed", lambda self: next(stop, True))
+    stop = iter([False, False, False, True])  # the lambdas unit (1 check), two variants (2), stop
+    monkeypatch.setattr(jobs.Deadline, "passed", lambda self: next(stop, True))
     doc, complete = retest.run_retest(rc, backbone=standin, convergence_file=tmp_path / "none.json")
     assert not complete and list(doc["variants"]) == ["recipe", "no_llm"]
-    monkeypatch.setattr(retest._Deadline, "passed", lambda self: False)
+    monkeypatch.setattr(jobs.Deadline, "passed", lambda self: False)
     n_before = len(log)
     doc, complete = retest.run_retest(rc, backbone=standin, convergence_file=tmp_path / "none.json")
     assert complete and list(doc["variants"]) == list(retest.VARIANTS)
@@ -178,3 +178,16 @@ def test_preliminary_reads_finished_variants_only():
     assert row["vs_recipe"]["overall"]["diff"] == pytest.approx((0.25 + 0 + 0.25) / 3)  # hand-computed
     assert "p_t_holm" not in row["vs_recipe"]["overall"]["paired"]  # no correction on a part
     assert "vs_recipe" not in out["sets"]["extended"]["recipe"]
+
+
+def test_a_variant_with_a_finished_variants_run_takes_its_numbers():
+    """The twin rule that retest and ablations share (``runs.twin``): same run folder, same
+    numbers, marked with the first of the twins."""
+    from sur_lib.study.experiments import runs
+
+    done = {"recipe": {"run": "r1", "records": [1], "overrides": {"a": 1}}}
+    same = runs.twin(done, "r1", overrides={"a": 2})
+    assert same == {"run": "r1", "records": [1], "overrides": {"a": 2}, "same_as": "recipe"}
+    done["strong_llm"] = same
+    assert runs.twin({"strong_llm": same}, "r1")["same_as"] == "recipe"  # not a chain of twins
+    assert runs.twin(done, "r2") is None

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sur_lib.study.experiments import images, recipes
+from sur_lib.study.experiments import images, jobs, recipes
 from sur_lib.study.experiments import tune
 from tests.test_convergence import _cheap, standin, stored_verdicts  # noqa: F401 (fixture)
 
@@ -73,10 +73,10 @@ def test_tune_end_to_end_choice_ignores_the_test_prompts(standin, monkeypatch, t
         log = []
         _fake_judge(monkeypatch, lambda i: 1.0 if i == 2 else 0.5, test_acc, ppath, log)
         stop = iter([False, True])  # stop after the first configuration
-        monkeypatch.setattr(tune._Deadline, "passed", lambda self: next(stop, True))
+        monkeypatch.setattr(jobs.Deadline, "passed", lambda self: next(stop, True))
         doc, complete = tune.run_tune(tc, backbone=standin, convergence_file=tmp_path / "none.json")
         assert not complete and list(doc["tried"]) == ["0"] and log == ["tune/0"]
-        monkeypatch.setattr(tune._Deadline, "passed", lambda self: False)
+        monkeypatch.setattr(jobs.Deadline, "passed", lambda self: False)
         doc, complete = tune.run_tune(tc, backbone=standin, convergence_file=tmp_path / "none.json")
         assert complete and log[:3] == ["tune/0", "tune/1", "tune/2"]  # config 0 not redone
         assert doc["choice"]["index"] == 2
@@ -106,7 +106,6 @@ def test_tune_and_retest_have_their_own_command_lines(capsys):
 def test_two_tune_jobs_share_the_search(standin, monkeypatch, tmp_path):  # noqa: F811
     """A configuration another job has claimed is left to it, and what that job stores while
     this one works is merged, not overwritten."""
-    from sur_lib.study.experiments import jobs
     from sur_lib.infra.fileio import write_json
 
     _cheap(monkeypatch, tmp_path)
@@ -114,7 +113,7 @@ def test_two_tune_jobs_share_the_search(standin, monkeypatch, tmp_path):  # noqa
     ppath = tmp_path / "out" / "tune-quick.partial.json"
     log = []
     _fake_judge(monkeypatch, lambda i: 0.5, lambda d: 0.5, ppath, log)
-    monkeypatch.setattr(tune._Deadline, "passed", lambda self: False)
+    monkeypatch.setattr(jobs.Deadline, "passed", lambda self: False)
     real = recipes.evaluate
     knobs1 = tune.search_space(3, quick=True)[1]
 
@@ -148,7 +147,7 @@ def test_verify_tune_replays_the_chosen_recipe_and_fails_on_a_changed_log(standi
     ppath = tmp_path / "out" / "tune-quick.partial.json"
     _fake_judge(monkeypatch, lambda i: 0.5 + 0.5 * i, lambda d: 0.5, ppath, [])
     monkeypatch.setattr(shared, "judge_images", stored_verdicts)  # the fake judge draws no images
-    monkeypatch.setattr(tune._Deadline, "passed", lambda self: False)
+    monkeypatch.setattr(jobs.Deadline, "passed", lambda self: False)
     doc, complete = tune.run_tune(tc, backbone=standin, convergence_file=tmp_path / "none.json")
     assert complete and doc["choice"]["index"] == 1
     folder = tmp_path / "runs" / "tune-quick" / "tuned"
@@ -178,7 +177,7 @@ def test_redo_judges_a_configuration_again_and_keeps_the_old_records(standin, mo
     log = []
     acc = {0: 0.0, 1: 0.5, 2: 1.0}
     _fake_judge(monkeypatch, lambda i: acc[i], lambda d: 0.5, ppath, log)
-    monkeypatch.setattr(tune._Deadline, "passed", lambda self: False)
+    monkeypatch.setattr(jobs.Deadline, "passed", lambda self: False)
     doc, complete = tune.run_tune(_tc(tmp_path), backbone=standin, convergence_file=tmp_path / "none.json")
     assert complete and doc["choice"]["index"] == 2 and "superseded" not in doc
     log.clear()

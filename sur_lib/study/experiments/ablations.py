@@ -21,7 +21,7 @@ from .common import (ABLATION_IMAGES, ABLATION_STEPS, QUICK, SURD_MINI_ROWS,
                      result_path)
 from .checks import VERIFY_TRAIN_STEPS, loss_checks
 from .images import evaluate_condition, make_pipe
-from .runs import replay_inputs, replay_run, surd_mini, train_adapter, train_config
+from .runs import replay_inputs, replay_run, surd_mini, train_adapter, train_config, twin
 
 
 @dataclass
@@ -113,10 +113,9 @@ def run_ablations(exp: AblationsConfig, backbone=None) -> dict:
             continue
         cfg = train_config({**budget["overrides"], **var["overrides"]}, data_dir, seed, run_root,
                            minfo["unet_digest"], exp.progress)
-        twin = next((n for n, r in done.items() if r.get("run") == Path(cfg.output_dir).name), None)
-        if twin is not None:  # same resolved config as a finished variant: same numbers
-            done[name] = {**done[twin], "group": var["group"], "overrides": var["overrides"],
-                          "same_as": done[twin].get("same_as") or twin}
+        same = twin(done, Path(cfg.output_dir).name, group=var["group"], overrides=var["overrides"])
+        if same is not None:  # same resolved config as a finished variant: same numbers
+            done[name] = same
         else:
             tv = time.time()
             print(f"ablation {name}: {var['overrides'] or 'tiny.yaml as is'}", flush=True)

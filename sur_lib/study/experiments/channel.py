@@ -36,7 +36,7 @@ oracle = permuted on seen nouns: the channel is inert; oracle > permuted on seen
 unseen: the limit is at inference (the adapter sees only the text encoder's states); oracle >
 permuted on text-only nouns: distillation can inject knowledge without images.
 
-Resumable, two jobs side by side (``jobs.run_unit``): each variant and each base condition is a
+Resumable, two jobs side by side (``jobs.run_units``): each variant and each base condition is a
 unit of ``channel.partial.json``. Budget: 4 x (2,000 x ~1.6 s + 120 x 8 images x ~1 s) +
 2 x 960 images: about 6.5 CPU hours (1 thread each).
 """
@@ -64,7 +64,7 @@ from sur_lib.infra.provenance import rel_path
 from sur_lib.world import prompts
 from . import common, jobs, recipes, runs
 from .inputs import record_inputs
-from .convergence import _Deadline, gap_closed
+from .convergence import gap_closed
 
 VARIANTS = ("oracle", "permuted", "smollm2", "none")
 GROUPS = ("seen", "text_only", "unseen")
@@ -340,7 +340,7 @@ def run_channel(cc: ChannelConfig, backbone=None) -> tuple[dict, bool]:
     from sur_lib.infra.run_state import read_log
     from .images import make_pipe
 
-    t0, deadline = time.time(), _Deadline(cc.max_minutes)
+    t0, deadline = time.time(), jobs.Deadline(cc.max_minutes)
     backbone = backbone if backbone is not None else common.load_base()
     minfo, gen = common.model_info(backbone), cc.generation()
     specs = cc.prompts()
@@ -360,12 +360,10 @@ def run_channel(cc: ChannelConfig, backbone=None) -> tuple[dict, bool]:
     def sync():
         jobs.merge(partial, ppath, ("variants", "base"), ("lambda",))
 
-    while not deadline.passed() and "lambda" not in partial:  # the first unit: the others need it
-        if not jobs.run_unit(partial, ppath, sync, partial, "lambda", "lambda",
-                             lambda: choose_lambda(cc, backbone, minfo["unet_digest"])):
-            time.sleep(10)  # another job is choosing it
-            with jobs.locked(ppath):
-                sync()
+    # the first unit, which the others need: a job waits while another chooses it
+    jobs.run_units(partial, ppath, sync, [jobs.Unit(
+        "lambda", lambda: choose_lambda(cc, backbone, minfo["unet_digest"]), partial)],
+        deadline, wait=True)
 
     def variant_unit(var):
         def work():
@@ -396,14 +394,14 @@ def run_channel(cc: ChannelConfig, backbone=None) -> tuple[dict, bool]:
                                         field=field, cache=cache, progress=cc.progress,
                                         desc=f"channel/base-{field}/{g}")
 
-    units = [(f"variant/{v}", partial["variants"], v, variant_unit(v)) for v in VARIANTS[:2]]
-    units += [(f"base/{f}/{g}", partial["base"], f"{'simple' if f == 'text' else 'complex'}/{g}",
-               base_unit(f, g)) for f in ("text", "prompt") for g in GROUPS]
-    units += [(f"variant/{v}", partial["variants"], v, variant_unit(v)) for v in VARIANTS[2:]]
-    for claim_name, store, key, work in units:
-        if deadline.passed() or "lambda" not in partial:
-            break
-        jobs.run_unit(partial, ppath, sync, store, key, claim_name, work)
+    units = [jobs.Unit(v, variant_unit(v), partial["variants"], claim=f"variant/{v}")
+             for v in VARIANTS[:2]]
+    units += [jobs.Unit(f"{'simple' if f == 'text' else 'complex'}/{g}", base_unit(f, g),
+                        partial["base"], claim=f"base/{f}/{g}") for f in ("text", "prompt") for g in GROUPS]
+    units += [jobs.Unit(v, variant_unit(v), partial["variants"], claim=f"variant/{v}")
+              for v in VARIANTS[2:]]
+    if "lambda" in partial:
+        jobs.run_units(partial, ppath, sync, units, deadline)
     with jobs.locked(ppath):
         sync()
     done = partial["variants"]

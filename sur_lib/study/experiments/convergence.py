@@ -119,14 +119,6 @@ class ConvergenceConfig:
 # ----------------------------------------------------------------------------- training
 
 
-class _Deadline:
-    def __init__(self, minutes: float | None):
-        self.end = None if minutes is None else time.time() + 60 * minutes
-
-    def passed(self) -> bool:
-        return self.end is not None and time.time() > self.end
-
-
 def _train_cfg(cc: ConvergenceConfig, data_dir: Path, digest: str, max_steps: int):
     over = {"max_steps": max_steps, "checkpoint_every": cc.checkpoint_every, "keep_checkpoints": 1}
     if cc.batch_size:
@@ -145,7 +137,7 @@ def adapter_dir(cc: ConvergenceConfig, step: int) -> Path:
     return Path(cc.run_dir) / "adapters" / f"step-{step:05d}"
 
 
-def run_training(cc: ConvergenceConfig, backbone, minfo: dict, deadline: _Deadline) -> list[int]:
+def run_training(cc: ConvergenceConfig, backbone, minfo: dict, deadline: jobs.Deadline) -> list[int]:
     """Train to every step of ``eval_steps`` in turn (each call of ``train`` resumes from the
     last checkpoint) and store the adapter of each as fp16 in ``adapters/step-N``. Returns the
     steps whose adapters exist."""
@@ -241,33 +233,24 @@ def _merge_into(partial: dict, path: Path) -> dict:
     return jobs.merge(partial, path, ("records", "seconds", "adapters"))
 
 
-def run_evaluation(cc: ConvergenceConfig, backbone, deadline: _Deadline, done_steps: list[int],
+def run_evaluation(cc: ConvergenceConfig, backbone, deadline: jobs.Deadline, done_steps: list[int],
                    partial: dict) -> dict:
     """Evaluate every unit of ``_units`` whose adapter exists and that is not done yet.
 
-    Several evaluation jobs may run side by side (one torch thread each): each unit is
-    claimed with a lock before it starts, and each finished unit is merged into the partial
-    file under a lock, so no job overwrites another's results. A job also picks up adapters
-    that a training job stores while it runs."""
+    Several evaluation jobs may run side by side (one torch thread each; ``jobs.run_units``):
+    each unit is claimed before it starts and each finished unit is merged into the partial
+    file under a lock, so no job overwrites another's results. A unit another job holds is
+    left to it, and an adapter that is not stored yet is skipped; both are picked up by a later
+    run, and a job picks up adapters that a training job stores while it runs."""
     gen = common.GenSettings()
     pipe = images.make_pipe(backbone, gen)
     sets = prompt_sets(cc)
     cache = common.WORK_DIR / "cache" if cc.cache else None
     ppath = _partial_path(cc)
-    partial.setdefault("records", {})
-    for name, set_name, step, field in _units(cc):
-        if deadline.passed():
-            break
-        with jobs.locked(ppath):
-            _merge_into(partial, ppath)
-        if name in partial["records"]:
-            continue
-        if step is not None and not (adapter_dir(cc, step) / "sur_adapter.json").is_file():
-            continue
-        claim = jobs.claim(ppath, name)
-        if claim is None:
-            continue
-        try:
+    records = partial.setdefault("records", {})
+
+    def unit(name: str, set_name: str, step: int | None, field: str) -> jobs.Unit:
+        def work():
             adapter = runs.load_adapter(adapter_dir(cc, step)) if step is not None else None
             specs = sets[set_name]
             t0 = time.time()
@@ -275,18 +258,25 @@ def run_evaluation(cc: ConvergenceConfig, backbone, deadline: _Deadline, done_st
                 backbone, specs, [s[field] for s in specs], cc.images, cc.seed, gen,
                 adapter=adapter, pipe=pipe, progress=cc.progress, desc=f"convergence/{name}",
                 cache=cache)
-            with jobs.locked(ppath):
-                _merge_into(partial, ppath)
-                partial["records"][name] = recs
-                partial.setdefault("seconds", {})[name] = round(time.time() - t0, 1)
-                if step is not None:
-                    partial.setdefault("adapters", {})[str(step)] = {
-                        "dir": rel_path(adapter_dir(cc, step)),
-                        "digest": json.loads((adapter_dir(cc, step) / "sur_adapter.json")
-                                             .read_text())["digest"]}
-                write_json(partial, ppath)
-        finally:
-            claim.close()
+            return recs, round(time.time() - t0, 1)
+
+        def put(result):  # the unit's records, its seconds and the adapter it judged
+            records[name] = result[0]
+            partial.setdefault("seconds", {})[name] = result[1]
+            if step is not None:
+                partial.setdefault("adapters", {})[str(step)] = {
+                    "dir": rel_path(adapter_dir(cc, step)),
+                    "digest": json.loads((adapter_dir(cc, step) / "sur_adapter.json")
+                                         .read_text())["digest"]}
+
+        return jobs.Unit(name, work, records, put=put)
+
+    def units():  # a unit whose adapter is not stored yet is left for a later run
+        for name, set_name, step, field in _units(cc):
+            if step is None or (adapter_dir(cc, step) / "sur_adapter.json").is_file():
+                yield unit(name, set_name, step, field)
+
+    jobs.run_units(partial, ppath, lambda: _merge_into(partial, ppath), units, deadline)
     return partial
 
 
@@ -347,7 +337,7 @@ def plateau(cc: ConvergenceConfig, records: dict, set_name: str = "tuning",
 def run(cc: ConvergenceConfig, backbone=None) -> tuple[dict, bool]:
     """Train and/or evaluate as far as the deadline allows. Returns (document, complete)."""
     t0 = time.time()
-    deadline = _Deadline(cc.max_minutes)
+    deadline = jobs.Deadline(cc.max_minutes)
     backbone = backbone if backbone is not None else common.load_base()
     minfo = common.model_info(backbone)
     ppath = _partial_path(cc)

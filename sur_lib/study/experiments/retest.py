@@ -33,6 +33,8 @@ of each variant against the recipe (``statistics.compare``), Holm-corrected acro
 share of the simple-to-complex gap each closes (base model with the simple and with the
 complex prompts on the same prompts and seeds: from ``convergence.json`` when it matches,
 else drawn). Resumable: finished variants are kept in ``retest.partial.json`` and skipped.
+Two jobs may run side by side (``jobs.run_units``): each unit (the strong lambdas, a variant's
+run folder, a base condition) is claimed, and a job waits on the claim of a unit the other holds.
 
 Budget: 9 variants x (N steps x ~1.6 s + 45 x 8 + 150 x 4 images x ~1 s); at N = 2000 about
 9 x 66 min ~ 10 CPU hours (1 thread beside another job). With ``--recipe paper`` at a step the
@@ -58,8 +60,8 @@ from sur_lib.infra.fileio import clean_json, write_json
 from sur_lib.infra.provenance import rel_path
 from sur_lib.world import toyworld as tw
 from .inputs import record_inputs
-from . import common, jobs, recipes, tune
-from .convergence import _Deadline, gap_closed
+from . import common, jobs, recipes, runs, tune
+from .convergence import gap_closed
 
 VARIANTS = ("recipe", "no_llm", "no_cp", "strong_llm", "strong_cp", "path_official",
             "teacher_gemma", "teacher_no_sink", "teacher_oracle")
@@ -225,7 +227,7 @@ def measure_shares(cfg, backbone, adapter, source: str, batches: int) -> dict:
 def run_retest(rc: RetestConfig, backbone=None, convergence_file: Path | None = None) -> tuple[dict, bool]:
     from .images import make_pipe
 
-    t0, deadline = time.time(), _Deadline(rc.max_minutes)
+    t0, deadline = time.time(), jobs.Deadline(rc.max_minutes)
     backbone = backbone if backbone is not None else common.load_base()
     minfo, gen = common.model_info(backbone), rc.generation()
     knobs = recipe_knobs(rc)
@@ -258,95 +260,67 @@ def run_retest(rc: RetestConfig, backbone=None, convergence_file: Path | None = 
     def sync():  # what the other job has written (call under jobs.locked)
         jobs.merge(partial, ppath, ("variants",), ("lambdas", *base_units))
 
-    def claim_run(cfg):  # one job trains a run folder at a time
-        return jobs.claim(ppath, f"run-{Path(cfg.output_dir).name}")
+    def run_claim(cfg):  # one job trains a run folder at a time (twin variants share one)
+        return f"run-{Path(cfg.output_dir).name}"
 
-    def ensure_lambdas():  # the recipe first: its gradient shares choose the strong lambdas
-        with jobs.locked(ppath):
-            sync()
-        if "lambdas" in partial:
-            return
+    def lambdas():  # the recipe first: its gradient shares choose the strong lambdas
         cfg = config(base, "llm")
-        held = claim_run(cfg)
-        if held is None:  # the other job is training the recipe
-            return
-        try:
-            rr = recipes.train_recipe(cfg, backbone, info=info, progress=rc.progress, reuse=reuse)
-            shares = measure_shares(cfg, backbone, rr.adapter, "llm", rc.measure_batches)
-            (llm, how_llm), (cp, how_cp) = (strong_lambda(shares, "l_llm", cfg.lambda_llm),
-                                            strong_lambda(shares, "l_cp", cfg.lambda_cp))
-            with jobs.locked(ppath):
-                sync()
-                partial.setdefault("lambdas", {
-                    "strong_llm": llm, "strong_cp": cp, "rule": {"l_llm": how_llm, "l_cp": how_cp},
-                    "recipe_shares": shares, "predicted_strong_shares": {
-                        "strong_llm": _reweighted(shares, llm, cfg.lambda_cp),
-                        "strong_cp": _reweighted(shares, cfg.lambda_llm, cp)}})
-                write_json(partial, ppath)
-        finally:
-            held.close()
+        rr = recipes.train_recipe(cfg, backbone, info=info, progress=rc.progress, reuse=reuse)
+        shares = measure_shares(cfg, backbone, rr.adapter, "llm", rc.measure_batches)
+        (llm, how_llm), (cp, how_cp) = (strong_lambda(shares, "l_llm", cfg.lambda_llm),
+                                        strong_lambda(shares, "l_cp", cfg.lambda_cp))
+        return {"strong_llm": llm, "strong_cp": cp, "rule": {"l_llm": how_llm, "l_cp": how_cp},
+                "recipe_shares": shares, "predicted_strong_shares": {
+                    "strong_llm": _reweighted(shares, llm, cfg.lambda_cp),
+                    "strong_cp": _reweighted(shares, cfg.lambda_llm, cp)}}
 
-    while not deadline.passed():  # passes over the variants until none is left to this job
-        ensure_lambdas()
-        lam = partial.get("lambdas") or {}
-        variants = variant_overrides(base, lam.get("strong_llm"), lam.get("strong_cp"))
-        waiting = False
-        for var, (over, source) in variants.items():
-            with jobs.locked(ppath):
-                sync()
-            if var in done or deadline.passed():
-                continue
-            if None in over.values():  # needs the strong lambdas, which are not known yet
-                waiting = True
-                continue
+    def variant(var, over, source, cfg):
+        def work():
             tv = time.time()
-            cfg = config(over, source)
             run = rel_path(Path(cfg.output_dir))
-            twin = next((n for n, r in done.items() if r["run"] == run), None)
-            if twin is not None:  # the same resolved config as a finished variant: the same numbers
-                with jobs.locked(ppath):
-                    sync()
-                    done[var] = dict(done[twin], overrides=over, same_as=done[twin].get("same_as") or twin)
-                    write_json(partial, ppath)
-                continue
-            held = claim_run(cfg)
-            if held is None:  # the other job trains this run (for this or a twin variant)
-                waiting = True
-                continue
-            try:
-                rr = recipes.train_recipe(cfg, backbone, source, info=info, progress=rc.progress,
-                                          reuse=reuse)
-                res = {"overrides": over, "knowledge": source, "config": recipes.config_summary(cfg),
-                       "run": run, "digest": rr.digest,  # loss log (and the recipe's adapter) for verify
-                       "export": recipes.export_run(rr, runs_dir(rc) / var, with_adapter=var == "recipe"),
-                       "shares": measure_shares(cfg, backbone, rr.adapter, source, rc.measure_batches),
-                       "records": {}, "records_source": {}}
-                for s in SETS:
-                    res["records"][s], res["records_source"][s] = recipes.recipe_records(
-                        backbone, rr, specs[s], s, n_img[s], rc.seed, gen, minfo["unet_digest"],
-                        pipe, cache, rc.progress, f"retest/{var}/{s}", convergence_file)
-                if rr.copied_from is not None:
-                    res["copied_from"] = rel_path(rr.copied_from)
-                with jobs.locked(ppath):
-                    sync()
-                    done[var] = dict(res, seconds=round(time.time() - tv, 1))
-                    write_json(partial, ppath)
-            finally:
-                held.close()
-        if not waiting:
-            break
-        time.sleep(30)  # the other job holds what is left: look again
-    for key in base_units:
+            same = runs.twin(done, run, overrides=over)
+            if same is not None:  # the same resolved config as a finished variant: the same numbers
+                return same
+            rr = recipes.train_recipe(cfg, backbone, source, info=info, progress=rc.progress,
+                                      reuse=reuse)
+            res = {"overrides": over, "knowledge": source, "config": recipes.config_summary(cfg),
+                   "run": run, "digest": rr.digest,  # loss log (and the recipe's adapter) for verify
+                   "export": recipes.export_run(rr, runs_dir(rc) / var, with_adapter=var == "recipe"),
+                   "shares": measure_shares(cfg, backbone, rr.adapter, source, rc.measure_batches),
+                   "records": {}, "records_source": {}}
+            for s in SETS:
+                res["records"][s], res["records_source"][s] = recipes.recipe_records(
+                    backbone, rr, specs[s], s, n_img[s], rc.seed, gen, minfo["unet_digest"],
+                    pipe, cache, rc.progress, f"retest/{var}/{s}", convergence_file)
+            if rr.copied_from is not None:
+                res["copied_from"] = rel_path(rr.copied_from)
+            return dict(res, seconds=round(time.time() - tv, 1))
+        return work
+
+    def drawn(key):
         s, field = key.split("/")[1], ("text" if key.startswith("base_simple") else "prompt")
 
-        def drawn(s=s, field=field):
+        def work():
             recs, src = recipes.base_records(backbone, specs[s], s, field, n_img[s], rc.seed, gen,
                                              minfo["unet_digest"], pipe, cache, rc.progress,
                                              convergence_file)
             return {"source": src, "records": recs}
+        return work
 
-        if not deadline.passed():
-            jobs.run_unit(partial, ppath, sync, partial, key, key, drawn)
+    def units():  # listed again on each pass: the strong variants once the lambdas are in
+        yield jobs.Unit("lambdas", lambdas, partial, claim=run_claim(config(base, "llm")))
+        lam = partial.get("lambdas") or {}
+        for var, (over, source) in variant_overrides(base, lam.get("strong_llm"),
+                                                     lam.get("strong_cp")).items():
+            if var in done or None in over.values():  # None: needs the strong lambdas
+                continue
+            cfg = config(over, source)
+            yield jobs.Unit(var, variant(var, over, source, cfg), done, claim=run_claim(cfg))
+        yield from (jobs.Unit(key, drawn(key), partial) for key in base_units)
+
+    # two jobs share the variants; a job waits for what the other holds (and takes it over if
+    # that job was killed) instead of leaving it
+    jobs.run_units(partial, ppath, sync, units, deadline, wait=True)
     lam = partial.get("lambdas")
     complete = all(v in done for v in VARIANTS) and all(
         f"{u}/{s}" in partial for u in ("base_simple", "base_complex") for s in SETS)

@@ -84,6 +84,18 @@ def train_config(overrides: dict, data_dir: Path, seed: int, run_root: Path, mod
     return cfg
 
 
+def twin(done: dict, run: str, **fields) -> dict | None:
+    """The result of a variant trained in run folder ``run`` when a finished variant of ``done``
+    was trained there (the same resolved config, e.g. eta = 0.1 when tiny.yaml says 0.1, or a
+    strong lambda equal to the recipe's): that variant's result with ``fields`` and ``same_as``
+    (the first of the twins); None when no finished variant was. The variant loops of
+    ``ablations`` and ``retest`` share this rule."""
+    name = next((n for n, r in done.items() if r.get("run") == run), None)
+    if name is None:
+        return None
+    return {**done[name], **fields, "same_as": done[name].get("same_as") or name}
+
+
 def train_adapter(cfg, backbone, progress: bool = True):
     """Train one adapter with ``sur_lib.train.train`` (knowledge vectors from the cache).
     Returns (adapter, per-step log without wall times, knowledge statistics or None)."""

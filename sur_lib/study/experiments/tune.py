@@ -53,7 +53,7 @@ from sur_lib.infra.fileio import clean_json, write_json
 from sur_lib.infra.provenance import rel_path
 from .inputs import record_inputs
 from . import common, jobs, recipes
-from .convergence import _Deadline, gap_closed, minimum_detectable_effect
+from .convergence import gap_closed, minimum_detectable_effect
 
 SPACE = {"steps": (500, 1000, 2000), "learning_rate": (3e-5, 1e-4, 3e-4, 1e-3),
          "eta": (0.05, 0.1, 0.3, 1.0), "lambda_llm": (0.0, 1e-5, 1e-3, 1e-1, 1.0),
@@ -207,7 +207,7 @@ def run_tune(tc: TuneConfig, backbone=None, convergence_file: Path | None = None
     """Search, choose, then evaluate the choice once. Returns (document, complete)."""
     from .images import make_pipe
 
-    t0, deadline = time.time(), _Deadline(tc.max_minutes)
+    t0, deadline = time.time(), jobs.Deadline(tc.max_minutes)
     backbone = backbone if backbone is not None else common.load_base()
     minfo, gen = common.model_info(backbone), tc.generation()
     configs = search_space(tc.configs, tc.seed, tc.quick)
@@ -239,12 +239,11 @@ def run_tune(tc: TuneConfig, backbone=None, convergence_file: Path | None = None
                 print(f"tune: configurations {', '.join(marked)} will be trained and judged again",
                       flush=True)
         tried = partial["tried"]
-    for knobs in configs:  # phase 1: the search, tuning set only
-        if deadline.passed():
-            break
+
+    def config_unit(knobs):
         key = str(knobs["index"])
 
-        def judged(knobs=knobs, key=key):
+        def judged():
             tv = time.time()
             rr = _train(tc, knobs, backbone, minfo)
             recs = recipes.evaluate(backbone, rr.adapter, tuning, tc.images, tc.seed, gen, pipe,
@@ -252,7 +251,10 @@ def run_tune(tc: TuneConfig, backbone=None, convergence_file: Path | None = None
             return {"knobs": knobs, "run": rel_path(rr.folder), "digest": rr.digest,
                     "tuning": summarize(recs), "records": recs, "seconds": round(time.time() - tv, 1)}
 
-        jobs.run_unit(partial, ppath, sync, tried, key, f"config-{key}", judged)
+        return jobs.Unit(key, judged, tried, claim=f"config-{key}")
+
+    # phase 1: the search, tuning set only (a configuration another job holds is left to it)
+    jobs.run_units(partial, ppath, sync, [config_unit(k) for k in configs], deadline)
     with jobs.locked(ppath):
         sync()
     doc = {"experiment": "tune", "command": "python -m sur_lib.study.experiments tune " + " ".join(tc.argv),
@@ -285,38 +287,42 @@ def run_tune(tc: TuneConfig, backbone=None, convergence_file: Path | None = None
     best = dict(choice["knobs"])
     paper = dict(QUICK_PAPER if tc.quick else PAPER, steps=best["steps"], index="paper")
 
-    def unit(name: str, work):  # phase 3 units, claimed like the configurations
-        if not deadline.passed():
-            jobs.run_unit(partial, ppath, sync, final, name, f"final-{name}", work)
+    def tested(name, knobs, specs, n, set_name):
+        def work():
+            # the training is claimed too: two units of one recipe never train it at once (a
+            # job waits for the other's training, then loads the stored adapter)
+            held = jobs.claim(ppath, f"train-{name}", wait=True)
+            try:
+                rr = _train(tc, knobs, backbone, minfo)
+            finally:
+                held.close()
+            recs, src = recipes.recipe_records(
+                backbone, rr, specs, set_name, n, tc.seed, gen, minfo["unet_digest"], pipe,
+                cache, tc.progress, f"tune/{name}/{set_name}", convergence_file)
+            out = {"digest": rr.digest, "records": recs, "source": src}
+            if rr.copied_from is not None:
+                out["copied_from"] = rel_path(rr.copied_from)
+            return out
+        return work
 
-    for set_name, n in (("test", tc.images), ("extended", tc.extended_images)):  # phase 3: once
+    def drawn(field, specs, n, set_name):
+        def work():
+            recs, src = recipes.base_records(backbone, specs, set_name, field, n, tc.seed, gen,
+                                             minfo["unet_digest"], pipe, cache, tc.progress,
+                                             convergence_file)
+            return {"source": src, "records": recs}
+        return work
+
+    finals = []  # phase 3, once: claimed like the configurations
+    for set_name, n in (("test", tc.images), ("extended", tc.extended_images)):
         specs = recipes.prompt_set(set_name, tc.seed, tc.quick)
-        for name, knobs in (("tuned", best), ("paper_settings", paper)):
-            def judged(knobs=knobs, specs=specs, n=n, name=name, set_name=set_name):
-                # the training is claimed too: two units of one recipe never train it at once
-                held = jobs.claim(ppath, f"train-{name}")
-                while held is None:
-                    time.sleep(30)
-                    held = jobs.claim(ppath, f"train-{name}")
-                try:
-                    rr = _train(tc, knobs, backbone, minfo)
-                finally:
-                    held.close()
-                recs, src = recipes.recipe_records(
-                    backbone, rr, specs, set_name, n, tc.seed, gen, minfo["unet_digest"], pipe,
-                    cache, tc.progress, f"tune/{name}/{set_name}", convergence_file)
-                out = {"digest": rr.digest, "records": recs, "source": src}
-                if rr.copied_from is not None:
-                    out["copied_from"] = rel_path(rr.copied_from)
-                return out
-            unit(f"{name}/{set_name}", judged)
-        for field, name in (("text", "base_simple"), ("prompt", "base_complex")):
-            def drawn(field=field, name=name, specs=specs, n=n, set_name=set_name):
-                recs, src = recipes.base_records(backbone, specs, set_name, field, n, tc.seed, gen,
-                                                 minfo["unet_digest"], pipe, cache, tc.progress,
-                                                 convergence_file)
-                return {"source": src, "records": recs}
-            unit(f"{name}/{set_name}", drawn)
+        finals += [jobs.Unit(f"{name}/{set_name}", tested(name, knobs, specs, n, set_name), final,
+                             claim=f"final-{name}/{set_name}")
+                   for name, knobs in (("tuned", best), ("paper_settings", paper))]
+        finals += [jobs.Unit(f"{name}/{set_name}", drawn(field, specs, n, set_name), final,
+                             claim=f"final-{name}/{set_name}")
+                   for field, name in (("text", "base_simple"), ("prompt", "base_complex"))]
+    jobs.run_units(partial, ppath, sync, finals, deadline)
     units = [f"{a}/{s}" for s in ("test", "extended")
              for a in ("tuned", "paper_settings", "base_simple", "base_complex")]
     complete = all(u in final for u in units)
