@@ -36,8 +36,11 @@ main: book
 # Each chapter is executed once: by the build (a failing assert fails it); the tests read what
 # that execution left (tests/test_book_executed.py). `make nbval` runs every chapter again as
 # a pytest item (pytest --nbval-lax book), without the build.
+# TEST_JOBS: pytest processes side by side (pytest-xdist; a test file stays in one process, so
+# its fixtures are built once); TEST_JOBS=0 runs the tests in this process, one at a time.
+TEST_JOBS ?= 2
 test: book
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile tests
 
 .PHONY: nbval
 nbval: setup
