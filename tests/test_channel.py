@@ -16,7 +16,7 @@ from sur_lib.infra.knowledge_files import load_knowledge
 from sur_lib.losses import llm_distillation_loss
 from sur_lib.models import tiny_random_backbone
 from sur_lib.infra.micro_batches import text_only_draw
-from sur_lib.train import TrainConfig, build_adapter, compute_losses, train
+from sur_lib.train import build_adapter, compute_losses, train
 from sur_lib.infra.run_state import read_log
 from tests.helpers import LLM_DIM, cfg_for, one_batch
 
