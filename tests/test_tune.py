@@ -6,7 +6,7 @@ import pytest
 
 from sur_lib.study.experiments import images, jobs, recipes
 from sur_lib.study.experiments import tune
-from tests.test_convergence import _cheap, standin, stored_verdicts  # noqa: F401 (fixture)
+from tests.helpers import install_cheap_parts, stored_verdicts
 
 
 def _fake_judge(monkeypatch, tuning_acc, test_acc, ppath, log):
@@ -60,8 +60,8 @@ def test_choose_by_tuning_accuracy_then_the_stated_tie_breaks():
         tune.choose({})
 
 
-def test_tune_end_to_end_choice_ignores_the_test_prompts(standin, monkeypatch, tmp_path):  # noqa: F811
-    _cheap(monkeypatch, tmp_path)
+def test_tune_end_to_end_choice_ignores_the_test_prompts(standin, monkeypatch, tmp_path):
+    install_cheap_parts(monkeypatch, tmp_path)
     seen = []
     real_choose = tune.choose
     monkeypatch.setattr(tune, "choose", lambda tried: seen.append(tried) or real_choose(tried))
@@ -103,12 +103,12 @@ def test_tune_and_retest_have_their_own_command_lines(capsys):
         assert e.value.code == 0 and f"python -m sur_lib.study.experiments {name}" in capsys.readouterr().out
 
 
-def test_two_tune_jobs_share_the_search(standin, monkeypatch, tmp_path):  # noqa: F811
+def test_two_tune_jobs_share_the_search(standin, monkeypatch, tmp_path):
     """A configuration another job has claimed is left to it, and what that job stores while
     this one works is merged, not overwritten."""
     from sur_lib.infra.fileio import write_json
 
-    _cheap(monkeypatch, tmp_path)
+    install_cheap_parts(monkeypatch, tmp_path)
     tc = _tc(tmp_path)
     ppath = tmp_path / "out" / "tune-quick.partial.json"
     log = []
@@ -137,12 +137,12 @@ def test_two_tune_jobs_share_the_search(standin, monkeypatch, tmp_path):  # noqa
     assert complete and sorted(json.loads(ppath.read_text())["tried"]) == ["0", "1", "2"]
 
 
-def test_verify_tune_replays_the_chosen_recipe_and_fails_on_a_changed_log(standin, monkeypatch, tmp_path):  # noqa: F811
+def test_verify_tune_replays_the_chosen_recipe_and_fails_on_a_changed_log(standin, monkeypatch, tmp_path):
     """The tuned recipe is exported (loss log, run.json, fp16 adapter) beside the results;
     verify recomputes the choice, replays 2 training steps and re-draws images of it."""
     from sur_lib.study.experiments import checks as shared, common
 
-    _cheap(monkeypatch, tmp_path)
+    install_cheap_parts(monkeypatch, tmp_path)
     tc = _tc(tmp_path, configs=2)
     ppath = tmp_path / "out" / "tune-quick.partial.json"
     _fake_judge(monkeypatch, lambda i: 0.5 + 0.5 * i, lambda d: 0.5, ppath, [])
@@ -168,11 +168,11 @@ def test_verify_tune_replays_the_chosen_recipe_and_fails_on_a_changed_log(standi
     assert not tune.verify_tune(doc, standin, digest, 6, False)[0]["ok"]
 
 
-def test_redo_judges_a_configuration_again_and_keeps_the_old_records(standin, monkeypatch, tmp_path):  # noqa: F811
+def test_redo_judges_a_configuration_again_and_keeps_the_old_records(standin, monkeypatch, tmp_path):
     """--redo N, once: N is trained and judged again, its old record, the old choice and the old
     chosen recipe's final units are kept under 'superseded', the choice is made again; the same
     command run again resumes instead of redoing."""
-    _cheap(monkeypatch, tmp_path)
+    install_cheap_parts(monkeypatch, tmp_path)
     ppath = tmp_path / "out" / "tune-quick.partial.json"
     log = []
     acc = {0: 0.0, 1: 0.5, 2: 1.0}

@@ -8,7 +8,6 @@ book (``_build/html/demo/models``, or $SUR_BOOK_HTML) when it is there, else fro
 ``webdemo.export_cached`` (the first export takes minutes on 2 CPU cores; later runs reuse it).
 Timings are not tested here: ``python -m sur_lib.study.webdemo bench`` measures them.
 """
-import base64
 import json
 import os
 import shutil

@@ -277,7 +277,7 @@ def _literalinclude(ch: Chapter, arg: str, options: dict) -> str:
 
 def _list_table(ch: Chapter, title: str, options: dict, body: str) -> str:
     """A ``list-table`` (rows ``* - a`` / ``  - b``) as a Markdown pipe table."""
-    rows, cell = [], None
+    rows = []
     for line in body.split("\n"):
         if m := re.match(r"^[*-] - (.*)$", line):
             rows.append([m.group(1)])

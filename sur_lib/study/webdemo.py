@@ -586,7 +586,6 @@ def export(out_dir: str | os.PathLike, steps: Sequence[int] = DEMO_STEPS, quanti
     import torch
 
     from ..models import load_tiny_backbone
-    from ..infra.provenance import state_digest
 
     torch.set_num_threads(1)
     t0 = time.time()

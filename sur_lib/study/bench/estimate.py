@@ -8,7 +8,7 @@ import torch
 
 from sur_lib.train import TrainConfig, build_adapter
 from .config import StepSpec
-from .hardware import RTX3090, RTX3090_UTILISATION, peak_tflops
+from .hardware import RTX3090, RTX3090_UTILISATION
 from .step import BenchState, TrainingStep, synthetic_batch
 
 

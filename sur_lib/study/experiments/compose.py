@@ -30,8 +30,6 @@ options passed to ``pipeline.generate`` (the record format is the same, so ``sum
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import time
 from pathlib import Path
@@ -42,14 +40,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sur_lib.world import evaluate
 from ..statistics import compare, quality_tests, summarize
 from sur_lib.infra.fileio import write_json
 from sur_lib.guidance import SCFGConfig
 from sur_lib.infra.provenance import rel_path, state_digest
 from .inputs import record_inputs
 from .common import (ADAPTER_DIR, RESULTS_DIR, SAMPLER_STEPS, ExperimentConfig, GenSettings,
-                     header, judge_info, load_base, model_info, prompt_seed, versions)
+                     header, judge_info, load_base, model_info, versions)
 from .images import evaluate_condition, make_pipe
 from sur_lib.world.prompts import select_prompts
 from .runs import load_adapter

@@ -43,8 +43,6 @@ def _budget(exp: SurConfig) -> dict:
 
 def run_sur(exp: SurConfig, backbone=None) -> dict:
     """Train the SUR-adapter on SURD-mini and compare it with the base model."""
-    import yaml
-
     t0 = time.time()
     backbone = backbone if backbone is not None else load_base(exp.model_dir)
     gen, n_img, seed = exp.generation(), exp.n_images(IMAGES), exp.seed

@@ -36,7 +36,6 @@ accuracy (the winner's curse): that is why the test prompts judge it, once.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
@@ -46,7 +45,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from ..statistics import compare, summarize
 from sur_lib.infra.fileio import clean_json, write_json
