@@ -37,10 +37,11 @@ main: book
 # that execution left (tests/test_book_executed.py). `make nbval` runs every chapter again as
 # a pytest item (pytest --nbval-lax book), without the build.
 # TEST_JOBS: pytest processes side by side (pytest-xdist; a test file stays in one process, so
-# its fixtures are built once); TEST_JOBS=0 runs the tests in this process, one at a time.
+# its fixtures are built once; files go out in collection order, the longest first: see
+# tests/conftest.py); TEST_JOBS=0 runs the tests in this process, one at a time.
 TEST_JOBS ?= 2
 test: book
-	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile tests
+	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder tests
 
 .PHONY: nbval
 nbval: setup

@@ -84,3 +84,17 @@ def cheap(monkeypatch, tmp_path):
     """Random knowledge vectors and a fake judge (the real ones are tested elsewhere); the list of
     the fake judge's calls."""
     return install_cheap_parts(monkeypatch, tmp_path)
+
+
+# The files that hold the longest tests are collected first: `make test` runs the tests in two
+# processes (pytest-xdist, --dist loadfile --no-loadscope-reorder), which take whole files in
+# collection order, so a long file started last would leave one process working alone at the
+# end. The order comes from `pytest --durations=0` (file totals, longest first); it changes
+# nothing else, and a file not listed keeps its place after these.
+LONGEST_FILES = ("test_experiments.py", "test_train.py", "test_webdemo.py", "test_book_export.py",
+                 "test_knowledge.py", "test_guidance.py", "test_verify_forgery.py", "test_bad_inputs.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
