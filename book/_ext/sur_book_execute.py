@@ -13,6 +13,10 @@ time, then lets myst-nb read them as usual:
   timeout, errors not allowed), in a process of its own (each with its own
   ``SUR_BOOK_READS_LOG``, so ``sur_book_deps`` still learns what each chapter read), the
   longest first (the run time of its last build when known, else its size);
+- *threads*: the kernels share the cores: each gets ``OMP_NUM_THREADS`` = cores / jobs (unless
+  the variable is set already), which limits torch, numpy's BLAS and scikit-learn, and
+  ``book.setup`` caps a chapter's torch threads at it (without it, chapter 05, which leaves
+  torch's default of two threads, took 228 s beside another chapter in a fresh-clone build);
 - *when myst-nb executes it* (``NotebookClientDirect.start_client``), a chapter executed here
   without an error gets its outputs from that run instead of a second run (only if its code
   cells are the same text); anything else, a failed chapter included, is executed by myst-nb
@@ -47,13 +51,16 @@ def jobs() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def _execute(source: str, nb: dict, cwd: str, timeout: int | None, log: str | None) -> dict:
-    """Run in a worker process: execute ``nb`` as myst-nb's direct client does."""
+def _execute(source: str, nb: dict, cwd: str, timeout: int | None, log: str | None,
+             threads: int) -> dict:
+    """Run in a worker process: execute ``nb`` as myst-nb's direct client does, in a kernel
+    limited to ``threads`` threads (``OMP_NUM_THREADS``, unless set already)."""
     import nbformat
     from jupyter_cache.executors.utils import single_nb_execution
 
     if log:  # the kernel started next inherits it (sur_book_deps)
         os.environ["SUR_BOOK_READS_LOG"] = log
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     node = nbformat.from_dict(nb)
     result = single_nb_execution(node, cwd=cwd, timeout=timeout, allow_errors=False, meta_override=True)
     return {"source": source, "nb": node if result.err is None else None, "time": result.time,
@@ -95,8 +102,10 @@ def _before_read(app, env, docnames):
     todo.sort(key=lambda t: t[0], reverse=True)  # the longest first
     t0 = time.time()
     print(f"sur_book_execute: executing {len(todo)} notebooks, {n_jobs} at a time", flush=True)
-    with ProcessPoolExecutor(max_workers=min(n_jobs, len(todo))) as pool:
-        futures = [pool.submit(_execute, path, nb, str(Path(path).parent), cfg.execution_timeout, log)
+    workers = min(n_jobs, len(todo))
+    threads = max(1, (os.cpu_count() or 1) // workers)  # the kernels share the cores
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(_execute, path, nb, str(Path(path).parent), cfg.execution_timeout, log, threads)
                    for _, path, nb, log in todo]
         for fut in futures:
             res = fut.result()

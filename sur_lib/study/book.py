@@ -77,8 +77,9 @@ def quiet_logs() -> None:
 
 
 def setup(seed: int = 0, threads: int | None = 1, quiet: bool = True) -> Chapter:
-    """Seeds, torch threads (``threads``, at most the CPU count; None leaves torch's default),
-    quiet logs, the tiny profile offline, and the paths of results and base model."""
+    """Seeds, torch threads (``threads``, at most the CPU count, or ``$OMP_NUM_THREADS`` when it
+    is set: the book build sets it when it runs chapters side by side; None leaves torch's
+    default), quiet logs, the tiny profile offline, and the paths of results and base model."""
     import torch
 
     t0 = time.perf_counter()
@@ -91,7 +92,8 @@ def setup(seed: int = 0, threads: int | None = 1, quiet: bool = True) -> Chapter
     np.random.seed(seed)
     torch.manual_seed(seed)
     if threads:
-        torch.set_num_threads(min(threads, os.cpu_count() or 1))
+        limit = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+        torch.set_num_threads(min(threads, limit))
     chapter = Chapter(seed=seed, threads=torch.get_num_threads(), root=ROOT,
                       results=Path(os.environ.get("SUR_BOOK_RESULTS", RESULTS_DIR)),
                       model_dir=os.environ.get("SUR_BOOK_MODEL"),
