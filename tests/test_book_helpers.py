@@ -1,4 +1,5 @@
 """sur_lib.study.book: the chapters' setup call and formatting helpers, against hand-made values."""
+import os
 import numpy as np
 import pytest
 import torch
@@ -215,3 +216,20 @@ def test_code_value_splits_long_paths():
         "`stable-diffusion-v1-5/`<br>`stable-diffusion-v1-5`")
     assert book.code_value("/tmp/tmpab12cd34/surd-mini/") == "`/tmp/`<br>`tmpab12cd34/`<br>`surd-mini/`"
     assert book.code_value("a" * 30) == "`" + "a" * 30 + "`"  # no slash: one piece
+
+
+def test_setup_caps_torch_threads_at_omp_num_threads(monkeypatch):
+    """The book build runs chapters side by side with OMP_NUM_THREADS = cores / jobs
+    (book/_ext/sur_book_execute.py): a chapter that asks for more threads gets that many."""
+    import torch
+
+    from sur_lib.study.book import setup
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert setup(seed=0, threads=2, quiet=False).threads == 1
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert setup(seed=0, threads=2, quiet=False).threads == min(2, os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(before)
