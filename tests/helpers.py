@@ -5,6 +5,18 @@ import json
 import torch
 
 LLM_DIM = 24
+# the front matter of a jupytext MyST chapter (the book's format), for the tiny books the tests build
+CHAPTER_HEADER = """\
+---
+jupytext:
+  text_representation:
+    format_name: myst
+kernelspec:
+  display_name: Python 3
+  language: python
+  name: python3
+---
+"""
 PROMPTS = ["four tomatoes in a row", "a stack of three dice", "five limes in a circle",
            "two tents on a field", "one lemon", "six cherries scattered"]
 

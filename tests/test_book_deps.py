@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import CHAPTER_HEADER
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "book" / "_ext"))
 import sur_book_deps as deps  # noqa: E402
@@ -66,16 +68,7 @@ def _write_book(src: Path, results: Path):
         """))
     (src / "index.md").write_text("# Index\n\n```{toctree}\nreads\nplain\n```\n")
     (src / "plain.md").write_text("# Plain\n\nReads nothing.\n")
-    (src / "reads.md").write_text(textwrap.dedent("""\
-        ---
-        jupytext:
-          text_representation:
-            format_name: myst
-        kernelspec:
-          display_name: Python 3
-          language: python
-          name: python3
-        ---
+    (src / "reads.md").write_text(CHAPTER_HEADER + textwrap.dedent("""\
         # Reads
 
         ```{code-cell} ipython3

@@ -14,19 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import CHAPTER_HEADER
+
 ROOT = Path(__file__).resolve().parents[1]
 sys_path = str(ROOT / "book" / "_ext")
 
-CHAPTER = """\
----
-jupytext:
-  text_representation:
-    format_name: myst
-kernelspec:
-  display_name: Python 3
-  language: python
-  name: python3
----
+CHAPTER = CHAPTER_HEADER.replace("{", "{{").replace("}", "}}") + """\
 # {name}
 
 ```{{code-cell}} ipython3

@@ -2,27 +2,19 @@
 (``runs.replay_inputs``, ``runs.replay_run``), and get the run's losses all the same."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 
 @pytest.fixture
-def run(tmp_path):
-    from sur_lib.infra.surd_files import write_metadata
+def run(tmp_path, make_surd):
     from sur_lib.models import tiny_random_backbone
     from sur_lib.train import TrainConfig
 
+    prompts = [f"prompt number {i}" for i in range(24)]
     surd = tmp_path / "surd"
     surd.mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(24):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(surd / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": f"prompt number {i}", "prompt": f"{i} red circles"})
-    write_metadata(surd, rows)
-    prompts = [r["text"] for r in rows]
+    make_surd(surd, prompts, 24)
     vectors = dict(zip(prompts, torch.randn(len(prompts), 24, generator=torch.Generator().manual_seed(0))))
     cfg = TrainConfig(profile="tiny-random", data_dir=str(surd), llm="random", llm_layer=-1,
                       output_dir=str(tmp_path / "run"), num_layers=1, num_heads=4, ffn_dim=32,
