@@ -271,16 +271,16 @@ def test_a_loss_forged_at_a_later_step_fails_the_replay_from_a_stored_adapter(tm
     assert [int(r["step"]) for r in log] == [1, 2, 3, 4, 5]
     states = {3: {"dir": str(tmp_path / "step-00003"), "digest": digest}}
 
-    checks = shared.replay_from_states(cfg(5), backbone, states, log, "synthetic", knowledge)
+    checks = shared.replay_from_states(cfg(5), backbone, states, log, "synthetic", lambda rows: knowledge)
     assert len(checks) == 1 and ok(checks), checks
     assert "step 4" in checks[0]["check"]
 
     forged = copy.deepcopy(log)
     forged[3]["loss"] = float(forged[3]["loss"]) * 1.02
-    assert not ok(shared.replay_from_states(cfg(5), backbone, states, forged, "synthetic", knowledge))
+    assert not ok(shared.replay_from_states(cfg(5), backbone, states, forged, "synthetic", lambda rows: knowledge))
     forged = copy.deepcopy(log)
     forged[2]["loss"] = float(forged[2]["loss"]) * 1.5  # step 3: no stored state before it here
-    assert ok(shared.replay_from_states(cfg(5), backbone, states, forged, "synthetic", knowledge))
+    assert ok(shared.replay_from_states(cfg(5), backbone, states, forged, "synthetic", lambda rows: knowledge))
 
 
 # ----------------------------------------------------------------------------- loss logs of the issue's cases
@@ -361,3 +361,23 @@ def test_the_convergence_log_forged_at_step_3_fails(monkeypatch, tmp_path):
         checks = convergence.verify_convergence(doc, None, doc["model"]["unet_digest"], 1, False)
         failed = [c["check"] for c in checks if not c["ok"]]
         assert failed == ([] if row is None else ["training: loss at step 3"]), failed
+
+
+def test_replay_start_replays_a_short_log_whole_and_fails_an_empty_one(monkeypatch):
+    """``checks.replay_start``, the one start-of-run replay of convergence, channel and the
+    recipes: a log shorter than ``VERIFY_TRAIN_STEPS`` is replayed whole; an empty stored log is
+    replayed in full and fails (convergence's own copy used to replay 0 steps and pass)."""
+    from sur_lib.study.experiments import runs
+
+    rows = [{"step": str(i + 1), "loss": str(0.1 * (i + 1))} for i in range(8)]
+    asked = []
+
+    def replay(cfg, backbone, steps, **kw):
+        asked.append(steps)
+        return rows[:steps]
+
+    monkeypatch.setattr(runs, "replay_run", replay)
+    assert ok(shared.replay_start(None, None, rows[:3])) and asked == [3]
+    assert ok(shared.replay_start(None, None, rows)) and asked[-1] == shared.VERIFY_TRAIN_STEPS
+    checks = shared.replay_start(None, None, [])
+    assert not ok(checks) and "the stored log has 0 steps" in checks[0]["message"]

@@ -153,14 +153,7 @@ def _patch_direct_client():
     NotebookClientDirect.start_client = start_client
 
 
-def _merge(app, env, docnames, other):
-    if not hasattr(env, "sur_book_run_times"):
-        env.sur_book_run_times = {}
-    env.sur_book_run_times.update(getattr(other, "sur_book_run_times", {}))
-
-
 def setup(app):
     _patch_direct_client()
     app.connect("env-before-read-docs", _before_read)
-    app.connect("env-merge-info", _merge)
     return {"parallel_read_safe": False, "parallel_write_safe": True, "env_version": 1}

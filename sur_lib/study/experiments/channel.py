@@ -588,7 +588,7 @@ def verify_channel(doc: dict, backbone, current_digest: str, draws: int | None,
     is not used)."""
     from ..statistics import same_numbers
     from sur_lib.infra.provenance import ROOT
-    from .checks import VERIFY_TRAIN_STEPS, loss_checks, verify_images
+    from .checks import replay_start, verify_images
 
     if doc["settings"]["model_digest"] != current_digest:
         return [{"check": "channel: base model", "ok": False,
@@ -612,12 +612,11 @@ def verify_channel(doc: dict, backbone, current_digest: str, draws: int | None,
         import csv
 
         with open(ROOT / doc["variants"][var]["log"], newline="") as f:
-            stored = list(csv.DictReader(f))[:VERIFY_TRAIN_STEPS]
-        steps = min(VERIFY_TRAIN_STEPS, len(stored)) or VERIFY_TRAIN_STEPS  # a shorter run: all of it
+            stored = list(csv.DictReader(f))
         # the teacher is calibrated over every prompt it is asked about, so it reads every row
-        live = runs.replay_run(cfg, backbone, steps, lambda rows: teacher_vectors(
-            var, cfg, training_rows(cfg), cc.entropy, backbone.text_dim, progress), progress)
-        checks += [dict(c, check=f"channel {var}: {c['check']}") for c in loss_checks(live, stored)]
+        checks += [dict(c, check=f"channel {var}: {c['check']}") for c in replay_start(
+            cfg, backbone, stored, lambda rows: teacher_vectors(
+                var, cfg, training_rows(cfg), cc.entropy, backbone.text_dim, progress), progress)]
     for v in VERIFY_ADAPTERS:
         d = doc["variants"].get(v)
         if d is None or "adapter_dir" not in d:

@@ -25,6 +25,7 @@ from ..statistics import agreement
 from sur_lib.infra.provenance import state_digest
 from .common import GenSettings
 from .images import judge_images
+from . import runs
 from .runs import load_adapter, replay_inputs
 
 VERIFY_LOSS_RTOL = 1e-3  # relative tolerance of a replayed training step's loss
@@ -174,8 +175,19 @@ def loss_checks(live: list[dict], stored: list[dict]) -> list[dict]:
     return checks
 
 
+def replay_start(cfg, backbone, stored: list[dict], knowledge_of=None, progress: bool = False,
+                 shared: dict | None = None) -> list[dict]:
+    """The first ``VERIFY_TRAIN_STEPS`` rows of a run's stored loss log ``stored`` (all of a
+    shorter log; an empty one is replayed in full and fails) recomputed from the seeded start
+    (``runs.replay_run``, on the rows and vectors those steps read; ``knowledge_of`` and
+    ``shared`` as ``runs.replay_inputs`` takes them) and compared (``loss_checks``)."""
+    steps = min(VERIFY_TRAIN_STEPS, len(stored)) or VERIFY_TRAIN_STEPS
+    live = runs.replay_run(cfg, backbone, steps, knowledge_of=knowledge_of, progress=progress, shared=shared)
+    return loss_checks(live, stored[:steps])
+
+
 def replay_from_states(cfg, backbone, states: dict, log: list[dict], label: str,
-                       knowledge: dict | None = None, knowledge_of=None, shared: dict | None = None) -> list[dict]:
+                       knowledge_of=None, shared: dict | None = None) -> list[dict]:
     """Loss replays beyond the start of a run: for every stored adapter ``states`` {step k:
     {"dir", "digest"}} with 0 < k < len(log), the adapter is loaded and log row k + 1 is
     recomputed from it (``sur_lib.study.replay.replay_step``: one forward pass of that step's
@@ -184,13 +196,11 @@ def replay_from_states(cfg, backbone, states: dict, log: list[dict], label: str,
     stored adapters are fp16, which moves the loss by up to 4e-4 relative, measured on the
     dose-response run). A forged loss at a later step is caught here, not only by the file's
     digest. A few seconds each. The data and knowledge vectors are those the replayed steps
-    read (``runs.replay_inputs``): ``knowledge`` (every vector given) or ``knowledge_of(rows)``
-    (a teacher other than ``cfg.llm``'s), else ``cfg.llm``'s from the cache; ``shared`` as there."""
+    read (``runs.replay_inputs``): ``knowledge_of(rows)`` for a teacher other than ``cfg.llm``'s,
+    else ``cfg.llm``'s from the cache; ``shared`` as there."""
     from sur_lib.study.replay import replay_step
 
-    checks, dataset = [], None
-    if knowledge is not None and knowledge_of is None:
-        knowledge_of = lambda rows: knowledge  # noqa: E731
+    checks, dataset, knowledge = [], None, None
     for k in sorted(int(s) for s in states):
         if k == 0 or k >= len(log):  # step 1 is replayed from the start; no row after the last
             continue

@@ -394,7 +394,7 @@ def verify_convergence(doc: dict, backbone, current_digest: str, draws: int | No
     verify hooks' signature (``registry``; ``out`` is not used)."""
     import csv
 
-    from .checks import VERIFY_TRAIN_STEPS, loss_checks, replay_from_states, verify_images
+    from .checks import VERIFY_TRAIN_STEPS, replay_from_states, replay_start, verify_images
 
     if doc["model"]["unet_digest"] != current_digest:
         return [{"check": "base model", "ok": False, "message": (
@@ -404,12 +404,10 @@ def verify_convergence(doc: dict, backbone, current_digest: str, draws: int | No
                               if k in {f.name for f in dataclasses.fields(ConvergenceConfig)}})
     with open(ROOT / doc["train_log"], newline="") as f:
         full_log = list(csv.DictReader(f))
-    steps = min(VERIFY_TRAIN_STEPS, len(full_log))  # a run shorter than the replay: all of it
-    stored = full_log[:steps]
     data_dir = runs.surd_mini(cc.rows, cc.seed, progress)
-    cfg = _train_cfg(cc, data_dir, current_digest, steps)
+    cfg = _train_cfg(cc, data_dir, current_digest, VERIFY_TRAIN_STEPS)
     opened = {}  # the data, opened once for both kinds of replay
-    checks = loss_checks(runs.replay_run(cfg, backbone, steps, progress=progress, shared=opened), stored)
+    checks = replay_start(cfg, backbone, full_log, progress=progress, shared=opened)
     # and the step after every stored adapter (250, 500, ...), from that adapter
     checks += replay_from_states(cfg, backbone, doc["adapters"], full_log, "convergence", shared=opened)
     last = str(max(int(s) for s in doc["adapters"]))

@@ -46,7 +46,6 @@ import torch
 from ..statistics import accuracy_with_ci
 from sur_lib.infra.fileio import write_json
 from . import common, images, runs
-from .checks import VERIFY_TRAIN_STEPS
 
 KNOWLEDGE_SOURCES = ("llm", "oracle")
 PROMPT_SETS = ("tuning", "test", "extended")
@@ -239,27 +238,25 @@ def export_run(rr: RecipeRun, dest: Path, with_adapter: bool = True) -> dict:
     return out
 
 
-def replay(export: Path, backbone, steps: int = VERIFY_TRAIN_STEPS, progress: bool = False) -> list[dict]:
-    """Re-run the first ``steps`` training steps of an exported recipe (``export_run``'s folder)
-    from its ``run.json`` (``runs.replay_run``: the rows and knowledge vectors those steps read,
-    without the step cache, which gives the same losses: ``tests/test_step_cache.py``), and
-    compare each step's loss with its stored log (``checks.loss_checks``)."""
+def replay(export: Path, backbone, progress: bool = False) -> list[dict]:
+    """The first training steps of an exported recipe (``export_run``'s folder) re-run from its
+    ``run.json`` and compared with its stored log (``checks.replay_start``: the rows and
+    knowledge vectors those steps read, without the step cache, which gives the same losses:
+    ``tests/test_step_cache.py``)."""
     import csv
     import json
 
     from sur_lib.train import TrainConfig
-    from .checks import loss_checks
+    from .checks import replay_start
 
     export = Path(export)
     meta = json.loads((export / "run.json").read_text())
     with open(export / "log.csv", newline="") as f:
-        stored = [r for r in csv.DictReader(f)][:steps]
-    steps = min(steps, len(stored)) or steps  # a run shorter than the replay: all of it
+        stored = list(csv.DictReader(f))
     data_dir = runs.surd_mini(meta["rows"], meta["data_seed"], progress)
     cfg = TrainConfig.from_dict(dict(meta["train_config"], data_dir=str(data_dir), output_dir=str(export),
                                      resume=False, progress=progress))
-    live = runs.replay_run(cfg, backbone, steps, teacher(cfg, meta["knowledge"], progress), progress)
-    return loss_checks(live, stored)
+    return replay_start(cfg, backbone, stored, teacher(cfg, meta["knowledge"], progress), progress)
 
 
 def teacher(cfg, source: str, progress: bool = False):
