@@ -244,28 +244,34 @@ def test_train_distribution_prompts_avoid_the_test_set():
 # ------------------------------------------------------------------------------- ablations
 
 
-def test_ablations_resume_per_variant(model, tmp_path, monkeypatch):
+def _fake_trained(cfg):
     from sur_lib.adapter import SURAdapter
+    from sur_lib.study.experiments.runs import Trained
 
+    torch.manual_seed(0)
+    adapter = SURAdapter(text_dim=384, num_layers=1, num_heads=2, ffn_dim=16)
+    log = [{"step": s, "loss": 1.0 / s, "l_simple": 1.0, "l_llm": 0.0, "l_cp": 0.0,
+            "grad_norm": 0.1} for s in range(1, cfg.max_steps + 1)]
+    return Trained(adapter, log, None)
+
+
+def _fake_eval(backbone, adapter, specs, n_img, seed, gen, pipe, progress, cache=None):
+    return [{**{k: s.get(k) for k in ex.SPEC_KEYS}, "text": s["text"], "acc": 0.5, "lo": 0.1,
+             "hi": 0.9, "k": 1, "n": 2, "correct": [1, 0]} for s in specs]
+
+
+def test_ablations_resume_per_variant(model, tmp_path, monkeypatch):
     monkeypatch.setattr(common, "WORK_DIR", tmp_path / "work")
     calls, crash_on = [], {"n": 2}
 
-    def fake_train(cfg, backbone, progress=True):
+    def fake_train(cfg, backbone, progress=True, **kw):
         calls.append((cfg.lambda_llm, cfg.lambda_cp))
         if len(calls) == crash_on["n"]:
             raise RuntimeError("killed")
-        torch.manual_seed(0)
-        adapter = SURAdapter(text_dim=384, num_layers=1, num_heads=2, ffn_dim=16)
-        log = [{"step": s, "loss": 1.0 / s, "l_simple": 1.0, "l_llm": 0.0, "l_cp": 0.0,
-                "grad_norm": 0.1} for s in range(1, cfg.max_steps + 1)]
-        return adapter, log, None
-
-    def fake_eval(backbone, adapter, specs, n_img, seed, gen, pipe, progress, cache=None):
-        return [{**{k: s.get(k) for k in ex.SPEC_KEYS}, "text": s["text"], "acc": 0.5, "lo": 0.1,
-                 "hi": 0.9, "k": 1, "n": 2, "correct": [1, 0]} for s in specs]
+        return _fake_trained(cfg)
 
     monkeypatch.setattr(ablations, "train_adapter", fake_train)
-    monkeypatch.setattr(ablations, "_evaluate_variant", fake_eval)
+    monkeypatch.setattr(ablations, "_evaluate_variant", _fake_eval)
     argv = ["ablations", *COMMON, "--out", str(tmp_path), "--only", "no_llm,no_cp,eta_0.1"]
     with pytest.raises(RuntimeError, match="killed"):
         _run(argv, model)

@@ -119,7 +119,8 @@ def run_ablations(exp: AblationsConfig, backbone=None) -> dict:
         else:
             tv = time.time()
             print(f"ablation {name}: {var['overrides'] or 'tiny.yaml as is'}", flush=True)
-            adapter, log, kstats = train_adapter(cfg, backbone, exp.progress)
+            trained = train_adapter(cfg, backbone, progress=exp.progress)  # no step cache, as stored
+            adapter, log, kstats = trained.adapter, trained.log, trained.knowledge_stats
             recs = _evaluate_variant(backbone, adapter, specs, budget["images"], seed, gen, pipe,
                                      exp.progress, cache=exp.cache_dir())
             # resuming is per variant from here on: drop the optimizer checkpoints (~100 MB)

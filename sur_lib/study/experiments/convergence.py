@@ -138,12 +138,10 @@ def adapter_dir(cc: ConvergenceConfig, step: int) -> Path:
 
 
 def run_training(cc: ConvergenceConfig, backbone, minfo: dict, deadline: jobs.Deadline) -> list[int]:
-    """Train to every step of ``eval_steps`` in turn (each call of ``train`` resumes from the
-    last checkpoint) and store the adapter of each as fp16 in ``adapters/step-N``. Returns the
+    """Train to every step of ``eval_steps`` in turn (``runs.train_adapter`` on the step cache;
+    each call resumes from the last checkpoint) and store the adapter of each as fp16 in ``adapters/step-N``. Returns the
     steps whose adapters exist."""
-    from sur_lib.data import SURDDataset
-    from ..step_cache import cached_inputs
-    from sur_lib.train import build_adapter, train
+    from sur_lib.train import build_adapter
 
     data_dir = runs.surd_mini(cc.rows, cc.seed, cc.progress)
     run = Path(cc.run_dir)
@@ -163,14 +161,10 @@ def run_training(cc: ConvergenceConfig, backbone, minfo: dict, deadline: jobs.De
     todo = [s for s in cc.eval_steps if s not in done]
     if not todo:
         return done
-    knowledge = None
-    if cfg0.lambda_llm:
-        prompts = SURDDataset(data_dir, check_images=False).prompts()
-        knowledge = runs.knowledge_for_config(cfg0, prompts, cc.progress)
-    ds = SURDDataset(data_dir, resolution=backbone.image_size, knowledge=knowledge)
-    # ~300 MB for SURD-mini's ~4,100 distinct prompts: kept under outputs/, never committed
-    states = common.WORK_DIR / "prompt_states" / f"{data_dir.name}.safetensors"
-    cached_bb, cached_ds = cached_inputs(backbone, ds, states, progress=cc.progress)
+    knowledge = runs.llm_knowledge(cfg0, cc.progress)
+    # built once for every step; the prompt states (~300 MB for SURD-mini's ~4,100 distinct
+    # prompts) are kept under outputs/, never committed
+    inputs = runs.cached_inputs(cfg0, backbone, knowledge, cc.progress)
     info = {"made_by": "python -m sur_lib.study.experiments convergence", "seed": cc.seed,
             "base_model": minfo, "surd_mini": {"rows": cc.rows, "seed": cc.seed},
             "step_cache": True}
@@ -183,7 +177,8 @@ def run_training(cc: ConvergenceConfig, backbone, minfo: dict, deadline: jobs.De
             adapter = build_adapter(cfg0, backbone.text_dim, llm_dim)
         else:
             cfg = _train_cfg(cc, data_dir, minfo["unet_digest"], step)
-            adapter = train(cfg, backbone=cached_bb, dataset=cached_ds, knowledge=knowledge).adapter
+            adapter = runs.train_adapter(cfg, backbone, knowledge=knowledge, step_cache=True,
+                                         inputs=inputs, progress=cc.progress).adapter
         runs.save_adapter(adapter, adapter_dir(cc, step),
                         dict(info, step=step, train_config={
                             k: v for k, v in cfg0.to_dict().items() if k not in runs.PATH_KEYS

@@ -2,9 +2,9 @@
 
 A *recipe* is ``tiny.yaml`` plus a dict of ``TrainConfig`` overrides, trained for ``steps``
 steps on SURD-mini with ``rows`` rows (``runs.surd_mini``), with the frozen inputs cached
-(``step_cache.cached_inputs``: text-encoder states and decoded images; the same losses as
-uncached). ``train_recipe`` trains it in a run folder named by the hash of everything that
-decides the result (``runs.train_config``), resumes an interrupted run from its newest
+(``runs.cached_inputs``: text-encoder states and decoded images; the same losses as
+uncached). ``train_recipe`` trains it (``runs.train_adapter`` with ``step_cache``) in a run
+folder named by the hash of everything that decides the result (``runs.train_config``), resumes an interrupted run from its newest
 checkpoint, and stores the final adapter as fp16 (``runs.save_adapter``) in
 ``<run>/adapter-fp16``; a recipe whose adapter is stored is loaded, not retrained. The
 optimizer checkpoints (~50 MB each) are deleted once the adapter is stored, unless
@@ -83,6 +83,16 @@ def recipe_config(overrides: dict, rows: int, steps: int, run_root: Path, model_
     return runs.train_config(over, data_dir, seed, Path(run_root), model_digest, progress)
 
 
+def recipe_knowledge(cfg, source: str = "llm", progress: bool = True) -> dict | None:
+    """The knowledge vectors a recipe trains with: ``knowledge_vectors`` of every row of its
+    SURD-mini, or None when ``cfg.lambda_llm`` is 0."""
+    from sur_lib.data import SURDDataset
+
+    if not cfg.lambda_llm:
+        return None
+    return knowledge_vectors(cfg, SURDDataset(cfg.data_dir, check_images=False).rows, source, progress)
+
+
 def knowledge_vectors(cfg, rows: Sequence[dict], source: str = "llm", progress: bool = True) -> dict:
     """The knowledge vectors of every simple prompt of ``rows`` from ``source``."""
     llm = runs.knowledge_for_config(cfg, [r["text"] for r in rows], progress)
@@ -94,21 +104,6 @@ def knowledge_vectors(cfg, rows: Sequence[dict], source: str = "llm", progress: 
     return oracle_knowledge(rows, width=width, norm=mean_norm(llm))
 
 
-def training_inputs(cfg, backbone, source: str = "llm", progress: bool = True):
-    """(cached backbone, cached dataset, knowledge or None) of a recipe, as ``train`` takes them."""
-    from sur_lib.data import SURDDataset
-    from ..step_cache import cached_inputs
-
-    knowledge = None
-    if cfg.lambda_llm:
-        rows = SURDDataset(cfg.data_dir, check_images=False).rows
-        knowledge = knowledge_vectors(cfg, rows, source, progress)
-    ds = SURDDataset(cfg.data_dir, resolution=backbone.image_size, knowledge=knowledge)
-    states = common.WORK_DIR / "prompt_states" / f"{Path(cfg.data_dir).name}.safetensors"
-    cached_bb, cached_ds = cached_inputs(backbone, ds, states, progress=progress)
-    return cached_bb, cached_ds, knowledge
-
-
 def adapter_folder(cfg) -> Path:
     return Path(cfg.output_dir) / "adapter-fp16"
 
@@ -118,6 +113,12 @@ def _surd_mini_of(cfg) -> tuple[int, int]:
     data = Path(cfg.data_dir).name
     rows, seed = (int(p[1:]) for p in data.removeprefix("surd-mini-").split("-"))
     return rows, seed
+
+
+def _rows_in(cfg) -> int:
+    from sur_lib.data import SURDDataset
+
+    return len(SURDDataset(cfg.data_dir, check_images=False))
 
 
 def stored_step(cfg, reuse: Path | None, model_digest: str, source: str = "llm") -> Path | None:
@@ -172,35 +173,27 @@ def train_recipe(cfg, backbone, source: str = "llm", info: dict | None = None,
     steps is copied from it instead of trained (see the module docstring)."""
     import json
 
-    from sur_lib.train import train
-
     folder = adapter_folder(cfg)
     meta = folder / "sur_adapter.json"
     if not meta.is_file() and reuse is not None and (step_folder := stored_step(
             cfg, reuse, common.state_digest(backbone.unet), source)) is not None:
         _copy_stored(cfg, step_folder, folder)
     if meta.is_file():
-        knowledge = None
-        if cfg.lambda_llm:
-            from sur_lib.data import SURDDataset
-
-            knowledge = knowledge_vectors(cfg, SURDDataset(cfg.data_dir, check_images=False).rows,
-                                          source, progress)
         stored = json.loads(meta.read_text())
         copied = stored.get("copied_from")
-        return RecipeRun(runs.load_adapter(folder), folder, stored["digest"], cfg, knowledge,
+        return RecipeRun(runs.load_adapter(folder), folder, stored["digest"], cfg,
+                         recipe_knowledge(cfg, source, progress),
                          trained=False, source=source,
                          copied_from=None if copied is None else Path(copied))
-    bb, ds, knowledge = training_inputs(cfg, backbone, source, progress)
-    result = train(cfg, backbone=bb, dataset=ds, knowledge=knowledge)
-    adapter = result.adapter
+    result = runs.train_adapter(cfg, backbone, knowledge=recipe_knowledge(cfg, source, progress),
+                                step_cache=True, progress=progress)
     stored = {k: v for k, v in cfg.to_dict().items() if k not in runs.PATH_KEYS}
-    loaded, digest = runs.save_adapter(adapter, folder, dict(
+    loaded, digest = runs.save_adapter(result.adapter, folder, dict(
         info or {}, knowledge=source, step_cache=True, steps=cfg.max_steps,
-        surd_mini={"rows": len(ds), "dir": Path(cfg.data_dir).name}, train_config=stored))
+        surd_mini={"rows": _rows_in(cfg), "dir": Path(cfg.data_dir).name}, train_config=stored))
     if not keep_checkpoints:
         shutil.rmtree(Path(cfg.output_dir) / "checkpoints", ignore_errors=True)
-    return RecipeRun(loaded, folder, digest, cfg, knowledge, trained=True,
+    return RecipeRun(loaded, folder, digest, cfg, result.knowledge, trained=True,
                      resumed_from=result.resumed_from, source=source)
 
 

@@ -213,7 +213,8 @@ def measure_shares(cfg, backbone, adapter, source: str, batches: int) -> dict:
     from sur_lib.train import build_adapter
 
     cfg_m = dataclasses.replace(cfg, lambda_llm=cfg.lambda_llm or 1.0, lambda_cp=cfg.lambda_cp or 1.0)
-    bb, ds, knowledge = recipes.training_inputs(cfg_m, backbone, source, progress=False)
+    knowledge = recipes.recipe_knowledge(cfg_m, source, progress=False)
+    bb, ds = runs.cached_inputs(cfg_m, backbone, knowledge, progress=False)
     torch.manual_seed(cfg.seed)
     probe = build_adapter(cfg_m, backbone.text_dim, next(iter(knowledge.values())).shape[-1])
     missing, unexpected = probe.load_state_dict(adapter.state_dict(), strict=False)

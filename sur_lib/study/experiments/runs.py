@@ -5,6 +5,10 @@ so an interrupted run resumes and a changed one starts afresh. ``train.LATER_KEY
 ``TrainConfig`` options added after results were stored, with their defaults: an option enters
 the hash only when it is not at its default, so the runs behind the stored results keep their
 folder names (and twins). A new ``TrainConfig`` field goes into ``train.LATER_KEYS``.
+
+``train_adapter`` is the one way an experiment trains an adapter (``sur``, ``ablations``,
+``recipes`` for ``tune`` and ``retest``, ``convergence``, ``channel``); whether it trains on the
+step cache (``cached_inputs``) is each experiment's choice.
 """
 from __future__ import annotations
 
@@ -96,22 +100,73 @@ def twin(done: dict, run: str, **fields) -> dict | None:
     return {**done[name], **fields, "same_as": done[name].get("same_as") or name}
 
 
-def train_adapter(cfg, backbone, progress: bool = True):
-    """Train one adapter with ``sur_lib.train.train`` (knowledge vectors from the cache).
-    Returns (adapter, per-step log without wall times, knowledge statistics or None)."""
+def llm_knowledge(cfg, progress: bool = True) -> dict | None:
+    """``cfg.llm``'s knowledge vectors of SURD-mini's simple prompts (``knowledge_for_config``),
+    or None when ``cfg.lambda_llm`` is 0: the knowledge a run trains with unless its
+    experiment passes other vectors (``recipes.knowledge_vectors``' oracle, channel's teachers)."""
     from sur_lib.data import SURDDataset
+
+    if not cfg.lambda_llm:
+        return None
+    return knowledge_for_config(cfg, SURDDataset(cfg.data_dir, check_images=False).prompts(), progress)
+
+
+def cached_inputs(cfg, backbone, knowledge: dict | None, progress: bool = True):
+    """(backbone, dataset) of ``cfg``'s SURD-mini with the frozen inputs cached
+    (``step_cache.cached_inputs``: text-encoder states, kept in
+    outputs/experiments/prompt_states/<data>.safetensors, and decoded images; the same losses
+    as uncached), as ``train`` and ``gradient_share.measure`` take them."""
+    from sur_lib.data import SURDDataset
+    from ..step_cache import cached_inputs as cached
+
+    ds = SURDDataset(cfg.data_dir, resolution=backbone.image_size, knowledge=knowledge)
+    states = common.WORK_DIR / "prompt_states" / f"{Path(cfg.data_dir).name}.safetensors"
+    return cached(backbone, ds, states, progress=progress)
+
+
+@dataclasses.dataclass
+class Trained:
+    """What ``train_adapter`` returns: the adapter (fp32, as trained), the run's per-step log
+    (without wall times and learning rates), the knowledge vectors it was trained with (None:
+    lambda_LLM = 0) and the checkpoint step training resumed from (0: from scratch)."""
+
+    adapter: torch.nn.Module
+    log: list[dict]
+    knowledge: dict | None
+    resumed_from: int = 0
+
+    @property
+    def knowledge_stats(self) -> dict | None:
+        return knowledge_stats(self.knowledge) if self.knowledge else None
+
+
+def train_adapter(cfg, backbone, *, knowledge: dict | None = None, step_cache: bool = False,
+                  inputs: tuple | None = None, progress: bool = True) -> Trained:
+    """Train one adapter of an experiment: the one place an experiment calls
+    ``sur_lib.train.train`` (a replay of logged steps for ``verify`` is not a run:
+    ``replay_run``, ``ablations.first_step``). Resumes from the run folder's newest checkpoint.
+
+    ``knowledge``: the vectors to train with; None: ``llm_knowledge`` (``cfg.llm``'s, or none
+    when lambda_LLM is 0). ``step_cache``: train on ``cached_inputs`` (recipes, convergence,
+    channel), or on ``inputs`` when given (convergence builds them once for every step); without
+    it ``train`` reads SURD-mini itself, as the stored ``sur`` and ``ablations`` runs were
+    trained (their numbers stay as they are)."""
     from sur_lib.train import train
     from sur_lib.infra.run_state import read_log
 
-    knowledge = None
-    if cfg.lambda_llm:
-        prompts = SURDDataset(cfg.data_dir, check_images=False).prompts()
-        knowledge = knowledge_for_config(cfg, prompts, progress)
-    result = train(cfg, backbone=backbone, knowledge=knowledge)
+    if inputs is not None and not step_cache:
+        raise ValueError("inputs are step-cache inputs: pass step_cache=True with them")
+    if knowledge is None:
+        knowledge = llm_knowledge(cfg, progress)
+    if step_cache:
+        bb, ds = inputs if inputs is not None else cached_inputs(cfg, backbone, knowledge, progress)
+        result = train(cfg, backbone=bb, dataset=ds, knowledge=knowledge)
+    else:
+        result = train(cfg, backbone=backbone, knowledge=knowledge)
     log = [{k: v for k, v in row.items() if k not in ("seconds", "lr")} for row in read_log(cfg.output_dir)]
     for row in log:
         row["step"] = int(row["step"])
-    return result.adapter, log, (knowledge_stats(knowledge) if knowledge else None)
+    return Trained(result.adapter, log, knowledge, result.resumed_from)
 
 
 def save_adapter(adapter, folder: Path, info: dict):

@@ -1,5 +1,5 @@
 """``sur``: build SURD-mini (``toyworld.build_dataset``), SmolLM2 knowledge vectors (a cached
-safetensors file), train the SUR-adapter with ``sur_lib.train.train`` on
+safetensors file), train the SUR-adapter (``runs.train_adapter``: ``sur_lib.train.train``) on
 ``sur_lib/configs/tiny.yaml`` (paper gradient path), store it in ``data/models/sur-adapter-tiny/``
 and compare it with the base model on the held-out simple prompts: per-type accuracy change
 with intervals, a paired test over prompts, image quality (BRISQUE and the clean-render
@@ -54,11 +54,11 @@ def run_sur(exp: SurConfig, backbone=None) -> dict:
         shutil.rmtree(run_root, ignore_errors=True)
     cfg = train_config(budget["overrides"], data_dir, seed, run_root, minfo["unet_digest"], exp.progress)
     t_train = time.time()
-    adapter, log, kstats = train_adapter(cfg, backbone, exp.progress)
+    trained = train_adapter(cfg, backbone, progress=exp.progress)  # no step cache, as stored
     t_train = time.time() - t_train
     adapter_dir = Path(exp.adapter_dir) if exp.adapter_dir else (
         Path(exp.out) / "sur-adapter-quick" if exp.quick else ADAPTER_DIR)
-    adapter, digest = save_adapter(adapter, adapter_dir, {
+    adapter, digest = save_adapter(trained.adapter, adapter_dir, {
         "made_by": "python -m sur_lib.study.experiments sur", "seed": seed, "quick": exp.quick,
         "base_model": minfo,
         "train_config": {k: v for k, v in cfg.to_dict().items() if k not in PATH_KEYS},
@@ -94,7 +94,7 @@ def run_sur(exp: SurConfig, backbone=None) -> dict:
         "surd_mini": {"rows": budget["rows"], "seed": seed, "dir": rel_path(data_dir)},
         "train": {"config": {k: v for k, v in cfg.to_dict().items() if k not in PATH_KEYS},
                   "overrides": budget["overrides"], "steps": cfg.max_steps,
-                  "batch_size": cfg.batch_size, "knowledge": kstats, "log": log},
+                  "batch_size": cfg.batch_size, "knowledge": trained.knowledge_stats, "log": trained.log},
         "adapter": adapter_ref,
         "conditions": conds,
         "summary": {"base": block["base"], "adapter": block["other"],
