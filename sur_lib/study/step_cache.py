@@ -17,7 +17,9 @@ does that work once:
   ``SURDDataset.transform``, so the batches are bit-identical to the uncached ones;
 * ``cached_inputs(backbone, dataset, path)``: both at once, for ``train.train(cfg,
   backbone=..., dataset=...)``. The knowledge vectors are already cached on disk by
-  ``knowledge.cached_knowledge_vectors``.
+  ``knowledge.cached_knowledge_vectors``;
+* ``run_inputs(cfg, backbone, knowledge)``: ``cached_inputs`` for an experiment's run of
+  ``cfg`` (``experiments.runs.train_adapter``'s ``inputs``).
 
 What changes: the images are identical; the token states are the same function of the same
 prompts, but encoded in batches of another size, so the float sums inside the encoder could
@@ -204,6 +206,19 @@ def cached_inputs(backbone: Backbone, dataset, path: str | os.PathLike,
     fields = {f.name: getattr(backbone, f.name) for f in dataclasses.fields(Backbone)}
     cached = CachedTextBackbone(**fields, prompt_states=states.states)
     return cached, DecodedImages(dataset, progress=progress)
+
+
+def run_inputs(cfg, backbone: Backbone, knowledge: dict | None, progress: bool = False):
+    """``cached_inputs`` for an experiment's run of ``cfg`` (``experiments.runs.train_adapter``'s
+    ``inputs``, ``gradient_share.measure``'s): SURD-mini of ``cfg.data_dir`` with ``knowledge``,
+    the prompt states kept in outputs/experiments/prompt_states/<data>.safetensors (~300 MB for
+    SURD-mini's ~4,100 distinct prompts, never committed)."""
+    from ..data import SURDDataset
+    from .experiments import common
+
+    ds = SURDDataset(cfg.data_dir, resolution=backbone.image_size, knowledge=knowledge)
+    states = common.WORK_DIR / "prompt_states" / f"{Path(cfg.data_dir).name}.safetensors"
+    return cached_inputs(backbone, ds, states, progress=progress)
 
 
 # ----------------------------------------------------------------------------- benchmark

@@ -245,9 +245,10 @@ def variant_config(cc: ChannelConfig, variant: str, lam: float | None, model_dig
 def shares_of(cfg, backbone, adapter, knowledge: dict, batches: int) -> dict:
     """Gradient shares of ``adapter`` under ``cfg`` (lambda_LLM 0: measured at 1, reweighted)."""
     from ..gradient_share import measure, reweight
+    from ..step_cache import run_inputs
 
     cfg_m = dataclasses.replace(cfg, lambda_llm=cfg.lambda_llm or 1.0)
-    bb, ds = runs.cached_inputs(cfg_m, backbone, knowledge, progress=False)
+    bb, ds = run_inputs(cfg_m, backbone, knowledge, progress=False)
     raw = measure(cfg_m, bb, ds, adapter, knowledge, batches)
     return {**reweight(raw, cfg.lambda_llm, cfg.lambda_cp), "raw_norm": raw["raw_norm"],
             "loss": raw["loss"], "batches": raw["batches"]}
@@ -293,6 +294,8 @@ def choose_lambda(cc: ChannelConfig, backbone, model_digest: str) -> dict:
 def train_variant(cc: ChannelConfig, variant: str, lam: float, backbone, model_digest: str):
     """Train one variant (``runs.train_adapter`` on the step cache, resuming a stopped run); its
     fp16 adapter and knowledge."""
+    from ..step_cache import run_inputs
+
     cfg = variant_config(cc, variant, lam, model_digest)
     knowledge = None
     if variant != "none":
@@ -301,7 +304,8 @@ def train_variant(cc: ChannelConfig, variant: str, lam: float, backbone, model_d
     if (folder / "sur_adapter.json").is_file():
         meta = json.loads((folder / "sur_adapter.json").read_text())
         return cfg, runs.load_adapter(folder), meta["digest"], knowledge
-    result = runs.train_adapter(cfg, backbone, knowledge=knowledge, step_cache=True, progress=cc.progress)
+    result = runs.train_adapter(cfg, backbone, knowledge=knowledge, progress=cc.progress,
+                                inputs=run_inputs(cfg, backbone, knowledge, cc.progress))
     stored = {k: v for k, v in cfg.to_dict().items() if k not in runs.PATH_KEYS}
     adapter, digest = runs.save_adapter(result.adapter, folder, dict(
         made_by="python -m sur_lib.study.experiments channel", variant=variant, steps=cfg.max_steps,

@@ -141,6 +141,7 @@ def run_training(cc: ConvergenceConfig, backbone, minfo: dict, deadline: jobs.De
     """Train to every step of ``eval_steps`` in turn (``runs.train_adapter`` on the step cache;
     each call resumes from the last checkpoint) and store the adapter of each as fp16 in ``adapters/step-N``. Returns the
     steps whose adapters exist."""
+    from ..step_cache import run_inputs
     from sur_lib.train import build_adapter
 
     data_dir = runs.surd_mini(cc.rows, cc.seed, cc.progress)
@@ -162,9 +163,7 @@ def run_training(cc: ConvergenceConfig, backbone, minfo: dict, deadline: jobs.De
     if not todo:
         return done
     knowledge = runs.llm_knowledge(cfg0, cc.progress)
-    # built once for every step; the prompt states (~300 MB for SURD-mini's ~4,100 distinct
-    # prompts) are kept under outputs/, never committed
-    inputs = runs.cached_inputs(cfg0, backbone, knowledge, cc.progress)
+    inputs = run_inputs(cfg0, backbone, knowledge, cc.progress)  # built once for every step
     info = {"made_by": "python -m sur_lib.study.experiments convergence", "seed": cc.seed,
             "base_model": minfo, "surd_mini": {"rows": cc.rows, "seed": cc.seed},
             "step_cache": True}
@@ -177,8 +176,8 @@ def run_training(cc: ConvergenceConfig, backbone, minfo: dict, deadline: jobs.De
             adapter = build_adapter(cfg0, backbone.text_dim, llm_dim)
         else:
             cfg = _train_cfg(cc, data_dir, minfo["unet_digest"], step)
-            adapter = runs.train_adapter(cfg, backbone, knowledge=knowledge, step_cache=True,
-                                         inputs=inputs, progress=cc.progress).adapter
+            adapter = runs.train_adapter(cfg, backbone, knowledge=knowledge, inputs=inputs,
+                                         progress=cc.progress).adapter
         runs.save_adapter(adapter, adapter_dir(cc, step),
                         dict(info, step=step, train_config={
                             k: v for k, v in cfg0.to_dict().items() if k not in runs.PATH_KEYS

@@ -2,8 +2,8 @@
 
 A *recipe* is ``tiny.yaml`` plus a dict of ``TrainConfig`` overrides, trained for ``steps``
 steps on SURD-mini with ``rows`` rows (``runs.surd_mini``), with the frozen inputs cached
-(``runs.cached_inputs``: text-encoder states and decoded images; the same losses as
-uncached). ``train_recipe`` trains it (``runs.train_adapter`` with ``step_cache``) in a run
+(``step_cache.run_inputs``: text-encoder states and decoded images; the same losses as
+uncached). ``train_recipe`` trains it (``runs.train_adapter`` on those inputs) in a run
 folder named by the hash of everything that decides the result (``runs.train_config``), resumes an interrupted run from its newest
 checkpoint, and stores the final adapter as fp16 (``runs.save_adapter``) in
 ``<run>/adapter-fp16``; a recipe whose adapter is stored is loaded, not retrained. The
@@ -185,8 +185,11 @@ def train_recipe(cfg, backbone, source: str = "llm", info: dict | None = None,
                          recipe_knowledge(cfg, source, progress),
                          trained=False, source=source,
                          copied_from=None if copied is None else Path(copied))
-    result = runs.train_adapter(cfg, backbone, knowledge=recipe_knowledge(cfg, source, progress),
-                                step_cache=True, progress=progress)
+    from ..step_cache import run_inputs
+
+    knowledge = recipe_knowledge(cfg, source, progress)
+    result = runs.train_adapter(cfg, backbone, knowledge=knowledge, progress=progress,
+                                inputs=run_inputs(cfg, backbone, knowledge, progress))
     stored = {k: v for k, v in cfg.to_dict().items() if k not in runs.PATH_KEYS}
     loaded, digest = runs.save_adapter(result.adapter, folder, dict(
         info or {}, knowledge=source, step_cache=True, steps=cfg.max_steps,

@@ -210,11 +210,12 @@ def measure_shares(cfg, backbone, adapter, source: str, batches: int) -> dict:
     is measured with its lambda set to 1 when ``cfg``'s is 0 (an adapter without W0 gets the
     fixed W0 of ``w0_seed``), then reweighted to ``cfg``'s lambdas."""
     from ..gradient_share import measure, reweight
+    from ..step_cache import run_inputs
     from sur_lib.train import build_adapter
 
     cfg_m = dataclasses.replace(cfg, lambda_llm=cfg.lambda_llm or 1.0, lambda_cp=cfg.lambda_cp or 1.0)
     knowledge = recipes.recipe_knowledge(cfg_m, source, progress=False)
-    bb, ds = runs.cached_inputs(cfg_m, backbone, knowledge, progress=False)
+    bb, ds = run_inputs(cfg_m, backbone, knowledge, progress=False)
     torch.manual_seed(cfg.seed)
     probe = build_adapter(cfg_m, backbone.text_dim, next(iter(knowledge.values())).shape[-1])
     missing, unexpected = probe.load_state_dict(adapter.state_dict(), strict=False)

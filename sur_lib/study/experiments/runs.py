@@ -8,7 +8,7 @@ folder names (and twins). A new ``TrainConfig`` field goes into ``train.LATER_KE
 
 ``train_adapter`` is the one way an experiment trains an adapter (``sur``, ``ablations``,
 ``recipes`` for ``tune`` and ``retest``, ``convergence``, ``channel``); whether it trains on the
-step cache (``cached_inputs``) is each experiment's choice.
+step cache (``step_cache.run_inputs``) is each experiment's choice.
 """
 from __future__ import annotations
 
@@ -111,19 +111,6 @@ def llm_knowledge(cfg, progress: bool = True) -> dict | None:
     return knowledge_for_config(cfg, SURDDataset(cfg.data_dir, check_images=False).prompts(), progress)
 
 
-def cached_inputs(cfg, backbone, knowledge: dict | None, progress: bool = True):
-    """(backbone, dataset) of ``cfg``'s SURD-mini with the frozen inputs cached
-    (``step_cache.cached_inputs``: text-encoder states, kept in
-    outputs/experiments/prompt_states/<data>.safetensors, and decoded images; the same losses
-    as uncached), as ``train`` and ``gradient_share.measure`` take them."""
-    from sur_lib.data import SURDDataset
-    from ..step_cache import cached_inputs as cached
-
-    ds = SURDDataset(cfg.data_dir, resolution=backbone.image_size, knowledge=knowledge)
-    states = common.WORK_DIR / "prompt_states" / f"{Path(cfg.data_dir).name}.safetensors"
-    return cached(backbone, ds, states, progress=progress)
-
-
 @dataclasses.dataclass
 class Trained:
     """What ``train_adapter`` returns: the adapter (fp32, as trained), the run's per-step log
@@ -140,26 +127,27 @@ class Trained:
         return knowledge_stats(self.knowledge) if self.knowledge else None
 
 
-def train_adapter(cfg, backbone, *, knowledge: dict | None = None, step_cache: bool = False,
-                  inputs: tuple | None = None, progress: bool = True) -> Trained:
+def train_adapter(cfg, backbone, *, knowledge: dict | None = None, inputs: tuple | None = None,
+                  progress: bool = True) -> Trained:
     """Train one adapter of an experiment: the one place an experiment calls
     ``sur_lib.train.train`` (a replay of logged steps for ``verify`` is not a run:
     ``replay_run``, ``ablations.first_step``). Resumes from the run folder's newest checkpoint.
 
     ``knowledge``: the vectors to train with; None: ``llm_knowledge`` (``cfg.llm``'s, or none
-    when lambda_LLM is 0). ``step_cache``: train on ``cached_inputs`` (recipes, convergence,
-    channel), or on ``inputs`` when given (convergence builds them once for every step); without
-    it ``train`` reads SURD-mini itself, as the stored ``sur`` and ``ablations`` runs were
-    trained (their numbers stay as they are)."""
+    when lambda_LLM is 0). ``inputs``: the step cache, (backbone, dataset) from
+    ``step_cache.run_inputs`` with the same ``knowledge`` (recipes, convergence, channel; the
+    same losses as uncached); None: ``train`` reads SURD-mini itself, as the stored ``sur`` and
+    ``ablations`` runs were trained (their numbers stay as they are). Whether a run uses the
+    step cache is its experiment's choice."""
     from sur_lib.train import train
     from sur_lib.infra.run_state import read_log
 
-    if inputs is not None and not step_cache:
-        raise ValueError("inputs are step-cache inputs: pass step_cache=True with them")
     if knowledge is None:
+        if inputs is not None and cfg.lambda_llm:
+            raise ValueError("pass the knowledge the step-cache inputs were built with")
         knowledge = llm_knowledge(cfg, progress)
-    if step_cache:
-        bb, ds = inputs if inputs is not None else cached_inputs(cfg, backbone, knowledge, progress)
+    if inputs is not None:
+        bb, ds = inputs
         result = train(cfg, backbone=bb, dataset=ds, knowledge=knowledge)
     else:
         result = train(cfg, backbone=backbone, knowledge=knowledge)
