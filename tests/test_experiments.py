@@ -290,6 +290,52 @@ def test_ablations_resume_per_variant(model, tmp_path, monkeypatch):
     assert doc["variants"]["no_llm"]["vs_reference"]["overall"]["diff"] == 0.0
     assert [r["step"] for r in doc["variants"]["no_cp"]["log"]] == [1, 2, 3]
     assert doc["verify"]["variant"] == "no_llm"
+    # a partial file made with other settings is not resumed; --fresh drops a matching one
+    ppath = tmp_path / "ablations-quick.partial.json"
+    for other, extra in ((dict(partial, settings=dict(partial["settings"], seed=99)), []),
+                         (partial, ["--fresh"])):
+        ppath.write_text(json.dumps(other))
+        n_before = len(calls)
+        assert _run(argv + extra, model) == 0
+        assert calls[n_before:] == [(1e-5, 1e-5), (0.0, 1e-5), (1e-5, 0.0)]  # reference trained again
+        assert not ppath.exists()
+
+
+def test_ablations_take_over_a_variant_another_job_left(model, tmp_path, monkeypatch):
+    """The ablations run their variants through retest's loop (``runs.variant_unit``,
+    ``jobs.run_units``): a variant whose run folder another job holds is left to it, and once
+    that job is gone without storing it (killed), this job trains it; a twin (eta 0.1 is
+    tiny.yaml's) takes the reference's numbers through the same helper."""
+    from sur_lib.study.experiments import jobs
+
+    monkeypatch.setattr(common, "WORK_DIR", tmp_path / "work")
+    folder, backbone = model
+    budget = ablations._ablation_budget(ablations.AblationsConfig(quick=True))
+    digest = common.model_info(backbone, str(folder))["unet_digest"]
+    data = tmp_path / f"surd-mini-n{budget['rows']}-s0"
+    no_llm = Path(ex.train_config({**budget["overrides"], "lambda_llm": 0.0}, data, 0, tmp_path,
+                                  digest, False).output_dir).name
+    other_job = jobs.claim(tmp_path / "ablations-quick.partial.json", f"run-{no_llm}")
+    assert other_job is not None
+    calls = []
+
+    def fake_train(cfg, backbone, progress=True, **kw):
+        calls.append((cfg.lambda_llm, cfg.lambda_cp))
+        if cfg.lambda_cp == 0.0:  # while no_cp trains, the job that held no_llm dies
+            other_job.close()
+        return _fake_trained(cfg)
+
+    monkeypatch.setattr(ablations, "train_adapter", fake_train)
+    monkeypatch.setattr(ablations, "_evaluate_variant", _fake_eval)
+    argv = ["ablations", *COMMON, "--out", str(tmp_path), "--only", "no_llm,no_cp,eta_0.1"]
+    assert _run(argv, model) == 0
+    assert calls == [(1e-5, 1e-5), (1e-5, 0.0), (0.0, 1e-5)]  # no_llm last: it was held
+    doc = json.loads((tmp_path / "ablations-quick.json").read_text())
+    assert list(doc["variants"]) == ["reference", "no_llm", "no_cp", "eta_0.1"]
+    assert doc["variants"]["no_llm"]["run"] == no_llm
+    assert doc["variants"]["eta_0.1"]["same_as"] == "reference"
+    assert doc["variants"]["eta_0.1"]["run"] == doc["variants"]["reference"]["run"]
+    assert not (tmp_path / "ablations-quick.partial.json").exists()
 
 
 def test_run_folders_keep_their_names_when_options_are_added(tmp_path):

@@ -3,7 +3,8 @@
 its first token), the LLM size (SmolLM2 135M vs Gemma 3 270M) and the authors' batch_first bug,
 each a config override of the same training code, with a smaller budget than ``sur`` (stated
 in the JSON). Resumable: finished variants are kept in ``ablations.partial.json`` and skipped
-on the next run."""
+on the next run; the variants run through the loop ``retest`` uses (``runs.variant_unit``,
+``jobs.run_units``)."""
 from __future__ import annotations
 
 import json
@@ -15,13 +16,13 @@ from pathlib import Path
 from ..statistics import compare, summarize
 from sur_lib.infra.fileio import clean_json, write_json
 from .inputs import record_inputs
-from . import common
+from . import common, jobs
 from .common import (ABLATION_IMAGES, ABLATION_STEPS, QUICK, SURD_MINI_ROWS,
                      TrainingExperimentConfig, header, judge_info, load_base, model_info,
                      result_path)
 from .checks import VERIFY_TRAIN_STEPS, loss_checks
 from .images import evaluate_condition, make_pipe
-from .runs import replay_inputs, replay_run, surd_mini, train_adapter, train_config, twin
+from .runs import replay_inputs, replay_run, surd_mini, train_adapter, train_config, variant_unit
 
 
 @dataclass
@@ -70,7 +71,11 @@ def _evaluate_variant(backbone, adapter, specs, n_img, seed, gen, pipe, progress
 
 def run_ablations(exp: AblationsConfig, backbone=None) -> dict:
     """Train and evaluate every variant, saving after each one; resumes from
-    ``ablations.partial.json`` when its settings match (``--fresh`` starts over)."""
+    ``ablations.partial.json`` when its settings match (``--fresh`` starts over). The variants
+    are ``runs.variant_unit``s run by ``jobs.run_units``, as ``retest``'s: a variant is claimed
+    by its run folder, so two jobs may share the list (one waits for a folder the other holds,
+    and takes it over if that job was killed), and a variant whose resolved config equals a
+    finished one's takes its numbers (``runs.twin``)."""
     import yaml
 
     t0 = time.time()
@@ -81,23 +86,16 @@ def run_ablations(exp: AblationsConfig, backbone=None) -> dict:
     specs = exp.test_specs()
     only = [s for s in (exp.only or "").split(",") if s]
     variants = [v for v in ablation_variants() if not only or v["name"] in only or v["name"] == "reference"]
-    settings = {"seed": seed, "quick": exp.quick, "budget": budget, "generation": gen.to_dict(),
-                "model_digest": minfo["unet_digest"], "prompts": [s["id"] for s in specs],
-                "tiny_yaml": yaml.safe_load(Path(common.TINY_CONFIG).read_text())}
+    settings = clean_json({"seed": seed, "quick": exp.quick, "budget": budget, "generation": gen.to_dict(),
+                           "model_digest": minfo["unet_digest"], "prompts": [s["id"] for s in specs],
+                           "tiny_yaml": yaml.safe_load(Path(common.TINY_CONFIG).read_text())})
     final = result_path(exp.out, "ablations", exp.quick)
-    partial = final.with_name(final.stem + ".partial.json")
-    done: dict[str, dict] = {}
-    if partial.is_file() and not exp.fresh:
-        old = json.loads(partial.read_text())
-        if old.get("settings") == clean_json(settings):
-            done = old.get("variants", {})
-            print(f"resuming ablations from {partial}: {len(done)} variant(s) done "
-                  f"({', '.join(done)})", flush=True)
-        else:
-            print(f"{partial} was made with other settings: starting over", flush=True)
+    ppath = final.with_name(final.stem + ".partial.json")
     data_dir = surd_mini(budget["rows"], seed, exp.progress)
     run_root = common.WORK_DIR / ("ablations-quick" if exp.quick else "ablations")
     if exp.fresh:
+        with jobs.locked(ppath):
+            ppath.unlink(missing_ok=True)
         shutil.rmtree(run_root, ignore_errors=True)
     pipe = make_pipe(backbone, gen)
     doc = header("ablations", exp)
@@ -107,33 +105,49 @@ def run_ablations(exp: AblationsConfig, backbone=None) -> dict:
                          f"training steps (sur uses tiny.yaml's max_steps), {budget['images']} "
                          "images per held-out simple prompt"),
                 "surd_mini": {"rows": budget["rows"], "seed": seed}})
-    for var in variants:
-        name = var["name"]
-        if name in done:
-            continue
-        cfg = train_config({**budget["overrides"], **var["overrides"]}, data_dir, seed, run_root,
-                           minfo["unet_digest"], exp.progress)
-        same = twin(done, Path(cfg.output_dir).name, group=var["group"], overrides=var["overrides"])
-        if same is not None:  # same resolved config as a finished variant: same numbers
-            done[name] = same
-        else:
+    done: dict[str, dict] = {}
+    partial = {**doc, "complete": False, "variants": done}
+
+    def sync():  # what another job (or an earlier one) has written (call under jobs.locked)
+        jobs.merge(partial, ppath, ("variants",))
+
+    with jobs.locked(ppath):
+        old = jobs.read(ppath)
+        sync()
+    if done:
+        print(f"resuming ablations from {ppath}: {len(done)} variant(s) done ({', '.join(done)})", flush=True)
+    elif old and old.get("settings") != settings:
+        print(f"{ppath} was made with other settings: starting over", flush=True)
+
+    def train_and_judge(var, cfg):
+        def work():
             tv = time.time()
-            print(f"ablation {name}: {var['overrides'] or 'tiny.yaml as is'}", flush=True)
+            print(f"ablation {var['name']}: {var['overrides'] or 'tiny.yaml as is'}", flush=True)
             trained = train_adapter(cfg, backbone, progress=exp.progress)  # no step cache, as stored
-            adapter, log, kstats = trained.adapter, trained.log, trained.knowledge_stats
-            recs = _evaluate_variant(backbone, adapter, specs, budget["images"], seed, gen, pipe,
-                                     exp.progress, cache=exp.cache_dir())
+            recs = _evaluate_variant(backbone, trained.adapter, specs, budget["images"], seed, gen,
+                                     pipe, exp.progress, cache=exp.cache_dir())
             # resuming is per variant from here on: drop the optimizer checkpoints (~100 MB)
             shutil.rmtree(Path(cfg.output_dir) / "checkpoints", ignore_errors=True)
-            done[name] = {"group": var["group"], "overrides": var["overrides"],
-                          "run": Path(cfg.output_dir).name, "steps": cfg.max_steps,
-                          "config": {k: getattr(cfg, k) for k in (
-                              "eta", "g_init", "gradient_path", "lambda_llm", "lambda_cp", "llm",
-                              "llm_layer", "llm_drop_first", "official_adapter", "batch_size",
-                              "learning_rate")},
-                          "knowledge": kstats, "log": log, "records": recs,
-                          "summary": summarize(recs), "timings": {"seconds": round(time.time() - tv, 1)}}
-        write_json({**doc, "complete": False, "variants": done}, partial)
+            return {"group": var["group"], "overrides": var["overrides"],
+                    "run": Path(cfg.output_dir).name, "steps": cfg.max_steps,
+                    "config": {k: getattr(cfg, k) for k in CONFIG_KEYS},
+                    "knowledge": trained.knowledge_stats, "log": trained.log, "records": recs,
+                    "summary": summarize(recs), "timings": {"seconds": round(time.time() - tv, 1)}}
+        return work
+
+    def units():
+        for var in variants:
+            cfg = train_config({**budget["overrides"], **var["overrides"]}, data_dir, seed, run_root,
+                               minfo["unet_digest"], exp.progress)
+            yield variant_unit(var["name"], cfg, done, train_and_judge(var, cfg),
+                               group=var["group"], overrides=var["overrides"])
+
+    jobs.run_units(partial, ppath, sync, units, jobs.Deadline(None), wait=True)
+    missing = [v["name"] for v in variants if v["name"] not in done]
+    if missing:  # not expected: run_units waits for the variants other jobs hold
+        raise RuntimeError(f"ablations: variants not done: {', '.join(missing)}; run again to go on")
+    order = [v["name"] for v in variants]  # then those of an earlier --only, as they were
+    done = {**{n: done[n] for n in order}, **{n: r for n, r in done.items() if n not in order}}
     ref = done["reference"]["records"]
     for name, res in done.items():
         res["vs_reference"] = compare(ref, res["records"]) if name != "reference" else None
@@ -146,8 +160,12 @@ def run_ablations(exp: AblationsConfig, backbone=None) -> dict:
                 "verify": {"variant": verify_variant, "steps": VERIFY_TRAIN_STEPS},
                 "wall_time_s": round(time.time() - t0, 1)})
     write_json(record_inputs(doc), final)
-    partial.unlink(missing_ok=True)
+    ppath.unlink(missing_ok=True)
     return doc
+
+
+CONFIG_KEYS = ("eta", "g_init", "gradient_path", "lambda_llm", "lambda_cp", "llm", "llm_layer",
+               "llm_drop_first", "official_adapter", "batch_size", "learning_rate")  # a variant's "config"
 
 
 TEACHER_KEYS = ("llm", "llm_layer", "llm_include_bos", "llm_drop_first")  # what the knowledge cache depends on

@@ -25,7 +25,8 @@ Who uses it: ``convergence`` (its evaluation units; no waiting: a unit another j
 whose adapter the training job has not stored yet, is left for a later run), ``tune`` (the
 configurations and the final units, no waiting; a final unit waits for the claim on its
 recipe's training), ``retest`` (the strong lambdas, the variants and the base units, with
-waiting) and ``channel`` (its lambda, waited for, then its units). The lock and claim files
+waiting), ``ablations`` (its variants, with waiting; a variant of either is a
+``runs.variant_unit``) and ``channel`` (its lambda, waited for, then its units). The lock and claim files
 sit beside the partial file (``<file>.lock``, ``<file>.claims/``) and are not committed; the
 partial files' contents are each experiment's own.
 """

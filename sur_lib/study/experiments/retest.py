@@ -35,6 +35,7 @@ complex prompts on the same prompts and seeds: from ``convergence.json`` when it
 else drawn). Resumable: finished variants are kept in ``retest.partial.json`` and skipped.
 Two jobs may run side by side (``jobs.run_units``): each unit (the strong lambdas, a variant's
 run folder, a base condition) is claimed, and a job waits on the claim of a unit the other holds.
+A variant is a ``runs.variant_unit`` (the loop ``ablations`` uses too).
 
 Budget: 9 variants x (N steps x ~1.6 s + 45 x 8 + 150 x 4 images x ~1 s); at N = 2000 about
 9 x 66 min ~ 10 CPU hours (1 thread beside another job). With ``--recipe paper`` at a step the
@@ -262,9 +263,6 @@ def run_retest(rc: RetestConfig, backbone=None, convergence_file: Path | None = 
     def sync():  # what the other job has written (call under jobs.locked)
         jobs.merge(partial, ppath, ("variants",), ("lambdas", *base_units))
 
-    def run_claim(cfg):  # one job trains a run folder at a time (twin variants share one)
-        return f"run-{Path(cfg.output_dir).name}"
-
     def lambdas():  # the recipe first: its gradient shares choose the strong lambdas
         cfg = config(base, "llm")
         rr = recipes.train_recipe(cfg, backbone, info=info, progress=rc.progress, reuse=reuse)
@@ -276,13 +274,9 @@ def run_retest(rc: RetestConfig, backbone=None, convergence_file: Path | None = 
                     "strong_llm": _reweighted(shares, llm, cfg.lambda_cp),
                     "strong_cp": _reweighted(shares, cfg.lambda_llm, cp)}}
 
-    def variant(var, over, source, cfg):
+    def train_and_judge(var, over, source, cfg, run):
         def work():
             tv = time.time()
-            run = rel_path(Path(cfg.output_dir))
-            same = runs.twin(done, run, overrides=over)
-            if same is not None:  # the same resolved config as a finished variant: the same numbers
-                return same
             rr = recipes.train_recipe(cfg, backbone, source, info=info, progress=rc.progress,
                                       reuse=reuse)
             res = {"overrides": over, "knowledge": source, "config": recipes.config_summary(cfg),
@@ -310,14 +304,17 @@ def run_retest(rc: RetestConfig, backbone=None, convergence_file: Path | None = 
         return work
 
     def units():  # listed again on each pass: the strong variants once the lambdas are in
-        yield jobs.Unit("lambdas", lambdas, partial, claim=run_claim(config(base, "llm")))
+        # the recipe trains first, under its run folder's claim (as the variant recipe)
+        yield jobs.Unit("lambdas", lambdas, partial, claim=runs.run_claim(config(base, "llm")))
         lam = partial.get("lambdas") or {}
         for var, (over, source) in variant_overrides(base, lam.get("strong_llm"),
                                                      lam.get("strong_cp")).items():
             if var in done or None in over.values():  # None: needs the strong lambdas
                 continue
             cfg = config(over, source)
-            yield jobs.Unit(var, variant(var, over, source, cfg), done, claim=run_claim(cfg))
+            run = rel_path(Path(cfg.output_dir))
+            yield runs.variant_unit(var, cfg, done, train_and_judge(var, over, source, cfg, run),
+                                    run=run, overrides=over)
         yield from (jobs.Unit(key, drawn(key), partial) for key in base_units)
 
     # two jobs share the variants; a job waits for what the other holds (and takes it over if

@@ -8,7 +8,8 @@ folder names (and twins). A new ``TrainConfig`` field goes into ``train.LATER_KE
 
 ``train_adapter`` is the one way an experiment trains an adapter (``sur``, ``ablations``,
 ``recipes`` for ``tune`` and ``retest``, ``convergence``, ``channel``); whether it trains on the
-step cache (``step_cache.run_inputs``) is each experiment's choice.
+step cache (``step_cache.run_inputs``) is each experiment's choice. ``variant_unit`` is one variant of
+the variant loops of ``ablations`` and ``retest`` (``jobs.run_units``, the ``twin`` rule).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -93,7 +94,7 @@ def twin(done: dict, run: str, **fields) -> dict | None:
     was trained there (the same resolved config, e.g. eta = 0.1 when tiny.yaml says 0.1, or a
     strong lambda equal to the recipe's): that variant's result with ``fields`` and ``same_as``
     (the first of the twins); None when no finished variant was. The variant loops of
-    ``ablations`` and ``retest`` share this rule."""
+    ``ablations`` and ``retest`` share this rule through ``variant_unit``."""
     name = next((n for n, r in done.items() if r.get("run") == run), None)
     if name is None:
         return None
@@ -155,6 +156,31 @@ def train_adapter(cfg, backbone, *, knowledge: dict | None = None, inputs: tuple
     for row in log:
         row["step"] = int(row["step"])
     return Trained(result.adapter, log, knowledge, result.resumed_from)
+
+
+def variant_unit(name: str, cfg, done: dict, work: Callable[[], dict], run: str | None = None,
+                 **fields):
+    """One variant of a variant loop (``ablations``, ``retest``) as a ``jobs.Unit`` for
+    ``jobs.run_units``: stored as ``done[name]``, claimed by its run folder (``run-<hash>``:
+    twin variants share a claim, so one job trains a folder at a time, and a job waits for a
+    folder another job holds and takes it over if that job was killed). Its work: the ``twin``
+    result (with ``fields``) when a finished variant of ``done`` was trained in the same run
+    folder, else ``work()``, the experiment's own training and judging. ``run``: the run as the
+    results name it (default: the run folder's name)."""
+    from . import jobs
+
+    run = Path(cfg.output_dir).name if run is None else run
+
+    def unit_work():
+        same = twin(done, run, **fields)
+        return same if same is not None else work()
+
+    return jobs.Unit(name, unit_work, done, claim=run_claim(cfg))
+
+
+def run_claim(cfg) -> str:
+    """The ``jobs`` claim of ``cfg``'s run folder, ``run-<hash>``: one job trains it at a time."""
+    return f"run-{Path(cfg.output_dir).name}"
 
 
 def save_adapter(adapter, folder: Path, info: dict):
