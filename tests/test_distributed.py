@@ -95,4 +95,4 @@ def test_two_processes_train_as_one_with_accumulation(world, tmp_path, official)
                                [[r[k] for k in terms] for r in read_log(tmp_path / "one")], rtol=1e-4)
     a, b = saved.state_dict(), one.adapter.state_dict()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")

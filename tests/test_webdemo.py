@@ -198,6 +198,8 @@ def test_cli_rejects_bad_arguments(capsys):
         webdemo.main(["export", "/tmp/never-written", "--steps", "7"])
     with pytest.raises(UsageError, match="--tolerance"):
         webdemo.main(["export", "/tmp/never-written", "--tolerance", "-1"])
+    with pytest.raises(UsageError, match="give OUT_DIR"):
+        webdemo.main(["export"])
 
 
 # --------------------------------------------------------------------------- the export
@@ -438,3 +440,63 @@ def test_book_hook_skips_builds_without_the_demo(tmp_path):
     App.config.sur_demo_export = False
     sur_book_html._demo_files(App, None)  # switched off: nothing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.html"]
+
+
+def test_book_hook_starts_the_export_beside_the_chapters_and_waits_for_it(tmp_path, monkeypatch):
+    """With the demo page in the book and no cached export, the build starts
+    ``webdemo export --cached`` in its own process (one torch thread) as it begins, and waits
+    for it when it has finished; a failed build kills it; a cached export starts nothing."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "book" / "_ext"))
+    try:
+        import sur_book_html
+    finally:
+        sys.path.pop(0)
+    started = []
+
+    class Proc:
+        killed = waited = False
+
+        def __init__(self, argv, env, **kw):
+            self.argv, self.env = argv, env
+            started.append(self)
+
+        def kill(self):
+            self.killed = True
+
+        def wait(self):
+            self.waited = True
+            return 0
+
+    monkeypatch.setattr(sur_book_html.subprocess, "Popen", Proc)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "demo.md").write_text("# demo")
+
+    def app(cached, failing=False):
+        monkeypatch.setattr(webdemo, "is_cached", lambda: cached)
+
+        class App:
+            srcdir, outdir, doctreedir = tmp_path / "src", tmp_path / "html", tmp_path / "build" / ".doctrees"
+
+            class builder:
+                format = "html"
+
+            class config:
+                sur_demo_export = True
+
+        sur_book_html._start_demo_export(App)
+        return App
+
+    a = app(cached=True)
+    assert a.sur_demo_export_proc is None and not started
+    a = app(cached=False)
+    (proc,) = started
+    assert proc.argv[1:] == ["-m", "sur_lib.study.webdemo", "export", "--cached"]
+    assert proc.env["OMP_NUM_THREADS"] == "1"
+    sur_book_html._demo_files(a, RuntimeError("build failed"))
+    assert proc.killed and not proc.waited
+    a = app(cached=False)
+    sur_book_html._demo_files(a, None)  # no demo.html in this build: waited for, nothing else
+    assert started[1].waited and not started[1].killed
+    assert not (tmp_path / "html").exists()

@@ -14,9 +14,16 @@
    files made from ``data/models`` and the installed packages; an export of the same inputs
    is reused from the sur_lib cache), and ONNX Runtime's wasm is gzipped next to the vendored
    one (``demo/ort-wasm-simd.wasm.gz``). Nothing of this is committed. ``sur_demo_export =
-   False`` (Sphinx config) skips it.
+   False`` (Sphinx config) skips it. When the cache lacks the export (a fresh machine: about
+   2.5 minutes on one core), it is started in a process of its own as the build begins
+   (``python -m sur_lib.study.webdemo export --cached``, one torch thread), so it runs beside
+   the chapters' execution instead of after it; the build waits for it when it has finished.
 """
+import os
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 _COLAB = re.compile(r"^(https://colab\.research\.google\.com/github/[^/]+/[^/]+/blob/)"
@@ -45,17 +52,46 @@ def _drop_unused_thebe(app, pagename, templatename, context, doctree):
     context["script_files"] = [js for js in context["script_files"] if not thebe(js)]
 
 
-def _demo_files(app, exception):
-    if exception is not None or app.builder.format != "html" or not app.config.sur_demo_export:
+def _start_demo_export(app):
+    """Fill the export cache in a background process while the chapters execute (only when the
+    book has the demo page and the cache lacks this export)."""
+    app.sur_demo_export_proc = None
+    if (app.builder.format != "html" or not app.config.sur_demo_export
+            or not (Path(app.srcdir) / "demo.md").is_file()):
         return
-    out = Path(app.outdir)
-    if not (out / "demo.html").is_file():  # the demo page is not part of this build
+    from sur_lib.study import webdemo
+
+    if webdemo.is_cached():
+        return
+    log_file = Path(app.doctreedir).parent / "sur-demo-export.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(log_file, "wb") as f:
+        app.sur_demo_export_proc = (subprocess.Popen(
+            [sys.executable, "-m", "sur_lib.study.webdemo", "export", "--cached"],
+            stdout=f, stderr=subprocess.STDOUT, env=env), log_file, time.time())
+
+
+def _demo_files(app, exception):
+    started = getattr(app, "sur_demo_export_proc", None)
+    if exception is not None or app.builder.format != "html" or not app.config.sur_demo_export:
+        if started is not None:
+            started[0].kill()
         return
     from sphinx.util import logging
 
+    log = logging.getLogger(__name__)
+    if started is not None:  # the export begun beside the chapters: wait for it
+        proc, log_file, t0 = started
+        rc = proc.wait()
+        log.info(f"browser demo: background export ended (exit status {rc}) {time.time() - t0:.0f} s "
+                 f"after it started; its output is in {log_file}")
+        # a failed export is done again below, in this process, so that its error fails the build
+    out = Path(app.outdir)
+    if not (out / "demo.html").is_file():  # the demo page is not part of this build
+        return
     from sur_lib.study import webdemo
 
-    log = logging.getLogger(__name__)
     webdemo.write_wasm_gz(out / "demo")
     webdemo.export_cached(out / "demo" / "models", log=log.info)
     log.info(f"browser demo: model files in {out / 'demo' / 'models'}")
@@ -64,6 +100,7 @@ def _demo_files(app, exception):
 def setup(app):
     app.add_config_value("colab_branch", "notebooks", "html")
     app.add_config_value("sur_demo_export", True, "html")
+    app.connect("builder-inited", _start_demo_export)
     app.connect("build-finished", _demo_files)
     # after sphinx-book-theme's add_launch_buttons (priority 501), which sets use_thebe
     app.connect("html-page-context", _colab_to_ipynb, priority=600)

