@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .infra import extract
+from .infra.fileio import file_lock
 from .infra.knowledge_files import (KnowledgeError, add_vectors, cache_meta, check_prompts, load_model_for,
                                     nearest_prompt, read_cache, refuse_near_misses, save_cache)
 from .infra.llms import decoder_layers, tokenizer_adds_bos
@@ -178,7 +179,9 @@ def cached_knowledge_vectors(
     for vectors of another layer/model from the same file is an error (use another file).
     ``layer`` is compared as written: -1 and 29 are different keys. ``drop_first`` is recorded
     only when set; ``batch_size`` always (1, the default, makes the file's contents independent
-    of which prompts were asked for together). Returns {prompt: vector}.
+    of which prompts were asked for together). Processes that extend the same file take turns
+    (``infra.fileio.file_lock``): the later one reads what the earlier one added. Returns
+    {prompt: vector}.
     """
     prompts = list(dict.fromkeys(check_prompts(prompts)))  # drop repeats, keep the order
     wanted_meta = cache_meta(meta, layer, include_bos, drop_first, batch_size)
@@ -186,11 +189,17 @@ def cached_knowledge_vectors(
     missing = [p for p in prompts if p not in known]
     refuse_near_misses(path, missing, known)
     if missing:
-        model, tokenizer = load_model_for(model_loader, path, missing)
-        new = knowledge_vectors(model, tokenizer, missing, layer, include_bos, batch_size, progress,
-                                drop_first=drop_first)
-        add_vectors(known, missing, new, path)
-        save_cache(path, known, wanted_meta)
+        # one process at a time extends the file: another one computing vectors of it is waited
+        # for and its vectors read, not computed again (nor lost by two rewrites of the file)
+        with file_lock(path):
+            known = read_cache(Path(path), wanted_meta, prompts)
+            missing = [p for p in prompts if p not in known]
+            if missing:
+                model, tokenizer = load_model_for(model_loader, path, missing)
+                new = knowledge_vectors(model, tokenizer, missing, layer, include_bos, batch_size,
+                                        progress, drop_first=drop_first)
+                add_vectors(known, missing, new, path)
+                save_cache(path, known, wanted_meta)
     return {p: known[p] for p in prompts}
 
 

@@ -241,6 +241,46 @@ def test_cache_meta_mismatch(tiny, tmp_path):
     assert list(got) == PROMPTS[:2]
 
 
+def test_a_second_process_waits_for_the_vectors_another_is_computing(tiny, tmp_path, monkeypatch):
+    """Two processes extending one cache file take turns (``fileio.file_lock``): the one that
+    comes second waits, then reads the vectors the first added instead of loading the LLM and
+    computing them again (before: it computed them too, and the later rewrite of the file could
+    drop the other's). Here the first process is a thread that holds the lock while it writes."""
+    import threading
+
+    from sur_lib.infra.fileio import file_lock
+    from sur_lib.infra.knowledge_files import cache_meta, save_cache
+
+    monkeypatch.setenv("SUR_CACHE", str(tmp_path / "cache"))
+    model, tok = tiny
+    path = tmp_path / "k.safetensors"
+    meta = {"model": "a"}
+    cached_knowledge_vectors(path, lambda: (model, tok), PROMPTS[:1], 1, meta=meta, progress=False)
+    holding, release = threading.Event(), threading.Event()
+
+    def first():  # what cached_knowledge_vectors does under the lock, slowly
+        with file_lock(path):
+            holding.set()
+            release.wait(10)
+            vectors = knowledge_vectors(model, tok, PROMPTS, 1, progress=False)
+            save_cache(path, dict(zip(PROMPTS, vectors)), cache_meta(meta, 1, True, False, 1))
+
+    t = threading.Thread(target=first)
+    t.start()
+    holding.wait(10)
+    threading.Timer(0.5, release.set).start()
+
+    def must_not_load():
+        raise AssertionError("the vectors were being computed by the other process")
+
+    got = cached_knowledge_vectors(path, must_not_load, PROMPTS, 1, meta=meta, progress=False)
+    t.join()
+    assert list(got) == PROMPTS
+    torch.testing.assert_close(torch.stack(list(got.values())),
+                               knowledge_vectors(model, tok, PROMPTS, 1, progress=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "k.safetensors"]  # no lock beside it
+
+
 def test_a_file_without_batch_size_is_read_as_it_is_and_never_extended(tmp_path):
     """A file without batch_size in its meta (a user's own save_knowledge, or an old cache) is
     read as it is when it holds every prompt; one that lacks prompts is refused with a message

@@ -219,6 +219,31 @@ LOCK_NAME = ".lock"
 
 
 @contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` for the block, waiting (a blocking ``flock``,
+    no polling) while another process holds it: for a read-modify-write of a cache file that
+    several processes extend. The lock file is not put beside ``path`` (a user's run folder
+    stays as it was) but in ``sur_cache_dir()/locks``, named by a hash of ``path``'s absolute
+    name; it dies with its process. Where ``fcntl`` is missing (Windows) the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    import hashlib
+
+    name = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]
+    lock = sur_cache_dir() / "locks" / f"{name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
     """Hold an exclusive lock on ``folder`` (the file ``folder/.lock``, ``flock``) for the
     block; raise :class:`FolderLocked` at once if another process (or another open of the same
