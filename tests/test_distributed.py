@@ -95,4 +95,14 @@ def test_two_processes_train_as_one_with_accumulation(world, tmp_path, official)
                                [[r[k] for k in terms] for r in read_log(tmp_path / "one")], rtol=1e-4)
     a, b = saved.state_dict(), one.adapter.state_dict()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+        x, y = a[k], b[k]
+        if k.endswith("self_attn.in_proj_bias"):  # [query; key; value] biases
+            # The key bias gets no gradient in exact arithmetic: it adds q.b_k to every score of
+            # a query, which softmax ignores. What it gets is rounding noise (which differs
+            # between two processes and one accumulating), and Adam divides by the noise's own
+            # size, so it moves by noise-driven steps of up to about lr (seen: 1.1e-5 apart).
+            # It is held to that bound; the query and value biases to the tolerance below.
+            d = x.numel() // 3
+            assert (x[d:2 * d] - y[d:2 * d]).abs().max() <= cfg.learning_rate * cfg.max_steps, k
+            x, y = torch.cat([x[:d], x[2 * d:]]), torch.cat([y[:d], y[2 * d:]])
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
