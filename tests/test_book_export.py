@@ -310,9 +310,10 @@ def test_install_cell_and_shortest_chapter_run_in_a_fresh_environment(tmp_path_f
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
-    # Colab's preinstalled stack: a torch (here this machine's, not via constraints.txt) and a kernel
+    # Colab's preinstalled stack: a torch (here this machine's, not via constraints.txt) and a
+    # kernel, already there as on Colab: linked from this interpreter with what they require
     torch_spec = f"torch=={_version('torch')}"
-    subprocess.run([str(py), "-m", "pip", "install", "-q", torch_spec, "ipykernel"], check=True)
+    _preinstall(venv, tmp / "preinstalled", ["torch", "ipykernel"])
     colab = tmp / "colab-standin"
     (colab / "google" / "colab").mkdir(parents=True)
     (colab / "google" / "colab" / "__init__.py").write_text('"""stand-in for Colab\'s module"""\n')
@@ -348,6 +349,40 @@ def test_install_cell_and_shortest_chapter_run_in_a_fresh_environment(tmp_path_f
                            capture_output=True, text=True, cwd=tmp, check=True).stdout.strip()
     assert Path(where).resolve().is_relative_to(home.resolve()), f"sur_lib imported from {where}"
     assert any("assert " in c.source for c in nb.cells if c.cell_type == "code")  # it checked itself
+
+
+def _preinstall(venv, folder, dists):
+    """Make ``dists`` and every distribution they require (this interpreter's copies, linked
+    into ``folder``, not copied) importable in ``venv`` through a .pth file, where pip counts
+    them as installed: the packages a Colab runtime comes with."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    folder.mkdir(parents=True)
+    todo, seen = list(dists), set()
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            dist = distribution(name)
+        except PackageNotFoundError:  # an optional part this machine does not have
+            continue
+        for r in dist.requires or []:
+            req = Requirement(r)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+        tops = {Path(str(f)).parts[0] for f in dist.files or ()}
+        for top in tops - {"..", "__pycache__"}:
+            src = Path(dist.locate_file(top))
+            if src.exists() and not (folder / top).exists():
+                (folder / top).symlink_to(src)
+    site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (Path(site) / "colab-preinstalled.pth").write_text(f"{folder}\n")
 
 
 def _version(dist):
