@@ -392,6 +392,39 @@ SMOL_PROMPTS = [
 
 
 @pytest.mark.slow
+def test_a_second_smollm2_load_waits_for_the_copy_being_made(smol, tmp_path, monkeypatch):
+    """Two processes loading SmolLM2 for the first time (two chapters of a book build) take
+    turns: the later one waits for the fp32 copy the earlier one is writing and loads it, instead
+    of dequantizing the GGUF a second time (before: both did, ~20 s each). The earlier process is
+    a thread here that holds the lock while it puts a copy in place."""
+    import shutil
+    import threading
+
+    from sur_lib.infra.fileio import file_lock
+
+    monkeypatch.setenv("SUR_CACHE", str(tmp_path / "locks"))
+    cache = tmp_path / "smollm2"
+    holding, release = threading.Event(), threading.Event()
+
+    def first():
+        with file_lock(cache):
+            holding.set()
+            release.wait(10)
+            shutil.copytree(smol["cache"], cache)
+
+    t = threading.Thread(target=first)
+    t.start()
+    holding.wait(10)
+    threading.Timer(0.5, release.set).start()
+    loads = []
+    real = llms.load_causal_lm
+    monkeypatch.setattr(llms, "load_causal_lm", lambda *a, **kw: loads.append(kw) or real(*a, **kw))
+    model, _ = llms.load_smollm2(cache_dir=cache)
+    t.join()
+    assert loads and not any("gguf_file" in kw for kw in loads), loads  # the copy, not the GGUF
+    assert model.config.hidden_size == LLM_WIDTHS["smollm2-135m"]
+
+
 def test_smollm2_loads_offline_without_importing_package(smol):
     model, tok = smol["gguf"]
     assert type(model).__name__ == "LlamaForCausalLM"

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .cli import UsageError
-from .fileio import sur_cache_dir
+from .fileio import file_lock, sur_cache_dir
 
 
 #: Hidden width of the LLMs the paper uses (Sec. 4, Table 4) and of the tiny profile's LLM.
@@ -143,7 +143,9 @@ def load_smollm2(cache_dir: str | os.PathLike | None = None) -> tuple[nn.Module,
     The first call dequantizes the GGUF file (~20 s on 2 cores) and stores an fp32
     ``save_pretrained`` copy in ``cache_dir`` (default ``sur_cache_dir()/smollm2-135m-instruct``);
     later calls reload that copy (well under a second). The copy is written to a temporary
-    folder that is renamed into place, so an interrupted run never leaves half a cache.
+    folder that is renamed into place, so an interrupted run never leaves half a cache; processes
+    that start at the same time (two chapters of a book build) take turns
+    (``fileio.file_lock``), so the GGUF is dequantized once.
     Everything is read from local files: no network access.
     """
     folder = smollm2_folder()
@@ -154,6 +156,13 @@ def load_smollm2(cache_dir: str | os.PathLike | None = None) -> tuple[nn.Module,
     marker = cache / "sur_lib_source.json"
     if marker.is_file() and json.loads(marker.read_text()) == source:
         return load_causal_lm(cache)
+    with file_lock(cache):  # a second process making the copy waits for the first one's
+        if marker.is_file() and json.loads(marker.read_text()) == source:
+            return load_causal_lm(cache)
+        return _make_smollm2_copy(folder, gguf, cache, marker, source)
+
+
+def _make_smollm2_copy(folder: Path, gguf: str, cache: Path, marker: Path, source: dict):
     if cache.exists() and not marker.is_file():
         raise FileExistsError(f"{cache} exists but is not a sur_lib SmolLM2 cache; choose another cache_dir")
 
