@@ -38,7 +38,9 @@ main: book
 # a pytest item (pytest --nbval-lax book), without the build.
 # TEST_JOBS: pytest processes side by side (pytest-xdist; a test file stays in one process, so
 # its fixtures are built once; files go out in collection order, the longest first: see
-# tests/conftest.py); TEST_JOBS=0 runs the tests in this process, one at a time.
+# tests/conftest.py), each with one torch thread (OMP_NUM_THREADS=1, also for the processes the
+# tests start: two processes of two threads on two cores lost a third of the CPU time to
+# waiting threads); TEST_JOBS=0 runs the tests in this process, one at a time.
 TEST_JOBS ?= 2
 test: book
 	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder tests
