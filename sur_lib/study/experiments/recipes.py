@@ -115,12 +115,6 @@ def _surd_mini_of(cfg) -> tuple[int, int]:
     return rows, seed
 
 
-def _rows_in(cfg) -> int:
-    from sur_lib.data import SURDDataset
-
-    return len(SURDDataset(cfg.data_dir, check_images=False))
-
-
 def stored_step(cfg, reuse: Path | None, model_digest: str, source: str = "llm") -> Path | None:
     """The adapter folder ``<reuse>/adapters/step-N`` of a dose-response run that is ``cfg``
     trained to N = ``cfg.max_steps`` steps (same training key, SURD-mini rows and seed, base
@@ -188,12 +182,12 @@ def train_recipe(cfg, backbone, source: str = "llm", info: dict | None = None,
     from ..step_cache import run_inputs
 
     knowledge = recipe_knowledge(cfg, source, progress)
-    result = runs.train_adapter(cfg, backbone, knowledge=knowledge, progress=progress,
-                                inputs=run_inputs(cfg, backbone, knowledge, progress))
+    inputs = run_inputs(cfg, backbone, knowledge, progress)  # (cached backbone, cached dataset)
+    result = runs.train_adapter(cfg, backbone, knowledge=knowledge, inputs=inputs, progress=progress)
     stored = {k: v for k, v in cfg.to_dict().items() if k not in runs.PATH_KEYS}
     loaded, digest = runs.save_adapter(result.adapter, folder, dict(
         info or {}, knowledge=source, step_cache=True, steps=cfg.max_steps,
-        surd_mini={"rows": _rows_in(cfg), "dir": Path(cfg.data_dir).name}, train_config=stored))
+        surd_mini={"rows": len(inputs[1]), "dir": Path(cfg.data_dir).name}, train_config=stored))
     if not keep_checkpoints:
         shutil.rmtree(Path(cfg.output_dir) / "checkpoints", ignore_errors=True)
     return RecipeRun(loaded, folder, digest, cfg, result.knowledge, trained=True,
