@@ -642,9 +642,6 @@ def export(out_dir: str | os.PathLike, steps: Sequence[int] = DEMO_STEPS, quanti
         if trials[0]["max_diff"] > tolerance:
             raise RuntimeError(f"the float32 ONNX files already differ from PyTorch by "
                                f"{trials[0]['max_diff']} levels (> tolerance {tolerance})")
-        # the files of a plan are a pure function of it (quantisation is deterministic), so a
-        # plan measured once is not measured again (the final check of the last kept trial)
-        measured = {json.dumps(chosen, sort_keys=True): trials[0]["max_diff"]}
         if quantize:
             for part, scheme in QUANT_PLAN:
                 if part in chosen:
@@ -652,16 +649,15 @@ def export(out_dir: str | os.PathLike, steps: Sequence[int] = DEMO_STEPS, quanti
                 trial = {**chosen, part: scheme}
                 write(trial)
                 diff = max_pixel_difference(OrtDemo(work, tokenizer), refs)
-                measured[json.dumps(trial, sort_keys=True)] = diff
                 kept = diff <= tolerance
                 trials.append({"plan": f"{part}:{scheme}", "max_diff": diff, "kept": kept})
                 log(f"{part} {scheme}: max difference {diff} levels -> {'kept' if kept else 'rejected'}")
                 if kept:
                     chosen = trial
         write(chosen)
-        final = measured.get(json.dumps(chosen, sort_keys=True))
-        if final is None:
-            final = max_pixel_difference(OrtDemo(work, tokenizer), refs)
+        # ``chosen`` is the last kept trial (float32 if none was kept), and a plan's files are a
+        # pure function of it (quantisation is deterministic): its difference is already measured
+        final = next((t["max_diff"] for t in reversed(trials) if t.get("kept")), trials[0]["max_diff"])
         manifest["quantization"] = {
             "tolerance_levels": tolerance, "chosen": chosen, "trials": trials,
             "max_diff_levels": final,
