@@ -219,21 +219,24 @@ LOCK_NAME = ".lock"
 
 
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike) -> Iterator[None]:
+def file_lock(path: str | os.PathLike, lock_file: str | os.PathLike | None = None) -> Iterator[None]:
     """Hold an exclusive lock on the file ``path`` for the block, waiting (a blocking ``flock``,
-    no polling) while another process holds it: for a read-modify-write of a cache file that
-    several processes extend. The lock file is not put beside ``path`` (a user's run folder
-    stays as it was) but in ``sur_cache_dir()/locks``, named by a hash of ``path``'s absolute
-    name; it dies with its process. Where ``fcntl`` is missing (Windows) the block runs unlocked."""
+    no polling) while another process holds it: for a read-modify-write of a file that several
+    processes extend. The lock is held on ``lock_file``; by default it is not put beside
+    ``path`` (a user's run folder stays as it was) but in ``sur_cache_dir()/locks``, named by a
+    hash of ``path``'s absolute name. It dies with its process. Where ``fcntl`` is missing
+    (Windows) the block runs unlocked."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         yield
         return
-    import hashlib
+    if lock_file is None:
+        import hashlib
 
-    name = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]
-    lock = sur_cache_dir() / "locks" / f"{name}.lock"
+        name = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]
+        lock_file = sur_cache_dir() / "locks" / f"{name}.lock"
+    lock = Path(lock_file)
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -32,7 +32,6 @@ partial files' contents are each experiment's own.
 """
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import threading
@@ -41,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from sur_lib.infra.fileio import write_json
+from sur_lib.infra.fileio import file_lock, write_json
 
 
 class Deadline:
@@ -59,17 +58,10 @@ class Deadline:
         return None if self.end is None else max(0.0, self.end - time.time())
 
 
-@contextlib.contextmanager
 def locked(path: Path):
-    """Hold an exclusive lock on ``path``.lock (POSIX ``flock``; released if the process dies)."""
-    lock = Path(path).with_name(Path(path).name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    """Hold an exclusive lock on ``path``.lock, beside the partial file (``fileio.file_lock``:
+    a blocking ``flock``, released if the process dies)."""
+    return file_lock(path, Path(path).with_name(Path(path).name + ".lock"))
 
 
 def claim(path: Path, name: str, wait: bool = False, timeout: float | None = None):
