@@ -4,7 +4,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
+SIDE_BY_SIDE = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if SIDE_BY_SIDE:
     # test files side by side (make test: two processes on two cores): one torch thread in each,
     # and in the processes they start, so that no process's threads wait on cores the other's
     # use (oversubscribed OpenMP threads spin), and a run in a test and its copy in a
@@ -13,7 +14,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 import torch  # noqa: E402
 
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
+torch.set_num_threads(1 if SIDE_BY_SIDE else min(2, os.cpu_count() or 1))
 
 
 import pytest  # noqa: E402

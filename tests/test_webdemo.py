@@ -473,7 +473,7 @@ def test_book_hook_starts_the_export_beside_the_chapters_and_waits_for_it(tmp_pa
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "demo.md").write_text("# demo")
 
-    def app(cached, failing=False):
+    def app(cached):
         monkeypatch.setattr(webdemo, "is_cached", lambda: cached)
 
         class App:
