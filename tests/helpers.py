@@ -102,7 +102,12 @@ def install_cheap_parts(monkeypatch, tmp_path):
                  "n": n, "correct": [1] * int(acc * n) + [0] * (n - int(acc * n))}
                 for s, t in zip(specs, texts)]
 
+    def mean_norm(cfg, prompts, progress=False):  # a replay's oracle scale, from the same vectors
+        v = torch.stack(list(knowledge(cfg, prompts).values()))
+        return float(v.norm(dim=1).mean()), int(v.shape[1])
+
     monkeypatch.setattr(runs, "knowledge_for_config", knowledge)
+    monkeypatch.setattr(runs, "replay_mean_norm", mean_norm)
     monkeypatch.setattr(images, "evaluate_condition", evaluate)
     monkeypatch.setattr(images, "make_pipe", lambda backbone, gen: None)
     return calls

@@ -251,14 +251,20 @@ def replay(export: Path, backbone, progress: bool = False) -> list[dict]:
 
 def teacher(cfg, source: str, progress: bool = False):
     """``runs.replay_inputs``' ``knowledge_of`` for a recipe's knowledge ``source``: None for
-    ``cfg.llm``'s own vectors (those of the replayed rows alone), else the vectors of ``source``
-    (``knowledge_vectors``), which read every row of the data (the oracle's norm is the mean
-    norm of all the LLM's vectors)."""
+    ``cfg.llm``'s own vectors (those of the replayed rows alone), else the oracle's vectors of
+    the replayed rows (``knowledge_vectors``), scaled to the mean norm of the LLM's vectors of
+    every row of the data (``runs.replay_mean_norm``: the vectors missing from the cache are
+    computed in batches, as a replay needs only their mean norm)."""
     if source == "llm":
         return None
+    if source != "oracle":
+        raise ValueError(f"unknown knowledge source {source!r}: 'llm' or 'oracle'")
     from sur_lib.data import SURDDataset
+    from ..oracle import oracle_knowledge
 
-    return lambda rows: knowledge_vectors(cfg, SURDDataset(cfg.data_dir, check_images=False).rows, source, progress)
+    every = SURDDataset(cfg.data_dir, check_images=False).rows
+    norm, width = runs.replay_mean_norm(cfg, [r["text"] for r in every], progress)
+    return lambda rows: oracle_knowledge(rows, width=width, norm=norm)
 
 
 def replay_stored_states(export: Path, copied_from: Path | None, backbone, label: str,
