@@ -167,6 +167,44 @@ def test_quantize_model_keeps_outputs_close(tmp_path, scheme, rel):
         webdemo.quantize_model(onnx.load(str(path)), "int2")
 
 
+def test_a_plan_is_rejected_at_its_first_image_beyond_the_tolerance_and_unchanged_images_are_reused(tmp_path):
+    """``max_pixel_difference`` on a stand-in page: every image is checked when all stay within
+    the tolerance; a plan stops at its first image beyond it; an image whose files (text encoder,
+    rows, UNet, its adapter) are unchanged is not drawn again, one whose adapter changed is."""
+    import numpy as np
+
+    files = {"text_encoder": "te.onnx", "unet": "unet.onnx", "adapters": {"5": "a5.onnx"}}
+    manifest = {"files": files, "embeddings": {"pattern": "rows-{:03d}.bin", "files": 2}}
+    for name in ("te.onnx", "unet.onnx", "a5.onnx", "rows-000.bin", "rows-001.bin"):
+        (tmp_path / name).write_bytes(b"weights")
+
+    class Page:  # draws images whose difference from the reference is diffs[(prompt, step)]
+        folder = tmp_path
+
+        def __init__(self, diffs):
+            self.manifest, self.diffs, self.drawn = manifest, diffs, []
+
+        def generate(self, prompt, seed, step):
+            self.drawn.append((prompt, step))
+            return np.full((2, 2, 3), self.diffs[(prompt, step)], np.uint8)
+
+    zero = np.zeros((2, 2, 3), np.uint8)
+    refs = {(p, 0, step): zero for p in ("a", "b") for step in (None, 5)}
+    known = {}
+    page = Page({("a", None): 1, ("a", 5): 3, ("b", None): 2, ("b", 5): 1})
+    assert webdemo.max_pixel_difference(page, refs, known=known) == {"max_diff": 3, "images": 4, "drawn": 4}
+    (tmp_path / "a5.onnx").write_bytes(b"int4 weights")  # a plan for the adapter only
+    page = Page({("a", None): 1, ("a", 5): 9, ("b", None): 2, ("b", 5): 1})
+    assert webdemo.max_pixel_difference(page, refs, stop_above=8, known=known) == {
+        "max_diff": 9, "images": 2, "drawn": 1}
+    assert page.drawn == [("a", 5)]  # the base model's image was reused, b's were never needed
+    (tmp_path / "a5.onnx").write_bytes(b"int8 weights")
+    (tmp_path / "rows-001.bin").write_bytes(b"float16 rows")  # every image reads the rows
+    page = Page({("a", None): 1, ("a", 5): 4, ("b", None): 2, ("b", 5): 5})
+    assert webdemo.max_pixel_difference(page, refs, stop_above=8, known=known) == {
+        "max_diff": 5, "images": 4, "drawn": 4}
+
+
 def test_sampler_mirror_equals_generate(backbone):
     """``webdemo.sample`` (the page's sampler in Python: torch's noise, DDIM with the exported
     schedule, CFG) on the PyTorch UNet gives generate()'s image, to a pixel level."""
