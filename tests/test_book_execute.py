@@ -131,3 +131,24 @@ def test_jobs_reads_the_variable_and_names_a_bad_value(monkeypatch):
         monkeypatch.setenv("SUR_BOOK_JOBS", bad)
         with pytest.raises(ValueError, match="SUR_BOOK_JOBS"):
             ext.jobs()
+
+
+def test_chapters_start_longest_first_by_last_run_else_expected_time_else_size(monkeypatch):
+    """A fresh clone has no run times: the chapters start in the order of ``EXPECTED_SECONDS``
+    (06_training, the third longest, is not left for last although its source is shorter than
+    others'); a build's own run times take over; a chapter of neither comes last, by size."""
+    import sys
+
+    sys.path.insert(0, sys_path)
+    import sur_book_execute as ext
+
+    book = ROOT / "book"
+    sizes = {p.stem: len(p.read_text(encoding="utf-8")) for p in book.glob("*.md")
+             if p.stem in ext.EXPECTED_SECONDS}
+    assert set(sizes) == set(ext.EXPECTED_SECONDS)  # every listed chapter exists
+    fresh = ext.start_order(sizes, {})
+    assert fresh == sorted(ext.EXPECTED_SECONDS, key=ext.EXPECTED_SECONDS.get, reverse=True)
+    assert fresh.index("06_training") < 3 < sorted(sizes, key=sizes.get, reverse=True).index("06_training")
+    rebuilt = ext.start_order(sizes, {"01_reproducibility_summary": 500.0})
+    assert rebuilt[0] == "01_reproducibility_summary"
+    assert ext.start_order({**sizes, "new_b": 10, "new_a": 20}, {})[-2:] == ["new_a", "new_b"]

@@ -12,7 +12,8 @@ time, then lets myst-nb read them as usual:
   executes it (``jupyter_cache``'s ``single_nb_execution``: cwd ``book/``, the configured
   timeout, errors not allowed), in a process of its own (each with its own
   ``SUR_BOOK_READS_LOG``, so ``sur_book_deps`` still learns what each chapter read), the
-  longest first (the run time of its last build when known, else its size);
+  longest first (the run time of its last build when known, else ``EXPECTED_SECONDS``, else
+  its size);
 - *threads*: the kernels share the cores: each gets ``OMP_NUM_THREADS`` = cores / jobs (unless
   the variable is set already), which limits torch, numpy's BLAS and scikit-learn, and
   ``book.setup`` caps a chapter's torch threads at it (without it, chapter 05, which leaves
@@ -34,6 +35,14 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 JOBS_VARIABLE = "SUR_BOOK_JOBS"
+# The order a build with no run times of its own (a fresh clone) starts the chapters in, the longest
+# first: their run times in the fresh-clone build of 2026-12-07 (2 idle cores, two chapters and the
+# browser demo's export side by side, SmolLM2's first load in 05). Ordered by size instead,
+# 06_training started seventh and ran alone for its last 35 s. Only the order depends on these
+# numbers; a chapter not listed starts after the listed ones (by size).
+EXPECTED_SECONDS = {"07_evaluation": 114, "05_losses_knowledge": 89, "06_training": 88, "08_ablations": 57,
+                    "02_sur_failure": 55, "085_composing": 46, "03_surd_statistics": 24,
+                    "09_limitations": 22, "intro": 12, "04_adapter": 9, "01_reproducibility_summary": 7}
 _executed: dict[str, dict] = {}  # absolute source path -> {"nb", "time"} of a chapter run here
 
 
@@ -67,6 +76,17 @@ def _execute(source: str, nb: dict, cwd: str, timeout: int | None, log: str | No
             "error": None if result.err is None else f"{type(result.err).__name__}"}
 
 
+def start_order(sizes: dict[str, int], run_times: dict[str, float]) -> list[str]:
+    """The docnames of ``sizes`` (docname -> length of its source) in the order they start: the
+    longest first, by the run time of the last build, else ``EXPECTED_SECONDS``; the rest after
+    them, the largest first."""
+    def key(docname):
+        t = run_times.get(docname, EXPECTED_SECONDS.get(docname))
+        return (t is not None, t or 0.0, sizes[docname])
+
+    return sorted(sizes, key=key, reverse=True)
+
+
 def code_cells(nb) -> list[str]:
     return [c["source"] for c in nb["cells"] if c["cell_type"] == "code"]
 
@@ -95,18 +115,18 @@ def _before_read(app, env, docnames):
             import sur_book_deps
 
             log = str(sur_book_deps.start_log(app, docname))
-        last = getattr(env, "sur_book_run_times", {}).get(docname)
-        todo.append(((last if last is not None else 0.0, len(text)), str(path), nb, log))
+        todo.append((docname, len(text), str(path), nb, log))
     if len(todo) < 2:
         return
-    todo.sort(key=lambda t: t[0], reverse=True)  # the longest first
+    order = start_order({d: size for d, size, *_ in todo}, getattr(env, "sur_book_run_times", {}))
+    todo.sort(key=lambda t: order.index(t[0]))
     t0 = time.time()
     print(f"sur_book_execute: executing {len(todo)} notebooks, {n_jobs} at a time", flush=True)
     workers = min(n_jobs, len(todo))
     threads = max(1, (os.cpu_count() or 1) // workers)  # the kernels share the cores
     with ProcessPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(_execute, path, nb, str(Path(path).parent), cfg.execution_timeout, log, threads)
-                   for _, path, nb, log in todo]
+                   for _, _, path, nb, log in todo]
         for fut in futures:
             res = fut.result()
             name = Path(res["source"]).name
