@@ -503,6 +503,9 @@ def test_book_hook_starts_the_export_beside_the_chapters_and_waits_for_it(tmp_pa
         def kill(self):
             self.killed = True
 
+        def poll(self):
+            return 0 if self.waited else None
+
         def wait(self):
             self.waited = True
             return 0

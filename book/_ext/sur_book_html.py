@@ -83,9 +83,11 @@ def _demo_files(app, exception):
     log = logging.getLogger(__name__)
     if started is not None:  # the export begun beside the chapters: wait for it
         proc, log_file, t0 = started
+        running, t = proc.poll() is None, time.time()
         rc = proc.wait()
-        log.info(f"browser demo: background export ended (exit status {rc}) {time.time() - t0:.0f} s "
-                 f"after it started; its output is in {log_file}")
+        log.info(f"browser demo: the background export (started {t - t0:.0f} s ago) "
+                 + (f"ended {time.time() - t:.0f} s later" if running else "had ended")
+                 + f", exit status {rc}; its output is in {log_file}")
         # a failed export is done again below, in this process, so that its error fails the build
     out = Path(app.outdir)
     if not (out / "demo.html").is_file():  # the demo page is not part of this build
