@@ -692,6 +692,9 @@ def export(out_dir: str | os.PathLike, steps: Sequence[int] = DEMO_STEPS, quanti
         final = next((t["max_diff"] for t in reversed(trials) if t.get("kept")), trials[0]["max_diff"])
         manifest["quantization"] = {
             "tolerance_levels": tolerance, "chosen": chosen, "trials": trials,
+            "trials_note": "max_diff of a rejected plan is that of the first check image beyond the "
+                           "tolerance (a lower bound); images: check images compared, drawn: those "
+                           "drawn anew (an image whose files a plan left alone is not)",
             "max_diff_levels": final,
             "check_set": {"prompts": list(CHECK_PROMPTS), "seeds": list(CHECK_SEEDS),
                           "steps": [None, *steps], "images": len(refs)},
