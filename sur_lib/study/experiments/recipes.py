@@ -252,9 +252,10 @@ def replay(export: Path, backbone, progress: bool = False) -> list[dict]:
 def teacher(cfg, source: str, progress: bool = False):
     """``runs.replay_inputs``' ``knowledge_of`` for a recipe's knowledge ``source``: None for
     ``cfg.llm``'s own vectors (those of the replayed rows alone), else the oracle's vectors of
-    the replayed rows (``knowledge_vectors``), scaled to the mean norm of the LLM's vectors of
-    every row of the data (``runs.replay_mean_norm``: the vectors missing from the cache are
-    computed in batches, as a replay needs only their mean norm)."""
+    the replayed rows (``oracle.oracle_knowledge``, as ``knowledge_vectors`` makes them for
+    training), scaled to the mean norm of the LLM's vectors of every row of the data
+    (``runs.replay_mean_norm``: the vectors missing from the cache are computed in batches, as
+    a replay needs only their mean norm)."""
     if source == "llm":
         return None
     if source != "oracle":
